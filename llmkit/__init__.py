@@ -1,0 +1,24 @@
+"""llmkit: fine-tune and evaluate pretrained Hugging Face checkpoints.
+
+The Python API behind the CLI; heavy libraries load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from llmkit.config import RunConfig, load_config
+from llmkit.errors import ConfigError, LlmkitError
+
+__all__ = ["ConfigError", "LlmkitError", "RunConfig", "finetune", "load_config"]
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def finetune(cfg: RunConfig, **kwargs: Any) -> Path:
+    """Fine-tune per `cfg` and return the run directory (see llmkit.train.finetune)."""
+    from llmkit.train import finetune as run
+
+    return run(cfg, **kwargs)

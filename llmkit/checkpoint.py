@@ -1,0 +1,120 @@
+"""The run directory: refusing to clobber finished work, atomic checkpoints, resume points."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import LlmkitError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+STATE_FILE = "llmkit_state.json"
+FINISHED_MARK = "metrics.json"  # written last: its presence means the run completed
+
+
+@dataclass
+class RunState:
+    """Where the loop stands; saved inside every checkpoint so a resumed run continues exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps already taken in `epoch`
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    bad_evals: int = 0  # evaluations in a row without improvement, for early stopping
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temporary folder is a save that was cut off)."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith("checkpoint-")
+             and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
+def resume_point(out: Path, resume: bool, resume_from: str | None) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run."""
+    if resume_from:
+        path = Path(resume_from)
+        if not (path / STATE_FILE).is_file():
+            raise LlmkitError(f"--resume-from {resume_from} is not an llmkit checkpoint "
+                              f"(no {STATE_FILE}); checkpoints live in OUTPUT/checkpoints/")
+        return path
+    if not resume:
+        return None
+    found = checkpoints(out)
+    if not found:
+        raise LlmkitError(f"--resume: no checkpoint in {out / 'checkpoints'}; "
+                          "start without --resume")
+    return found[-1]
+
+
+def check_output(out: Path, resuming: bool, overwrite: bool) -> bool:
+    """Refuse to mix runs; returns whether the folder must be emptied (--overwrite)."""
+    if resuming and overwrite:
+        raise LlmkitError("--resume and --overwrite contradict each other: choose one")
+    if resuming or not out.exists() or not any(out.iterdir()):
+        return False
+    is_run = (out / "config.yaml").is_file()
+    if overwrite:
+        if not is_run:
+            raise LlmkitError(f"--output {out} is not empty and is not an llmkit run; "
+                              "refusing to delete it: choose another --output")
+        return True
+    if (out / FINISHED_MARK).is_file():
+        raise LlmkitError(f"--output {out} holds a finished run; pass --overwrite to replace it "
+                          "or choose another --output")
+    if checkpoints(out):
+        raise LlmkitError(f"--output {out} holds an unfinished run with checkpoints; pass "
+                          "--resume to continue it or --overwrite to start again")
+    raise LlmkitError(f"--output {out} is not empty; pass --overwrite to replace what is there "
+                      "or choose another --output")
+
+
+def clear_output(out: Path) -> None:
+    shutil.rmtree(out)
+
+
+def remove_checkpoints(out: Path) -> None:
+    """A finished run keeps only its final model: optimizer states are several times its size."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: RunState) -> Path:
+    """Write model, optimizer, scheduler and RNG states; a checkpoint appears whole or not
+    at all."""
+    final = out / "checkpoints" / f"checkpoint-{state.global_step}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(checkpoint: Path) -> RunState:
+    return RunState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def prune(out: Path, keep: set[str]) -> None:
+    """Drop all checkpoints but the latest and those named in `keep` (the best one)."""
+    found = checkpoints(out)
+    for path in found[:-1]:
+        if path.name not in keep:
+            shutil.rmtree(path)

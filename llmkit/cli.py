@@ -1,0 +1,220 @@
+"""The `llmkit` command: a thin Typer shell over the Python API, with one error boundary.
+
+Heavy libraries (torch, transformers, datasets) are imported inside commands, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmkit.config import default_of, load_config, option_paths, shipped_recipes
+from llmkit.errors import LlmkitError
+from llmkit.tasks import get_task, task_names
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+                  help="Fine-tune and evaluate pretrained Hugging Face checkpoints.")
+recipes_app = typer.Typer(no_args_is_help=True, help="List, show and copy shipped recipes.")
+app.add_typer(recipes_app, name="recipes")
+
+
+def opt(path: str, help: str, *names: str, panel: str = "") -> Any:
+    """An option that sets config path `path`; None means 'not given', so recipes show through."""
+    default = default_of(path)
+    shown = "" if default in ("", None) else f" [dim](default: {default})[/]"
+    section = path.split(".")[0] if "." in path else "run"
+    return typer.Option(*names, help=help + shown, show_default=False,
+                        rich_help_panel=panel or {"run": "Run", "data": "Data",
+                                                  "train": "Training"}[section])
+
+
+FINETUNE_EXAMPLES = """[bold]Examples[/]
+
+  llmkit finetune classify --model bert-base-uncased --train train.csv \\
+      --validation dev.csv --output runs/sst2
+
+  llmkit finetune classify --recipe classify-sst2 -s train.learning_rate=3e-5 --output runs/sst2
+
+  llmkit finetune classify --model ./minilm --train data.tsv --text-column sentence \\
+      --epochs 2 --output runs/x
+
+  accelerate launch --multi_gpu --num_processes 2 -m llmkit finetune classify --recipe my.yaml
+"""
+
+
+@app.command(epilog=FINETUNE_EXAMPLES)
+def finetune(  # noqa: PLR0913 - every option is one config path
+    task: Annotated[str, typer.Argument(help=f"One of: {', '.join(task_names())}.")],
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Recipe YAML file, or the "
+                      "name of a shipped one (llmkit recipes list).",
+                      rich_help_panel="Run")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override any config "
+                         "value: -s train.learning_rate=3e-5 (repeatable).",
+                         rich_help_panel="Run")] = None,
+    model: Annotated[str | None, opt("model", "Hub id or local checkpoint folder.", "--model",
+                                     "-m")] = None,
+    output: Annotated[str | None, opt("output", "Run directory to write.", "--output",
+                                      "-o")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint "
+                      "in --output.", rich_help_panel="Run")] = False,
+    resume_from: Annotated[str | None, typer.Option(help="Continue from this checkpoint folder.",
+                           rich_help_panel="Run")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in "
+                         "--output.", rich_help_panel="Run")] = False,
+    train: Annotated[str | None, opt("data.train", "Training rows: csv/tsv/json/jsonl/parquet "
+                                     "file or Hub dataset id.", "--train")] = None,
+    validation: Annotated[str | None, opt("data.validation", "Validation rows; without it a "
+                          "seeded slice of --train is held out.", "--validation")] = None,
+    dataset_config: Annotated[str | None, opt("data.dataset_config", "Hub dataset configuration "
+                              "name (e.g. sst2 for glue).", "--dataset-config")] = None,
+    train_split: Annotated[str | None, opt("data.train_split", "Hub split for --train.",
+                                           "--train-split")] = None,
+    validation_split: Annotated[str | None, opt("data.validation_split", "Hub split for "
+                                "--validation.", "--validation-split")] = None,
+    validation_fraction: Annotated[float | None, opt("data.validation_fraction", "Share of "
+                                   "--train held out when there is no --validation.",
+                                   "--validation-fraction")] = None,
+    text_column: Annotated[str | None, opt("data.text_column", "Column with the text.",
+                                           "--text-column")] = None,
+    text_pair_column: Annotated[str | None, opt("data.text_pair_column", "Second text column, "
+                                "for sentence pairs.", "--text-pair-column")] = None,
+    label_column: Annotated[str | None, opt("data.label_column", "Column with the label (ints or "
+                            "strings).", "--label-column")] = None,
+    max_length: Annotated[int | None, opt("data.max_length", "Truncate inputs to this many "
+                          "tokens (batches are padded only to their longest row).",
+                          "--max-length")] = None,
+    max_train_samples: Annotated[int | None, opt("data.max_train_samples", "Use only the first N "
+                                 "training rows.", "--max-train-samples")] = None,
+    max_eval_samples: Annotated[int | None, opt("data.max_eval_samples", "Use only the first N "
+                                "validation rows.", "--max-eval-samples")] = None,
+    epochs: Annotated[int | None, opt("train.epochs", "Passes over the training rows.",
+                                      "--epochs")] = None,
+    learning_rate: Annotated[float | None, opt("train.learning_rate", "Peak learning rate.",
+                             "--learning-rate", "--lr")] = None,
+    batch_size: Annotated[int | None, opt("train.batch_size", "Rows per batch on each process.",
+                          "--batch-size")] = None,
+    eval_batch_size: Annotated[int | None, opt("train.eval_batch_size", "Rows per evaluation "
+                               "batch.", "--eval-batch-size")] = None,
+    gradient_accumulation_steps: Annotated[int | None, opt("train.gradient_accumulation_steps",
+                                           "Batches per optimizer step.",
+                                           "--gradient-accumulation-steps")] = None,
+    warmup_ratio: Annotated[float | None, opt("train.warmup_ratio", "Share of steps spent "
+                            "warming up the learning rate.", "--warmup-ratio")] = None,
+    weight_decay: Annotated[float | None, opt("train.weight_decay", "AdamW weight decay.",
+                            "--weight-decay")] = None,
+    lr_scheduler: Annotated[str | None, opt("train.lr_scheduler", "linear, cosine, constant, ... "
+                            "(transformers' get_scheduler).", "--lr-scheduler")] = None,
+    seed: Annotated[int | None, opt("train.seed", "Seed for data order and new weights.",
+                                    "--seed")] = None,
+    mixed_precision: Annotated[str | None, opt("train.mixed_precision", "no, bf16 or fp16 "
+                               "(fp32 is fastest on CPUs without bf16).",
+                               "--mixed-precision")] = None,
+    gradient_checkpointing: Annotated[bool | None, opt("train.gradient_checkpointing", "Trade "
+                                      "compute for memory.", "--gradient-checkpointing/"
+                                      "--no-gradient-checkpointing")] = None,
+    group_by_length: Annotated[bool | None, opt("train.group_by_length", "Batch rows of similar "
+                               "length together.", "--group-by-length/--no-group-by-length")
+                               ] = None,
+    eval_steps: Annotated[int | None, opt("train.eval_steps", "Also evaluate (and checkpoint) "
+                          "every N steps; 0 = each epoch only.", "--eval-steps")] = None,
+    save_steps: Annotated[int | None, opt("train.save_steps", "Also checkpoint every N steps.",
+                          "--save-steps")] = None,
+    logging_steps: Annotated[int | None, opt("train.logging_steps", "Log loss and speed every N "
+                             "steps.", "--logging-steps")] = None,
+    metric_for_best: Annotated[str | None, opt("train.metric_for_best", "Keep the checkpoint best "
+                               "at this metric (default: the task's).", "--metric-for-best")
+                               ] = None,
+    early_stopping_patience: Annotated[int | None, opt("train.early_stopping_patience", "Stop "
+                                       "after N evaluations without improvement; 0 = never.",
+                                       "--early-stopping-patience")] = None,
+) -> None:
+    """Fine-tune a pretrained checkpoint on TASK and write a run directory."""
+    given = {k: v for k, v in locals().items() if k in option_paths()}
+    get_task(task)
+    cfg = load_config(task, recipe, {option_paths()[k]: v for k, v in given.items()}, overrides)
+    from llmkit.train import finetune as run
+
+    try:
+        out = run(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite)
+    except KeyboardInterrupt:
+        print(f"interrupted: the last complete checkpoint is in {cfg.output}/checkpoints; "
+              "continue with the same command and --resume", file=sys.stderr)
+        raise typer.Exit(130) from None
+    typer.echo(str(out))
+
+
+@app.command(epilog="[bold]Example[/]\n\n  llmkit predict --model runs/sst2 --input new.csv "
+             "--output preds.jsonl")
+def predict(
+    model: Annotated[str, typer.Option("--model", "-m", help="Run directory or checkpoint.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="Rows to predict (file or Hub id).")],
+    output: Annotated[str | None, typer.Option("--output", "-o", help="JSON-lines file to write; "
+                      "without it, records are printed.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task, for a checkpoint that is not a run "
+                    "directory.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 64,
+    text_column: Annotated[str | None, typer.Option(help="Text column, if not the run's.")] = None,
+    text_pair_column: Annotated[str | None, typer.Option(help="Second text column.")] = None,
+) -> None:
+    """Predict every row of a file with a fine-tuned model: label and score per row."""
+    import json
+
+    from llmkit.predict import predict as run
+
+    records = run(model, input, output, task, batch_size,
+                  {"text_column": text_column, "text_pair_column": text_pair_column})
+    if output is None:
+        for record in records:
+            typer.echo(json.dumps(record, ensure_ascii=False))
+    else:
+        typer.echo(f"{len(records)} predictions written to {output}")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List shipped recipes and the command that runs each."""
+    for name, path in sorted(shipped_recipes().items()):
+        first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+        typer.echo(f"{name:28} {first}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name.")]) -> None:
+    """Print a shipped recipe."""
+    from llmkit.config import find_recipe
+
+    typer.echo(find_recipe(name).read_text(encoding="utf-8"), nl=False)
+
+
+@recipes_app.command("copy")
+def recipes_copy(name: Annotated[str, typer.Argument(help="Recipe name.")],
+                 dest: Annotated[Path, typer.Argument(help="File or folder to copy it to.")]
+                 ) -> None:
+    """Copy a shipped recipe to edit it."""
+    from llmkit.config import find_recipe
+
+    source = find_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise LlmkitError(f"{target} exists; choose another destination")
+    shutil.copyfile(source, target)
+    typer.echo(str(target))
+
+
+def main() -> None:
+    """Entry point: LlmkitError -> one line on stderr and exit 1 (traceback with LLMKIT_DEBUG=1)."""
+    from llmkit.report import setup_logging
+
+    setup_logging()
+    try:
+        app()
+    except LlmkitError as err:
+        if os.environ.get("LLMKIT_DEBUG") == "1":
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(1)

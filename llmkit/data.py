@@ -1,0 +1,154 @@
+"""Raw splits from local files or the Hub, read through `datasets`, with column checks."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import LlmkitError
+from llmkit.hub import hub_offline, looks_like_path, offline_hint
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from llmkit.config import DataConfig
+
+log = logging.getLogger("llmkit")
+
+# Text files keep every byte: no quote handling in TSV (texts in the wild hold raw quotes), and
+# no "NA"/"null" strings turned into missing values.
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {"keep_default_na": False}),
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),
+}
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _load_file(path: Path, option: str) -> Dataset:
+    import datasets
+
+    if path.suffix.lower() not in FORMATS:
+        raise LlmkitError(f"{option} {path}: unknown format {path.suffix or '(no extension)'!r}; "
+                          f"use one of {', '.join(FORMATS)}")
+    builder, kwargs = FORMATS[path.suffix.lower()]
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err.__cause__ or err
+        raise LlmkitError(f"{option} {path}: could not be read as {path.suffix}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
+                          ) from err
+    if path.suffix.lower() == ".tsv" and len(rows) != _count_lines(path) - 1:
+        log.warning("%s: read %d rows from %d non-empty lines after the header; check for "
+                    "stray tabs or line breaks inside texts", path, len(rows),
+                    _count_lines(path) - 1)
+    return rows
+
+
+def _load_hub(name: str, split: str, dataset_config: str | None, option: str) -> Dataset:
+    import datasets
+
+    hub_offline()
+    try:
+        return datasets.load_dataset(name, dataset_config, split=split)
+    except ConnectionError as err:
+        raise LlmkitError(offline_hint("dataset", name, option)) from err
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise LlmkitError(f"{option} {name}: no such local file and no such Hub dataset") from err
+    except ValueError as err:
+        raise LlmkitError(f"{option} {name}: {str(err).splitlines()[0]}") from err
+
+
+def load_split(spec: str, split: str, dataset_config: str | None, option: str) -> Dataset:
+    """One split from a local file (by extension) or a Hub dataset id."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        rows = _load_file(path, option)
+    elif path.exists():
+        raise LlmkitError(f"{option} {spec} is a folder; give a file ({', '.join(FORMATS)})")
+    elif looks_like_path(spec):
+        raise LlmkitError(f"{option} {spec}: no such file")
+    else:
+        rows = _load_hub(spec, split, dataset_config, option)
+    if len(rows) == 0:
+        raise LlmkitError(f"{option} {spec}: the split is empty")
+    return rows
+
+
+def check_columns(rows: Dataset, needed: list[str], option: str) -> None:
+    missing = [c for c in needed if c not in rows.column_names]
+    if missing:
+        raise LlmkitError(f"{option}: no column {', '.join(map(repr, missing))}; the columns are "
+                          f"{', '.join(map(repr, rows.column_names))} (set the column option)")
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """Training and evaluation rows; without a validation set, a seeded slice of train."""
+    train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train")
+    if cfg.validation:
+        valid = load_split(cfg.validation, cfg.validation_split, cfg.dataset_config,
+                           "--validation")
+    else:
+        if len(train) < 2:
+            raise LlmkitError("--train holds one row: too few to hold out a validation slice")
+        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
+        train, valid = parts["train"], parts["test"]
+        log.info("no --validation given: holding out %d of the training rows (seed %d)",
+                 len(valid), seed)
+    if cfg.max_train_samples:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples:
+        valid = valid.select(range(min(cfg.max_eval_samples, len(valid))))
+    return train, valid
+
+
+class LengthGroupedBatches:
+    """Batch sampler: a seeded random order per epoch, rows of similar length batched together.
+
+    Rows are shuffled, cut into mega-batches of 50 batches, sorted by length inside each, split
+    into batches, and the batches shuffled: little padding, and still a random walk over the
+    data. The order depends only on (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool = True):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        if self.group:
+            mega = self.batch_size * 50
+            lengths = np.asarray(self.lengths)
+            order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                                    for chunk in np.split(order, range(mega, len(order), mega))])
+        batches = [order[i:i + self.batch_size].tolist()
+                   for i in range(0, len(order), self.batch_size)]
+        if self.group:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        yield from batches
+
+
+def by_length(features: Dataset) -> list[int]:
+    """Row order, longest first: evaluation batches with the least padding."""
+    lengths = [len(ids) for ids in features["input_ids"]]
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -1,0 +1,68 @@
+"""Checkpoints from a local folder or the Hugging Face Hub, with errors that say what to do."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from llmkit.errors import LlmkitError
+
+
+@cache
+def hub_offline() -> bool:
+    """True when the Hub cannot be reached; then the libraries are told so before they retry.
+
+    Without this, every Hub lookup on an air-gapped machine spends ~25 s in retries before failing.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return True
+    return False
+
+
+def is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix != ""
+
+
+def offline_hint(what: str, name: str, option: str) -> str:
+    return (f"{what} {name!r} is not a local path and the Hugging Face Hub cannot be reached "
+            f"(this machine is offline, and it is not in the local cache); point {option} at a "
+            f"local {'folder saved with save_pretrained' if option == '--model' else 'file'} "
+            "instead")
+
+
+def check_model_source(name: str) -> None:
+    """Fail early, in one line, on a model that is neither a checkpoint folder nor a Hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LlmkitError(f"{name} is not a model checkpoint: it has no config.json; "
+                              "point --model at a folder written by save_pretrained or a Hub id")
+        return
+    if path.exists() or looks_like_path(name):
+        raise LlmkitError(f"--model {name}: no such checkpoint folder")
+    hub_offline()
+
+
+def load_pretrained(auto_class: Any, name: str, **kwargs: Any) -> Any:
+    """`auto_class.from_pretrained(name)` with the Hub's failures turned into one clear line."""
+    check_model_source(name)
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except OSError as err:
+        if not is_local(name) and hub_offline():
+            raise LlmkitError(offline_hint("model", name, "--model")) from err
+        raise LlmkitError(f"could not load {name!r}: {err}".replace("\n", " ")) from err

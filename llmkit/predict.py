@@ -1,0 +1,68 @@
+"""Batched prediction with a fine-tuned run directory (or any checkpoint with the task's head)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from llmkit.config import DataConfig, RunConfig, load_config
+from llmkit.data import by_length, check_columns, load_split
+from llmkit.errors import LlmkitError
+from llmkit.tasks import get_task, load_model
+
+
+def run_config(model: str) -> RunConfig | None:
+    """The config a run directory was trained with, if `model` is one."""
+    import yaml
+
+    saved = Path(model) / "config.yaml"
+    if not saved.is_file():
+        return None
+    task = yaml.safe_load(saved.read_text(encoding="utf-8")).get("task", "")
+    return load_config(str(task), recipe=str(saved))
+
+
+def predict(model: str, input: str, output: str | None = None, task: str | None = None,
+            batch_size: int = 64, columns: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Predict every row of `input` (a file or Hub dataset); rows come back in input order."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    saved = run_config(model)
+    data = replace(saved.data if saved else DataConfig(),
+                   **{k: v for k, v in (columns or {}).items() if v is not None})
+    spec = get_task(task or (saved.task if saved else "classify"))
+    net, tokenizer = load_model(spec, model)
+    rows = load_split(input, "train", None, "--input")
+    check_columns(rows, spec.columns(data, False), "--input")
+    features = spec.featurize(rows, tokenizer, net.config, data)
+    features = features.remove_columns([c for c in ("labels",) if c in features.column_names])
+    order = by_length(features)
+    loader = DataLoader(features.select(order), batch_size=batch_size,
+                        collate_fn=spec.collator(tokenizer))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(device).eval()
+    gathered: dict[str, list[Any]] = {}
+    with torch.inference_mode():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for key, value in spec.eval_outputs(net(**batch), batch).items():
+                gathered.setdefault(key, []).append(value.cpu())
+    records = spec.present({k: torch.cat(v).numpy() for k, v in gathered.items()}, net.config)
+    inputs = {c: rows[c] for c in spec.columns(data, False)}
+    results: list[dict[str, Any]] = [{}] * len(records)
+    for position, row in zip(order, records, strict=True):
+        results[position] = {**{c: inputs[c][position] for c in inputs}, **row}
+    if output:
+        write_jsonl(results, Path(output))
+    return results
+
+
+def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
+    if path.parent and not path.parent.exists():
+        raise LlmkitError(f"--output {path}: folder {path.parent} does not exist")
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")

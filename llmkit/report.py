@@ -1,0 +1,121 @@
+"""What a run shows and records: a rich progress bar, metric tables, a JSON-lines log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+LOG_FILE = "train_log.jsonl"
+
+
+def setup_logging() -> None:
+    """Info from llmkit on the main process only; other ranks say nothing but errors."""
+    main = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    logger = logging.getLogger("llmkit")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if main else logging.ERROR)
+    logger.propagate = False
+    for noisy in ("transformers", "datasets", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if main else logging.ERROR)
+
+
+def quiet_libraries() -> None:
+    """Our progress bar and log lines replace the libraries' own bars and load reports."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
+    return str(value)
+
+
+def metrics_table(history: list[dict[str, Any]], title: str) -> Table:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    table = Table(title=title, title_justify="left")
+    for key in keys:
+        table.add_column(key, justify="right", overflow="fold")
+    for row in history:
+        table.add_row(*(format_value(row[k]) if k in row else "" for k in keys))
+    return table
+
+
+class Reporter:
+    """Progress bar and log file of one run; silent on every process but the main one."""
+
+    def __init__(self, out: Path, enabled: bool, total_steps: int, resumed_step: int):
+        self.enabled = enabled
+        self.log_path = out / LOG_FILE
+        self.progress = Progress(
+            TextColumn("ep {task.fields[epoch]}"), BarColumn(bar_width=10), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} "
+                       "{task.fields[speed]} samples/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(compact=True), console=console,
+            disable=not enabled)
+        self.bar = self.progress.add_task("train", total=total_steps, completed=resumed_step,
+                                          epoch="-", loss="-", lr="-", speed="-")
+        if enabled and resumed_step:
+            self._truncate_log(resumed_step)
+
+    def _truncate_log(self, step: int) -> None:
+        # Records past the checkpoint came from the attempt that was cut off: the resumed run
+        # writes them again.
+        if self.log_path.exists():
+            rows = [line for line in self.log_path.read_text(encoding="utf-8").splitlines()
+                    if json.loads(line).get("step", 0) <= step]
+            self.log_path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+
+    def __enter__(self) -> Reporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def advance(self, step: int, epoch: float, record: dict[str, Any] | None) -> None:
+        fields: dict[str, Any] = {"epoch": f"{epoch:.2f}"}
+        if record:
+            fields.update(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                          speed=f"{record['samples_per_second']:.0f}")
+            self.write(record)
+        self.progress.update(self.bar, completed=step, **fields)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        self.write(record)
+        self.say("evaluation  " + "  ".join(f"{k} [bold]{format_value(v)}[/]"
+                                            for k, v in record.items()))
+
+    def summary(self, history: list[dict[str, Any]], best: str) -> None:
+        if self.enabled:
+            console.print(metrics_table(history, f"evaluations (kept: {best})"))
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            self.progress.console.print(message)

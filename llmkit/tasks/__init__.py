@@ -1,0 +1,98 @@
+"""Tasks are values: a frozen record per task says what differs; the loop does the rest."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import LlmkitError
+
+log = logging.getLogger("llmkit")
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from llmkit.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one task needs from the shared machinery."""
+
+    name: str
+    summary: str
+    auto_model: str  # the transformers Auto class, imported by name only when a model is loaded
+    default_metric: str  # metric_for_best when the config leaves it unset
+    # Columns the raw rows must hold; `labelled` is False for prediction on unlabelled rows.
+    columns: Callable[[DataConfig, bool], list[str]]
+    # Extra from_pretrained kwargs derived from the rows (e.g. the label list).
+    model_kwargs: Callable[[Dataset, Dataset, DataConfig], dict[str, Any]]
+    # Raw rows -> model features (input_ids first; `labels` when the rows have them).
+    featurize: Callable[[Dataset, PreTrainedTokenizerBase, PretrainedConfig, DataConfig], Dataset]
+    collator: Callable[[PreTrainedTokenizerBase], Callable[[list[dict[str, Any]]], Any]]
+    # Model outputs of one batch -> tensors to gather across processes for scoring.
+    eval_outputs: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    score: Callable[[dict[str, np.ndarray], PretrainedConfig], dict[str, float]]
+    # Gathered outputs -> one JSON-able record per row, for `llmkit predict`.
+    present: Callable[[dict[str, np.ndarray], PretrainedConfig], list[dict[str, Any]]]
+
+
+def _registry() -> dict[str, Task]:
+    from llmkit.tasks.classify import CLASSIFY
+
+    return {t.name: t for t in (CLASSIFY,)}
+
+
+def task_names() -> list[str]:
+    return list(_registry())
+
+
+def get_task(name: str) -> Task:
+    tasks = _registry()
+    if name not in tasks:
+        raise LlmkitError(f"unknown task {name!r}; the tasks are {', '.join(tasks)}")
+    return tasks[name]
+
+
+def auto_class(task: Task) -> Any:
+    import transformers
+
+    return getattr(transformers, task.auto_model)
+
+
+def check_pairing(task: Task, config: PretrainedConfig, name: str) -> None:
+    """A checkpoint whose architecture has no head for this task gets a line naming what fits."""
+    if type(config) in auto_class(task)._model_mapping:
+        return
+    fits = [t.name for t in _registry().values() if type(config) in auto_class(t)._model_mapping]
+    hint = f"it fits: {', '.join(fits)}" if fits else "no llmkit task fits it"
+    raise LlmkitError(f"{name} is a {config.model_type} checkpoint, which has no "
+                      f"{task.name} head in transformers; {hint}")
+
+
+def load_model(task: Task, name: str, **config_kwargs: Any) -> tuple[Any, Any]:
+    """Model and tokenizer of a checkpoint for `task`; a missing head is added (and logged)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmkit.hub import load_pretrained
+
+    config = load_pretrained(AutoConfig, name, **config_kwargs)
+    check_pairing(task, config, name)
+    tokenizer = load_pretrained(AutoTokenizer, name)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-style vocabularies have no pad token
+    model, info = load_pretrained(auto_class(task), name, config=config,
+                                  ignore_mismatched_sizes=True, output_loading_info=True)
+    new = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
+                                                 for k in info["mismatched_keys"])
+    if new:
+        log.info("%s has no trained %s head: new weights (%s) start from random values",
+                 name, task.name, ", ".join(new[:6]) + (" ..." if len(new) > 6 else ""))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,113 @@
+"""Text classification (single texts or pairs) with a sequence-classification head."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from llmkit import metrics
+from llmkit.errors import LlmkitError
+from llmkit.tasks import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from llmkit.config import DataConfig
+
+
+def columns(cfg: DataConfig, labelled: bool) -> list[str]:
+    texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    return texts + ([cfg.label_column] if labelled else [])
+
+
+def label_names(rows: Dataset, column: str) -> list[str]:
+    """Names in id order: a ClassLabel's own names, else the sorted distinct values."""
+    feature = rows.features[column]
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    values = rows.unique(column)
+    if any(v is None for v in values):
+        raise LlmkitError(f"column {column!r} has rows with no label")
+    return [str(v) for v in sorted(values)]
+
+
+def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
+    names = label_names(train, cfg.label_column)
+    unseen = sorted(set(label_names(valid, cfg.label_column)) - set(names))
+    if unseen:
+        raise LlmkitError(f"validation labels never seen in training: {', '.join(unseen[:10])}"
+                          f"{' ...' if len(unseen) > 10 else ''}; the training labels are "
+                          f"{', '.join(names[:20])}")
+    if len(names) < 2:
+        raise LlmkitError(f"the training rows hold one label ({names[0]}); a classifier needs two")
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {name: i for i, name in enumerate(names)}}
+
+
+def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
+              cfg: DataConfig) -> Dataset:
+    labelled = cfg.label_column in rows.column_names
+    class_label = labelled and hasattr(rows.features[cfg.label_column], "names")
+    label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+        features = dict(tokenizer(batch[cfg.text_column], pairs, truncation=True,
+                                  max_length=cfg.max_length))
+        if labelled:
+            labels = batch[cfg.label_column]
+            features["labels"] = labels if class_label else [label2id[str(v)] for v in labels]
+        return features
+
+    return rows.map(encode, batched=True, remove_columns=rows.column_names,
+                    desc="tokenizing")
+
+
+def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    gathered = {"logits": outputs.logits.float()}
+    if "labels" in batch:
+        gathered["labels"] = batch["labels"]
+    return gathered
+
+
+def score(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> dict[str, float]:
+    predictions = gathered["logits"].argmax(-1).tolist()
+    references = gathered["labels"].tolist()
+    result = {"accuracy": metrics.accuracy(predictions, references),
+              "macro_f1": metrics.f1(predictions, references, "macro")}
+    if config.num_labels == 2:
+        result["binary_f1"] = metrics.f1(predictions, references, "binary", positive=1)
+    return result
+
+
+def present(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> list[dict[str, Any]]:
+    import torch
+
+    probs = torch.from_numpy(gathered["logits"]).softmax(-1)
+    best, ids = probs.max(-1)
+    id2label: dict[int, str] = {int(k): v for k, v in (config.id2label or {}).items()}
+    return [{"label": id2label[int(i)], "score": round(float(p), 6)}
+            for p, i in zip(best, ids, strict=True)]
+
+
+CLASSIFY = Task(
+    name="classify",
+    summary="text classification (sentiment, topic, intent; sentence pairs) with an encoder",
+    auto_model="AutoModelForSequenceClassification",
+    default_metric="accuracy",
+    columns=columns,
+    model_kwargs=model_kwargs,
+    featurize=featurize,
+    collator=collator,
+    eval_outputs=eval_outputs,
+    score=score,
+    present=present,
+)

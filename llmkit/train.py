@@ -1,0 +1,308 @@
+"""The one training loop, task-blind, on Accelerate: accumulate, forward, backward, clip, step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from llmkit import checkpoint as ckpt
+from llmkit.config import RunConfig, dump_config, flatten, to_dict
+from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
+from llmkit.errors import LlmkitError
+from llmkit.report import Reporter, quiet_libraries
+from llmkit.tasks import Task, get_task, load_model
+
+log = logging.getLogger("llmkit")
+
+
+@dataclass
+class Parts:
+    """What the loop works with, after `accelerator.prepare`."""
+
+    accelerator: Accelerator
+    task: Task
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    batches: LengthGroupedBatches
+    steps_per_epoch: int  # optimizer steps per epoch on each process
+
+
+def evaluate(parts: Parts) -> dict[str, float]:
+    """Validation loss and the task's metrics; every example counted once across processes."""
+    acc, model = parts.accelerator, parts.model
+    start = time.perf_counter()
+    model.eval()
+    losses: list[torch.Tensor] = []
+    gathered: dict[str, list[torch.Tensor]] = {}
+    with torch.inference_mode():
+        for batch in parts.eval_loader:
+            outputs = model(**batch)
+            n = batch["input_ids"].shape[0]
+            losses.append(acc.gather_for_metrics(outputs.loss.detach().float().repeat(n)).cpu())
+            for key, value in parts.task.eval_outputs(outputs, batch).items():
+                gathered.setdefault(key, []).append(acc.gather_for_metrics(value).cpu())
+    model.train()
+    arrays = {k: torch.cat(v).numpy() for k, v in gathered.items()}
+    return {"eval_loss": torch.cat(losses).mean().item(),
+            **parts.task.score(arrays, acc.unwrap_model(model).config),
+            "eval_seconds": round(time.perf_counter() - start, 3)}
+
+
+def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
+    """Rows, model, loaders, optimizer and schedule, prepared for this process."""
+    task = get_task(cfg.task)
+    with accelerator.main_process_first():
+        train_rows, valid_rows = load_splits(cfg.data, cfg.train.seed)
+        check_columns(train_rows, task.columns(cfg.data, True), "--train")
+        check_columns(valid_rows, task.columns(cfg.data, True), "--validation")
+        model, tokenizer = load_model(task, cfg.model,
+                                      **task.model_kwargs(train_rows, valid_rows, cfg.data))
+        train_set = task.featurize(train_rows, tokenizer, model.config, cfg.data)
+        eval_set = task.featurize(valid_rows, tokenizer, model.config, cfg.data)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    collate = task.collator(tokenizer)
+    batches = LengthGroupedBatches([len(x) for x in train_set["input_ids"]],
+                                   cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length)
+    # Own generators keep loader start-up from drawing on the global RNG that dropout uses,
+    # so a resumed run replays the same random numbers as an uninterrupted one.
+    train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
+                              generator=torch.Generator())
+    eval_loader = DataLoader(eval_set.select(by_length(eval_set)), collate_fn=collate,
+                             batch_size=cfg.train.eval_batch_size, generator=torch.Generator())
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
+                                  lr=cfg.train.learning_rate)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
+    scheduler = accelerator.prepare(make_scheduler(cfg, optimizer, steps_per_epoch,
+                                                   accelerator.num_processes))
+    return Parts(accelerator, task, model, tokenizer, optimizer, scheduler, train_loader,
+                 eval_loader, batches, steps_per_epoch)
+
+
+def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and normalisation weights, as in BERT's recipe."""
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_scheduler(cfg: RunConfig, optimizer: Any, steps_per_epoch: int, processes: int) -> Any:
+    from transformers import get_scheduler
+
+    # Accelerate steps a prepared scheduler once per process on each optimizer step.
+    total = steps_per_epoch * cfg.train.epochs * processes
+    try:
+        return get_scheduler(cfg.train.lr_scheduler, optimizer,
+                             num_warmup_steps=int(cfg.train.warmup_ratio * total),
+                             num_training_steps=total)
+    except ValueError as err:
+        raise LlmkitError(f"train.lr_scheduler: {err}".splitlines()[0]) from err
+
+
+class Meter:
+    """Running loss, samples and tokens since the last flush (losses stay tensors: no syncs)."""
+
+    def __init__(self) -> None:
+        self.loss: float | torch.Tensor = 0.0
+        self.batches, self.samples, self.tokens = 0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], processes: int) -> None:
+        self.loss = self.loss + loss.detach().float()
+        self.batches += 1
+        self.samples += batch["input_ids"].shape[0] * processes
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum() if mask is not None else batch["input_ids"].numel()) \
+            * processes
+
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        loss = accelerator.reduce(torch.as_tensor(self.loss).reshape(1), "mean").item()
+        seconds = time.perf_counter() - self.start
+        result = {"loss": loss / max(self.batches, 1), "seconds": seconds,
+                  "samples_per_second": self.samples / seconds, "samples": self.samples,
+                  "tokens_per_second": self.tokens / seconds, "tokens": self.tokens}
+        self.__init__()  # type: ignore[misc]
+        return result
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    lower_is_better = metric.endswith("loss") or metric == "perplexity"
+    return best is None or (value < best if lower_is_better else value > best)
+
+
+def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Reporter,
+                  out: Path, train_loss: float) -> bool:
+    """Evaluate, checkpoint, keep the best; True when early stopping says to stop."""
+    metric = cfg.train.metric_for_best or parts.task.default_metric
+    metrics = evaluate(parts)
+    if metric not in metrics:
+        raise LlmkitError(f"train.metric_for_best {metric!r} is not one of this run's metrics: "
+                          f"{', '.join(metrics)}")
+    record = {"step": state.global_step, "epoch": round(state.global_step
+                                                        / parts.steps_per_epoch, 2),
+              "train_loss": train_loss, **metrics}
+    state.history.append(record)
+    if is_better(metrics[metric], state.best_metric, metric):
+        state.best_metric = metrics[metric]
+        state.best_checkpoint = f"checkpoint-{state.global_step}"
+        state.bad_evals = 0
+    else:
+        state.bad_evals += 1
+    reporter.evaluation(record)
+    ckpt.save_checkpoint(parts.accelerator, out, state)
+    if parts.accelerator.is_main_process:
+        ckpt.prune(out, {state.best_checkpoint or ""})
+    patience = cfg.train.early_stopping_patience
+    if patience and state.bad_evals >= patience:
+        reporter.say(f"early stopping: no better {metric} in {patience} evaluations")
+        return True
+    return False
+
+
+def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Reporter,
+               out: Path) -> dict[str, float]:
+    """Run the remaining epochs; returns throughput figures of the training steps."""
+    acc, tc, model = parts.accelerator, cfg.train, parts.model
+    window, since_eval, total = Meter(), Meter(), Meter()
+    evals_before = len(state.history)
+    model.train()
+    for epoch in range(state.epoch, tc.epochs):
+        parts.batches.set_epoch(epoch)
+        skip = state.step_in_epoch * tc.gradient_accumulation_steps
+        loader = acc.skip_first_batches(parts.train_loader, skip) if skip else parts.train_loader
+        for batch in loader:
+            with acc.accumulate(model):
+                loss = model(**batch).loss
+                acc.backward(loss)
+                if acc.sync_gradients and tc.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                parts.optimizer.step()
+                parts.scheduler.step()
+                parts.optimizer.zero_grad()
+            for meter in (window, since_eval, total):
+                meter.add(loss, batch, acc.num_processes)
+            if not acc.sync_gradients:
+                continue
+            state.global_step += 1
+            state.step_in_epoch += 1
+            record = None
+            if state.global_step % tc.logging_steps == 0:
+                record = {"step": state.global_step, "epoch": round(
+                    state.global_step / parts.steps_per_epoch, 3),
+                    "learning_rate": parts.scheduler.get_last_lr()[0], **window.flush(acc)}
+            reporter.advance(state.global_step, state.global_step / parts.steps_per_epoch, record)
+            if state.step_in_epoch == parts.steps_per_epoch:
+                continue  # the end-of-epoch evaluation and checkpoint follow
+            if tc.eval_steps and state.global_step % tc.eval_steps == 0:
+                if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"]):
+                    return throughput(total.flush(acc), state.history[evals_before:])
+            elif tc.save_steps and state.global_step % tc.save_steps == 0:
+                ckpt.save_checkpoint(acc, out, state)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"]):
+            break
+    return throughput(total.flush(acc), state.history[evals_before:])
+
+
+def throughput(total: dict[str, float], evals: list[dict[str, Any]]) -> dict[str, float]:
+    """Training speed over this process's part of the run, evaluation time left out."""
+    seconds = total["seconds"] - sum(r["eval_seconds"] for r in evals)
+    return {"train_seconds": round(seconds, 2), "train_samples": total["samples"],
+            "train_samples_per_second": round(total["samples"] / seconds, 2),
+            "train_tokens_per_second": round(total["tokens"] / seconds, 1)}
+
+
+def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: bool
+              ) -> tuple[Accelerator, Path | None]:
+    """Check the run directory before any work, then set up the processes."""
+    out = Path(cfg.output)
+    start = ckpt.resume_point(out, resume, resume_from)
+    wipe = ckpt.check_output(out, start is not None, overwrite)
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                  gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+    except ValueError as err:
+        raise LlmkitError(f"train.mixed_precision {cfg.train.mixed_precision}: {err}") from err
+    if accelerator.is_main_process:
+        if wipe:
+            ckpt.clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        saved = out / "config.yaml"
+        if start and saved.is_file():
+            warn_config_changes(saved, cfg)
+        dump_config(cfg, saved)
+    accelerator.wait_for_everyone()
+    return accelerator, start
+
+
+def warn_config_changes(saved: Path, cfg: RunConfig) -> None:
+    import yaml
+
+    before, now = flatten(yaml.safe_load(saved.read_text(encoding="utf-8"))), flatten(to_dict(cfg))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        log.warning("resuming with settings that differ from the interrupted run: %s",
+                    ", ".join(changed))
+
+
+def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = None,
+             overwrite: bool = False) -> Path:
+    """Fine-tune `cfg.model` on `cfg.task`; returns the run directory."""
+    quiet_libraries()
+    accelerator, start = start_run(cfg, resume, resume_from, overwrite)
+    out = Path(cfg.output)
+    set_seed(cfg.train.seed)
+    parts = build(cfg, accelerator)
+    state = ckpt.RunState()
+    if start:
+        accelerator.load_state(str(start))
+        state = ckpt.read_state(start)
+        log.info("resuming from %s (step %d, epoch %d)", start, state.global_step, state.epoch)
+    total_steps = parts.steps_per_epoch * cfg.train.epochs
+    with Reporter(out, accelerator.is_main_process, total_steps, state.global_step) as reporter:
+        speed = train_loop(parts, cfg, state, reporter, out)
+    reporter.summary(state.history, state.best_checkpoint or "")
+    save_run(parts, cfg, state, out, speed)
+    return out
+
+
+def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
+             speed: dict[str, float]) -> None:
+    """The best weights and tokenizer via save_pretrained, then metrics.json, which marks done."""
+    acc = parts.accelerator
+    if state.best_checkpoint and state.best_checkpoint != f"checkpoint-{state.global_step}":
+        acc.load_state(str(out / "checkpoints" / state.best_checkpoint))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        acc.unwrap_model(parts.model).save_pretrained(out)
+        parts.tokenizer.save_pretrained(out)
+        best = next(r for r in state.history if f"checkpoint-{r['step']}" == state.best_checkpoint)
+        metrics = {"final": best, "metric_for_best": cfg.train.metric_for_best
+                   or parts.task.default_metric, "history": state.history,
+                   "run": {**speed, "num_processes": acc.num_processes,
+                           "global_batch_size": cfg.train.batch_size * acc.num_processes
+                           * cfg.train.gradient_accumulation_steps,
+                           "device": str(acc.device), "mixed_precision": acc.mixed_precision}}
+        (out / ckpt.FINISHED_MARK).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        ckpt.remove_checkpoints(out)
+    acc.wait_for_everyone()

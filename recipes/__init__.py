@@ -1,0 +1,1 @@
+"""Recipes shipped with llmkit: YAML files, listed by `llmkit recipes list`."""
