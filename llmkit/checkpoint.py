@@ -76,6 +76,8 @@ def check_output(out: Path, resuming: bool, overwrite: bool) -> bool:
     if checkpoints(out):
         raise LlmkitError(f"--output {out} holds an unfinished run with checkpoints; pass "
                           "--resume to continue it or --overwrite to start again")
+    if is_run:
+        return True  # a run that stopped before its first checkpoint: nothing to lose
     raise LlmkitError(f"--output {out} is not empty; pass --overwrite to replace what is there "
                       "or choose another --output")
 

@@ -10,6 +10,7 @@ from typing import Any
 from llmkit.config import DataConfig, RunConfig, load_config
 from llmkit.data import by_length, check_columns, load_split
 from llmkit.errors import LlmkitError
+from llmkit.report import quiet_libraries
 from llmkit.tasks import get_task, load_model
 
 
@@ -30,6 +31,7 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     import torch
     from torch.utils.data import DataLoader
 
+    quiet_libraries()
     saved = run_config(model)
     data = replace(saved.data if saved else DataConfig(),
                    **{k: v for k, v in (columns or {}).items() if v is not None})
@@ -37,6 +39,7 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     net, tokenizer = load_model(spec, model)
     rows = load_split(input, "train", None, "--input")
     check_columns(rows, spec.columns(data, False), "--input")
+    rows = rows.select_columns(spec.columns(data, False))  # labels, if any, are not needed
     features = spec.featurize(rows, tokenizer, net.config, data)
     features = features.remove_columns([c for c in ("labels",) if c in features.column_names])
     order = by_length(features)

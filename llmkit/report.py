@@ -72,8 +72,8 @@ class Reporter:
             TextColumn("ep {task.fields[epoch]}"), BarColumn(bar_width=10), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} "
                        "{task.fields[speed]} samples/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(compact=True), console=console,
-            disable=not enabled)
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(compact=True),
+            console=console, disable=not enabled)
         self.bar = self.progress.add_task("train", total=total_steps, completed=resumed_step,
                                           epoch="-", loss="-", lr="-", speed="-")
         if enabled and resumed_step:

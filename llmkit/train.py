@@ -57,7 +57,8 @@ def evaluate(parts: Parts) -> dict[str, float]:
                 gathered.setdefault(key, []).append(acc.gather_for_metrics(value).cpu())
     model.train()
     arrays = {k: torch.cat(v).numpy() for k, v in gathered.items()}
-    return {"eval_loss": torch.cat(losses).mean().item(),
+    all_losses = torch.cat(losses)
+    return {"eval_loss": all_losses.mean().item(), "eval_samples": len(all_losses),
             **parts.task.score(arrays, acc.unwrap_model(model).config),
             "eval_seconds": round(time.perf_counter() - start, 3)}
 

@@ -75,3 +75,27 @@ def sentiment() -> dict[str, Path]:
     """The sample data llmkit ships for its quick start."""
     folder = EXAMPLES / "sentiment"
     return {"train": folder / "train.tsv", "validation": folder / "dev.tsv"}
+
+
+def write_toy_sentiment(path: Path, rows: int, seed: int) -> Path:
+    """A TSV a tiny model can learn: words from its vocabulary, sentiment set by one word."""
+    import random
+
+    rng = random.Random(seed)
+    fillers = ["the film is", "the cast is", "the plot is", "one of the best", "what a"]
+    words = {"good": ["great", "good", "superb", "wonderful"], "bad": ["bad", "awful", "poor",
+                                                                       "dull"]}
+    lines = ["text\tlabel"]
+    for i in range(rows):
+        label = "good" if i % 2 else "bad"
+        lines.append(f"{rng.choice(fillers)} {' '.join(rng.choices(fillers, k=rng.randint(0, 3)))}"
+                     f" {rng.choice(words[label])}\t{label}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("toy")
+    return {"train": write_toy_sentiment(folder / "train.tsv", 96, 0),
+            "validation": write_toy_sentiment(folder / "dev.tsv", 30, 1)}

@@ -84,6 +84,10 @@ def load_model(task: Task, name: str, **config_kwargs: Any) -> tuple[Any, Any]:
     config = load_pretrained(AutoConfig, name, **config_kwargs)
     check_pairing(task, config, name)
     tokenizer = load_pretrained(AutoTokenizer, name)
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # transformers 5 builds an
+        # empty tokenizer when the files are missing
+        raise LlmkitError(f"{name} has no tokenizer files (tokenizer.json, vocab files); save "
+                          "the tokenizer into the same folder with tokenizer.save_pretrained")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-style vocabularies have no pad token
     model, info = load_pretrained(auto_class(task), name, config=config,

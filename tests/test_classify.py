@@ -1,0 +1,165 @@
+"""classify end to end on a tiny random BERT: train, save, load without llmkit, resume, predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.config import load_config
+from llmkit.errors import LlmkitError
+from llmkit.predict import predict
+from llmkit.train import finetune
+
+
+def config(model: Path, data: dict[str, Path], out: Path, **train: object):
+    options = {"model": str(model), "output": str(out), "data.train": str(data["train"]),
+               "data.validation": str(data["validation"]), "train.batch_size": 8,
+               "train.learning_rate": 3e-3, "train.epochs": 3,
+               **{f"train.{k}": v for k, v in train.items()}}
+    return load_config("classify", None, options)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_bert: Path, toy: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetune(config(tiny_bert, toy, tmp_path_factory.mktemp("runs") / "toy"))
+
+
+def test_run_directory_describes_itself(run: Path) -> None:
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "config.yaml", "metrics.json",
+            "train_log.jsonl"} <= names
+    assert "checkpoints" not in names  # a finished run keeps its model, not optimizer states
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [1.0, 2.0, 3.0]
+    assert metrics["final"]["eval_samples"] == 30
+    assert metrics["final"]["accuracy"] == max(r["accuracy"] for r in metrics["history"])
+    assert metrics["run"]["num_processes"] == 1 and metrics["run"]["global_batch_size"] == 8
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "learning_rate" in r] == list(range(10, 37, 10))
+
+
+PIPELINE = """
+import json, sys
+sys.modules["llmkit"] = None  # prove the run directory needs no llmkit
+from transformers import pipeline
+clf = pipeline("text-classification", model=sys.argv[1])
+print(json.dumps(clf(sys.argv[2:])))
+"""
+
+
+def test_loads_in_plain_transformers_pipeline(run: Path, toy: dict[str, Path]) -> None:
+    ours = predict(str(run), str(toy["validation"]))
+    texts = [r["text"] for r in ours]
+    out = subprocess.run([sys.executable, "-c", PIPELINE, str(run), *texts],
+                         capture_output=True, text=True, check=True).stdout
+    theirs = json.loads(out)
+    assert [r["label"] for r in theirs] == [r["label"] for r in ours]  # names, not LABEL_0
+    assert {r["label"] for r in theirs} <= {"good", "bad"}
+    for a, b in zip(theirs, ours, strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_predict_returns_label_names_in_input_order(run: Path, toy: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "preds.jsonl"
+    records = predict(str(run), str(toy["validation"]), str(out), batch_size=4)
+    texts = [line.split("\t")[0] for line in toy["validation"].read_text().splitlines()[1:]]
+    labels = [line.split("\t")[1] for line in toy["validation"].read_text().splitlines()[1:]]
+    assert [r["text"] for r in records] == texts
+    correct = sum(r["label"] == gold for r, gold in zip(records, labels, strict=True))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert correct / len(labels) == pytest.approx(metrics["final"]["accuracy"])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    assert all(0.5 <= r["score"] <= 1.0 for r in records)
+
+
+def test_finished_run_is_not_overwritten(run: Path, tiny_bert: Path, toy: dict[str, Path]
+                                         ) -> None:
+    before = (run / "model.safetensors").read_bytes()
+    with pytest.raises(LlmkitError, match="holds a finished run; pass --overwrite"):
+        finetune(load_config("classify", str(run / "config.yaml")))
+    with pytest.raises(LlmkitError, match="no checkpoint"):
+        finetune(load_config("classify", str(run / "config.yaml")), resume=True)
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+class Stop(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_bert: Path, toy: dict[str, Path],
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    from llmkit import checkpoint
+
+    steady = finetune(config(tiny_bert, toy, tmp_path / "steady", save_steps=5, epochs=2))
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(accelerator, out, state):  # the process is killed right after step 7
+        path = save(accelerator, out, state)
+        if state.global_step == 10:
+            (out / "checkpoints" / ".tmp-checkpoint-11").mkdir()  # a save cut off halfway
+            raise Stop
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    cut = config(tiny_bert, toy, tmp_path / "cut", save_steps=5, epochs=2)
+    with pytest.raises(Stop):
+        finetune(cut)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "cut")] == ["checkpoint-5",
+                                                                           "checkpoint-10"]
+    with pytest.raises(LlmkitError, match="unfinished run with checkpoints; pass --resume"):
+        finetune(cut)
+    finetune(cut, resume=True)
+    a = load_file(steady / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    history = [json.loads((d / "metrics.json").read_text())["history"]
+               for d in (steady, tmp_path / "cut")]
+    assert [r["accuracy"] for r in history[0]] == [r["accuracy"] for r in history[1]]
+
+
+def test_resume_from_a_named_checkpoint(tiny_bert: Path, toy: dict[str, Path], tmp_path: Path
+                                        ) -> None:
+    with pytest.raises(LlmkitError, match="is not an llmkit checkpoint"):
+        finetune(config(tiny_bert, toy, tmp_path / "x"), resume_from=str(tmp_path))
+
+
+def test_unseen_validation_label_is_named(tiny_bert: Path, toy: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("text\tlabel\nthe film is great\tgood\nthe plot is dull\tterrible\n")
+    with pytest.raises(LlmkitError, match="validation labels never seen in training: terrible"):
+        finetune(config(tiny_bert, {**toy, "validation": dev}, tmp_path / "o"))
+
+
+def test_wrong_task_model_pairing(tmp_path: Path, tiny_bert: Path, toy: dict[str, Path]
+                                  ) -> None:
+    import shutil
+
+    from transformers import MarianConfig, MarianMTModel
+
+    marian = tmp_path / "marian"
+    MarianMTModel(MarianConfig(vocab_size=200, pad_token_id=0, decoder_start_token_id=0,
+                               eos_token_id=1, d_model=16, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2,
+                               encoder_ffn_dim=32, decoder_ffn_dim=32)).save_pretrained(marian)
+    with pytest.raises(LlmkitError, match="is a marian checkpoint, which has no classify head"):
+        finetune(config(marian, toy, tmp_path / "o"))
+    shutil.copy(tiny_bert / "config.json", tmp_path / "config.json")
+    shutil.copy(tiny_bert / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(LlmkitError, match="has no tokenizer files"):
+        finetune(config(tmp_path, toy, tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LlmkitError, match="not a model checkpoint: it has no config.json"):
+        finetune(config(tmp_path / "empty", toy, tmp_path / "o2"))

@@ -1,0 +1,107 @@
+"""Reading rows: every format, no silently lost rows, clear column errors; the batch sampler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmkit.config import DataConfig
+from llmkit.data import LengthGroupedBatches, check_columns, load_split, load_splits
+from llmkit.errors import LlmkitError
+
+ROWS = [{"text": 'he said "hi', "label": "a"}, {"text": "NA", "label": "b"},
+        {"text": "third, with comma", "label": "a"}]
+
+
+def write(path: Path) -> Path:
+    suffix = path.suffix
+    if suffix == ".tsv":
+        path.write_text("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in ROWS))
+    elif suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["text", "label"])
+            writer.writeheader()
+            writer.writerows(ROWS)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif suffix == ".json":
+        path.write_text(json.dumps(ROWS))
+    elif suffix == ".parquet":
+        import pandas as pd
+
+        pd.DataFrame(ROWS).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ".json", ".parquet"])
+def test_every_format_keeps_every_row_verbatim(tmp_path: Path, suffix: str) -> None:
+    rows = load_split(str(write(tmp_path / f"d{suffix}")), "train", None, "--train")
+    assert rows["text"] == [r["text"] for r in ROWS]  # raw quotes and "NA" survive
+    assert rows["label"] == [r["label"] for r in ROWS]
+
+
+def test_tsv_with_raw_quotes_loses_no_rows(tmp_path: Path) -> None:
+    # A quote-aware reader merges these rows (the banking77 trap in ../shared/data).
+    lines = ['what does "pending" mean\ta', 'my card "was\tb', 'still "pending\ta', "ok\tb"]
+    path = tmp_path / "q.tsv"
+    path.write_text("text\tlabel\n" + "\n".join(lines) + "\n")
+    rows = load_split(str(path), "train", None, "--train")
+    assert len(rows) == 4 and rows["text"][1] == 'my card "was'
+
+
+def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(LlmkitError, match="no such file"):
+        load_split(str(tmp_path / "missing.csv"), "train", None, "--train")
+    (tmp_path / "x.xlsx").write_text("x")
+    with pytest.raises(LlmkitError, match="unknown format '.xlsx'; use one of .csv, .tsv"):
+        load_split(str(tmp_path / "x.xlsx"), "train", None, "--train")
+    (tmp_path / "empty.tsv").write_text("text\tlabel\n")
+    with pytest.raises(LlmkitError, match="empty"):
+        load_split(str(tmp_path / "empty.tsv"), "train", None, "--train")
+    with pytest.raises(LlmkitError, match="is a folder"):
+        load_split(str(tmp_path), "train", None, "--train")
+
+
+def test_missing_column_names_the_columns_that_exist(tmp_path: Path) -> None:
+    rows = load_split(str(write(tmp_path / "d.tsv")), "train", None, "--train")
+    with pytest.raises(LlmkitError, match="no column 'sentence'; the columns are 'text', 'label'"):
+        check_columns(rows, ["sentence", "label"], "--train")
+
+
+def test_offline_hub_dataset_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LlmkitError, match="offline"):
+        load_split("someone/some-dataset-that-is-not-cached", "train", None, "--train")
+
+
+def test_held_out_slice_is_seeded_and_disjoint(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": i % 2}) + "\n"
+                            for i in range(50)))
+    cfg = DataConfig(train=str(path), validation_fraction=0.2)
+    train, valid = load_splits(cfg, seed=3)
+    again, valid_again = load_splits(cfg, seed=3)
+    assert len(valid) == 10 and len(train) == 40
+    assert valid["text"] == valid_again["text"]
+    assert not set(valid["text"]) & set(train["text"])
+
+
+def test_length_grouped_batches_cover_each_row_once_and_group_lengths() -> None:
+    import random
+
+    lengths = [random.Random(i).randint(1, 500) for i in range(1000)]
+    sampler = LengthGroupedBatches(lengths, 16, seed=0)
+    batches = list(sampler)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000)) and len(batches) == len(sampler) == 63
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.1 * sum(lengths)  # random batches would pad to about 1.9x
+    assert list(sampler) == batches  # same epoch, same order
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    plain = LengthGroupedBatches(lengths, 16, seed=0, group=False)
+    assert sorted(i for b in plain for i in b) == list(range(1000))
