@@ -145,7 +145,8 @@ def finetune(  # noqa: PLR0913 - every option is one config path
         print(f"interrupted: the last complete checkpoint is in {cfg.output}/checkpoints; "
               "continue with the same command and --resume", file=sys.stderr)
         raise typer.Exit(130) from None
-    typer.echo(str(out))
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(str(out))
 
 
 @app.command(epilog="[bold]Example[/]\n\n  llmkit predict --model runs/sst2 --input new.csv "

@@ -24,9 +24,21 @@ def hub_offline() -> bool:
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        go_offline()
         return True
     return False
+
+
+def go_offline() -> None:
+    """The libraries read HF_HUB_OFFLINE when imported: set the variable and their copies."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+        sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
 
 
 def is_local(name: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,11 +240,18 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
     out = Path(cfg.output)
     start = ckpt.resume_point(out, resume, resume_from)
     wipe = ckpt.check_output(out, start is not None, overwrite)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        # Accelerate runs several CPU processes (over gloo) only when told it is on CPU.
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                                  gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+                                  gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                                  cpu=launched > 1 and not torch.accelerator.is_available())
     except ValueError as err:
         raise LlmkitError(f"train.mixed_precision {cfg.train.mixed_precision}: {err}") from err
+    if accelerator.num_processes != launched:
+        raise LlmkitError(f"the launcher started {launched} processes but Accelerate joined "
+                          f"{accelerator.num_processes}; each would train alone and they would "
+                          "overwrite each other's files")
     if accelerator.is_main_process:
         if wipe:
             ckpt.clear_output(out)

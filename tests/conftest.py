@@ -51,13 +51,14 @@ def wordpiece_tokenizer(vocab_size: int = 200):
                                    model_max_length=128)
 
 
-def save_tiny_bert(path: Path) -> Path:
+def save_tiny_bert(path: Path, dropout: float = 0.1) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
     tokenizer = wordpiece_tokenizer()
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

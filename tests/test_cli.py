@@ -1,0 +1,137 @@
+"""The command line: through Typer's CliRunner and as real subprocesses (exit codes, one-line
+errors, no tracebacks), plus a 2-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+
+runner = CliRunner()
+
+
+def llmkit(*args: str, env: dict[str, str] | None = None, timeout: int = 300
+           ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_help_lists_commands_and_examples() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("finetune", "predict", "recipes"):
+        assert command in result.output
+    result = runner.invoke(app, ["finetune", "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.output and "--learning-rate" in result.output
+
+
+def test_recipes_list_show_copy(tmp_path: Path) -> None:
+    listed = runner.invoke(app, ["recipes", "list"])
+    assert listed.exit_code == 0 and "classify-sst2" in listed.output
+    shown = runner.invoke(app, ["recipes", "show", "classify-sst2"])
+    assert shown.output.startswith("# llmkit finetune classify --recipe classify-sst2")
+    copied = runner.invoke(app, ["recipes", "copy", "classify-sst2", str(tmp_path)])
+    assert copied.exit_code == 0 and (tmp_path / "classify-sst2.yaml").read_text() == shown.output
+
+
+def test_cli_finetune_and_predict(tiny_bert: Path, toy: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "classify", "--model", str(tiny_bert), "--train",
+                                 str(toy["train"]), "--output", str(out), "--epochs", "1",
+                                 "-s", "train.batch_size=16", "--validation-fraction", "0.25"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["eval_samples"] == 24  # a quarter of 96 rows held out
+    assert metrics["run"]["global_batch_size"] == 16
+    preds = tmp_path / "p.jsonl"
+    result = runner.invoke(app, ["predict", "--model", str(out), "--input",
+                                 str(toy["validation"]), "--output", str(preds)])
+    assert result.exit_code == 0 and "30 predictions written" in result.output
+    assert len(preds.read_text().splitlines()) == 30
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith("error: ")
+    return lines[-1]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--train", "{toy}", "--text-column", "sentence"],
+     "no column 'sentence'; the columns are 'text', 'label'"),
+    (["--train", "nowhere/train.csv"], "--train nowhere/train.csv: no such file"),
+    (["--train", "{toy}", "--model", "bert-base-uncased"],
+     "the Hugging Face Hub cannot be reached"),
+    (["--train", "{toy}", "-s", "train.epochs=two", "-s", "data.colum=x"],
+     "train.epochs: expected int, got 'two'"),
+    (["--train", "{toy}", "--resume"], "--resume: no checkpoint in"),
+])
+def test_bad_input_gives_one_line_and_exit_1(args: list[str], expected: str, tiny_bert: Path,
+                                             toy: dict[str, Path], tmp_path: Path) -> None:
+    base = ["finetune", "classify", "--model", str(tiny_bert), "--output", str(tmp_path / "o")]
+    args = [a.replace("{toy}", str(toy["train"])) for a in args]
+    # later --model wins, as with any option given twice
+    result = llmkit(*base, *args, env={"HF_HUB_OFFLINE": "1"})
+    assert expected in one_line_error(result)
+
+
+def test_offline_hub_id_is_quick_and_clear_without_offline_env(tmp_path: Path,
+                                                               toy: dict[str, Path]) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE",
+                                                             "HF_DATASETS_OFFLINE")}
+    result = subprocess.run([sys.executable, "-m", "llmkit", "finetune", "classify", "--model",
+                             "bert-base-uncased", "--train", str(toy["train"]), "--output",
+                             str(tmp_path / "o")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    line = one_line_error(result)
+    assert "'bert-base-uncased'" in line and "point --model at a local folder" in line
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = llmkit("finetune", "classify", "--model", "m", "--train", "x.csv", "--output",
+                    str(tmp_path), "-s", "bogus=1", env={"LLMKIT_DEBUG": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_unknown_task(tmp_path: Path) -> None:
+    assert "unknown task 'clasify'" in one_line_error(llmkit("finetune", "clasify"))
+
+
+def test_two_processes_match_one_process_with_accumulation(tmp_path: Path, toy: dict[str, Path]
+                                                           ) -> None:
+    """2 ranks x batch 8 see exactly the batches of 1 rank x batch 8 x accumulation 2."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "bert", dropout=0.0)  # dropout draws differ per rank
+    common = ["finetune", "classify", "--model", str(model), "--train", str(toy["train"]),
+              "--validation", str(toy["validation"]), "--batch-size", "8", "--epochs", "2",
+              "--lr", "3e-3"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "llmkit", *common, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = llmkit(*common, "--output", str(tmp_path / "one"), "--gradient-accumulation-steps", "2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    m2, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
+    assert m2["run"]["num_processes"] == 2 and m1["run"]["num_processes"] == 1
+    assert m2["run"]["global_batch_size"] == m1["run"]["global_batch_size"] == 16
+    assert [r["step"] for r in m2["history"]] == [r["step"] for r in m1["history"]] == [6, 12]
+    for a, b in zip(m2["history"], m1["history"], strict=True):
+        assert a["eval_samples"] == b["eval_samples"] == 30  # each example counted once
+        assert a["accuracy"] == b["accuracy"]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+    w2, w1 = (load_file(tmp_path / d / "model.safetensors") for d in ("two", "one"))
+    for key in w1:
+        assert w2[key].allclose(w1[key], rtol=1e-4, atol=1e-5), key
