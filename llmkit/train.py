@@ -43,23 +43,25 @@ class Parts:
 
 
 def evaluate(parts: Parts) -> dict[str, float]:
-    """Validation loss and the task's metrics; every example counted once across processes."""
+    """Validation loss and the task's metrics; every example counted once across processes.
+
+    Tasks report a loss sum and a count per example (tokens for language models), so the loss
+    is the exact mean over the data however the batches were split and padded across processes.
+    """
     acc, model = parts.accelerator, parts.model
     start = time.perf_counter()
     model.eval()
-    losses: list[torch.Tensor] = []
     gathered: dict[str, list[torch.Tensor]] = {}
     with torch.inference_mode():
         for batch in parts.eval_loader:
             outputs = model(**batch)
-            n = batch["input_ids"].shape[0]
-            losses.append(acc.gather_for_metrics(outputs.loss.detach().float().repeat(n)).cpu())
             for key, value in parts.task.eval_outputs(outputs, batch).items():
                 gathered.setdefault(key, []).append(acc.gather_for_metrics(value).cpu())
     model.train()
     arrays = {k: torch.cat(v).numpy() for k, v in gathered.items()}
-    all_losses = torch.cat(losses)
-    return {"eval_loss": all_losses.mean().item(), "eval_samples": len(all_losses),
+    loss_sum, loss_count = arrays.pop("loss_sum"), arrays.pop("loss_count")
+    return {"eval_loss": float(loss_sum.sum() / loss_count.sum()),
+            "eval_samples": len(loss_sum),
             **parts.task.score(arrays, acc.unwrap_model(model).config),
             "eval_seconds": round(time.perf_counter() - start, 3)}
 

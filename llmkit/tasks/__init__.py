@@ -35,7 +35,8 @@ class Task:
     # Raw rows -> model features (input_ids first; `labels` when the rows have them).
     featurize: Callable[[Dataset, PreTrainedTokenizerBase, PretrainedConfig, DataConfig], Dataset]
     collator: Callable[[PreTrainedTokenizerBase], Callable[[list[dict[str, Any]]], Any]]
-    # Model outputs of one batch -> tensors to gather across processes for scoring.
+    # Model outputs of one batch -> per-example tensors to gather across processes for scoring;
+    # labelled batches include `loss_sum` and `loss_count` (the loss is their ratio of sums).
     eval_outputs: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     score: Callable[[dict[str, np.ndarray], PretrainedConfig], dict[str, float]]
     # Gathered outputs -> one JSON-able record per row, for `llmkit predict`.

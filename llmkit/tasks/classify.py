@@ -72,9 +72,15 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
 
 
 def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    gathered = {"logits": outputs.logits.float()}
+    import torch
+    import torch.nn.functional as F
+
+    logits = outputs.logits.float()
+    gathered = {"logits": logits}
     if "labels" in batch:
         gathered["labels"] = batch["labels"]
+        gathered["loss_sum"] = F.cross_entropy(logits, batch["labels"], reduction="none")
+        gathered["loss_count"] = torch.ones_like(gathered["loss_sum"])
     return gathered
 
 
