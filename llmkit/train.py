@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
@@ -243,6 +244,10 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
     start = ckpt.resume_point(out, resume, resume_from)
     wipe = ckpt.check_output(out, start is not None, overwrite)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Accelerate keeps settings such as mixed precision in a process-wide singleton; a second
+    # run in the same Python process (the API, a notebook) must start from a clean one. The
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     try:
         # Accelerate runs several CPU processes (over gloo) only when told it is on CPU.
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
