@@ -176,6 +176,70 @@ def predict(
         typer.echo(f"{len(records)} predictions written to {output}")
 
 
+EVAL_EXAMPLES = """[bold]Examples[/]
+
+  llmkit eval --metric bleu --metric chrf --predictions hyp.txt --references ref.txt
+
+  llmkit eval -m bleu -p hyp.txt -r ref1.txt -r ref2.txt --tokenize intl --json
+
+  llmkit eval -m squad_v2 -p predictions.json -r dev-v2.0.json
+"""
+
+
+@app.command("eval", epilog=EVAL_EXAMPLES)
+def eval_files(
+    metric: Annotated[list[str], typer.Option("--metric", "-m", help="bleu, chrf, ter, rouge, "
+                      "accuracy, f1, exact_match, squad, squad_v2 (repeatable).")],
+    predictions: Annotated[str, typer.Option("--predictions", "-p", help="One prediction per "
+                           "line (squad: JSON id -> answer).")],
+    references: Annotated[list[str], typer.Option("--references", "-r", help="One reference "
+                          "per line, aligned; repeat for several references (squad: the data "
+                          "file).")],
+    tokenize: Annotated[str | None, typer.Option(help="BLEU tokenizer (sacrebleu's: 13a, intl, "
+                        "char, zh, none, ...).")] = None,
+    lowercase: Annotated[bool, typer.Option("--lowercase", "-lc", help="Case-insensitive "
+                         "BLEU.")] = False,
+    chrf_word_order: Annotated[int, typer.Option(help="chrF word n-gram order; 2 = chrF++.")
+                               ] = 0,
+    chrf_lowercase: Annotated[bool, typer.Option(help="Case-insensitive chrF.")] = False,
+    ter_case_sensitive: Annotated[bool, typer.Option(help="Case-sensitive TER (sacrebleu's "
+                                  "TER ignores case by default).")] = False,
+    average: Annotated[str, typer.Option(help="F1 average: macro, micro or binary.")] = "macro",
+    positive: Annotated[str, typer.Option(help="Positive label for binary F1.")] = "1",
+    width: Annotated[int, typer.Option("--width", "-w", help="Decimals printed (sacrebleu's "
+                     "default is 1).")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the JSON "
+                      "to this file.")] = None,
+) -> None:
+    """Score predictions against references with the reference tools' definitions, offline."""
+    import json
+    from dataclasses import asdict
+
+    from llmkit.evaluate import score_files
+
+    options = {"tokenize": tokenize, "lowercase": lowercase, "chrf_word_order": chrf_word_order,
+               "chrf_lowercase": chrf_lowercase, "ter_case_sensitive": ter_case_sensitive,
+               "average": average, "positive": positive}
+    scores = score_files(metric, predictions, references, options)
+    payload = {"predictions": predictions, "references": references,
+               "scores": [asdict(s) for s in scores]}
+    if output:
+        output.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n",
+                          encoding="utf-8")
+    if as_json:
+        typer.echo(json.dumps(payload, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "value", "signature")
+    table.columns[2].overflow = "fold"
+    for score in scores:
+        table.add_row(score.metric, f"{score.value:.{width}f}", score.signature)
+    Console().print(table)
+
+
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List shipped recipes and the command that runs each."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import re
+import string
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
 
 
 def _check(predictions: Sequence[object], references: Sequence[object]) -> None:
@@ -40,3 +43,62 @@ def f1(predictions: Sequence[Hashable], references: Sequence[Hashable], average:
         labels = sorted(set(references) | set(predictions), key=repr)
         return sum(_f1_of(lab, predictions, references) for lab in labels) / len(labels)
     raise ValueError(f"unknown F1 average {average!r}: use macro, micro or binary")
+
+
+# SQuAD, as the official v1.1 and v2.0 evaluation scripts define it.
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, drop punctuation and the articles a/an/the, fold white space."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def squad_exact(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def squad_f1(prediction: str, gold: str, v2: bool = False) -> float:
+    """Token-overlap F1. v2.0 scores an empty answer 1 against an empty gold, else 0;
+    v1.1 scores any pair without common tokens 0."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if v2 and (not pred or not ref):
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad(predictions: dict[str, str], golds: dict[str, list[str]], v2: bool = False
+          ) -> dict[str, float]:
+    """Exact match and F1 (0-100), the max over gold answers per question; an unanswerable
+    question has the gold [""] (v2). v2 adds HasAns_/NoAns_ breakdowns."""
+    missing = [qid for qid in golds if qid not in predictions]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} of {len(golds)} questions "
+                         f"(first: {missing[0]})")
+    exact, f1s = {}, {}
+    for qid, answers in golds.items():
+        # v2.0 drops golds that normalise to nothing; no gold left means unanswerable
+        answers = ([a for a in answers if normalize_answer(a)] if v2 else answers) or [""]
+        exact[qid] = max(squad_exact(predictions[qid], a) for a in answers)
+        f1s[qid] = max(squad_f1(predictions[qid], a, v2) for a in answers)
+
+    def mean(values: Iterable[float], ids: list[str]) -> float:
+        return 100.0 * sum(values) / len(ids) if ids else 0.0
+
+    everything = list(golds)
+    result = {"exact_match": mean(exact.values(), everything),
+              "f1": mean(f1s.values(), everything), "total": float(len(everything))}
+    if v2:
+        for name, ids in (("HasAns", [q for q in everything if golds[q]]),
+                          ("NoAns", [q for q in everything if not golds[q]])):
+            result.update({f"{name}_exact_match": mean((exact[q] for q in ids), ids),
+                           f"{name}_f1": mean((f1s[q] for q in ids), ids),
+                           f"{name}_total": float(len(ids))})
+    return result

@@ -1,0 +1,188 @@
+"""`llmkit eval` on files: the numbers of the reference tools (sacrebleu, rouge-score, the
+official SQuAD scripts), offline."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmkit import metrics
+from llmkit.errors import LlmkitError
+
+SACREBLEU = ("bleu", "chrf", "ter")
+LABELS = ("accuracy", "f1", "exact_match")
+BUILTIN = (*SACREBLEU, "rouge", *LABELS, "squad", "squad_v2")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One metric's result: the headline value, its parts, and how it was computed."""
+
+    metric: str
+    value: float
+    signature: str
+    details: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def read_text(path: str, option: str) -> str:
+    """A whole UTF-8 file; a file that is not UTF-8 is named with the offending byte offset."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise LlmkitError(f"{option} {path}: no such file") from None
+    except IsADirectoryError:
+        raise LlmkitError(f"{option} {path} is a folder; give a file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LlmkitError(f"{option} {path} is not UTF-8 text: byte offset {err.start} "
+                          f"({data[err.start:err.start + 1]!r}); convert it, e.g. with iconv"
+                          ) from err
+
+
+def read_lines(path: str, option: str) -> list[str]:
+    """One segment per line, trailing white space dropped, as sacrebleu's CLI reads files."""
+    text = read_text(path, option)
+    if not text:
+        raise LlmkitError(f"{option} {path} is empty")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.rstrip() for line in lines]
+
+
+def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]],
+                    options: dict[str, Any]) -> Score:
+    from sacrebleu.metrics import BLEU, CHRF, TER
+
+    if name == "bleu":
+        kwargs = {"lowercase": options.get("lowercase", False),
+                  "tokenize": options.get("tokenize")}
+        scorer: Any = BLEU(**kwargs)
+    elif name == "chrf":
+        kwargs = {"word_order": options.get("chrf_word_order", 0),
+                  "lowercase": options.get("chrf_lowercase", False)}
+        scorer = CHRF(**kwargs)
+    else:  # sacrebleu's TER ignores case unless asked
+        kwargs = {"case_sensitive": options.get("ter_case_sensitive", False)}
+        scorer = TER(**kwargs)
+    result = scorer.corpus_score(hypotheses, references)
+    details = {}
+    if name == "bleu":
+        details = {"bp": result.bp, "sys_len": result.sys_len, "ref_len": result.ref_len,
+                   **{f"precision_{n + 1}": p for n, p in enumerate(result.precisions)}}
+    return Score(name, float(result.score), str(scorer.get_signature()), details, kwargs)
+
+
+def split_sentences(text: str) -> str:
+    """One sentence per line, for ROUGE-Lsum (which reads sentences from newlines); a
+    punctuation rule, since nltk's sentence splitter needs data that is not there offline."""
+    return "\n".join(s for s in SENTENCE_END.split(text.strip()) if s)
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> list[Score]:
+    """Mean ROUGE-1/2/L/Lsum F-measure (x100) with stemming, from `rouge_score` itself."""
+    from importlib.metadata import version
+
+    from rouge_score import rouge_scorer
+
+    types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
+    totals = dict.fromkeys(types, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(split_sentences(reference), split_sentences(prediction))
+        for key in types:
+            totals[key] += scores[key].fmeasure
+    signature = f"rouge-score {version('rouge-score')}"
+    settings = {"use_stemmer": True, "lsum_sentences": "split after . ! ?", "aggregate": "mean"}
+    return [Score(key, 100.0 * total / len(predictions), signature, {}, settings)
+            for key, total in totals.items()]
+
+
+def label_score(name: str, predictions: list[str], references: list[str],
+                options: dict[str, Any]) -> Score:
+    if name == "f1":
+        average = options.get("average", "macro")
+        positive = options.get("positive", "1")
+        value = metrics.f1(predictions, references, average, positive)
+        return Score(name, value, "llmkit", {}, {"average": average, "positive": positive})
+    return Score(name, metrics.accuracy(predictions, references), "llmkit", {},
+                 {"compare": "whole lines, trailing white space dropped"})
+
+
+def squad_golds(path: str) -> dict[str, list[str]]:
+    """Question id -> gold answer texts, from the official nested SQuAD JSON or flat rows
+    (`id`, `answers.text`) in JSON / JSON lines."""
+    text = read_text(path, "--references")
+    try:
+        data = json.loads(text)
+        rows = data["data"] if isinstance(data, dict) and "data" in data else data
+    except json.JSONDecodeError:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    golds: dict[str, list[str]] = {}
+    for item in rows if isinstance(rows, list) else []:
+        if "paragraphs" in item:
+            for paragraph in item["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    golds[qa["id"]] = [a["text"] for a in qa.get("answers", [])]
+        elif "id" in item and "answers" in item:
+            answers = item["answers"]
+            golds[item["id"]] = list(answers["text"] if isinstance(answers, dict)
+                                     else [a["text"] for a in answers])
+    if not golds:
+        raise LlmkitError(f"--references {path}: no SQuAD questions found (expected "
+                          "data -> paragraphs -> qas, or rows with id and answers)")
+    return golds
+
+
+def squad_score(name: str, predictions_path: str, references_path: str) -> Score:
+    predictions = json.loads(read_text(predictions_path, "--predictions"))
+    if not isinstance(predictions, dict):
+        raise LlmkitError(f"--predictions {predictions_path}: expected a JSON object of "
+                          "question id -> answer text (the official format)")
+    try:
+        result = metrics.squad(predictions, squad_golds(references_path), name == "squad_v2")
+    except ValueError as err:
+        raise LlmkitError(f"--predictions {predictions_path}: {err}") from err
+    signature = "official SQuAD v2.0 definitions" if name == "squad_v2" else \
+        "official SQuAD v1.1 definitions"
+    return Score(name, result["f1"], signature, result)
+
+
+def check_metrics(names: list[str]) -> None:
+    unknown = [n for n in names if n not in BUILTIN]
+    if unknown:
+        raise LlmkitError(f"unknown metric {', '.join(map(repr, unknown))}; the metrics are "
+                          f"{', '.join(BUILTIN)}")
+
+
+def score_files(names: list[str], predictions: str, references: list[str],
+                options: dict[str, Any] | None = None) -> list[Score]:
+    """Score a predictions file against one or more reference files with each metric."""
+    options = options or {}
+    check_metrics(names)
+    if not references:
+        raise LlmkitError("--references is required")
+    scores = [squad_score(n, predictions, references[0]) for n in names if n.startswith("squad")]
+    line_metrics = [n for n in names if not n.startswith("squad")]
+    if not line_metrics:
+        return scores
+    hypotheses = read_lines(predictions, "--predictions")
+    refs = [read_lines(path, "--references") for path in references]
+    for path, lines in zip(references, refs, strict=True):
+        if len(lines) != len(hypotheses):
+            raise LlmkitError(f"--predictions {predictions} has {len(hypotheses)} lines but "
+                              f"--references {path} has {len(lines)}; they must align line by line")
+    for name in line_metrics:
+        if name in SACREBLEU:
+            scores.append(sacrebleu_score(name, hypotheses, refs, options))
+        elif name == "rouge":
+            scores.extend(rouge_scores(hypotheses, refs[0]))
+        else:
+            scores.append(label_score(name, hypotheses, refs[0], options))
+    return scores

@@ -1,0 +1,203 @@
+"""`llmkit eval` on files: equal to the reference tools to every printed digit."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.errors import LlmkitError
+from llmkit.evaluate import score_files
+from llmkit.metrics import normalize_answer, squad
+from tests.conftest import EXAMPLES, needs_shared
+
+runner = CliRunner()
+
+
+def perturb(line: str, rng: random.Random) -> str:
+    words = line.split()
+    for _ in range(rng.randint(0, 3)):
+        i = rng.randrange(len(words))
+        choice = rng.random()
+        if choice < 0.3:
+            del words[i]
+        elif choice < 0.6:
+            words[i] = words[i].upper()
+        else:
+            words.insert(i, rng.choice(["très", "the", ",", "ok!", "naïve"]))
+        if not words:
+            words = ["empty"]
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A reference, a second reference and a hypothesis, built from the shipped sample texts."""
+    texts = [line.split("\t")[0] for path in ("train.tsv", "dev.tsv")
+             for line in (EXAMPLES / "sentiment" / path).read_text().splitlines()[1:]]
+    folder = tmp_path_factory.mktemp("system")
+    files = {}
+    for name, seed in (("ref", None), ("ref2", 1), ("hyp", 2)):
+        rng = random.Random(seed)
+        lines = texts if seed is None else [perturb(t, rng) for t in texts]
+        files[name] = folder / f"{name}.txt"
+        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return files
+
+
+def sacrebleu_cli(hyp: Path, refs: list[Path], *args: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", *map(str, refs), "-i", str(hyp),
+                          "-b", "-w", "4", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout) if out.stdout.startswith("[") else [out.stdout.strip()]
+
+
+@pytest.mark.parametrize("args", [
+    {"metric": "bleu"},
+    {"metric": "bleu", "tokenize": "intl"},
+    {"metric": "bleu", "tokenize": "char"},
+    {"metric": "bleu", "tokenize": "none", "lowercase": True},
+    {"metric": "chrf"},
+    {"metric": "chrf", "chrf_word_order": 2},
+    {"metric": "ter"},
+    {"metric": "ter", "ter_case_sensitive": True},
+    {"metric": "chrf", "chrf_lowercase": True},
+])
+@pytest.mark.parametrize("nrefs", [1, 2])
+def test_sacrebleu_metrics_equal_its_cli(system: dict[str, Path], args: dict, nrefs: int
+                                         ) -> None:
+    refs = [system["ref"], system["ref2"]][:nrefs]
+    cli = ["-m", args["metric"]]
+    if "tokenize" in args:
+        cli += ["--tokenize", args["tokenize"]]
+    if args.get("lowercase"):
+        cli += ["-lc"]
+    if args.get("ter_case_sensitive"):
+        cli += ["--ter-case-sensitive"]
+    if args.get("chrf_lowercase"):
+        cli += ["--chrf-lowercase"]
+    if "chrf_word_order" in args:
+        cli += ["--chrf-word-order", str(args["chrf_word_order"])]
+    [score] = score_files([args["metric"]], str(system["hyp"]), [str(r) for r in refs], args)
+    assert f"{score.value:.4f}" == str(sacrebleu_cli(system["hyp"], refs, *cli)[0])
+    assert f"nrefs:{nrefs}" in score.signature
+
+
+def test_bible_copy_baseline_equals_sacrebleu(tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in
+            needs_shared("bible-en-es", "old-testament.jsonl").read_text().splitlines()[:3000]]
+    hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp.write_text("".join(r["translation"]["en"] + "\n" for r in rows), encoding="utf-8")
+    ref.write_text("".join(r["translation"]["es"] + "\n" for r in rows), encoding="utf-8")
+    scores = score_files(["bleu", "chrf"], str(hyp), [str(ref)])
+    expected = sacrebleu_cli(hyp, [ref], "-m", "bleu", "chrf")
+    assert [f"{s.value:.4f}" for s in scores] == [str(e) for e in expected]
+
+
+def test_rouge_equals_rouge_score_called_directly(system: dict[str, Path]) -> None:
+    from rouge_score import rouge_scorer
+
+    hyps = system["hyp"].read_text().splitlines()
+    refs = system["ref"].read_text().splitlines()
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    expected = {k: 100 * sum(scorer.score(r, h)[k].fmeasure for h, r in zip(hyps, refs,
+                                                                             strict=True))
+                / len(hyps) for k in ("rouge1", "rouge2", "rougeL")}
+    got = {s.metric: s.value for s in score_files(["rouge"], str(system["hyp"]),
+                                                  [str(system["ref"])])}
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-9)
+    # one sentence per line: Lsum equals L
+    assert got["rougeLsum"] == pytest.approx(got["rougeL"], abs=1e-9)
+
+
+def test_rouge_lsum_splits_sentences() -> None:
+    from rouge_score import rouge_scorer
+
+    from llmkit.evaluate import rouge_scores, split_sentences
+
+    hyp, ref = "The cat sat. It was happy! Then it left.", "A cat sat down. Then it left happy."
+    scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    expected = scorer.score("A cat sat down.\nThen it left happy.",
+                            "The cat sat.\nIt was happy!\nThen it left.")["rougeLsum"].fmeasure
+    assert split_sentences(hyp) == "The cat sat.\nIt was happy!\nThen it left."
+    lsum = next(s for s in rouge_scores([hyp], [ref]) if s.metric == "rougeLsum")
+    assert lsum.value == pytest.approx(100 * expected)
+
+
+def test_squad_normalisation_and_scores_by_hand() -> None:
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("an apple, a pear and THE plum") == "apple pear and plum"
+    golds = {"q1": ["Denver Broncos", "The Denver Broncos"], "q2": ["Paris"],
+             "q3": ["in the year 1887"]}
+    preds = {"q1": "the denver broncos.", "q2": "Paris, France", "q3": "1887"}
+    result = squad(preds, golds)
+    # q1 exact (normalised); q2 F1 = 2*(1/2*1)/(1/2+1) = 2/3; q3 F1: pred [1887], gold
+    # [in, year, 1887] -> p=1, r=1/3 -> 0.5
+    assert result["exact_match"] == pytest.approx(100 / 3)
+    assert result["f1"] == pytest.approx(100 * (1 + 2 / 3 + 0.5) / 3)
+
+
+def test_squad_v2_unanswerable() -> None:
+    golds = {"a": ["Paris"], "b": [], "c": [], "d": ["1887"]}
+    preds = {"a": "Paris", "b": "", "c": "London", "d": ""}
+    result = squad(preds, golds, v2=True)
+    assert result["exact_match"] == pytest.approx(50.0)  # a and b right
+    assert result["HasAns_exact_match"] == pytest.approx(50.0)
+    assert result["NoAns_exact_match"] == pytest.approx(50.0)
+    assert result["HasAns_total"] == 2 and result["NoAns_total"] == 2
+    with pytest.raises(ValueError, match="no prediction for 1 of 4"):
+        squad({"a": "x", "b": "", "c": ""}, golds, v2=True)
+
+
+def test_squad_from_official_json(tmp_path: Path) -> None:
+    data = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [
+        {"id": "1", "question": "?", "answers": [{"text": "Paris", "answer_start": 0}],
+         "is_impossible": False},
+        {"id": "2", "question": "?", "answers": [], "is_impossible": True}]}]}]}
+    (tmp_path / "dev.json").write_text(json.dumps(data))
+    (tmp_path / "pred.json").write_text(json.dumps({"1": "paris", "2": ""}))
+    [score] = score_files(["squad_v2"], str(tmp_path / "pred.json"), [str(tmp_path / "dev.json")])
+    assert score.value == 100.0 and score.details["NoAns_total"] == 1
+
+
+def test_classification_metrics_on_lines(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("pos\nneg\nneg \npos\n")
+    (tmp_path / "r.txt").write_text("pos\nneg\npos\npos\n")
+    acc, f1 = score_files(["accuracy", "f1"], str(tmp_path / "p.txt"), [str(tmp_path / "r.txt")])
+    assert acc.value == 0.75 and f1.value == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x\ny\n")
+    (tmp_path / "b.txt").write_text("x\n")
+    (tmp_path / "e.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    a, b = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+    with pytest.raises(LlmkitError, match="has 2 lines but --references .* has 1"):
+        score_files(["bleu"], a, [b])
+    with pytest.raises(LlmkitError, match="unknown metric 'blue'; the metrics are bleu, chrf"):
+        score_files(["blue"], a, [a])
+    with pytest.raises(LlmkitError, match="is empty"):
+        score_files(["bleu"], str(tmp_path / "e.txt"), [a])
+    with pytest.raises(LlmkitError, match=r"latin1.txt is not UTF-8 text: byte offset 6"):
+        score_files(["bleu"], a, [str(tmp_path / "latin1.txt")])
+
+
+def test_cli_eval_json_and_output(system: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "scores.json"
+    result = runner.invoke(app, ["eval", "-m", "bleu", "-m", "chrf", "-p", str(system["hyp"]),
+                                 "-r", str(system["ref"]), "--json", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert [s["metric"] for s in payload["scores"]] == ["bleu", "chrf"]
+    assert payload["scores"][0]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert json.loads(out.read_text()) == payload
+    table = runner.invoke(app, ["eval", "-m", "bleu", "-p", str(system["hyp"]), "-r",
+                                str(system["ref"])])
+    assert f"{payload['scores'][0]['value']:.1f}" in table.output
