@@ -204,6 +204,9 @@ def eval_files(
     chrf_lowercase: Annotated[bool, typer.Option(help="Case-insensitive chrF.")] = False,
     ter_case_sensitive: Annotated[bool, typer.Option(help="Case-sensitive TER (sacrebleu's "
                                   "TER ignores case by default).")] = False,
+    confidence: Annotated[bool, typer.Option("--confidence", help="95% bootstrap interval for "
+                          "BLEU/chrF/TER (sacrebleu's, seeded by SACREBLEU_SEED).")] = False,
+    bootstrap_samples: Annotated[int, typer.Option(help="Resamples for --confidence.")] = 1000,
     average: Annotated[str, typer.Option(help="F1 average: macro, micro or binary.")] = "macro",
     positive: Annotated[str, typer.Option(help="Positive label for binary F1.")] = "1",
     width: Annotated[int, typer.Option("--width", "-w", help="Decimals printed (sacrebleu's "
@@ -220,7 +223,8 @@ def eval_files(
 
     options = {"tokenize": tokenize, "lowercase": lowercase, "chrf_word_order": chrf_word_order,
                "chrf_lowercase": chrf_lowercase, "ter_case_sensitive": ter_case_sensitive,
-               "average": average, "positive": positive}
+               "average": average, "positive": positive, "confidence": confidence,
+               "bootstrap_samples": bootstrap_samples}
     scores = score_files(metric, predictions, references, options)
     payload = {"predictions": predictions, "references": references,
                "scores": [asdict(s) for s in scores]}
@@ -236,7 +240,11 @@ def eval_files(
     table = Table("metric", "value", "signature")
     table.columns[2].overflow = "fold"
     for score in scores:
-        table.add_row(score.metric, f"{score.value:.{width}f}", score.signature)
+        value = f"{score.value:.{width}f}"
+        if "confidence_interval" in score.details:
+            value += (f" (μ = {score.details['confidence_mean']:.{width}f} ± "
+                      f"{score.details['confidence_interval']:.{width}f})")
+        table.add_row(score.metric, value, score.signature)
     Console().print(table)
 
 

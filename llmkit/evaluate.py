@@ -71,10 +71,15 @@ def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]
     else:  # sacrebleu's TER ignores case unless asked
         kwargs = {"case_sensitive": options.get("ter_case_sensitive", False)}
         scorer = TER(**kwargs)
-    result = scorer.corpus_score(hypotheses, references)
-    details = {}
+    samples = options.get("bootstrap_samples", 0) if options.get("confidence") else 0
+    # sacrebleu's own bootstrap: seeded by SACREBLEU_SEED (default 12345), so repeatable
+    result = scorer.corpus_score(hypotheses, references, n_bootstrap=max(samples, 1))
+    details: dict[str, float] = {}
+    if samples > 1:
+        details = {"confidence_mean": result._mean, "confidence_interval": result._ci,
+                   "bootstrap_samples": samples}
     if name == "bleu":
-        details = {"bp": result.bp, "sys_len": result.sys_len, "ref_len": result.ref_len,
+        details |= {"bp": result.bp, "sys_len": result.sys_len, "ref_len": result.ref_len,
                    **{f"precision_{n + 1}": p for n, p in enumerate(result.precisions)}}
     return Score(name, float(result.score), str(scorer.get_signature()), details, kwargs)
 

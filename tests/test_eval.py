@@ -88,6 +88,21 @@ def test_sacrebleu_metrics_equal_its_cli(system: dict[str, Path], args: dict, nr
     assert f"nrefs:{nrefs}" in score.signature
 
 
+def test_bootstrap_confidence_equals_sacrebleu_and_repeats(system: dict[str, Path]) -> None:
+    options = {"confidence": True, "bootstrap_samples": 200}
+    first = score_files(["bleu", "chrf"], str(system["hyp"]), [str(system["ref"])], options)
+    again = score_files(["bleu", "chrf"], str(system["hyp"]), [str(system["ref"])], options)
+    assert [s.details for s in first] == [s.details for s in again]
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", str(system["ref"]), "-i",
+                          str(system["hyp"]), "-m", "bleu", "chrf", "-w", "4", "--confidence",
+                          "--confidence-n", "200"], capture_output=True, text=True, check=True)
+    for score, reference in zip(first, json.loads(out.stdout), strict=True):
+        mean, half = score.details["confidence_mean"], score.details["confidence_interval"]
+        assert f"{mean:.4f}" == f"{reference['confidence_mean']:.4f}"
+        assert f"{half:.4f}" == f"{reference['confidence_var']:.4f}"
+        assert mean - half <= score.value <= mean + half
+
+
 def test_bible_copy_baseline_equals_sacrebleu(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in
             needs_shared("bible-en-es", "old-testament.jsonl").read_text().splitlines()[:3000]]
