@@ -43,6 +43,8 @@ FINETUNE_EXAMPLES = """[bold]Examples[/]
   llmkit finetune classify --model ./minilm --train data.tsv --text-column sentence \\
       --epochs 2 --output runs/x
 
+  llmkit finetune generate --model gpt2 --train corpus.txt --block-size 512 --output runs/gpt
+
   accelerate launch --multi_gpu --num_processes 2 -m llmkit finetune classify --recipe my.yaml
 """
 
@@ -92,6 +94,19 @@ def finetune(  # noqa: PLR0913 - every option is one config path
                                  "training rows.", "--max-train-samples")] = None,
     max_eval_samples: Annotated[int | None, opt("data.max_eval_samples", "Use only the first N "
                                 "validation rows.", "--max-eval-samples")] = None,
+    block_size: Annotated[int | None, opt("data.block_size", "generate: tokens per packed block "
+                          "(clamped to the model's context).", "--block-size")] = None,
+    sample_by: Annotated[str | None, opt("data.sample_by", "How a .txt file splits into "
+                         "documents: document (whole file), paragraph (blank lines) or line.",
+                         "--sample-by")] = None,
+    separate_documents: Annotated[bool | None, opt("data.separate_documents", "generate: keep "
+                                  "attention and positions inside each document of a block.",
+                                  "--separate-documents/--no-separate-documents")] = None,
+    prompt_column: Annotated[str | None, opt("data.prompt_column", "generate: prompt column of "
+                             "prompt/completion rows (no loss on prompts).", "--prompt-column")
+                             ] = None,
+    completion_column: Annotated[str | None, opt("data.completion_column", "generate: "
+                                 "completion column.", "--completion-column")] = None,
     epochs: Annotated[int | None, opt("train.epochs", "Passes over the training rows.",
                                       "--epochs")] = None,
     learning_rate: Annotated[float | None, opt("train.learning_rate", "Peak learning rate.",
@@ -174,6 +189,104 @@ def predict(
             typer.echo(json.dumps(record, ensure_ascii=False))
     else:
         typer.echo(f"{len(records)} predictions written to {output}")
+
+
+GENERATE_EXAMPLES = """[bold]Examples[/]
+
+  llmkit generate --model runs/gpt --prompt "Once upon a time" --stream
+
+  llmkit generate -m runs/gpt -p "ROMEO:" --temperature 0.8 --top-p 0.95 --seed 1
+
+  llmkit generate -m runs/gpt --input prompts.txt --output out.jsonl --batch-size 16
+
+  llmkit generate -m runs/en-ro --prompt "The house is small."      # seq2seq runs too
+"""
+
+
+@app.command("generate", epilog=GENERATE_EXAMPLES)
+def generate_text(
+    model: Annotated[str, typer.Option("--model", "-m", help="Run directory, local checkpoint "
+                     "or Hub id (causal or seq2seq).")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One prompt.")] = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="Prompts: .txt (one per "
+                     "line) or .jsonl (a 'prompt' field).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON lines to write "
+                      "(batch mode).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding "
+                      "(implied by --temperature, --top-k, --top-p).")] = False,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    num_beams: Annotated[int, typer.Option(help="Beam search width.")] = 1,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Penalty > 1 discourages "
+                                  "repeats.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string "
+                    "(repeatable; left out of the output).")] = None,
+    num_return_sequences: Annotated[int, typer.Option(help="Outputs per prompt.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Seed, for repeatable sampling.")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they come.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the tokenizer's chat template.")
+                    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 16,
+) -> None:
+    """Generate text with a causal or seq2seq model: one prompt, or a file of prompts."""
+    import json
+
+    from llmkit.generate import (
+        GenerationSettings,
+        generate,
+        load_generator,
+        read_prompts,
+        write_records,
+    )
+    from llmkit.generate import (
+        chat as templated,
+    )
+
+    if (prompt is None) == (input is None):
+        raise LlmkitError("give either --prompt or --input")
+    settings = GenerationSettings(
+        max_new_tokens, sample or any(v is not None for v in (temperature, top_k, top_p)),
+        temperature, top_k, top_p, num_beams, repetition_penalty, num_return_sequences,
+        tuple(stop or ()), seed)
+    if stream and (input or num_beams > 1 or num_return_sequences > 1 or stop):
+        raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "
+                          "--num-beams, --num-return-sequences and --stop")
+    prompts = [prompt] if prompt is not None else read_prompts(str(input))
+    net, tokenizer = load_generator(model)
+    if chat:
+        prompts = [templated(tokenizer, p) for p in prompts]
+    if stream:
+        from transformers import TextStreamer
+
+        generate(net, tokenizer, prompts, settings, streamer=TextStreamer(
+            tokenizer, skip_prompt=True, skip_special_tokens=True), templated=chat)
+        return  # the streamer ends with a newline
+    if output is None:
+        for record in generate(net, tokenizer, prompts, settings, batch_size, templated=chat):
+            outputs = record["output"] if num_return_sequences > 1 else [record["output"]]
+            for text in outputs:
+                typer.echo(text if input is None else json.dumps(record, ensure_ascii=False))
+        return
+    from rich.progress import Progress
+
+    from llmkit.report import console
+
+    with Progress(*Progress.get_default_columns(), "{task.fields[speed]}",
+                  console=console) as progress:
+        bar = progress.add_task("generating", total=len(prompts), speed="")
+        tokens = [0]
+
+        def advance(done: int, new: int) -> None:
+            tokens[0] += new
+            elapsed = progress.tasks[bar].elapsed or 1e-9
+            progress.update(bar, advance=done, speed=f"{tokens[0] / elapsed:.1f} new tokens/s")
+
+        records = generate(net, tokenizer, prompts, settings, batch_size, on_batch=advance,
+                           templated=chat)
+    write_records(records, output)
+    typer.echo(f"{len(records)} generations written to {output}")
 
 
 EVAL_EXAMPLES = """[bold]Examples[/]

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from llmkit.errors import ConfigError, LlmkitError
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
+SampleBy = Literal["document", "paragraph", "line"]  # how a .txt file splits into rows
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class DataConfig:
     max_length: int = 256
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # causal language modelling
+    block_size: int = 1024
+    sample_by: SampleBy = "paragraph"
+    separate_documents: bool = False
+    prompt_column: str | None = None
+    completion_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,8 @@ class RunConfig:
 
 REQUIRED = {"task": "the task", "model": "--model", "output": "--output", "data.train": "--train"}
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size",
-            "train.gradient_accumulation_steps", "train.logging_steps", "data.max_length")
+            "train.gradient_accumulation_steps", "train.logging_steps", "data.max_length",
+            "data.block_size")
 
 
 def _check_value(value: Any, tp: Any) -> bool:

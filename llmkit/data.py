@@ -35,13 +35,15 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def _load_file(path: Path, option: str) -> Dataset:
+def _load_file(path: Path, option: str, sample_by: str) -> Dataset:
     import datasets
 
     if path.suffix.lower() not in FORMATS:
         raise LlmkitError(f"{option} {path}: unknown format {path.suffix or '(no extension)'!r}; "
                           f"use one of {', '.join(FORMATS)}")
     builder, kwargs = FORMATS[path.suffix.lower()]
+    if builder == "text":
+        kwargs = {"sample_by": sample_by}
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
@@ -70,13 +72,17 @@ def _load_hub(name: str, split: str, dataset_config: str | None, option: str) ->
         raise LlmkitError(f"{option} {name}: {str(err).splitlines()[0]}") from err
 
 
-def load_split(spec: str, split: str, dataset_config: str | None, option: str) -> Dataset:
-    """One split from a local file (by extension) or a Hub dataset id."""
+def load_split(spec: str, split: str, dataset_config: str | None, option: str,
+               sample_by: str = "line") -> Dataset:
+    """One split from a local file (by extension; a .txt file gives a `text` row per line,
+    paragraph or document) or a Hub dataset id."""
     path = Path(spec).expanduser()
     if path.is_file():
-        rows = _load_file(path, option)
-    elif path.exists():
+        rows = _load_file(path, option, sample_by)
+    elif path.is_dir():
         raise LlmkitError(f"{option} {spec} is a folder; give a file ({', '.join(FORMATS)})")
+    elif path.exists():
+        raise LlmkitError(f"{option} {spec} is not a regular file (a pipe?); save it to a file")
     elif looks_like_path(spec):
         raise LlmkitError(f"{option} {spec}: no such file")
     else:
@@ -95,10 +101,10 @@ def check_columns(rows: Dataset, needed: list[str], option: str) -> None:
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     """Training and evaluation rows; without a validation set, a seeded slice of train."""
-    train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train")
+    train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train", cfg.sample_by)
     if cfg.validation:
         valid = load_split(cfg.validation, cfg.validation_split, cfg.dataset_config,
-                           "--validation")
+                           "--validation", cfg.sample_by)
     else:
         if len(train) < 2:
             raise LlmkitError("--train holds one row: too few to hold out a validation slice")

@@ -60,8 +60,8 @@ def evaluate(parts: Parts) -> dict[str, float]:
                 gathered.setdefault(key, []).append(acc.gather_for_metrics(value).cpu())
     model.train()
     arrays = {k: torch.cat(v).numpy() for k, v in gathered.items()}
-    loss_sum, loss_count = arrays.pop("loss_sum"), arrays.pop("loss_count")
-    return {"eval_loss": float(loss_sum.sum() / loss_count.sum()),
+    loss_sum = arrays["loss_sum"]
+    return {"eval_loss": float(loss_sum.sum() / arrays["loss_count"].sum()),
             "eval_samples": len(loss_sum),
             **parts.task.score(arrays, acc.unwrap_model(model).config),
             "eval_seconds": round(time.perf_counter() - start, 3)}

@@ -100,3 +100,39 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("toy")
     return {"train": write_toy_sentiment(folder / "train.tsv", 96, 0),
             "validation": write_toy_sentiment(folder / "dev.tsv", 30, 1)}
+
+
+def bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer like GPT-2's, with <|endoftext|> and no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   model_max_length=64)
+
+
+def save_tiny_gpt2(path: Path, positions: int = 64) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = bpe_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                        n_positions=positions, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer GPT-2 (64 positions) with its own byte-level BPE tokenizer."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))

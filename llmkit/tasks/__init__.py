@@ -44,9 +44,10 @@ class Task:
 
 
 def _registry() -> dict[str, Task]:
+    from llmkit.tasks.causal_lm import GENERATE
     from llmkit.tasks.classify import CLASSIFY
 
-    return {t.name: t for t in (CLASSIFY,)}
+    return {t.name: t for t in (CLASSIFY, GENERATE)}
 
 
 def task_names() -> list[str]:
@@ -66,12 +67,24 @@ def auto_class(task: Task) -> Any:
     return getattr(transformers, task.auto_model)
 
 
+def fits(task: Task, config: PretrainedConfig) -> bool:
+    """Whether transformers has a head for `task` on this architecture. Encoders (BERT) have a
+    causal-LM class too, but only as a decoder half: they do not count."""
+    if type(config) not in auto_class(task)._model_mapping:
+        return False
+    if task.auto_model == "AutoModelForCausalLM" and not getattr(config, "is_decoder", False):
+        from transformers import AutoModelForMaskedLM
+
+        return type(config) not in AutoModelForMaskedLM._model_mapping
+    return True
+
+
 def check_pairing(task: Task, config: PretrainedConfig, name: str) -> None:
     """A checkpoint whose architecture has no head for this task gets a line naming what fits."""
-    if type(config) in auto_class(task)._model_mapping:
+    if fits(task, config):
         return
-    fits = [t.name for t in _registry().values() if type(config) in auto_class(t)._model_mapping]
-    hint = f"it fits: {', '.join(fits)}" if fits else "no llmkit task fits it"
+    fits_ = [t.name for t in _registry().values() if fits(t, config)]
+    hint = f"it fits: {', '.join(fits_)}" if fits_ else "no llmkit task fits it"
     raise LlmkitError(f"{name} is a {config.model_type} checkpoint, which has no "
                       f"{task.name} head in transformers; {hint}")
 

@@ -1,0 +1,165 @@
+"""Causal language modelling: packed blocks of documents, or prompt/completion pairs."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import LlmkitError
+from llmkit.tasks import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from llmkit.config import DataConfig
+
+log = logging.getLogger("llmkit")
+IGNORE = -100  # label of tokens the loss skips
+
+
+def columns(cfg: DataConfig, labelled: bool) -> list[str]:
+    if cfg.prompt_column or cfg.completion_column:
+        if not (cfg.prompt_column and cfg.completion_column):
+            raise LlmkitError("prompt/completion data needs both --prompt-column and "
+                              "--completion-column")
+        return [cfg.prompt_column, cfg.completion_column]
+    return [cfg.text_column]
+
+
+def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
+    return {}
+
+
+def block_size(cfg: DataConfig, config: PretrainedConfig) -> int:
+    """The block size, clamped to the model's context."""
+    context = getattr(config, "n_positions", None) or getattr(config,
+                                                               "max_position_embeddings", None)
+    if context and cfg.block_size > context:
+        log.warning("--block-size %d is larger than the model's context of %d positions; "
+                    "using %d", cfg.block_size, context, context)
+        return int(context)
+    return cfg.block_size
+
+
+def pack(documents: list[list[int]], size: int, eos: int, separate: bool) -> dict[str, Any]:
+    """Documents joined with EOS and cut into full blocks; only the last partial block is
+    dropped. With `separate`, position ids restart at every document (and block) start, which
+    keeps attention inside documents (transformers reads packed sequences from them)."""
+    import numpy as np
+
+    ids = np.fromiter((t for doc in documents for t in [*doc, eos]), dtype=np.int64)
+    blocks = len(ids) // size
+    if blocks == 0:
+        raise LlmkitError(f"the text holds {len(ids)} tokens: fewer than one block of "
+                          f"{size}; lower --block-size")
+    ids = ids[: blocks * size]
+    features: dict[str, Any] = {"input_ids": ids.reshape(blocks, size).tolist()}
+    features["labels"] = features["input_ids"]
+    if separate:
+        lengths = np.fromiter((len(doc) + 1 for doc in documents), dtype=np.int64)
+        starts = np.zeros(len(ids) + size, dtype=bool)
+        starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
+        starts = starts[: len(ids)]
+        starts[::size] = True
+        index = np.arange(len(ids))
+        positions = index - np.maximum.accumulate(np.where(starts, index, 0))
+        features["position_ids"] = positions.reshape(blocks, size).tolist()
+    return features
+
+
+def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
+              cfg: DataConfig) -> Dataset:
+    from datasets import Dataset
+
+    size = block_size(cfg, config)
+    if cfg.prompt_column and cfg.completion_column:
+        return pairs(rows, tokenizer, cfg, size)
+    rows = rows.filter(lambda r: bool(r[cfg.text_column] and r[cfg.text_column].strip()))
+    if len(rows) == 0:
+        raise LlmkitError(f"no documents: every {cfg.text_column!r} row is empty after "
+                          f"splitting the text by {cfg.sample_by} (--sample-by)")
+    tokens = rows.map(lambda b: {"ids": tokenizer(b[cfg.text_column],
+                                                  add_special_tokens=False)["input_ids"]},
+                      batched=True, remove_columns=rows.column_names, desc="tokenizing")
+    return Dataset.from_dict(pack(tokens["ids"], size, tokenizer.eos_token_id,
+                                  cfg.separate_documents))
+
+
+def pairs(rows: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, size: int
+          ) -> Dataset:
+    """Prompt + completion + EOS, truncated to the block size; the loss covers only the
+    completion (and EOS)."""
+    prompt, completion = str(cfg.prompt_column), str(cfg.completion_column)
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        prompts = tokenizer(batch[prompt], add_special_tokens=False)["input_ids"]
+        completions = tokenizer(batch[completion], add_special_tokens=False)["input_ids"]
+        ids, labels = [], []
+        for p, c in zip(prompts, completions, strict=True):
+            ids.append([*p, *c, tokenizer.eos_token_id][:size])
+            labels.append(([IGNORE] * len(p) + [*c, tokenizer.eos_token_id])[:size])
+        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
+                "labels": labels}
+
+    return rows.map(encode, batched=True, remove_columns=rows.column_names, desc="tokenizing")
+
+
+def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """Right padding (labels with -100) for pairs; packed blocks need none. No KV cache while
+    training: it costs memory, and transformers skips packed-sequence masking when it is on."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        longest = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, Any] = {}
+        for key, fill in (("input_ids", pad), ("attention_mask", 0), ("labels", IGNORE),
+                          ("position_ids", 0)):
+            if key in features[0]:
+                batch[key] = torch.tensor([list(f[key]) + [fill] * (longest - len(f[key]))
+                                           for f in features])
+        batch["use_cache"] = False
+        return batch
+
+    return collate
+
+
+def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch.nn.functional as F
+
+    logits = outputs.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE,
+                             reduction="none")
+    return {"loss_sum": losses.sum(-1), "loss_count": (labels != IGNORE).sum(-1).float()}
+
+
+def score(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> dict[str, Any]:
+    """Perplexity = exp(token-weighted mean loss over every predicted token)."""
+    tokens = float(gathered["loss_count"].sum())
+    mean = float(gathered["loss_sum"].sum()) / tokens
+    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": int(tokens)}
+
+
+def present(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> list[dict[str, Any]]:
+    raise LlmkitError("a language model has no labels to predict: use llmkit generate")
+
+
+GENERATE = Task(
+    name="generate",
+    summary="causal language modelling (GPT-style decoders): packed text or prompt/completion",
+    auto_model="AutoModelForCausalLM",
+    default_metric="perplexity",
+    columns=columns,
+    model_kwargs=model_kwargs,
+    featurize=featurize,
+    collator=collator,
+    eval_outputs=eval_outputs,
+    score=score,
+    present=present,
+)

@@ -1,0 +1,238 @@
+"""Causal LM fine-tuning (packing, boundary masks, prompt/completion, perplexity) and
+`llmkit generate` on a tiny random GPT-2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.config import DataConfig, load_config
+from llmkit.errors import LlmkitError
+from llmkit.generate import GenerationSettings, generate, load_generator, read_prompts
+from llmkit.tasks.causal_lm import block_size, collator, featurize, pack
+from llmkit.train import finetune
+from tests.conftest import save_tiny_bert
+
+runner = CliRunner()
+TEXT = """the quick brown fox jumps over the lazy dog
+what is the capital of france ? paris is the capital of france .
+
+a gripping , funny and moving film
+the plot is dull and the acting is worse
+
+one of the best movies of the year
+i loved every minute
+"""
+
+
+def test_pack_keeps_every_token_once_and_drops_only_the_tail() -> None:
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    packed = pack(docs, 4, eos=0, separate=True)
+    assert packed["input_ids"] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert packed["labels"] == packed["input_ids"]  # the model shifts labels itself
+    # positions restart at each document and at each block (a document cut by a block edge)
+    assert packed["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
+    five = pack(docs, 5, eos=0, separate=False)
+    assert [t for b in five["input_ids"] for t in b] == [1, 2, 3, 0, 4, 5, 0, 6, 7, 8]
+    assert "position_ids" not in five
+    with pytest.raises(LlmkitError, match="fewer than one block of 64"):
+        pack(docs, 64, eos=0, separate=False)
+
+
+def test_separate_documents_keep_attention_inside_documents(tiny_gpt2: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    a, b = (tokenizer(t)["input_ids"] for t in ("the quick brown fox", "great good bad"))
+    packed = pack([a, b], len(a) + len(b) + 2, tokenizer.eos_token_id, separate=True)
+    batch = collator(tokenizer)([{k: v[0] for k, v in packed.items()}])
+    with torch.inference_mode():
+        together = model(**batch).logits[0, len(a) + 1:]
+        alone = model(input_ids=torch.tensor([[*b, tokenizer.eos_token_id]])).logits[0]
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_tokens_carry_no_loss(tiny_gpt2: Path) -> None:
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    rows = Dataset.from_dict({"q": ["what is the capital of france ?"], "a": [" paris"]})
+    cfg = DataConfig(prompt_column="q", completion_column="a")
+    [row] = featurize(rows, tokenizer, AutoConfig.from_pretrained(tiny_gpt2), cfg)
+    prompt = len(tokenizer("what is the capital of france ?")["input_ids"])
+    assert row["labels"][:prompt] == [-100] * prompt
+    assert row["labels"][prompt:] == row["input_ids"][prompt:]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_block_size_is_clamped_with_both_numbers(tiny_gpt2: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import AutoConfig
+
+    logger = logging.getLogger("llmkit")
+    logger.addHandler(caplog.handler)
+    try:
+        assert block_size(DataConfig(block_size=1024), AutoConfig.from_pretrained(tiny_gpt2)) == 64
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "--block-size 1024 is larger than the model's context of 64" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "train.txt").write_text(TEXT * 6)
+    (folder / "valid.txt").write_text(TEXT)
+    return {"train": folder / "train.txt", "validation": folder / "valid.txt"}
+
+
+def lm_config(model: Path, data: dict[str, Path], out: Path, **data_options: object):
+    return load_config("generate", None, {
+        "model": str(model), "output": str(out), "data.train": str(data["train"]),
+        "data.validation": str(data["validation"]), "data.block_size": 16,
+        "train.batch_size": 4, "train.learning_rate": 1e-3, "train.epochs": 2,
+        **{f"data.{k}": v for k, v in data_options.items()}})
+
+
+@pytest.fixture(scope="module")
+def lm_run(tiny_gpt2: Path, corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> Path:
+    # long and fast enough that greedy decoding continues the text rather than printing spaces
+    cfg = lm_config(tiny_gpt2, corpus, tmp_path_factory.mktemp("lm") / "run")
+    return finetune(replace(cfg, train=replace(cfg.train, epochs=15, learning_rate=1e-2)))
+
+
+def test_perplexity_is_exp_of_the_token_weighted_mean_loss(lm_run: Path, corpus: dict[str, Path]
+                                                           ) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(lm_run).eval()
+    tokenizer = AutoTokenizer.from_pretrained(lm_run)
+    paragraphs = [p for p in corpus["validation"].read_text().split("\n\n") if p.strip()]
+    ids = [t for p in paragraphs for t in [*tokenizer(p)["input_ids"], tokenizer.eos_token_id]]
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 15, 16):
+            block = torch.tensor([ids[start:start + 16]])
+            total += model(input_ids=block, labels=block).loss.item() * 15
+            count += 15
+    metrics = json.loads((lm_run / "metrics.json").read_text())
+    assert metrics["final"]["eval_tokens"] == count
+    assert metrics["final"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+PIPELINE = """
+import sys
+sys.modules["llmkit"] = None
+from transformers import pipeline
+out = pipeline("text-generation", model=sys.argv[1])("the quick", max_new_tokens=8,
+                                                      do_sample=False, return_full_text=False)
+print(out[0]["generated_text"])
+"""
+
+
+def test_run_loads_in_text_generation_pipeline_and_agrees(lm_run: Path) -> None:
+    theirs = subprocess.run([sys.executable, "-c", PIPELINE, str(lm_run)], capture_output=True,
+                            text=True, check=True).stdout.rstrip("\n")
+    model, tokenizer = load_generator(str(lm_run))
+    [ours] = generate(model, tokenizer, ["the quick"], GenerationSettings(max_new_tokens=8))
+    assert ours["output"] == theirs
+
+
+def test_batched_greedy_equals_one_by_one(lm_run: Path) -> None:
+    model, tokenizer = load_generator(str(lm_run))
+    prompts = ["the", "what is the capital of", "one of the best movies of the"]
+    settings = GenerationSettings(max_new_tokens=10)
+    batched = generate(model, tokenizer, prompts, settings, batch_size=3)
+    single = [generate(model, tokenizer, [p], settings)[0] for p in prompts]
+    assert [r["output"] for r in batched] == [r["output"] for r in single]
+    assert batched[1]["output"].startswith(" france")  # it learned the text
+    assert [r["prompt"] for r in batched] == prompts
+    assert all(r["new_tokens"] <= 10 for r in batched)
+
+
+def test_seeded_sampling_repeats(lm_run: Path) -> None:
+    model, tokenizer = load_generator(str(lm_run))
+    settings = GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.5, seed=7,
+                                  num_return_sequences=3)
+    first = generate(model, tokenizer, ["the"], settings)
+    assert first == generate(model, tokenizer, ["the"], settings)
+    assert len(first[0]["output"]) == 3
+
+
+def test_stream_prints_what_plain_generation_returns(lm_run: Path) -> None:
+    args = ["generate", "-m", str(lm_run), "-p", "the quick", "--max-new-tokens", "12"]
+    plain = runner.invoke(app, args)
+    streamed = runner.invoke(app, [*args, "--stream"])
+    assert plain.exit_code == streamed.exit_code == 0
+    assert streamed.stdout == plain.stdout
+
+
+def test_batch_mode_writes_records(lm_run: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the"}\n{"prompt": "great"}\n')
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["generate", "-m", str(lm_run), "-i", str(prompts), "-o",
+                                 str(out), "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["the", "great"]
+    assert all({"output", "prompt_tokens", "new_tokens"} <= r.keys() for r in records)
+
+
+def test_generation_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(LlmkitError, match="holds no prompts"):
+        read_prompts(str(tmp_path / "empty.txt"))
+    with pytest.raises(LlmkitError, match="bert encoder: it cannot generate text; it fits: "
+                                          "classify"):
+        load_generator(str(save_tiny_bert(tmp_path / "bert")))
+
+
+def test_no_documents_after_splitting(tiny_gpt2: Path, tmp_path: Path) -> None:
+    (tmp_path / "blank.txt").write_text("\n\n\n   \n")
+    data = {"train": tmp_path / "blank.txt", "validation": tmp_path / "blank.txt"}
+    with pytest.raises(LlmkitError, match="no documents"):
+        finetune(lm_config(tiny_gpt2, data, tmp_path / "o", sample_by="line"))
+
+
+def test_prompt_completion_finetune(tiny_gpt2: Path, tmp_path: Path) -> None:
+    rows = [{"q": f"question {i} ?", "a": f" answer {i % 3}"} for i in range(24)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"train": tmp_path / "qa.jsonl", "validation": tmp_path / "qa.jsonl"}
+    out = finetune(lm_config(tiny_gpt2, data, tmp_path / "pc", prompt_column="q",
+                             completion_column="a"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["eval_samples"] == 24 and math.isfinite(metrics["final"]["perplexity"])
+
+
+def test_two_process_language_model_run(tiny_gpt2: Path, corpus: dict[str, Path],
+                                        tmp_path: Path) -> None:
+    args = ["finetune", "generate", "--model", str(tiny_gpt2), "--train", str(corpus["train"]),
+            "--validation", str(corpus["validation"]), "--block-size", "16", "--batch-size", "4",
+            "--epochs", "1", "--separate-documents"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "llmkit", *args, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "llmkit", *args, "--output", str(tmp_path / "one"),
+                          "--gradient-accumulation-steps", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    m2, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
+    assert m2["run"]["num_processes"] == 2 and m1["run"]["num_processes"] == 1
+    assert m2["final"]["eval_tokens"] == m1["final"]["eval_tokens"]
+    assert m2["final"]["step"] == m1["final"]["step"]
+    assert m2["final"]["perplexity"] == pytest.approx(m1["final"]["perplexity"], rel=1e-3)
