@@ -296,6 +296,10 @@ EVAL_EXAMPLES = """[bold]Examples[/]
   llmkit eval -m bleu -p hyp.txt -r ref1.txt -r ref2.txt --tokenize intl --json
 
   llmkit eval -m squad_v2 -p predictions.json -r dev-v2.0.json
+
+  llmkit eval -m accuracy -m macro_f1 --model runs/sst2 --data dev.tsv
+
+  llmkit eval -m perplexity --model runs/gpt --data valid.txt
 """
 
 
@@ -303,11 +307,21 @@ EVAL_EXAMPLES = """[bold]Examples[/]
 def eval_files(
     metric: Annotated[list[str], typer.Option("--metric", "-m", help="bleu, chrf, ter, rouge, "
                       "accuracy, f1, exact_match, squad, squad_v2 (repeatable).")],
-    predictions: Annotated[str, typer.Option("--predictions", "-p", help="One prediction per "
-                           "line (squad: JSON id -> answer).")],
-    references: Annotated[list[str], typer.Option("--references", "-r", help="One reference "
-                          "per line, aligned; repeat for several references (squad: the data "
-                          "file).")],
+    predictions: Annotated[str | None, typer.Option("--predictions", "-p", help="One "
+                           "prediction per line (squad: JSON id -> answer).")] = None,
+    references: Annotated[list[str] | None, typer.Option("--references", "-r", help="One "
+                          "reference per line, aligned; repeat for several references (squad: "
+                          "the data file).")] = None,
+    model: Annotated[str | None, typer.Option(help="Score a model instead: a run directory (or "
+                     "a checkpoint with --task) on --data.")] = None,
+    data: Annotated[str | None, typer.Option(help="Labelled rows for --model: file or Hub id.")
+                    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task of a --model that is not a run "
+                    "directory.")] = None,
+    split: Annotated[str, typer.Option(help="Hub split of --data.")] = "validation",
+    text_column: Annotated[str | None, typer.Option(help="--model: text column, if not the "
+                           "run's.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="--model: label column.")] = None,
     tokenize: Annotated[str | None, typer.Option(help="BLEU tokenizer (sacrebleu's: 13a, intl, "
                         "char, zh, none, ...).")] = None,
     lowercase: Annotated[bool, typer.Option("--lowercase", "-lc", help="Case-insensitive "
@@ -319,7 +333,11 @@ def eval_files(
                                   "TER ignores case by default).")] = False,
     confidence: Annotated[bool, typer.Option("--confidence", help="95% bootstrap interval for "
                           "BLEU/chrF/TER (sacrebleu's, seeded by SACREBLEU_SEED).")] = False,
-    bootstrap_samples: Annotated[int, typer.Option(help="Resamples for --confidence.")] = 1000,
+    bootstrap_samples: Annotated[int, typer.Option(help="Resamples for --confidence and "
+                                 "--baseline.")] = 1000,
+    baseline: Annotated[str | None, typer.Option(help="A baseline system's predictions: paired "
+                        "bootstrap p-value of the difference (as sacrebleu --paired-bs).")
+                        ] = None,
     average: Annotated[str, typer.Option(help="F1 average: macro, micro or binary.")] = "macro",
     positive: Annotated[str, typer.Option(help="Positive label for binary F1.")] = "1",
     width: Annotated[int, typer.Option("--width", "-w", help="Decimals printed (sacrebleu's "
@@ -332,15 +350,22 @@ def eval_files(
     import json
     from dataclasses import asdict
 
-    from llmkit.evaluate import score_files
+    from llmkit.evaluate import score_files, score_model
 
     options = {"tokenize": tokenize, "lowercase": lowercase, "chrf_word_order": chrf_word_order,
                "chrf_lowercase": chrf_lowercase, "ter_case_sensitive": ter_case_sensitive,
                "average": average, "positive": positive, "confidence": confidence,
-               "bootstrap_samples": bootstrap_samples}
-    scores = score_files(metric, predictions, references, options)
-    payload = {"predictions": predictions, "references": references,
-               "scores": [asdict(s) for s in scores]}
+               "bootstrap_samples": bootstrap_samples, "baseline": baseline}
+    if model is not None:
+        scores = score_model(metric, model, data, task, split,
+                             {"text_column": text_column, "label_column": label_column})
+        payload: dict[str, Any] = {"model": model, "data": data}
+    elif predictions is None or not references:
+        raise LlmkitError("give --predictions and --references, or --model and --data")
+    else:
+        scores = score_files(metric, predictions, references, options)
+        payload = {"predictions": predictions, "references": references}
+    payload["scores"] = [asdict(s) for s in scores]
     if output:
         output.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n",
                           encoding="utf-8")
@@ -354,6 +379,9 @@ def eval_files(
     table.columns[2].overflow = "fold"
     for score in scores:
         value = f"{score.value:.{width}f}"
+        if "p_value" in score.details:
+            value += (f" (baseline {score.details['baseline']:.{width}f}, "
+                      f"p = {score.details['p_value']:.4f})")
         if "confidence_interval" in score.details:
             value += (f" (μ = {score.details['confidence_mean']:.{width}f} ± "
                       f"{score.details['confidence_interval']:.{width}f})")

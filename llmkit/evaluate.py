@@ -4,8 +4,9 @@ official SQuAD scripts), offline."""
 from __future__ import annotations
 
 import json
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +57,26 @@ def read_lines(path: str, option: str) -> list[str]:
     return [line.rstrip() for line in lines]
 
 
-def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]],
-                    options: dict[str, Any]) -> Score:
+def sacrebleu_metric(name: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A sacrebleu metric object with the CLI's options, and those options."""
     from sacrebleu.metrics import BLEU, CHRF, TER
 
     if name == "bleu":
         kwargs = {"lowercase": options.get("lowercase", False),
                   "tokenize": options.get("tokenize")}
-        scorer: Any = BLEU(**kwargs)
-    elif name == "chrf":
+        return BLEU(**kwargs), kwargs
+    if name == "chrf":
         kwargs = {"word_order": options.get("chrf_word_order", 0),
                   "lowercase": options.get("chrf_lowercase", False)}
-        scorer = CHRF(**kwargs)
-    else:  # sacrebleu's TER ignores case unless asked
-        kwargs = {"case_sensitive": options.get("ter_case_sensitive", False)}
-        scorer = TER(**kwargs)
+        return CHRF(**kwargs), kwargs
+    # sacrebleu's TER ignores case unless asked
+    kwargs = {"case_sensitive": options.get("ter_case_sensitive", False)}
+    return TER(**kwargs), kwargs
+
+
+def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]],
+                    options: dict[str, Any]) -> Score:
+    scorer, kwargs = sacrebleu_metric(name, options)
     samples = options.get("bootstrap_samples", 0) if options.get("confidence") else 0
     # sacrebleu's own bootstrap: seeded by SACREBLEU_SEED (default 12345), so repeatable
     result = scorer.corpus_score(hypotheses, references, n_bootstrap=max(samples, 1))
@@ -159,11 +165,72 @@ def squad_score(name: str, predictions_path: str, references_path: str) -> Score
     return Score(name, result["f1"], signature, result)
 
 
+def paired_bootstrap(name: str, system: list[str], baseline: list[str],
+                     references: list[list[str]], options: dict[str, Any]) -> dict[str, float]:
+    """Paired bootstrap resampling against a baseline system, as `sacrebleu --paired-bs` (and
+    Moses) do it; the same resamples and p-value rule for the label metrics."""
+    import numpy as np
+    from sacrebleu.significance import PairedTest, _compute_p_value
+
+    samples = options.get("bootstrap_samples", 1000)
+    if name in SACREBLEU:
+        metric, _ = sacrebleu_metric(name, options)
+        _, scores = PairedTest([("baseline", baseline), ("system", system)], {name: metric},
+                               references, test_type="bs", n_samples=samples)()
+        base, result = next(v for k, v in scores.items() if k != "System")
+        assert not isinstance(base, str) and not isinstance(result, str)
+        return {"baseline": base.score, "p_value": float(result.p_value or 0.0),
+                "bootstrap_samples": samples}
+    refs = references[0]
+
+    def value(hyps: list[str], rows: Any = None) -> float:
+        picked = range(len(refs)) if rows is None else rows
+        return label_score(name, [hyps[i] for i in picked], [refs[i] for i in picked],
+                           options).value
+
+    seed = os.environ.get("SACREBLEU_SEED", "12345")
+    rng = np.random.default_rng(None if seed.lower() == "none" else int(seed))
+    rows = rng.choice(len(refs), size=(samples, len(refs)), replace=True)
+    diffs = np.array([abs(value(system, r) - value(baseline, r)) for r in rows])
+    p_value = _compute_p_value(diffs - diffs.mean(), abs(value(system) - value(baseline)))
+    return {"baseline": value(baseline), "p_value": float(p_value), "bootstrap_samples": samples}
+
+
 def check_metrics(names: list[str]) -> None:
+    """Built-in names pass; others need the `evaluate` library and its metric code, which comes
+    from the Hub (or its cache)."""
+    import importlib.util
+
+    from llmkit.hub import hub_offline
+
     unknown = [n for n in names if n not in BUILTIN]
-    if unknown:
-        raise LlmkitError(f"unknown metric {', '.join(map(repr, unknown))}; the metrics are "
-                          f"{', '.join(BUILTIN)}")
+    if not unknown:
+        return
+    listed = f"the built-in metrics are {', '.join(BUILTIN)}"
+    if importlib.util.find_spec("evaluate") is None:
+        raise LlmkitError(f"unknown metric {', '.join(map(repr, unknown))}; {listed} (other "
+                          "names are looked up with the evaluate library: pip install evaluate)")
+    if hub_offline() and not all(catalogue_cached(n) for n in unknown):
+        raise LlmkitError(f"metric {', '.join(map(repr, unknown))} is not built in, and the "
+                          "evaluate library fetches its code from the Hugging Face Hub, which "
+                          f"this machine cannot reach (nor is it cached); {listed}")
+
+
+def catalogue_cached(name: str) -> bool:
+    from huggingface_hub.constants import HF_HOME
+
+    folder = Path(os.environ.get("HF_MODULES_CACHE", Path(HF_HOME) / "modules"))
+    return any((folder / "evaluate_modules" / "metrics").glob(f"*--{name}"))
+
+
+def catalogue_scores(name: str, predictions: list[str], references: list[str]) -> list[Score]:
+    """A metric from the evaluate library's catalogue; numbers as it returns them."""
+    import evaluate
+
+    module = evaluate.load(name)
+    result = module.compute(predictions=predictions, references=references)
+    return [Score(key, float(value), f"evaluate {name}") for key, value in result.items()
+            if isinstance(value, (int, float))]
 
 
 def score_files(names: list[str], predictions: str, references: list[str],
@@ -183,11 +250,41 @@ def score_files(names: list[str], predictions: str, references: list[str],
         if len(lines) != len(hypotheses):
             raise LlmkitError(f"--predictions {predictions} has {len(hypotheses)} lines but "
                               f"--references {path} has {len(lines)}; they must align line by line")
+    baseline = None
+    if options.get("baseline"):
+        baseline = read_lines(options["baseline"], "--baseline")
+        if len(baseline) != len(hypotheses):
+            raise LlmkitError(f"--baseline {options['baseline']} has {len(baseline)} lines but "
+                              f"--predictions has {len(hypotheses)}")
     for name in line_metrics:
-        if name in SACREBLEU:
+        if baseline is not None and name != "rouge":
+            score = (sacrebleu_score(name, hypotheses, refs, options) if name in SACREBLEU
+                     else label_score(name, hypotheses, refs[0], options))
+            scores.append(replace(score, details=score.details | paired_bootstrap(
+                name, hypotheses, baseline, refs, options)))
+        elif name in SACREBLEU:
             scores.append(sacrebleu_score(name, hypotheses, refs, options))
         elif name == "rouge":
             scores.extend(rouge_scores(hypotheses, refs[0]))
+        elif name not in BUILTIN:
+            scores.extend(catalogue_scores(name, hypotheses, refs[0]))
         else:
             scores.append(label_score(name, hypotheses, refs[0], options))
     return scores
+
+
+def score_model(names: list[str], model: str, data: str | None, task: str | None, split: str,
+                columns: dict[str, Any]) -> list[Score]:
+    """Predict with a model on labelled rows, then report the requested metrics of its task."""
+    from llmkit.predict import run_config, score
+
+    if data is None:
+        raise LlmkitError("--model needs --data: the labelled rows to score it on")
+    result = score(model, data, task, split, columns=columns)
+    missing = [n for n in names if n not in result]
+    if missing:
+        name = task or getattr(run_config(model), "task", "this")
+        raise LlmkitError(f"metric {', '.join(map(repr, missing))} does not fit a {name} model; "
+                          f"its metrics are {', '.join(k for k in result if k != 'eval_samples')}")
+    settings = {"data": data, "eval_samples": result["eval_samples"]}
+    return [Score(n, float(result[n]), "llmkit", {}, settings) for n in names]

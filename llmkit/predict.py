@@ -11,7 +11,7 @@ from llmkit.config import DataConfig, RunConfig, load_config
 from llmkit.data import by_length, check_columns, load_split
 from llmkit.errors import LlmkitError
 from llmkit.report import quiet_libraries
-from llmkit.tasks import get_task, load_model
+from llmkit.tasks import Task, get_task, load_model
 
 
 def run_config(model: str) -> RunConfig | None:
@@ -25,23 +25,24 @@ def run_config(model: str) -> RunConfig | None:
     return load_config(str(task), recipe=str(saved))
 
 
-def predict(model: str, input: str, output: str | None = None, task: str | None = None,
-            batch_size: int = 64, columns: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Predict every row of `input` (a file or Hub dataset); rows come back in input order."""
-    import torch
-    from torch.utils.data import DataLoader
-
+def prepare(model: str, task: str | None, columns: dict[str, Any] | None
+            ) -> tuple[Task, DataConfig, Any, Any]:
+    """Task, column settings (the run's, then the caller's), model and tokenizer."""
     quiet_libraries()
     saved = run_config(model)
     data = replace(saved.data if saved else DataConfig(),
                    **{k: v for k, v in (columns or {}).items() if v is not None})
     spec = get_task(task or (saved.task if saved else "classify"))
     net, tokenizer = load_model(spec, model)
-    rows = load_split(input, "train", None, "--input")
-    check_columns(rows, spec.columns(data, False), "--input")
-    rows = rows.select_columns(spec.columns(data, False))  # labels, if any, are not needed
-    features = spec.featurize(rows, tokenizer, net.config, data)
-    features = features.remove_columns([c for c in ("labels",) if c in features.column_names])
+    return spec, data, net, tokenizer
+
+
+def outputs(spec: Task, net: Any, tokenizer: Any, features: Any, batch_size: int
+            ) -> tuple[dict[str, Any], list[int]]:
+    """The task's per-example outputs over `features`, batched longest first; and that order."""
+    import torch
+    from torch.utils.data import DataLoader
+
     order = by_length(features)
     loader = DataLoader(features.select(order), batch_size=batch_size,
                         collate_fn=spec.collator(tokenizer))
@@ -50,10 +51,22 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     gathered: dict[str, list[Any]] = {}
     with torch.inference_mode():
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             for key, value in spec.eval_outputs(net(**batch), batch).items():
                 gathered.setdefault(key, []).append(value.cpu())
-    records = spec.present({k: torch.cat(v).numpy() for k, v in gathered.items()}, net.config)
+    return {k: torch.cat(v).numpy() for k, v in gathered.items()}, order
+
+
+def predict(model: str, input: str, output: str | None = None, task: str | None = None,
+            batch_size: int = 64, columns: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Predict every row of `input` (a file or Hub dataset); rows come back in input order."""
+    spec, data, net, tokenizer = prepare(model, task, columns)
+    rows = load_split(input, "train", None, "--input")
+    check_columns(rows, spec.columns(data, False), "--input")
+    rows = rows.select_columns(spec.columns(data, False))  # labels, if any, are not needed
+    features = spec.featurize(rows, tokenizer, net.config, data)
+    arrays, order = outputs(spec, net, tokenizer, features, batch_size)
+    records = spec.present(arrays, net.config)
     inputs = {c: rows[c] for c in spec.columns(data, False)}
     results: list[dict[str, Any]] = [{}] * len(records)
     for position, row in zip(order, records, strict=True):
@@ -61,6 +74,18 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     if output:
         write_jsonl(results, Path(output))
     return results
+
+
+def score(model: str, data_spec: str, task: str | None = None, split: str = "validation",
+          batch_size: int = 64, columns: dict[str, Any] | None = None) -> dict[str, float]:
+    """The task's metrics for a model on labelled rows (a file or a Hub split)."""
+    spec, data, net, tokenizer = prepare(model, task, columns)
+    rows = load_split(data_spec, split, data.dataset_config, "--data", data.sample_by)
+    check_columns(rows, spec.columns(data, True), "--data")
+    features = spec.featurize(rows, tokenizer, net.config, data)
+    arrays, _ = outputs(spec, net, tokenizer, features, batch_size)
+    return {"eval_loss": float(arrays["loss_sum"].sum() / arrays["loss_count"].sum()),
+            "eval_samples": len(arrays["loss_sum"]), **spec.score(arrays, net.config)}
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:

@@ -192,6 +192,10 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
     evals_before = len(state.history)
     model.train()
     for epoch in range(state.epoch, tc.epochs):
+        # Accelerate's loader resets the sampler's epoch from its own pass counter on every
+        # pass, which a resumed run has not counted: set both. (Across processes the sampler
+        # sits inside a shard that does not forward the epoch.)
+        parts.train_loader.set_epoch(epoch)
         parts.batches.set_epoch(epoch)
         skip = state.step_in_epoch * tc.gradient_accumulation_steps
         loader = acc.skip_first_batches(parts.train_loader, skip) if skip else parts.train_loader

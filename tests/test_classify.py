@@ -173,3 +173,16 @@ def test_eval_steps_and_early_stopping(tiny_bert: Path, toy: dict[str, Path], tm
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["step"] for r in metrics["history"]] == [4, 8, 12]
     assert metrics["final"]["step"] == 4 and metrics["metric_for_best"] == "eval_loss"
+
+
+def test_eval_model_mode_reproduces_the_run_metrics(run: Path, toy: dict[str, Path]) -> None:
+    from llmkit.evaluate import score_model
+
+    metrics = json.loads((run / "metrics.json").read_text())["final"]
+    accuracy, f1 = score_model(["accuracy", "macro_f1"], str(run), str(toy["validation"]), None,
+                               "validation", {})
+    assert accuracy.value == metrics["accuracy"] and f1.value == metrics["macro_f1"]
+    assert accuracy.settings["eval_samples"] == 30
+    with pytest.raises(LlmkitError, match="'perplexity' does not fit a classify model; its "
+                                          "metrics are eval_loss, accuracy"):
+        score_model(["perplexity"], str(run), str(toy["validation"]), None, "validation", {})

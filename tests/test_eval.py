@@ -103,6 +103,41 @@ def test_bootstrap_confidence_equals_sacrebleu_and_repeats(system: dict[str, Pat
         assert mean - half <= score.value <= mean + half
 
 
+def test_paired_bootstrap_equals_sacrebleu_paired_bs(system: dict[str, Path]) -> None:
+    import re
+
+    options = {"baseline": str(system["ref2"]), "bootstrap_samples": 200}
+    bleu, chrf = score_files(["bleu", "chrf"], str(system["hyp"]), [str(system["ref"])], options)
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", str(system["ref"]), "-i",
+                          str(system["ref2"]), str(system["hyp"]), "-m", "bleu", "chrf",
+                          "--paired-bs", "--paired-bs-n", "200", "-w", "4", "-f", "text"],
+                         capture_output=True, text=True, check=True).stdout
+    p_values = [float(p) for p in re.findall(r"p = ([0-9.]+)", out)]
+    assert [round(bleu.details["p_value"], 4), round(chrf.details["p_value"], 4)] == p_values
+    assert f"{bleu.details['baseline']:.4f}" in out and f"{bleu.value:.4f}" in out
+
+
+def test_paired_bootstrap_for_labels_is_seeded(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(0)
+    gold = [rng.choice("ab") for _ in range(300)]
+    good = [g if rng.random() < 0.9 else "b" for g in gold]
+    weak = [g if rng.random() < 0.6 else "a" for g in gold]
+    close = [("a" if g == "b" else "b") if i == 0 else g for i, g in enumerate(good)]
+    for name, lines in (("gold", gold), ("good", good), ("weak", weak), ("close", close)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    options = {"baseline": str(tmp_path / "weak.txt"), "bootstrap_samples": 300}
+    args = (["accuracy"], str(tmp_path / "good.txt"), [str(tmp_path / "gold.txt")], options)
+    [first], [again] = score_files(*args), score_files(*args)
+    assert first.details == again.details
+    assert first.details["p_value"] < 0.01  # 90% vs 60% accurate on 300 rows
+    near = {**options, "baseline": str(tmp_path / "close.txt")}  # one row differs
+    [tie] = score_files(["accuracy"], str(tmp_path / "good.txt"), [str(tmp_path / "gold.txt")],
+                        near)
+    assert tie.details["p_value"] > 0.05
+
+
 def test_bible_copy_baseline_equals_sacrebleu(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in
             needs_shared("bible-en-es", "old-testament.jsonl").read_text().splitlines()[:3000]]
@@ -196,7 +231,7 @@ def test_bad_input(tmp_path: Path) -> None:
     a, b = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
     with pytest.raises(LlmkitError, match="has 2 lines but --references .* has 1"):
         score_files(["bleu"], a, [b])
-    with pytest.raises(LlmkitError, match="unknown metric 'blue'; the metrics are bleu, chrf"):
+    with pytest.raises(LlmkitError, match="metric 'blue'.*the built-in metrics are bleu, chrf"):
         score_files(["blue"], a, [a])
     with pytest.raises(LlmkitError, match="is empty"):
         score_files(["bleu"], str(tmp_path / "e.txt"), [a])
@@ -216,3 +251,19 @@ def test_cli_eval_json_and_output(system: dict[str, Path], tmp_path: Path) -> No
     table = runner.invoke(app, ["eval", "-m", "bleu", "-p", str(system["hyp"]), "-r",
                                 str(system["ref"])])
     assert f"{payload['scores'][0]['value']:.1f}" in table.output
+
+
+def test_catalogue_metric_offline_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    import importlib.util
+
+    from llmkit import hub
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "evaluate" else real(name, *a))
+    monkeypatch.setattr(hub, "hub_offline", lambda: True)
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path))
+    (tmp_path / "p.txt").write_text("x\n")
+    with pytest.raises(LlmkitError, match="'meteor' is not built in.*cannot reach"):
+        score_files(["meteor"], str(tmp_path / "p.txt"), [str(tmp_path / "p.txt")])

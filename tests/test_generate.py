@@ -236,3 +236,58 @@ def test_two_process_language_model_run(tiny_gpt2: Path, corpus: dict[str, Path]
     assert m2["final"]["eval_tokens"] == m1["final"]["eval_tokens"]
     assert m2["final"]["step"] == m1["final"]["step"]
     assert m2["final"]["perplexity"] == pytest.approx(m1["final"]["perplexity"], rel=1e-3)
+
+
+def test_chat_template(tiny_gpt2: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from llmkit.generate import chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    with pytest.raises(LlmkitError, match="no chat template"):
+        chat(tokenizer, "hi")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert chat(tokenizer, "hi") == "<user>hi<assistant>"
+
+
+def test_language_model_resumes_to_the_same_weights(tiny_gpt2: Path, corpus: dict[str, Path],
+                                                    tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2 ties lm_head to the embeddings: checkpoints store the tensor once; resuming and
+    keeping the best checkpoint must still restore both."""
+    from safetensors.torch import load_file
+
+    from llmkit import checkpoint
+
+    def cfg(name: str):
+        base = lm_config(tiny_gpt2, corpus, tmp_path / name)
+        return replace(base, train=replace(base.train, save_steps=4, epochs=2))
+
+    steady = finetune(cfg("steady"))
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(accelerator, out, state):
+        path = save(accelerator, out, state)
+        if state.global_step == 8:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg("cut"))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    finetune(cfg("cut"), resume=True)
+    a, b = (load_file(d / "model.safetensors") for d in (steady, tmp_path / "cut"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_eval_perplexity_of_a_run(lm_run: Path, corpus: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["eval", "-m", "perplexity", "-m", "eval_tokens", "--model",
+                                 str(lm_run), "--data", str(corpus["validation"]), "--json"])
+    assert result.exit_code == 0, result.output
+    scores = {s["metric"]: s["value"] for s in json.loads(result.output)["scores"]}
+    final = json.loads((lm_run / "metrics.json").read_text())["final"]
+    assert scores["perplexity"] == pytest.approx(final["perplexity"], rel=1e-5)
+    assert scores["eval_tokens"] == final["eval_tokens"]

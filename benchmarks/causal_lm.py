@@ -1,0 +1,186 @@
+"""A small GPT-2 on tinyshakespeare: llmkit vs transformers.Trainer (run_clm.py-style grouping),
+then `llmkit generate` batch mode vs a loop over `model.generate`. One session, same settings.
+
+    python benchmarks/causal_lm.py [--epochs 2] [--layers 4] [--width 256] [--block 256]
+
+The last 10% of the lines of ../shared/data/tinyshakespeare/input.txt are the validation text.
+The model is random-initialised from a GPT-2 config, with a byte-level BPE tokenizer trained on
+the training text. Writes benchmarks/out/causal_lm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+OUT = ROOT / "benchmarks" / "out" / "causal_lm"
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """Train/validation files and a random GPT-2 with its own tokenizer, saved to disk."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    lines = DATA.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = int(len(lines) * 0.9)
+    train, valid = OUT / "train.txt", OUT / "valid.txt"
+    train.write_text("".join(lines[:cut]), encoding="utf-8")
+    valid.write_text("".join(lines[cut:]), encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(train)], trainers.BpeTrainer(
+        vocab_size=args.vocab, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=args.block, n_embd=args.width,
+                        n_layer=args.layers, n_head=args.width // 64,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = OUT / "model"
+    GPT2LMHeadModel(config).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    return train, valid, model
+
+
+def run_llmkit(train: Path, valid: Path, model: Path, args: argparse.Namespace) -> dict:
+    from llmkit.config import load_config
+    from llmkit.train import finetune
+
+    cfg = load_config("generate", None, {
+        "model": str(model), "output": str(OUT / "llmkit-run"), "data.train": str(train),
+        "data.validation": str(valid), "data.sample_by": "document",
+        "data.block_size": args.block, "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size, "train.learning_rate": args.lr,
+        "train.warmup_ratio": 0.05, "train.logging_steps": 20})
+    start = time.perf_counter()
+    out = finetune(cfg, overwrite=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"perplexity": metrics["history"][-1]["perplexity"],
+            "eval_tokens": metrics["history"][-1]["eval_tokens"],
+            "train_tokens_per_second": metrics["run"]["train_tokens_per_second"],
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def previous_llmkit() -> dict:
+    metrics = json.loads((OUT / "llmkit-run" / "metrics.json").read_text())
+    return {"perplexity": metrics["history"][-1]["perplexity"],
+            "eval_tokens": metrics["history"][-1]["eval_tokens"],
+            "train_tokens_per_second": metrics["run"]["train_tokens_per_second"],
+            "wall_seconds": float("nan")}
+
+
+def run_trainer(train: Path, valid: Path, model: Path, args: argparse.Namespace) -> dict:
+    """run_clm.py's recipe: text rows by line (line breaks kept), tokenized, concatenated and cut
+    into blocks per 1000-row map batch; Trainer at its defaults otherwise."""
+    import datasets
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    start = time.perf_counter()
+    raw = datasets.load_dataset("text", data_files={"train": str(train), "validation": str(valid)},
+                                keep_linebreaks=True)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokens = raw.map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+
+    def group(batch: dict) -> dict:
+        joined = {k: sum(batch[k], []) for k in batch}
+        total = len(joined["input_ids"]) // args.block * args.block
+        blocks = {k: [v[i:i + args.block] for i in range(0, total, args.block)]
+                  for k, v in joined.items()}
+        blocks["labels"] = blocks["input_ids"].copy()
+        return blocks
+
+    blocks = tokens.map(group, batched=True)
+    training = TrainingArguments(
+        output_dir=str(OUT / "trainer-run"), num_train_epochs=args.epochs,
+        learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, warmup_steps=0.05, seed=42,
+        save_strategy="no", eval_strategy="no", report_to=[], logging_steps=20,
+        disable_tqdm=True)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model), args=training,
+                      train_dataset=blocks["train"], data_collator=default_data_collator)
+    result = trainer.train()
+    loss = trainer.evaluate(blocks["validation"])["eval_loss"]
+    return {"perplexity": math.exp(loss),
+            "eval_tokens": len(blocks["validation"]) * (args.block - 1),
+            "train_tokens_per_second": round(result.metrics["train_samples_per_second"]
+                                             * args.block, 1),
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def bench_generation(model_dir: Path, valid: Path, prompts: int, new_tokens: int) -> dict:
+    """New tokens/s: llmkit's batched generation vs a loop of single `model.generate` calls."""
+    from llmkit.generate import GenerationSettings, generate, load_generator
+
+    model, tokenizer = load_generator(str(model_dir))
+    texts = [line for line in valid.read_text().splitlines() if line.strip()][:prompts]
+    # no early stop, so both make exactly `new_tokens` per prompt
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+    model.generation_config.eos_token_id = None
+    result = {}
+    start = time.perf_counter()
+    records = generate(model, tokenizer, texts, settings, batch_size=prompts)
+    result["llmkit_batch_new_tokens_per_second"] = round(
+        sum(r["new_tokens"] for r in records) / (time.perf_counter() - start), 1)
+    start, made = time.perf_counter(), 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+            made += out.shape[1] - ids["input_ids"].shape[1]
+    result["loop_new_tokens_per_second"] = round(made / (time.perf_counter() - start), 1)
+    result["batch_over_loop"] = round(result["llmkit_batch_new_tokens_per_second"]
+                                      / result["loop_new_tokens_per_second"], 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--skip-llmkit", action="store_true",
+                        help="reuse the last llmkit run's metrics (same settings assumed)")
+    args = parser.parse_args()
+    if not DATA.is_file():
+        raise SystemExit(f"{DATA} is absent: the shared data folder must sit beside the checkout")
+    OUT.mkdir(parents=True, exist_ok=True)
+    train, valid, model = prepare(args)
+    results = {"llmkit": previous_llmkit() if args.skip_llmkit
+               else run_llmkit(train, valid, model, args)}
+    if not args.skip_trainer:
+        results["transformers.Trainer (run_clm grouping)"] = run_trainer(train, valid, model,
+                                                                         args)
+    generation = bench_generation(OUT / "llmkit-run", valid, prompts=16, new_tokens=128)
+    print(f"{'':40}{'perplexity':>12}{'tokens/s':>12}{'wall s':>10}")
+    for name, r in results.items():
+        print(f"{name:40}{r['perplexity']:12.2f}{r['train_tokens_per_second']:12.1f}"
+              f"{r['wall_seconds']:10.1f}")
+    print("generation (16 prompts x 128 new tokens, greedy):", generation)
+    (OUT.parent / "causal_lm.json").write_text(json.dumps(
+        {"args": vars(args), "results": results, "generation": generation,
+         "torch_threads": torch.get_num_threads()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
