@@ -99,7 +99,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_bert: Path, toy: dict[
 
     from llmkit import checkpoint
 
-    steady = finetune(config(tiny_bert, toy, tmp_path / "steady", save_steps=5, epochs=2))
+    steady = finetune(config(tiny_bert, toy, tmp_path / "steady", save_steps=5, epochs=2,
+                               logging_steps=1))
     save = checkpoint.save_checkpoint
 
     def save_then_die(accelerator, out, state):  # the process is killed right after step 7
@@ -110,7 +111,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_bert: Path, toy: dict[
         return path
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    cut = config(tiny_bert, toy, tmp_path / "cut", save_steps=5, epochs=2)
+    cut = config(tiny_bert, toy, tmp_path / "cut", save_steps=5, epochs=2,
+                               logging_steps=1)
     with pytest.raises(Stop):
         finetune(cut)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
@@ -127,6 +129,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_bert: Path, toy: dict[
     history = [json.loads((d / "metrics.json").read_text())["history"]
                for d in (steady, tmp_path / "cut")]
     assert [r["accuracy"] for r in history[0]] == [r["accuracy"] for r in history[1]]
+    # the same batches in the same order, step by step (a resumed epoch must not replay epoch 0)
+    losses = [[json.loads(line)["loss"] for line in (d / "train_log.jsonl").read_text().splitlines()
+               if "learning_rate" in json.loads(line)] for d in (steady, tmp_path / "cut")]
+    assert len(losses[0]) == 24
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_resume_from_a_named_checkpoint(tiny_bert: Path, toy: dict[str, Path], tmp_path: Path
