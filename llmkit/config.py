@@ -16,6 +16,7 @@ from llmkit.errors import ConfigError, LlmkitError
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 SampleBy = Literal["document", "paragraph", "line"]  # how a .txt file splits into rows
+BadAnswers = Literal["fail", "skip"]  # QA answers that do not occur at answer_start
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,16 @@ class DataConfig:
     separate_documents: bool = False
     prompt_column: str | None = None
     completion_column: str | None = None
+    # extractive question answering
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"
+    doc_stride: int = 128
+    version_2: bool | None = None  # unanswerable questions; None = detect from the data
+    n_best: int = 20
+    max_answer_length: int = 30
+    null_threshold: float = 0.0
+    bad_answers: BadAnswers = "fail"
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ class RunConfig:
 REQUIRED = {"task": "the task", "model": "--model", "output": "--output", "data.train": "--train"}
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size",
             "train.gradient_accumulation_steps", "train.logging_steps", "data.max_length",
-            "data.block_size")
+            "data.block_size", "data.doc_stride", "data.n_best", "data.max_answer_length")
 
 
 def _check_value(value: Any, tp: Any) -> bool:

@@ -35,8 +35,38 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def _squad_rows(path: Path) -> Dataset | None:
+    """The official nested SQuAD JSON (data -> paragraphs -> qas) as flat rows, in the Hub
+    layout (id, title, context, question, answers{text, answer_start}); None for other JSON."""
+    import json
+
+    from datasets import Dataset
+
+    if path.suffix.lower() != ".json":
+        return None
+    with path.open(encoding="utf-8") as f:
+        if f.read(1) != "{":
+            return None
+        f.seek(0)
+        data = json.load(f)
+    if not (isinstance(data.get("data"), list) and data["data"]
+            and "paragraphs" in data["data"][0]):
+        return None
+    rows = [{"id": str(qa["id"]), "title": article.get("title", ""),
+             "context": paragraph["context"], "question": qa["question"],
+             "answers": {"text": [a["text"] for a in qa.get("answers", [])],
+                         "answer_start": [a["answer_start"] for a in qa.get("answers", [])]}}
+            for article in data["data"] for paragraph in article["paragraphs"]
+            for qa in paragraph["qas"]]
+    return Dataset.from_list(rows)
+
+
 def _load_file(path: Path, option: str, sample_by: str) -> Dataset:
     import datasets
+
+    squad = _squad_rows(path)
+    if squad is not None:
+        return squad
 
     if path.suffix.lower() not in FORMATS:
         raise LlmkitError(f"{option} {path}: unknown format {path.suffix or '(no extension)'!r}; "

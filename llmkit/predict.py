@@ -66,7 +66,7 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     rows = rows.select_columns(spec.columns(data, False))  # labels, if any, are not needed
     features = spec.featurize(rows, tokenizer, net.config, data)
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)
-    records = spec.present(arrays, net.config)
+    records = spec.present(arrays, features.select(order), data, net.config)
     inputs = {c: rows[c] for c in spec.columns(data, False)}
     results: list[dict[str, Any]] = [{}] * len(records)
     for position, row in zip(order, records, strict=True):
@@ -83,9 +83,10 @@ def score(model: str, data_spec: str, task: str | None = None, split: str = "val
     rows = load_split(data_spec, split, data.dataset_config, "--data", data.sample_by)
     check_columns(rows, spec.columns(data, True), "--data")
     features = spec.featurize(rows, tokenizer, net.config, data)
-    arrays, _ = outputs(spec, net, tokenizer, features, batch_size)
+    arrays, order = outputs(spec, net, tokenizer, features, batch_size)
     return {"eval_loss": float(arrays["loss_sum"].sum() / arrays["loss_count"].sum()),
-            "eval_samples": len(arrays["loss_sum"]), **spec.score(arrays, net.config)}
+            "eval_samples": len(arrays["loss_sum"]),
+            **spec.score(arrays, features.select(order), data, net.config)}
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:

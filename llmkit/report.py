@@ -53,12 +53,15 @@ def format_value(value: Any) -> str:
 
 
 def metrics_table(history: list[dict[str, Any]], title: str) -> Table:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    table = Table(title=title, title_justify="left")
+    """One row per metric, one column per evaluation (the latest six), so many metrics fit."""
+    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k != "step"]
+    shown = history[-6:]
+    table = Table("step", *(str(row["step"]) for row in shown), title=title,
+                  title_justify="left")
+    for column in table.columns[1:]:
+        column.justify = "right"
     for key in keys:
-        table.add_column(key, justify="right", overflow="fold")
-    for row in history:
-        table.add_row(*(format_value(row[k]) if k in row else "" for k in keys))
+        table.add_row(key, *(format_value(row[key]) if key in row else "" for row in shown))
     return table
 
 

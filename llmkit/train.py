@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from llmkit import checkpoint as ckpt
-from llmkit.config import RunConfig, dump_config, flatten, to_dict
+from llmkit.config import DataConfig, RunConfig, dump_config, flatten, to_dict
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.report import Reporter, quiet_libraries
@@ -39,6 +39,8 @@ class Parts:
     scheduler: Any
     train_loader: Any
     eval_loader: Any
+    eval_features: Any  # in the eval loader's order, for tasks that score against them
+    data: DataConfig
     batches: LengthGroupedBatches
     steps_per_epoch: int  # optimizer steps per epoch on each process
 
@@ -63,7 +65,8 @@ def evaluate(parts: Parts) -> dict[str, float]:
     loss_sum = arrays["loss_sum"]
     return {"eval_loss": float(loss_sum.sum() / arrays["loss_count"].sum()),
             "eval_samples": len(loss_sum),
-            **parts.task.score(arrays, acc.unwrap_model(model).config),
+            **parts.task.score(arrays, parts.eval_features, parts.data,
+                               acc.unwrap_model(model).config),
             "eval_seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -87,7 +90,8 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     # so a resumed run replays the same random numbers as an uninterrupted one.
     train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
                               generator=torch.Generator())
-    eval_loader = DataLoader(eval_set.select(by_length(eval_set)), collate_fn=collate,
+    eval_features = eval_set.select(by_length(eval_set))
+    eval_loader = DataLoader(eval_features, collate_fn=collate,
                              batch_size=cfg.train.eval_batch_size, generator=torch.Generator())
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
                                   lr=cfg.train.learning_rate)
@@ -97,7 +101,7 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     scheduler = accelerator.prepare(make_scheduler(cfg, optimizer, steps_per_epoch,
                                                    accelerator.num_processes))
     return Parts(accelerator, task, model, tokenizer, optimizer, scheduler, train_loader,
-                 eval_loader, batches, steps_per_epoch)
+                 eval_loader, eval_features, cfg.data, batches, steps_per_epoch)
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:

@@ -38,16 +38,20 @@ class Task:
     # Model outputs of one batch -> per-example tensors to gather across processes for scoring;
     # labelled batches include `loss_sum` and `loss_count` (the loss is their ratio of sums).
     eval_outputs: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-    score: Callable[[dict[str, np.ndarray], PretrainedConfig], dict[str, float]]
+    # Gathered outputs + the evaluated features (in the same order) -> metrics.
+    score: Callable[[dict[str, np.ndarray], Dataset, DataConfig, PretrainedConfig],
+                    dict[str, Any]]
     # Gathered outputs -> one JSON-able record per row, for `llmkit predict`.
-    present: Callable[[dict[str, np.ndarray], PretrainedConfig], list[dict[str, Any]]]
+    present: Callable[[dict[str, np.ndarray], Dataset, DataConfig, PretrainedConfig],
+                      list[dict[str, Any]]]
 
 
 def _registry() -> dict[str, Task]:
     from llmkit.tasks.causal_lm import GENERATE
     from llmkit.tasks.classify import CLASSIFY
+    from llmkit.tasks.qa import QA
 
-    return {t.name: t for t in (CLASSIFY, GENERATE)}
+    return {t.name: t for t in (CLASSIFY, QA, GENERATE)}
 
 
 def task_names() -> list[str]:

@@ -139,14 +139,16 @@ def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torc
     return {"loss_sum": losses.sum(-1), "loss_count": (labels != IGNORE).sum(-1).float()}
 
 
-def score(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> dict[str, Any]:
+def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+          config: PretrainedConfig) -> dict[str, Any]:
     """Perplexity = exp(token-weighted mean loss over every predicted token)."""
     tokens = float(gathered["loss_count"].sum())
     mean = float(gathered["loss_sum"].sum()) / tokens
     return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": int(tokens)}
 
 
-def present(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> list[dict[str, Any]]:
+def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+            config: PretrainedConfig) -> list[dict[str, Any]]:
     raise LlmkitError("a language model has no labels to predict: use llmkit generate")
 
 

@@ -84,7 +84,8 @@ def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torc
     return gathered
 
 
-def score(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> dict[str, float]:
+def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+          config: PretrainedConfig) -> dict[str, Any]:
     predictions = gathered["logits"].argmax(-1).tolist()
     references = gathered["labels"].tolist()
     result = {"accuracy": metrics.accuracy(predictions, references),
@@ -94,7 +95,8 @@ def score(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> dict[str
     return result
 
 
-def present(gathered: dict[str, np.ndarray], config: PretrainedConfig) -> list[dict[str, Any]]:
+def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+            config: PretrainedConfig) -> list[dict[str, Any]]:
     import torch
 
     probs = torch.from_numpy(gathered["logits"]).softmax(-1)

@@ -1,0 +1,208 @@
+"""Extractive question answering (SQuAD 1.1 and 2.0): overlapping windows over long contexts,
+answer spans from the fast tokenizer's offsets, best span across windows, official metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from llmkit import metrics
+from llmkit.errors import LlmkitError
+from llmkit.tasks import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from llmkit.config import DataConfig
+
+log = logging.getLogger("llmkit")
+CANDIDATES = 20  # start and end candidates kept per window (the most --n-best can use)
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions",
+              "end_positions")
+
+
+def columns(cfg: DataConfig, labelled: bool) -> list[str]:
+    return [cfg.question_column, cfg.context_column] + ([cfg.answers_column] if labelled else [])
+
+
+def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
+    return {}
+
+
+def check_answers(rows: Dataset, cfg: DataConfig) -> Dataset:
+    """Answers must occur at their answer_start; v2 data (empty answers) needs version_2."""
+    a = cfg.answers_column
+    no_context = sum(1 for c in rows[cfg.context_column] if not (c and c.strip()))
+    if no_context:
+        raise LlmkitError(f"{no_context} questions have an empty {cfg.context_column!r}")
+    wrong = [i for i, (context, answers) in enumerate(zip(rows[cfg.context_column], rows[a],
+                                                          strict=True))
+             if any(context[s:s + len(t)] != t for t, s in zip(answers["text"],
+                                                               answers["answer_start"],
+                                                               strict=True))]
+    if wrong and cfg.bad_answers == "fail":
+        raise LlmkitError(f"{len(wrong)} of {len(rows)} examples have answer text that does not "
+                          f"occur at answer_start in the context (first: row {wrong[0]}); fix "
+                          "the data or pass -s data.bad_answers=skip to leave them out")
+    if wrong:
+        log.warning("leaving out %d of %d examples whose answer text is not at answer_start",
+                    len(wrong), len(rows))
+        rows = rows.select(sorted(set(range(len(rows))) - set(wrong)))
+    unanswerable = sum(1 for answers in rows[a] if not answers["text"])
+    if unanswerable and cfg.version_2 is False:
+        raise LlmkitError(f"{unanswerable} questions have no answer (SQuAD 2.0 data) but "
+                          "data.version_2 is false")
+    return rows
+
+
+def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
+              cfg: DataConfig) -> Dataset:
+    """Windows of question + context. Labelled rows get start/end positions (the CLS token
+    when the answer is not inside the window) and keep what scoring needs."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise LlmkitError("question answering needs a fast tokenizer (its offsets locate the "
+                          "answers); this checkpoint only has a slow one")
+    if cfg.doc_stride >= cfg.max_length:
+        raise LlmkitError(f"data.doc_stride ({cfg.doc_stride}) must be smaller than "
+                          f"data.max_length ({cfg.max_length})")
+    if cfg.n_best > CANDIDATES:
+        raise LlmkitError(f"data.n_best is at most {CANDIDATES}, got {cfg.n_best}")
+    labelled = cfg.answers_column in rows.column_names
+    if labelled:
+        rows = check_answers(rows, cfg)
+    pad_right = tokenizer.padding_side == "right"
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        questions = [q.lstrip() for q in batch[cfg.question_column]]
+        enc = tokenizer(questions if pad_right else batch[cfg.context_column],
+                        batch[cfg.context_column] if pad_right else questions,
+                        truncation="only_second" if pad_right else "only_first",
+                        max_length=cfg.max_length, stride=cfg.doc_stride,
+                        return_overflowing_tokens=True, return_offsets_mapping=True)
+        source = enc.pop("overflow_to_sample_mapping")
+        context_side = 1 if pad_right else 0
+        starts, ends, offsets = [], [], []
+        for w, row in enumerate(source):
+            sequence = enc.sequence_ids(w)
+            offsets.append([o if sequence[k] == context_side else (-1, -1)
+                            for k, o in enumerate(enc["offset_mapping"][w])])
+            if labelled:
+                s, e = locate(batch[cfg.answers_column][row], offsets[-1])
+                starts.append(s)
+                ends.append(e)
+        features = {k: v for k, v in enc.items() if k != "offset_mapping"}
+        features["offsets"] = offsets
+        features["example_id"] = [str(batch["id"][r]) if "id" in batch else str(r)
+                                  for r in source]
+        features["context"] = [batch[cfg.context_column][r] for r in source]
+        if labelled:
+            features |= {"start_positions": starts, "end_positions": ends,
+                         "gold": [batch[cfg.answers_column][r]["text"] for r in source]}
+        return features
+
+    if "id" not in rows.column_names:
+        rows = rows.add_column("id", [str(i) for i in range(len(rows))])
+    return rows.map(encode, batched=True, remove_columns=rows.column_names,
+                    desc="tokenizing")
+
+
+def locate(answers: dict[str, list[Any]], offsets: list[Any]) -> tuple[int, int]:
+    """Token start/end of the first answer inside this window; (0, 0), the CLS token, when
+    there is no answer or it is not wholly inside."""
+    if not answers["text"]:
+        return 0, 0
+    first = answers["answer_start"][0]
+    last = first + len(answers["text"][0])
+    inside = [k for k, (a, b) in enumerate(offsets) if a >= 0 and b > a]
+    if not inside or offsets[inside[0]][0] > first or offsets[inside[-1]][1] < last:
+        return 0, 0
+    start = next(k for k in inside if offsets[k][1] > first)
+    end = next(k for k in reversed(inside) if offsets[k][0] < last)
+    return start, end
+
+
+def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
+    from transformers import DataCollatorWithPadding
+
+    pad = DataCollatorWithPadding(tokenizer)
+    return lambda features: pad([{k: f[k] for k in MODEL_KEYS if k in f} for f in features])
+
+
+def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Top start and end candidates per window (fixed width, so batches of any length gather),
+    the null score, and the loss when positions are given."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = batch["attention_mask"].bool()
+    start = outputs.start_logits.float().masked_fill(~mask, -1e4)
+    end = outputs.end_logits.float().masked_fill(~mask, -1e4)
+    k = min(CANDIDATES, start.shape[1])
+    width = CANDIDATES - k
+    gathered = {}
+    for name, logits in (("start", start), ("end", end)):
+        values, index = logits.topk(k, dim=-1)
+        gathered[f"{name}_values"] = F.pad(values, (0, width), value=-1e4)
+        gathered[f"{name}_index"] = F.pad(index, (0, width), value=0)
+    gathered["null"] = start[:, 0] + end[:, 0]
+    if "start_positions" in batch:
+        loss = (F.cross_entropy(start, batch["start_positions"], reduction="none")
+                + F.cross_entropy(end, batch["end_positions"], reduction="none")) / 2
+        gathered |= {"loss_sum": loss, "loss_count": torch.ones_like(loss)}
+    return gathered
+
+
+def answers(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+            version_2: bool) -> dict[str, str]:
+    """Example id -> answer text: the best valid span across all its windows; for SQuAD 2.0
+    the empty answer when the best null score beats it by more than data.null_threshold."""
+    best: dict[str, tuple[float, str]] = {}
+    null: dict[str, float] = {}
+    for w, (example, context, offsets) in enumerate(zip(
+            features["example_id"], features["context"], features["offsets"], strict=True)):
+        null[example] = min(null.get(example, float("inf")), float(gathered["null"][w]))
+        best.setdefault(example, (-float("inf"), ""))
+        for i in range(cfg.n_best):
+            s, s_val = int(gathered["start_index"][w][i]), float(gathered["start_values"][w][i])
+            for j in range(cfg.n_best):
+                e, e_val = int(gathered["end_index"][w][j]), float(gathered["end_values"][w][j])
+                if (s >= len(offsets) or e >= len(offsets) or offsets[s][0] < 0
+                        or offsets[e][0] < 0 or e < s or e - s + 1 > cfg.max_answer_length):
+                    continue
+                if s_val + e_val > best[example][0]:
+                    best[example] = (s_val + e_val, context[offsets[s][0]:offsets[e][1]])
+    return {example: "" if version_2 and null[example] - score > cfg.null_threshold else text
+            for example, (score, text) in best.items()}
+
+
+def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+          config: PretrainedConfig) -> dict[str, Any]:
+    golds = dict(zip(features["example_id"], features["gold"], strict=True))
+    version_2 = cfg.version_2 if cfg.version_2 is not None else any(not g for g in
+                                                                   golds.values())
+    predicted = answers(gathered, features, cfg, version_2)
+    return metrics.squad(predicted, golds, version_2)
+
+
+def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+            config: PretrainedConfig) -> list[dict[str, Any]]:
+    predicted = answers(gathered, features, cfg, bool(cfg.version_2))
+    return [{"id": example, "answer": text} for example, text in predicted.items()]
+
+
+QA = Task(
+    name="qa",
+    summary="extractive question answering (SQuAD 1.1 and 2.0) with an encoder",
+    auto_model="AutoModelForQuestionAnswering",
+    default_metric="f1",
+    columns=columns,
+    model_kwargs=model_kwargs,
+    featurize=featurize,
+    collator=collator,
+    eval_outputs=eval_outputs,
+    score=score,
+    present=present,
+)

@@ -1,0 +1,142 @@
+"""Extractive QA: windows and offsets, answer checks, post-processing, a smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from llmkit.config import DataConfig, load_config
+from llmkit.errors import LlmkitError
+from llmkit.tasks.qa import CANDIDATES, answers, featurize
+from llmkit.train import finetune
+
+FILLER = "the quick brown fox jumps over the lazy dog . "
+CONTEXT = FILLER * 6 + "paris is the capital of france . " + FILLER * 6 + "great good"
+
+
+def squad_rows(context: str = CONTEXT, answer: str = "paris", question: str = "what is the "
+               "capital of france ?") -> Dataset:
+    start = context.index(answer)
+    return Dataset.from_list([{"id": "q1", "question": question, "context": context,
+                               "answers": {"text": [answer], "answer_start": [start]}}])
+
+
+def tokenizer_of(model: Path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
+
+
+@pytest.mark.parametrize("answer", ["paris", "great good", "the quick"])
+def test_long_contexts_become_windows_that_keep_the_span(tiny_bert: Path, answer: str) -> None:
+    tokenizer, config = tokenizer_of(tiny_bert)
+    cfg = DataConfig(max_length=48, doc_stride=16)
+    features = featurize(squad_rows(answer=answer), tokenizer, config, cfg)
+    assert len(features) > 2  # the context is far longer than one window
+    found = 0
+    for f in features:
+        s, e = f["start_positions"], f["end_positions"]
+        if s == 0:
+            assert e == 0
+            continue
+        found += 1
+        assert f["context"][f["offsets"][s][0]:f["offsets"][e][1]] == answer
+    assert found >= 1
+    assert all(len(f["input_ids"]) <= 48 for f in features)
+
+
+def test_answers_not_at_answer_start(tiny_bert: Path) -> None:
+    tokenizer, config = tokenizer_of(tiny_bert)
+    rows = Dataset.from_list([
+        {"id": "a", "question": "q ?", "context": "paris is big",
+         "answers": {"text": ["paris"], "answer_start": [0]}},
+        {"id": "b", "question": "q ?", "context": "paris is big",
+         "answers": {"text": ["london"], "answer_start": [0]}}])
+    with pytest.raises(LlmkitError, match="1 of 2 examples have answer text that does not occur"):
+        featurize(rows, tokenizer, config, DataConfig())
+    kept = featurize(rows, tokenizer, config, DataConfig(bad_answers="skip"))
+    assert set(kept["example_id"]) == {"a"}
+    empty = Dataset.from_list([{"id": "c", "question": "q ?", "context": "paris",
+                                "answers": {"text": [], "answer_start": []}}])
+    with pytest.raises(LlmkitError, match="no answer .* data.version_2 is false"):
+        featurize(empty, tokenizer, config, DataConfig(version_2=False))
+
+
+def window_outputs(starts: list[list[tuple[int, float]]], ends: list[list[tuple[int, float]]],
+                   null: list[float]) -> dict[str, np.ndarray]:
+    def pad(pairs: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
+        pairs = pairs + [(0, -1e4)] * (CANDIDATES - len(pairs))
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    s, e = [pad(p) for p in starts], [pad(p) for p in ends]
+    return {"start_index": np.array([x[0] for x in s]), "start_values": np.array([x[1] for x in s]),
+            "end_index": np.array([x[0] for x in e]), "end_values": np.array([x[1] for x in e]),
+            "null": np.array(null)}
+
+
+def test_post_processing_best_span_across_windows_and_null_threshold() -> None:
+    context = "alpha beta gamma delta"
+    offsets = [[-1, -1], [0, 5], [6, 10], [11, 16], [17, 22]]
+    features = Dataset.from_dict({"example_id": ["x", "x"], "context": [context] * 2,
+                                  "offsets": [offsets, offsets]})
+    gathered = window_outputs(
+        starts=[[(1, 2.0), (3, 1.0)], [(2, 5.0), (0, 9.0)]],
+        ends=[[(1, 2.0)], [(4, 4.0), (1, 8.0), (0, 9.0)]],
+        null=[18.0, 12.0])
+    cfg = DataConfig(n_best=3, max_answer_length=30)
+    # window 2: start 2 (beta) + end 4 (delta) = 9 beats window 1's alpha = 4; CLS and end < start
+    # are not answers
+    assert answers(gathered, features, cfg, version_2=False) == {"x": "beta gamma delta"}
+    assert answers(gathered, features, DataConfig(n_best=3, max_answer_length=2), False) == {
+        "x": "alpha"}
+    # v2: the smallest null score (12) minus the best span (9) = 3 > threshold 0 -> empty answer
+    assert answers(gathered, features, cfg, version_2=True) == {"x": ""}
+    assert answers(gathered, features, DataConfig(n_best=3, null_threshold=3.5), True) == {
+        "x": "beta gamma delta"}
+
+
+def write_squad(path: Path) -> Path:
+    qas = [{"id": f"q{i}", "question": "what is the capital of france ?",
+            "answers": [{"text": "paris", "answer_start": CONTEXT.index("paris")}],
+            "is_impossible": False} for i in range(12)]
+    qas += [{"id": f"n{i}", "question": "who loved every minute ?", "answers": [],
+             "is_impossible": True} for i in range(4)]
+    data = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [
+        {"context": CONTEXT, "qas": qas}]}]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+AUTO = """
+import sys, torch
+sys.modules["llmkit"] = None
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+model = AutoModelForQuestionAnswering.from_pretrained(sys.argv[1]).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+enc = tok("what is the capital of france ?", "paris is the capital of france .",
+          return_tensors="pt")
+with torch.inference_mode():
+    out = model(**enc)
+print(out.start_logits.shape[-1] == enc["input_ids"].shape[-1], int(out.start_logits.argmax()))
+"""
+
+
+def test_smoke_run_on_official_squad_json(tiny_bert: Path, tmp_path: Path) -> None:
+    data = write_squad(tmp_path / "train.json")
+    cfg = load_config("qa", None, {
+        "model": str(tiny_bert), "output": str(tmp_path / "run"), "data.train": str(data),
+        "data.validation": str(data), "data.max_length": 48, "data.doc_stride": 16,
+        "train.epochs": 1, "train.batch_size": 8})
+    out = finetune(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())["final"]
+    assert metrics["total"] == 16 and metrics["HasAns_total"] == 12 and metrics["NoAns_total"] == 4
+    assert 0 <= metrics["f1"] <= 100 and metrics["eval_samples"] > 16  # windows, not examples
+    result = subprocess.run([sys.executable, "-c", AUTO, str(out)], capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert result[0] == "True"
