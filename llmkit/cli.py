@@ -107,6 +107,27 @@ def finetune(  # noqa: PLR0913 - every option is one config path
                              ] = None,
     completion_column: Annotated[str | None, opt("data.completion_column", "generate: "
                                  "completion column.", "--completion-column")] = None,
+    question_column: Annotated[str | None, opt("data.question_column", "qa: question column.",
+                               "--question-column")] = None,
+    context_column: Annotated[str | None, opt("data.context_column", "qa: context column.",
+                              "--context-column")] = None,
+    answers_column: Annotated[str | None, opt("data.answers_column", "qa: answers column "
+                              "({text: [...], answer_start: [...]}).", "--answers-column")
+                              ] = None,
+    doc_stride: Annotated[int | None, opt("data.doc_stride", "qa: tokens shared by "
+                          "neighbouring windows of a long context.", "--doc-stride")] = None,
+    version_2: Annotated[bool | None, opt("data.version_2", "qa: unanswerable questions "
+                         "(SQuAD 2.0); detected from the data when not given.",
+                         "--version-2/--no-version-2")] = None,
+    n_best: Annotated[int | None, opt("data.n_best", "qa: start/end candidates per window.",
+                      "--n-best")] = None,
+    max_answer_length: Annotated[int | None, opt("data.max_answer_length", "qa: longest answer "
+                                 "in tokens.", "--max-answer-length")] = None,
+    null_threshold: Annotated[float | None, opt("data.null_threshold", "qa (v2): answer empty "
+                              "when the null score beats the best span by more than this.",
+                              "--null-threshold")] = None,
+    bad_answers: Annotated[str | None, opt("data.bad_answers", "qa: fail or skip examples whose "
+                           "answer is not at answer_start.", "--bad-answers")] = None,
     epochs: Annotated[int | None, opt("train.epochs", "Passes over the training rows.",
                                       "--epochs")] = None,
     learning_rate: Annotated[float | None, opt("train.learning_rate", "Peak learning rate.",
@@ -168,7 +189,11 @@ def finetune(  # noqa: PLR0913 - every option is one config path
              "--output preds.jsonl")
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="Run directory or checkpoint.")],
-    input: Annotated[str, typer.Option("--input", "-i", help="Rows to predict (file or Hub id).")],
+    input: Annotated[str | None, typer.Option("--input", "-i", help="Rows to predict (file or "
+                     "Hub id).")] = None,
+    question: Annotated[str | None, typer.Option(help="qa: one question (with --context).")
+                        ] = None,
+    context: Annotated[str | None, typer.Option(help="qa: the context to answer from.")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="JSON-lines file to write; "
                       "without it, records are printed.")] = None,
     task: Annotated[str | None, typer.Option(help="Task, for a checkpoint that is not a run "
@@ -179,9 +204,17 @@ def predict(
 ) -> None:
     """Predict every row of a file with a fine-tuned model: label and score per row."""
     import json
+    import tempfile
 
     from llmkit.predict import predict as run
 
+    if question is not None and context is not None:
+        rows = Path(tempfile.mkdtemp()) / "question.jsonl"
+        rows.write_text(json.dumps({"question": question, "context": context}) + "\n",
+                        encoding="utf-8")
+        input, task = str(rows), task or "qa"
+    if input is None:
+        raise LlmkitError("give --input (or --question and --context for a qa model)")
     records = run(model, input, output, task, batch_size,
                   {"text_column": text_column, "text_pair_column": text_pair_column})
     if output is None:

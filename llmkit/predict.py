@@ -68,8 +68,12 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)
     records = spec.present(arrays, features.select(order), data, net.config)
     inputs = {c: rows[c] for c in spec.columns(data, False)}
-    results: list[dict[str, Any]] = [{}] * len(records)
-    for position, row in zip(order, records, strict=True):
+    # records follow the feature order; tasks with several features per row (qa windows)
+    # answer per row instead, naming it by its index
+    positions = ([int(r.pop("id")) for r in records] if records and "id" in records[0]
+                 else order)
+    results: list[dict[str, Any]] = [{} for _ in range(len(rows))]
+    for position, row in zip(positions, records, strict=True):
         results[position] = {**{c: inputs[c][position] for c in inputs}, **row}
     if output:
         write_jsonl(results, Path(output))
@@ -84,9 +88,10 @@ def score(model: str, data_spec: str, task: str | None = None, split: str = "val
     check_columns(rows, spec.columns(data, True), "--data")
     features = spec.featurize(rows, tokenizer, net.config, data)
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)
+    result = spec.score(arrays, features.select(order), data, net.config)
+    result.pop("predictions", None)
     return {"eval_loss": float(arrays["loss_sum"].sum() / arrays["loss_count"].sum()),
-            "eval_samples": len(arrays["loss_sum"]),
-            **spec.score(arrays, features.select(order), data, net.config)}
+            "eval_samples": len(arrays["loss_sum"]), **result}
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:

@@ -25,6 +25,7 @@ from llmkit.report import Reporter, quiet_libraries
 from llmkit.tasks import Task, get_task, load_model
 
 log = logging.getLogger("llmkit")
+PREDICTIONS = "predictions.json"  # the best evaluation's predictions (QA: id -> answer text)
 
 
 @dataclass
@@ -164,6 +165,7 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
     """Evaluate, checkpoint, keep the best; True when early stopping says to stop."""
     metric = cfg.train.metric_for_best or parts.task.default_metric
     metrics = evaluate(parts)
+    predictions = metrics.pop("predictions", None)  # per-example outputs some tasks give
     if metric not in metrics:
         raise LlmkitError(f"train.metric_for_best {metric!r} is not one of this run's metrics: "
                           f"{', '.join(metrics)}")
@@ -174,6 +176,9 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
     if is_better(metrics[metric], state.best_metric, metric):
         state.best_metric = metrics[metric]
         state.best_checkpoint = f"checkpoint-{state.global_step}"
+        if predictions is not None and parts.accelerator.is_main_process:
+            (out / PREDICTIONS).write_text(json.dumps(predictions, indent=1, ensure_ascii=False),
+                                           encoding="utf-8")
         state.bad_evals = 0
     else:
         state.bad_evals += 1

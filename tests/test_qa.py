@@ -13,6 +13,7 @@ from datasets import Dataset
 
 from llmkit.config import DataConfig, load_config
 from llmkit.errors import LlmkitError
+from llmkit.predict import predict
 from llmkit.tasks.qa import CANDIDATES, answers, featurize
 from llmkit.train import finetune
 
@@ -137,6 +138,24 @@ def test_smoke_run_on_official_squad_json(tiny_bert: Path, tmp_path: Path) -> No
     metrics = json.loads((out / "metrics.json").read_text())["final"]
     assert metrics["total"] == 16 and metrics["HasAns_total"] == 12 and metrics["NoAns_total"] == 4
     assert 0 <= metrics["f1"] <= 100 and metrics["eval_samples"] > 16  # windows, not examples
+    predictions = json.loads((out / "predictions.json").read_text())  # the official format
+    assert sorted(predictions) == sorted([f"q{i}" for i in range(12)] + [f"n{i}" for i in range(4)])
+    assert all(isinstance(v, str) for v in predictions.values())
     result = subprocess.run([sys.executable, "-c", AUTO, str(out)], capture_output=True,
                             text=True, check=True).stdout.split()
     assert result[0] == "True"
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    cli = CliRunner().invoke(app, ["predict", "--model", str(out), "--question",
+                                   "what is the capital ?", "--context", "paris is the capital ."])
+    assert cli.exit_code == 0, cli.output
+    [record] = [json.loads(line) for line in cli.stdout.splitlines()]
+    assert record["question"] == "what is the capital ?" and isinstance(record["answer"], str)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": q, "context": c}) + "\n" for q, c in
+                            [("a ?", CONTEXT), ("b ?", "short context"), ("c ?", CONTEXT)]))
+    records = predict(str(out), str(rows))
+    assert [r["question"] for r in records] == ["a ?", "b ?", "c ?"]
+    assert records[0]["answer"] in CONTEXT and records[1]["answer"] in "short context"

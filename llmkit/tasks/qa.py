@@ -184,7 +184,8 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
     version_2 = cfg.version_2 if cfg.version_2 is not None else any(not g for g in
                                                                    golds.values())
     predicted = answers(gathered, features, cfg, version_2)
-    return metrics.squad(predicted, golds, version_2)
+    # the loop writes the predictions of the best evaluation as predictions.json
+    return {**metrics.squad(predicted, golds, version_2), "predictions": predicted}
 
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
