@@ -112,20 +112,13 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path: Path, toy: 
     """2 ranks x batch 8 see exactly the batches of 1 rank x batch 8 x accumulation 2."""
     from safetensors.torch import load_file
 
-    from tests.conftest import save_tiny_bert
+    from tests.conftest import save_tiny_bert, two_ranks_and_one
 
     model = save_tiny_bert(tmp_path / "bert", dropout=0.0)  # dropout draws differ per rank
     common = ["finetune", "classify", "--model", str(model), "--train", str(toy["train"]),
               "--validation", str(toy["validation"]), "--batch-size", "8", "--epochs", "2",
               "--lr", "3e-3"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "-m", "llmkit", *common, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = llmkit(*common, "--output", str(tmp_path / "one"), "--gradient-accumulation-steps", "2")
-    assert one.returncode == 0, one.stderr[-3000:]
-    m2, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
-    assert m2["run"]["num_processes"] == 2 and m1["run"]["num_processes"] == 1
+    m2, m1 = two_ranks_and_one(common, tmp_path)
     assert m2["run"]["global_batch_size"] == m1["run"]["global_batch_size"] == 16
     assert [r["step"] for r in m2["history"]] == [r["step"] for r in m1["history"]] == [6, 12]
     for a, b in zip(m2["history"], m1["history"], strict=True):

@@ -21,7 +21,7 @@ from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationSettings, generate, load_generator, read_prompts
 from llmkit.tasks.causal_lm import block_size, collator, featurize, pack
 from llmkit.train import finetune
-from tests.conftest import save_tiny_bert
+from tests.conftest import save_tiny_bert, two_ranks_and_one
 
 runner = CliRunner()
 TEXT = """the quick brown fox jumps over the lazy dog
@@ -223,16 +223,7 @@ def test_two_process_language_model_run(tiny_gpt2: Path, corpus: dict[str, Path]
     args = ["finetune", "generate", "--model", str(tiny_gpt2), "--train", str(corpus["train"]),
             "--validation", str(corpus["validation"]), "--block-size", "16", "--batch-size", "4",
             "--epochs", "1", "--separate-documents"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "-m", "llmkit", *args, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "llmkit", *args, "--output", str(tmp_path / "one"),
-                          "--gradient-accumulation-steps", "2"], capture_output=True, text=True,
-                         timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    m2, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
-    assert m2["run"]["num_processes"] == 2 and m1["run"]["num_processes"] == 1
+    m2, m1 = two_ranks_and_one(args, tmp_path)
     assert m2["final"]["eval_tokens"] == m1["final"]["eval_tokens"]
     assert m2["final"]["step"] == m1["final"]["step"]
     assert m2["final"]["perplexity"] == pytest.approx(m1["final"]["perplexity"], rel=1e-3)

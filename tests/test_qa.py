@@ -163,23 +163,14 @@ def test_smoke_run_on_official_squad_json(tiny_bert: Path, tmp_path: Path) -> No
 
 def test_two_process_qa_run_matches_one_process(tmp_path: Path) -> None:
     """Windows gathered from two ranks come back in order: the same answers and scores."""
-    from tests.conftest import save_tiny_bert
+    from tests.conftest import save_tiny_bert, two_ranks_and_one
 
     model = save_tiny_bert(tmp_path / "bert", dropout=0.0)
     data = write_squad(tmp_path / "train.json")
     args = ["finetune", "qa", "--model", str(model), "--train", str(data), "--validation",
             str(data), "--max-length", "48", "--doc-stride", "16", "--batch-size", "4",
             "--eval-batch-size", "5", "--epochs", "1", "--lr", "1e-3"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "-m", "llmkit", *args, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "llmkit", *args, "--output", str(tmp_path / "one"),
-                          "--gradient-accumulation-steps", "2"], capture_output=True, text=True,
-                         timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    m2, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
-    assert m2["run"]["num_processes"] == 2
+    m2, m1 = two_ranks_and_one(args, tmp_path)
     for key in ("eval_samples", "total", "exact_match", "f1"):
         assert m2["final"][key] == pytest.approx(m1["final"][key]), key
     assert (json.loads((tmp_path / "two" / "predictions.json").read_text())
