@@ -67,6 +67,10 @@ def test_answers_not_at_answer_start(tiny_bert: Path) -> None:
                                 "answers": {"text": [], "answer_start": []}}])
     with pytest.raises(LlmkitError, match="no answer .* data.version_2 is false"):
         featurize(empty, tokenizer, config, DataConfig(version_2=False))
+    blank = Dataset.from_list([{"id": "d", "question": "q ?", "context": "  ",
+                                "answers": {"text": [], "answer_start": []}}])
+    with pytest.raises(LlmkitError, match="1 questions have an empty 'context'"):
+        featurize(blank, tokenizer, config, DataConfig())
 
 
 def window_outputs(starts: list[list[tuple[int, float]]], ends: list[list[tuple[int, float]]],
@@ -138,6 +142,7 @@ def test_smoke_run_on_official_squad_json(tiny_bert: Path, tmp_path: Path) -> No
     metrics = json.loads((out / "metrics.json").read_text())["final"]
     assert metrics["total"] == 16 and metrics["HasAns_total"] == 12 and metrics["NoAns_total"] == 4
     assert 0 <= metrics["f1"] <= 100 and metrics["eval_samples"] > 16  # windows, not examples
+    assert json.loads((out / "config.json").read_text())["squad_v2"] is True  # for predict
     predictions = json.loads((out / "predictions.json").read_text())  # the official format
     assert sorted(predictions) == sorted([f"q{i}" for i in range(12)] + [f"n{i}" for i in range(4)])
     assert all(isinstance(v, str) for v in predictions.values())

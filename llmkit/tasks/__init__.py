@@ -100,6 +100,9 @@ def load_model(task: Task, name: str, **config_kwargs: Any) -> tuple[Any, Any]:
     from llmkit.hub import load_pretrained
 
     config = load_pretrained(AutoConfig, name, **config_kwargs)
+    for key, value in config_kwargs.items():  # transformers 5 drops keys it does not know
+        if getattr(config, key, None) is None:
+            setattr(config, key, value)
     check_pairing(task, config, name)
     tokenizer = load_pretrained(AutoTokenizer, name)
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # transformers 5 builds an

@@ -29,7 +29,11 @@ def columns(cfg: DataConfig, labelled: bool) -> list[str]:
 
 
 def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
-    return {}
+    """Whether the run answers SQuAD 2.0 style (empty answers allowed), saved in config.json
+    so that prediction with the run directory knows it."""
+    if cfg.version_2 is not None:
+        return {"squad_v2": cfg.version_2}
+    return {"squad_v2": any(not a["text"] for a in train[cfg.answers_column])}
 
 
 def check_answers(rows: Dataset, cfg: DataConfig) -> Dataset:
@@ -190,7 +194,9 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
             config: PretrainedConfig) -> list[dict[str, Any]]:
-    predicted = answers(gathered, features, cfg, bool(cfg.version_2))
+    version_2 = cfg.version_2 if cfg.version_2 is not None else getattr(config, "squad_v2",
+                                                                       False)
+    predicted = answers(gathered, features, cfg, bool(version_2))
     return [{"id": example, "answer": text} for example, text in predicted.items()]
 
 
