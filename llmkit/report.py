@@ -34,6 +34,9 @@ def setup_logging() -> None:
     logger.propagate = False
     for noisy in ("transformers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING if main else logging.ERROR)
+    # "Removed shared tensor lm_head.weight while saving" at every checkpoint of a model with
+    # tied embeddings: expected, and resuming restores the tie
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def quiet_libraries() -> None:
