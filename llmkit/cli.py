@@ -271,7 +271,6 @@ def generate_text(
         generate,
         load_generator,
         read_prompts,
-        write_records,
     )
     from llmkit.generate import (
         chat as templated,
@@ -318,7 +317,9 @@ def generate_text(
 
         records = generate(net, tokenizer, prompts, settings, batch_size, on_batch=advance,
                            templated=chat)
-    write_records(records, output)
+    from llmkit.predict import write_jsonl
+
+    write_jsonl(records, output)
     typer.echo(f"{len(records)} generations written to {output}")
 
 

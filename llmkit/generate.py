@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LlmkitError
@@ -139,9 +138,3 @@ def new_token_count(seq: list[int], tokenizer: Any) -> int:
         if seq[index] == tokenizer.eos_token_id:
             return index + 1 - start
     return len(seq) - start
-
-
-def write_records(records: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")

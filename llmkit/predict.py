@@ -11,7 +11,7 @@ from llmkit.config import DataConfig, RunConfig, load_config
 from llmkit.data import by_length, check_columns, load_split
 from llmkit.errors import LlmkitError
 from llmkit.report import quiet_libraries
-from llmkit.tasks import Task, get_task, load_model
+from llmkit.tasks import Task, get_task, load_model, loss_of
 
 
 def run_config(model: str) -> RunConfig | None:
@@ -90,8 +90,7 @@ def score(model: str, data_spec: str, task: str | None = None, split: str = "val
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)
     result = spec.score(arrays, features.select(order), data, net.config)
     result.pop("predictions", None)
-    return {"eval_loss": float(arrays["loss_sum"].sum() / arrays["loss_count"].sum()),
-            "eval_samples": len(arrays["loss_sum"]), **result}
+    return {**loss_of(arrays), **result}
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:

@@ -22,7 +22,7 @@ from llmkit.config import DataConfig, RunConfig, dump_config, flatten, to_dict
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.report import Reporter, quiet_libraries
-from llmkit.tasks import Task, get_task, load_model
+from llmkit.tasks import Task, get_task, load_model, loss_of
 
 log = logging.getLogger("llmkit")
 PREDICTIONS = "predictions.json"  # the best evaluation's predictions (QA: id -> answer text)
@@ -63,9 +63,7 @@ def evaluate(parts: Parts) -> dict[str, float]:
                 gathered.setdefault(key, []).append(acc.gather_for_metrics(value).cpu())
     model.train()
     arrays = {k: torch.cat(v).numpy() for k, v in gathered.items()}
-    loss_sum = arrays["loss_sum"]
-    return {"eval_loss": float(loss_sum.sum() / arrays["loss_count"].sum()),
-            "eval_samples": len(loss_sum),
+    return {**loss_of(arrays),
             **parts.task.score(arrays, parts.eval_features, parts.data,
                                acc.unwrap_model(model).config),
             "eval_seconds": round(time.perf_counter() - start, 3)}

@@ -46,6 +46,12 @@ class Task:
                       list[dict[str, Any]]]
 
 
+def loss_of(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Mean eval loss (a ratio of sums, exact however batches were split) and the row count."""
+    return {"eval_loss": float(gathered["loss_sum"].sum() / gathered["loss_count"].sum()),
+            "eval_samples": len(gathered["loss_sum"])}
+
+
 def _registry() -> dict[str, Task]:
     from llmkit.tasks.causal_lm import GENERATE
     from llmkit.tasks.classify import CLASSIFY
