@@ -33,7 +33,7 @@ def prepare(model: str, task: str | None, columns: dict[str, Any] | None
     data = replace(saved.data if saved else DataConfig(),
                    **{k: v for k, v in (columns or {}).items() if v is not None})
     spec = get_task(task or (saved.task if saved else "classify"))
-    net, tokenizer = load_model(spec, model)
+    net, tokenizer = load_model(spec, model, data)
     return spec, data, net, tokenizer
 
 
@@ -52,7 +52,7 @@ def outputs(spec: Task, net: Any, tokenizer: Any, features: Any, batch_size: int
     with torch.inference_mode():
         for batch in loader:
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            for key, value in spec.eval_outputs(net(**batch), batch).items():
+            for key, value in spec.eval_step(net, batch).items():
                 gathered.setdefault(key, []).append(value.cpu())
     return {k: torch.cat(v).numpy() for k, v in gathered.items()}, order
 
@@ -66,7 +66,7 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     rows = rows.select_columns(spec.columns(data, False))  # labels, if any, are not needed
     features = spec.featurize(rows, tokenizer, net.config, data)
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)
-    records = spec.present(arrays, features.select(order), data, net.config)
+    records = spec.present(arrays, features.select(order), data, net.config, tokenizer)
     inputs = {c: rows[c] for c in spec.columns(data, False)}
     # records follow the feature order; tasks with several features per row (qa windows)
     # answer per row instead, naming it by its index
@@ -88,7 +88,7 @@ def score(model: str, data_spec: str, task: str | None = None, split: str = "val
     check_columns(rows, spec.columns(data, True), "--data")
     features = spec.featurize(rows, tokenizer, net.config, data)
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)
-    result = spec.score(arrays, features.select(order), data, net.config)
+    result = spec.score(arrays, features.select(order), data, net.config, tokenizer)
     result.pop("predictions", None)
     return {**loss_of(arrays), **result}
 

@@ -57,7 +57,8 @@ def format_value(value: Any) -> str:
 
 def metrics_table(history: list[dict[str, Any]], title: str) -> Table:
     """One row per metric, one column per evaluation (the latest six), so many metrics fit."""
-    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k != "step"]
+    keys = [k for k in dict.fromkeys(k for row in history for k in row)
+            if k != "step" and not isinstance(history[-1].get(k), str)]  # not signatures
     shown = history[-6:]
     table = Table("step", *(str(row["step"]) for row in shown), title=title,
                   title_justify="left")
@@ -116,7 +117,7 @@ class Reporter:
     def evaluation(self, record: dict[str, Any]) -> None:
         self.write(record)
         self.say("evaluation  " + "  ".join(f"{k} [bold]{format_value(v)}[/]"
-                                            for k, v in record.items()))
+                                            for k, v in record.items() if not isinstance(v, str)))
 
     def summary(self, history: list[dict[str, Any]], best: str) -> None:
         if self.enabled:

@@ -25,7 +25,8 @@ from llmkit.report import Reporter, quiet_libraries
 from llmkit.tasks import Task, get_task, load_model, loss_of
 
 log = logging.getLogger("llmkit")
-PREDICTIONS = "predictions.json"  # the best evaluation's predictions (QA: id -> answer text)
+# the best evaluation's predictions: QA id -> answer text as JSON; generated texts one per line
+PREDICTIONS = ("predictions.json", "predictions.txt")
 
 
 @dataclass
@@ -56,16 +57,16 @@ def evaluate(parts: Parts) -> dict[str, float]:
     start = time.perf_counter()
     model.eval()
     gathered: dict[str, list[torch.Tensor]] = {}
+    plain = acc.unwrap_model(model)
     with torch.inference_mode():
         for batch in parts.eval_loader:
-            outputs = model(**batch)
-            for key, value in parts.task.eval_outputs(outputs, batch).items():
+            for key, value in parts.task.eval_step(plain, batch).items():
                 gathered.setdefault(key, []).append(acc.gather_for_metrics(value).cpu())
     model.train()
     arrays = {k: torch.cat(v).numpy() for k, v in gathered.items()}
     return {**loss_of(arrays),
-            **parts.task.score(arrays, parts.eval_features, parts.data,
-                               acc.unwrap_model(model).config),
+            **parts.task.score(arrays, parts.eval_features, parts.data, plain.config,
+                               parts.tokenizer),
             "eval_seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -76,7 +77,7 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
         train_rows, valid_rows = load_splits(cfg.data, cfg.train.seed)
         check_columns(train_rows, task.columns(cfg.data, True), "--train")
         check_columns(valid_rows, task.columns(cfg.data, True), "--validation")
-        model, tokenizer = load_model(task, cfg.model,
+        model, tokenizer = load_model(task, cfg.model, cfg.data,
                                       **task.model_kwargs(train_rows, valid_rows, cfg.data))
         train_set = task.featurize(train_rows, tokenizer, model.config, cfg.data)
         eval_set = task.featurize(valid_rows, tokenizer, model.config, cfg.data)
@@ -163,7 +164,7 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
     """Evaluate, checkpoint, keep the best; True when early stopping says to stop."""
     metric = cfg.train.metric_for_best or parts.task.default_metric
     metrics = evaluate(parts)
-    predictions = metrics.pop("predictions", None)  # per-example outputs some tasks give
+    predictions: Any = metrics.pop("predictions", None)  # per-example outputs some tasks give
     if metric not in metrics:
         raise LlmkitError(f"train.metric_for_best {metric!r} is not one of this run's metrics: "
                           f"{', '.join(metrics)}")
@@ -175,8 +176,10 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
         state.best_metric = metrics[metric]
         state.best_checkpoint = f"checkpoint-{state.global_step}"
         if predictions is not None and parts.accelerator.is_main_process:
-            (out / PREDICTIONS).write_text(json.dumps(predictions, indent=1, ensure_ascii=False),
-                                           encoding="utf-8")
+            as_json = isinstance(predictions, dict)
+            text = (json.dumps(predictions, indent=1, ensure_ascii=False) if as_json
+                    else "".join(" ".join(p.split()) + "\n" for p in predictions))
+            (out / PREDICTIONS[0 if as_json else 1]).write_text(text, encoding="utf-8")
         state.bad_evals = 0
     else:
         state.bad_evals += 1

@@ -35,15 +35,20 @@ class Task:
     # Raw rows -> model features (input_ids first; `labels` when the rows have them).
     featurize: Callable[[Dataset, PreTrainedTokenizerBase, PretrainedConfig, DataConfig], Dataset]
     collator: Callable[[PreTrainedTokenizerBase], Callable[[list[dict[str, Any]]], Any]]
-    # Model outputs of one batch -> per-example tensors to gather across processes for scoring;
-    # labelled batches include `loss_sum` and `loss_count` (the loss is their ratio of sums).
-    eval_outputs: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-    # Gathered outputs + the evaluated features (in the same order) -> metrics.
-    score: Callable[[dict[str, np.ndarray], Dataset, DataConfig, PretrainedConfig],
-                    dict[str, Any]]
+    # (model, one batch) -> per-example tensors of a fixed width, to gather across processes
+    # for scoring; labelled batches include `loss_sum` and `loss_count` (the loss is their
+    # ratio of sums). The model is the plain one (not the distributed wrapper).
+    eval_step: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    # Gathered outputs + the evaluated features (in the same order) -> metrics; strings
+    # (a metric's signature) are kept in the record, "predictions" is written to a file.
+    score: Callable[[dict[str, np.ndarray], Dataset, DataConfig, PretrainedConfig,
+                     PreTrainedTokenizerBase], dict[str, Any]]
     # Gathered outputs -> one JSON-able record per row, for `llmkit predict`.
-    present: Callable[[dict[str, np.ndarray], Dataset, DataConfig, PretrainedConfig],
-                      list[dict[str, Any]]]
+    present: Callable[[dict[str, np.ndarray], Dataset, DataConfig, PretrainedConfig,
+                       PreTrainedTokenizerBase], list[dict[str, Any]]]
+    # Fits a loaded model and tokenizer to the data settings (languages, generation settings)
+    # before featurizing; what it sets is saved with the run.
+    prepare: Callable[[Any, PreTrainedTokenizerBase, DataConfig], None] | None = None
 
 
 def loss_of(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -82,6 +87,8 @@ def fits(task: Task, config: PretrainedConfig) -> bool:
     causal-LM class too, but only as a decoder half: they do not count."""
     if type(config) not in auto_class(task)._model_mapping:
         return False
+    if task.auto_model == "AutoModelForCausalLM" and config.is_encoder_decoder:
+        return False  # Marian and BART have a decoder-only class, but generate as seq2seq
     if task.auto_model == "AutoModelForCausalLM" and not getattr(config, "is_decoder", False):
         from transformers import AutoModelForMaskedLM
 
@@ -99,8 +106,10 @@ def check_pairing(task: Task, config: PretrainedConfig, name: str) -> None:
                       f"{task.name} head in transformers; {hint}")
 
 
-def load_model(task: Task, name: str, **config_kwargs: Any) -> tuple[Any, Any]:
-    """Model and tokenizer of a checkpoint for `task`; a missing head is added (and logged)."""
+def load_model(task: Task, name: str, data: DataConfig, **config_kwargs: Any
+               ) -> tuple[Any, Any]:
+    """Model and tokenizer of a checkpoint for `task`, fitted to the data settings; a missing
+    head is added (and logged)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from llmkit.hub import load_pretrained
@@ -126,4 +135,6 @@ def load_model(task: Task, name: str, **config_kwargs: Any) -> tuple[Any, Any]:
                  name, task.name, ", ".join(new[:6]) + (" ..." if len(new) > 6 else ""))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if task.prepare is not None:
+        task.prepare(model, tokenizer, data)
     return model, tokenizer

@@ -129,10 +129,10 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
     return collate
 
 
-def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     import torch.nn.functional as F
 
-    logits = outputs.logits[:, :-1].float()
+    logits = model(**batch).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE,
                              reduction="none")
@@ -140,7 +140,7 @@ def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
-          config: PretrainedConfig) -> dict[str, Any]:
+          config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Perplexity = exp(token-weighted mean loss over every predicted token)."""
     tokens = float(gathered["loss_count"].sum())
     mean = float(gathered["loss_sum"].sum()) / tokens
@@ -148,7 +148,7 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
 
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
-            config: PretrainedConfig) -> list[dict[str, Any]]:
+            config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     raise LlmkitError("a language model has no labels to predict: use llmkit generate")
 
 
@@ -161,7 +161,7 @@ GENERATE = Task(
     model_kwargs=model_kwargs,
     featurize=featurize,
     collator=collator,
-    eval_outputs=eval_outputs,
+    eval_step=eval_step,
     score=score,
     present=present,
 )

@@ -71,11 +71,11 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
     return DataCollatorWithPadding(tokenizer)
 
 
-def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     import torch
     import torch.nn.functional as F
 
-    logits = outputs.logits.float()
+    logits = model(**batch).logits.float()
     gathered = {"logits": logits}
     if "labels" in batch:
         gathered["labels"] = batch["labels"]
@@ -85,7 +85,7 @@ def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
-          config: PretrainedConfig) -> dict[str, Any]:
+          config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     predictions = gathered["logits"].argmax(-1).tolist()
     references = gathered["labels"].tolist()
     result = {"accuracy": metrics.accuracy(predictions, references),
@@ -96,7 +96,7 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
 
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
-            config: PretrainedConfig) -> list[dict[str, Any]]:
+            config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     import torch
 
     probs = torch.from_numpy(gathered["logits"]).softmax(-1)
@@ -115,7 +115,7 @@ CLASSIFY = Task(
     model_kwargs=model_kwargs,
     featurize=featurize,
     collator=collator,
-    eval_outputs=eval_outputs,
+    eval_step=eval_step,
     score=score,
     present=present,
 )

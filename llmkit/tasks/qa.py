@@ -135,12 +135,13 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
     return lambda features: pad([{k: f[k] for k in MODEL_KEYS if k in f} for f in features])
 
 
-def eval_outputs(outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Top start and end candidates per window (fixed width, so batches of any length gather),
     the null score, and the loss when positions are given."""
     import torch
     import torch.nn.functional as F
 
+    outputs = model(**batch)
     mask = batch["attention_mask"].bool()
     start = outputs.start_logits.float().masked_fill(~mask, -1e4)
     end = outputs.end_logits.float().masked_fill(~mask, -1e4)
@@ -183,7 +184,7 @@ def answers(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
 
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
-          config: PretrainedConfig) -> dict[str, Any]:
+          config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     golds = dict(zip(features["example_id"], features["gold"], strict=True))
     version_2 = cfg.version_2 if cfg.version_2 is not None else any(not g for g in
                                                                    golds.values())
@@ -193,7 +194,7 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
 
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
-            config: PretrainedConfig) -> list[dict[str, Any]]:
+            config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     version_2 = cfg.version_2 if cfg.version_2 is not None else getattr(config, "squad_v2",
                                                                        False)
     predicted = answers(gathered, features, cfg, bool(version_2))
@@ -209,7 +210,7 @@ QA = Task(
     model_kwargs=model_kwargs,
     featurize=featurize,
     collator=collator,
-    eval_outputs=eval_outputs,
+    eval_step=eval_step,
     score=score,
     present=present,
 )
