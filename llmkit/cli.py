@@ -45,6 +45,12 @@ FINETUNE_EXAMPLES = """[bold]Examples[/]
 
   llmkit finetune generate --model gpt2 --train corpus.txt --block-size 512 --output runs/gpt
 
+  llmkit finetune translate --model Helsinki-NLP/opus-mt-en-ro --train wmt16 \
+      --dataset-config ro-en --source-lang en --target-lang ro --output runs/en-ro
+
+  llmkit finetune summarize --model t5-small --train xsum --text-column document \
+      --summary-column summary --eval-max-samples 500 --output runs/xsum
+
   accelerate launch --multi_gpu --num_processes 2 -m llmkit finetune classify --recipe my.yaml
 """
 
@@ -87,13 +93,14 @@ def finetune(  # noqa: PLR0913 - every option is one config path
                                 "for sentence pairs.", "--text-pair-column")] = None,
     label_column: Annotated[str | None, opt("data.label_column", "Column with the label (ints or "
                             "strings).", "--label-column")] = None,
-    max_length: Annotated[int | None, opt("data.max_length", "Truncate inputs to this many "
-                          "tokens (batches are padded only to their longest row).",
-                          "--max-length")] = None,
+    max_length: Annotated[int | None, opt("data.max_length", "Truncate inputs (seq2seq: "
+                          "sources) to this many tokens; batches are padded only to their "
+                          "longest row.", "--max-length", "--max-source-length")] = None,
     max_train_samples: Annotated[int | None, opt("data.max_train_samples", "Use only the first N "
                                  "training rows.", "--max-train-samples")] = None,
     max_eval_samples: Annotated[int | None, opt("data.max_eval_samples", "Use only the first N "
-                                "validation rows.", "--max-eval-samples")] = None,
+                                "validation rows (seq2seq: fewer to generate).",
+                                "--max-eval-samples", "--eval-max-samples")] = None,
     block_size: Annotated[int | None, opt("data.block_size", "generate: tokens per packed block "
                           "(clamped to the model's context).", "--block-size")] = None,
     sample_by: Annotated[str | None, opt("data.sample_by", "How a .txt file splits into "
@@ -128,6 +135,31 @@ def finetune(  # noqa: PLR0913 - every option is one config path
                               "--null-threshold")] = None,
     bad_answers: Annotated[str | None, opt("data.bad_answers", "qa: fail or skip examples whose "
                            "answer is not at answer_start.", "--bad-answers")] = None,
+    source_lang: Annotated[str | None, opt("data.source_lang", "translate: source language "
+                           "key of the data (en; mBART/NLLB codes such as en_XX work too).",
+                           "--source-lang", panel="Seq2seq")] = None,
+    target_lang: Annotated[str | None, opt("data.target_lang", "translate: target language.",
+                           "--target-lang", panel="Seq2seq")] = None,
+    translation_column: Annotated[str | None, opt("data.translation_column", "translate: "
+                                  "column of {lang: text} pairs; '' reads one column per "
+                                  "language.", "--translation-column", panel="Seq2seq")] = None,
+    summary_column: Annotated[str | None, opt("data.summary_column", "summarize: summary "
+                              "column (the document is --text-column).", "--summary-column",
+                              panel="Seq2seq")] = None,
+    source_prefix: Annotated[str | None, opt("data.source_prefix", "Text put before every "
+                             "source; T5 checkpoints default to theirs ('summarize: ').",
+                             "--source-prefix", panel="Seq2seq")] = None,
+    max_target_length: Annotated[int | None, opt("data.max_target_length", "Truncate targets "
+                                 "to this many tokens (counted in the log).",
+                                 "--max-target-length", panel="Seq2seq")] = None,
+    empty_rows: Annotated[str | None, opt("data.empty_rows", "fail or skip rows with an empty "
+                          "source or target.", "--empty-rows", panel="Seq2seq")] = None,
+    num_beams: Annotated[int | None, opt("data.num_beams", "Beams when evaluating by "
+                         "generation (default: the checkpoint's, else 1).", "--num-beams",
+                         panel="Seq2seq")] = None,
+    max_new_tokens: Annotated[int | None, opt("data.max_new_tokens", "Tokens generated at most "
+                              "per evaluation row (default: --max-target-length).",
+                              "--max-new-tokens", panel="Seq2seq")] = None,
     epochs: Annotated[int | None, opt("train.epochs", "Passes over the training rows.",
                                       "--epochs")] = None,
     learning_rate: Annotated[float | None, opt("train.learning_rate", "Peak learning rate.",

@@ -16,7 +16,7 @@ from llmkit.errors import ConfigError, LlmkitError
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 SampleBy = Literal["document", "paragraph", "line"]  # how a .txt file splits into rows
-BadAnswers = Literal["fail", "skip"]  # QA answers that do not occur at answer_start
+BadRows = Literal["fail", "skip"]  # rows that cannot be trained on: stop, or leave them out
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,17 @@ class DataConfig:
     n_best: int = 20
     max_answer_length: int = 30
     null_threshold: float = 0.0
-    bad_answers: BadAnswers = "fail"
+    bad_answers: BadRows = "fail"
+    # seq2seq (translate, summarize); max_length is the source length
+    source_lang: str | None = None
+    target_lang: str | None = None
+    translation_column: str = "translation"  # {lang: text} dicts; "" = a column per language
+    summary_column: str = "summary"
+    source_prefix: str | None = None  # None = the checkpoint's convention (T5), else none
+    max_target_length: int = 128
+    empty_rows: BadRows = "fail"
+    num_beams: int | None = None  # evaluation by generation; None = the checkpoint's setting
+    max_new_tokens: int | None = None  # None = max_target_length
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,8 @@ class RunConfig:
 REQUIRED = {"task": "the task", "model": "--model", "output": "--output", "data.train": "--train"}
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size",
             "train.gradient_accumulation_steps", "train.logging_steps", "data.max_length",
-            "data.block_size", "data.doc_stride", "data.n_best", "data.max_answer_length")
+            "data.block_size", "data.doc_stride", "data.n_best", "data.max_answer_length",
+            "data.max_target_length", "data.num_beams", "data.max_new_tokens")
 
 
 def _check_value(value: Any, tp: Any) -> bool:
@@ -167,7 +178,7 @@ def _validate(cfg: RunConfig) -> list[str]:
     problems = [f"{key} is required (set {how})" for key, how in REQUIRED.items()
                 if _lookup(cfg, key) in ("", None)]
     problems += [f"{key} must be at least 1, got {_lookup(cfg, key)}"
-                 for key in POSITIVE if _lookup(cfg, key) < 1]
+                 for key in POSITIVE if _lookup(cfg, key) is not None and _lookup(cfg, key) < 1]
     if not 0.0 < cfg.data.validation_fraction < 1.0:
         problems.append("data.validation_fraction must be between 0 and 1, "
                         f"got {cfg.data.validation_fraction}")

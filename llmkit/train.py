@@ -81,6 +81,11 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
                                       **task.model_kwargs(train_rows, valid_rows, cfg.data))
         train_set = task.featurize(train_rows, tokenizer, model.config, cfg.data)
         eval_set = task.featurize(valid_rows, tokenizer, model.config, cfg.data)
+    for module in model.modules():
+        # fixed by design (Marian, Pegasus), but loaded as trainable: DDP would wait for their
+        # gradients forever
+        if "Sinusoidal" in type(module).__name__:
+            module.requires_grad_(False)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     collate = task.collator(tokenizer)

@@ -156,3 +156,97 @@ def two_ranks_and_one(args: list[str], out: Path) -> tuple[dict, dict]:
     m2, m1 = (json.loads((out / d / "metrics.json").read_text()) for d in ("two", "one"))
     assert m2["run"]["num_processes"] == 2 and m1["run"]["num_processes"] == 1
     return m2, m1
+
+
+EN_ES = {"the": "el", "house": "casa", "is": "es", "small": "pequeña", "big": "grande",
+         "dog": "perro", "cat": "gato", "sees": "ve", "a": "un", "red": "rojo", "old": "viejo",
+         "man": "hombre", "eats": "come", "bread": "pan", "good": "bueno", "and": "y"}
+SEQ2SEQ = {  # family -> (config class, special tokens in id order, template of one text)
+    "marian": ("MarianConfig", ["</s>", "<unk>", "<pad>"], "$A </s>"),
+    "t5": ("T5Config", ["<pad>", "</s>", "<unk>"], "$A </s>"),
+    "bart": ("BartConfig", ["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>"),
+}
+
+
+def toy_pairs(rows: int, seed: int) -> list[tuple[str, str]]:
+    """English-like sentences and their word-by-word 'Spanish' (a tiny model can learn it)."""
+    import random
+
+    rng = random.Random(seed)
+    words = list(EN_ES)
+    pairs = []
+    for _ in range(rows):
+        sentence = rng.choices(words, k=rng.randint(3, 8))
+        pairs.append((" ".join(sentence), " ".join(EN_ES[w] for w in sentence)))
+    return pairs
+
+
+def seq2seq_tokenizer(family: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import decoders as tok_decoders
+    from transformers import PreTrainedTokenizerFast
+
+    _, special, template = SEQ2SEQ[family]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = tok_decoders.Metaspace()
+    text = [f"{a} {b}" for a, b in toy_pairs(200, 0)] + CORPUS
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, tok.token_to_id(t)) for t in special
+                                         if t in template])
+    names = {"</s>": "eos_token", "<unk>": "unk_token", "<pad>": "pad_token", "<s>": "bos_token"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64,
+                                   **{names[t]: t for t in special})
+
+
+def save_tiny_seq2seq(path: Path, family: str, dropout: float = 0.1) -> Path:
+    """A random 2-layer encoder-decoder of `family` (marian, t5, bart) with its own tokenizer."""
+    import torch
+    import transformers
+
+    tokenizer = seq2seq_tokenizer(family)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if family == "t5":
+        config = transformers.T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64,
+                                       num_layers=2, num_heads=2, decoder_start_token_id=0,
+                                       dropout_rate=dropout, **ids)
+    else:
+        start = tokenizer.pad_token_id if family == "marian" else tokenizer.eos_token_id
+        config = getattr(transformers, SEQ2SEQ[family][0])(
+            vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, max_position_embeddings=64, decoder_start_token_id=start,
+            bos_token_id=tokenizer.bos_token_id, dropout=dropout, **ids)
+    torch.manual_seed(0)
+    transformers.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq(tmp_path_factory: pytest.TempPathFactory):
+    """family -> folder of a random tiny Marian / T5 / BART, built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = save_tiny_seq2seq(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def toy_translation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Hub-layout translation rows ({"id", "translation": {"en", "es"}}) as JSON lines."""
+    import json
+
+    folder = tmp_path_factory.mktemp("toy-translation")
+    files = {}
+    for split, rows, seed in (("train", 64, 1), ("validation", 12, 2)):
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"id": i, "translation": {"en": en, "es": es}})
+                                        + "\n" for i, (en, es) in
+                                        enumerate(toy_pairs(rows, seed))), encoding="utf-8")
+    return files

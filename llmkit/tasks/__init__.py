@@ -61,8 +61,9 @@ def _registry() -> dict[str, Task]:
     from llmkit.tasks.causal_lm import GENERATE
     from llmkit.tasks.classify import CLASSIFY
     from llmkit.tasks.qa import QA
+    from llmkit.tasks.seq2seq import SUMMARIZE, TRANSLATE
 
-    return {t.name: t for t in (CLASSIFY, QA, GENERATE)}
+    return {t.name: t for t in (CLASSIFY, QA, SUMMARIZE, TRANSLATE, GENERATE)}
 
 
 def task_names() -> list[str]:

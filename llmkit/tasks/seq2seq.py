@@ -1,0 +1,236 @@
+"""Sequence to sequence (Marian, T5, BART, mBART): translation and summarization are one task
+reading different columns, evaluated by generating and scoring with sacrebleu or rouge-score."""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmkit.errors import LlmkitError
+from llmkit.tasks import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from llmkit.config import DataConfig
+
+log = logging.getLogger("llmkit")
+Kind = Literal["translate", "summarize"]
+IGNORE = -100  # label of padding, which the loss skips
+MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish",
+             "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "ru": "Russian",
+             "zh": "Chinese", "ja": "Japanese", "cs": "Czech", "fi": "Finnish", "tr": "Turkish"}
+
+
+def columns(kind: Kind, cfg: DataConfig, labelled: bool) -> list[str]:
+    if kind == "summarize":
+        return [cfg.text_column] + ([cfg.summary_column] if labelled else [])
+    if not (cfg.source_lang and cfg.target_lang):
+        raise LlmkitError("translate needs --source-lang and --target-lang (the language keys "
+                          "of the data, e.g. en and ro)")
+    if cfg.translation_column:
+        return [cfg.translation_column]
+    return [cfg.source_lang] + ([cfg.target_lang] if labelled else [])
+
+
+def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
+    return {}
+
+
+def source_prefix(kind: Kind, cfg: DataConfig, config: PretrainedConfig) -> str:
+    """The prefix T5 checkpoints were trained with, unless data.source_prefix says otherwise."""
+    if cfg.source_prefix is not None:
+        return cfg.source_prefix
+    if config.model_type != "t5":
+        return ""
+    if kind == "summarize":
+        return "summarize: "
+    source, target = (LANGUAGES.get(str(lang), str(lang)) for lang in (cfg.source_lang,
+                                                                        cfg.target_lang))
+    return f"translate {source} to {target}: "
+
+
+def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
+    """Language codes for multilingual tokenizers, and the generation settings of evaluation
+    (saved with the run as generation_config.json)."""
+    generation = model.generation_config
+    if kind == "translate" and hasattr(tokenizer, "src_lang"):  # mBART, NLLB, M2M100
+        tokenizer.src_lang, tokenizer.tgt_lang = cfg.source_lang, cfg.target_lang
+        target = tokenizer.convert_tokens_to_ids(str(cfg.target_lang))
+        if target is not None and target != tokenizer.unk_token_id:
+            generation.forced_bos_token_id = target
+    generation.max_new_tokens = cfg.max_new_tokens or cfg.max_target_length
+    generation.max_length = None
+    if cfg.num_beams:
+        generation.num_beams = cfg.num_beams
+    prefix = source_prefix(kind, cfg, model.config)
+    if prefix and cfg.source_prefix is None:
+        log.info("%s checkpoint: sources get the prefix %r (set --source-prefix to change it)",
+                 model.config.model_type, prefix)
+
+
+def language_key(lang: str, present: list[str], side: str) -> str:
+    """The data key of a language: the code itself, or its part before '_' (en_XX -> en)."""
+    for key in (lang, lang.split("_")[0]):
+        if key in present:
+            return key
+    raise LlmkitError(f"--{side}-lang {lang} is not in the data; the languages there are "
+                      f"{', '.join(sorted(present)) or 'none'}")
+
+
+def texts(kind: Kind, rows: Dataset, cfg: DataConfig) -> tuple[list[str], list[str] | None]:
+    """Source texts and, when the rows have them, target texts."""
+    if kind == "summarize":
+        targets = rows[cfg.summary_column] if cfg.summary_column in rows.column_names else None
+        return list(rows[cfg.text_column]), targets
+    if not cfg.translation_column:
+        targets = rows[cfg.target_lang] if cfg.target_lang in rows.column_names else None
+        return list(rows[cfg.source_lang]), targets
+    pairs = rows[cfg.translation_column]
+    present = sorted({key for pair in pairs[:1000] for key in pair if pair[key] is not None})
+    source = language_key(str(cfg.source_lang), present, "source")
+    sources = [pair[source] for pair in pairs]
+    try:
+        target = language_key(str(cfg.target_lang), present, "target")
+    except LlmkitError:
+        if len(present) > 1:
+            raise
+        return sources, None  # unlabelled rows: source texts only
+    return sources, [pair[target] for pair in pairs]
+
+
+def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, target: bool
+           ) -> tuple[list[list[int]], int]:
+    """Token ids truncated to `limit` (special tokens kept), and how many were cut."""
+    key = "text_target" if target else "text"
+    ids = tokenizer(**{key: texts})["input_ids"]
+    long = [i for i, row in enumerate(ids) if len(row) > limit]
+    if long:
+        cut = tokenizer(**{key: [texts[i] for i in long]}, truncation=True,
+                        max_length=limit)["input_ids"]
+        for i, row in zip(long, cut, strict=True):
+            ids[i] = row
+    return ids, len(long)
+
+
+def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
+              config: PretrainedConfig, cfg: DataConfig) -> Dataset:
+    """Source ids (prefixed for T5) and label ids; labelled rows keep the reference text and
+    every feature its row number, for scoring and for writing predictions in row order."""
+    from datasets import Dataset
+
+    sources, targets = texts(kind, rows, cfg)
+    keep = [i for i, s in enumerate(sources) if s and s.strip()
+            and (targets is None or (targets[i] and targets[i].strip()))]
+    if len(keep) < len(sources):
+        empty = len(sources) - len(keep)
+        if cfg.empty_rows == "fail" or not keep:
+            raise LlmkitError(f"{empty} of {len(sources)} rows have an empty source or target; "
+                              "fix the data or pass -s data.empty_rows=skip to leave them out")
+        log.warning("leaving out %d of %d rows with an empty source or target", empty,
+                    len(sources))
+    prefix = source_prefix(kind, cfg, config)
+    ids, cut_sources = encode([prefix + sources[i] for i in keep], tokenizer, cfg.max_length,
+                              False)
+    features: dict[str, Any] = {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids],
+                                "row": keep}
+    if cut_sources:
+        log.info("%d of %d sources are longer than --max-length %d tokens: truncated",
+                 cut_sources, len(keep), cfg.max_length)
+    if targets is not None:
+        references = [targets[i] for i in keep]
+        features["labels"], cut = encode(references, tokenizer, cfg.max_target_length, True)
+        features["reference"] = references
+        if cut:
+            log.info("%d of %d targets are longer than --max-target-length %d tokens: "
+                     "truncated", cut, len(keep), cfg.max_target_length)
+    return Dataset.from_dict(features)
+
+
+def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The stock seq2seq collator: dynamic padding, labels padded with -100."""
+    from transformers import DataCollatorForSeq2Seq
+
+    pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+    return lambda features: pad([{k: f[k] for k in MODEL_KEYS if k in f} for f in features])
+
+
+def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-example loss (teacher forcing) when labelled, and generated ids padded to a fixed
+    width (max_new_tokens + the decoder start), generated with the KV cache."""
+    import torch.nn.functional as F
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    gathered: dict[str, torch.Tensor] = {}
+    if "labels" in batch:
+        logits = model(**inputs, labels=batch["labels"]).logits.float()
+        losses = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE,
+                                 reduction="none")
+        gathered = {"loss_sum": losses.sum(-1),
+                    "loss_count": (batch["labels"] != IGNORE).sum(-1).float()}
+    generation = model.generation_config
+    ids = model.generate(**inputs, generation_config=generation, use_cache=True)
+    width = generation.max_new_tokens + 1
+    pad = generation.pad_token_id if generation.pad_token_id is not None \
+        else model.config.pad_token_id
+    gathered["generated"] = F.pad(ids[:, :width], (0, max(0, width - ids.shape[1])), value=pad)
+    return gathered
+
+
+def decode(gathered: dict[str, np.ndarray], features: Dataset,
+           tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[int]]:
+    """Generated texts and their row numbers, in row order."""
+    texts = [t.strip() for t in tokenizer.batch_decode(gathered["generated"].tolist(),
+                                                        skip_special_tokens=True)]
+    rows = features["row"]
+    order = sorted(range(len(texts)), key=rows.__getitem__)
+    return [texts[i] for i in order], [rows[i] for i in order]
+
+
+def score(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+          config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """BLEU and chrF (sacrebleu, corpus level, its defaults) or ROUGE (rouge-score), on the
+    full reference texts; perplexity of the references; predictions in row order."""
+    from llmkit.evaluate import rouge_scores, sacrebleu_score
+
+    predictions, rows = decode(gathered, features, tokenizer)
+    by_row = dict(zip(features["row"], features["reference"], strict=True))
+    references = [by_row[r] for r in rows]
+    mean = float(gathered["loss_sum"].sum() / gathered["loss_count"].sum())
+    result: dict[str, Any] = {"perplexity": math.exp(mean) if mean < 700 else math.inf}
+    if kind == "translate":
+        for name in ("bleu", "chrf"):
+            found = sacrebleu_score(name, predictions, [references], {})
+            result |= {name: found.value, f"{name}_signature": found.signature}
+    else:
+        result |= {s.metric: s.value for s in rouge_scores(predictions, references)}
+    pad = tokenizer.pad_token_id
+    result["generated_tokens"] = float((gathered["generated"][:, 1:] != pad).sum(-1).mean())
+    return {**result, "predictions": predictions}
+
+
+def present(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+            config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    predictions, rows = decode(gathered, features, tokenizer)
+    field = "translation" if kind == "translate" else "summary"
+    return [{"id": row, field: text} for row, text in zip(rows, predictions, strict=True)]
+
+
+def task(kind: Kind, summary: str, metric: str) -> Task:
+    return Task(name=kind, summary=summary, auto_model="AutoModelForSeq2SeqLM",
+                default_metric=metric, columns=partial(columns, kind),
+                model_kwargs=model_kwargs, featurize=partial(featurize, kind),
+                collator=collator, eval_step=eval_step, score=partial(score, kind),
+                present=partial(present, kind), prepare=partial(prepare, kind))
+
+
+TRANSLATE = task("translate", "translation with a seq2seq model (Marian, T5, BART, mBART); "
+                 "BLEU and chrF", "bleu")
+SUMMARIZE = task("summarize", "summarization with a seq2seq model (T5, BART, Pegasus); ROUGE",
+                 "rougeL")

@@ -1,0 +1,241 @@
+"""Translation and summarization: features, the run directory in plain transformers, metrics
+equal to sacrebleu's CLI and rouge-score, predict / eval / generate on seq2seq runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.config import DataConfig
+from llmkit.errors import LlmkitError
+from llmkit.tasks import get_task
+from tests.conftest import save_tiny_seq2seq, toy_pairs, two_ranks_and_one
+
+TRANSLATE = ["finetune", "translate", "--source-lang", "en", "--target-lang", "es",
+             "--epochs", "2", "--batch-size", "8", "--max-new-tokens", "12", "--lr", "1e-3"]
+
+
+def rows(pairs: list[tuple[str, str]]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"translation": [{"en": a, "es": b} for a, b in pairs]})
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def references(path: Path, lang: str = "es") -> list[str]:
+    return [json.loads(line)["translation"][lang] for line in lines(path)]
+
+
+@pytest.fixture(scope="module")
+def marian_run(tiny_seq2seq, toy_translation, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("marian-run") / "run"
+    result = CliRunner().invoke(app, [*TRANSLATE, "--model", str(tiny_seq2seq("marian")),
+                                      "--train", str(toy_translation["train"]),
+                                      "--validation", str(toy_translation["validation"]),
+                                      "--num-beams", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_t5_gets_its_prefix_unless_one_is_given(tiny_seq2seq):
+    from transformers import AutoConfig
+
+    from llmkit.tasks.seq2seq import source_prefix
+
+    t5, marian = (AutoConfig.from_pretrained(tiny_seq2seq(f)) for f in ("t5", "marian"))
+    cfg = DataConfig(source_lang="en", target_lang="ro")
+    assert source_prefix("translate", cfg, t5) == "translate English to Romanian: "
+    assert source_prefix("summarize", cfg, t5) == "summarize: "
+    assert source_prefix("translate", cfg, marian) == ""
+    assert source_prefix("summarize", DataConfig(source_prefix=">> "), t5) == ">> "
+    assert source_prefix("summarize", DataConfig(source_prefix=""), t5) == ""
+
+
+def test_labels_are_masked_and_long_targets_counted(tiny_seq2seq, caplog):
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = tiny_seq2seq("marian")
+    tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+    task = get_task("translate")
+    cfg = DataConfig(source_lang="en", target_lang="es", max_target_length=4)
+    with caplog.at_level(logging.INFO, logger="llmkit"):
+        features = task.featurize(rows([("the dog", "el perro"),
+                                        ("the old man eats bread", "el viejo hombre come pan")]),
+                                  tokenizer, config, cfg)
+    assert "1 of 2 targets are longer than --max-target-length 4" in caplog.text
+    assert len(features["labels"][1]) == 4 and features["labels"][1][-1] == tokenizer.eos_token_id
+    assert features["labels"][0] == tokenizer(text_target="el perro")["input_ids"]
+    assert features["reference"][1] == "el viejo hombre come pan"  # scored untruncated
+    batch = task.collator(tokenizer)([features[0], features[1]])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    short = len(features["labels"][0])
+    assert batch["labels"][0, short:].tolist() == [-100] * (4 - short)
+    assert batch["input_ids"][0, -1].item() == tokenizer.pad_token_id
+
+
+def test_missing_language_and_empty_rows(tiny_seq2seq):
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = tiny_seq2seq("marian")
+    tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+    task = get_task("translate")
+    with pytest.raises(LlmkitError, match="--target-lang fr is not in the data; the languages "
+                       "there are en, es"):
+        task.featurize(rows([("a", "b")]), tokenizer, config,
+                       DataConfig(source_lang="en", target_lang="fr"))
+    data = rows([("the dog", "el perro"), ("the cat", " "), ("", "el")])
+    with pytest.raises(LlmkitError, match="2 of 3 rows have an empty source or target"):
+        task.featurize(data, tokenizer, config, DataConfig(source_lang="en", target_lang="es"))
+    kept = task.featurize(data, tokenizer, config, DataConfig(source_lang="en", target_lang="es",
+                                                              empty_rows="skip"))
+    assert kept["row"] == [0] and kept["reference"] == ["el perro"]
+    with pytest.raises(LlmkitError, match="translate needs --source-lang and --target-lang"):
+        task.columns(DataConfig(), True)
+
+
+def test_translate_run_directory_generates_the_same_in_plain_transformers(marian_run,
+                                                                          toy_translation):
+    metrics = json.loads((marian_run / "metrics.json").read_text())
+    final = metrics["final"]
+    assert metrics["metric_for_best"] == "bleu"
+    assert {"eval_loss", "perplexity", "bleu", "chrf", "bleu_signature"} <= set(final)
+    assert final["eval_samples"] == 12 and "tok:13a" in final["bleu_signature"]
+    generation = json.loads((marian_run / "generation_config.json").read_text())
+    assert generation["num_beams"] == 2 and generation["max_new_tokens"] == 12
+    predicted = lines(marian_run / "predictions.txt")
+    assert len(predicted) == 12
+    sources = [json.loads(line)["translation"]["en"] for line in lines(toy_translation[
+        "validation"])]
+    code = f"""
+import json, sys
+sys.modules["llmkit"] = None
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(marian_run)!r})
+model = AutoModelForSeq2SeqLM.from_pretrained({str(marian_run)!r}).eval()
+batch = tok({sources!r}, return_tensors="pt", padding=True)
+out = model.generate(**batch)
+print(json.dumps([t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]))
+"""
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert json.loads(plain.stdout.splitlines()[-1]) == predicted
+
+
+def test_run_metrics_equal_sacrebleu_cli(marian_run, toy_translation, tmp_path):
+    refs = tmp_path / "refs.txt"
+    refs.write_text("\n".join(references(toy_translation["validation"])) + "\n",
+                    encoding="utf-8")
+    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(refs), "-i",
+                          str(marian_run / "predictions.txt"), "-m", "bleu", "chrf", "-b",
+                          "-w", "4"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    final = json.loads((marian_run / "metrics.json").read_text())["final"]
+    printed = cli.stdout.replace("[", "").replace("]", "").replace(",", "").split()
+    assert printed == [f"{final['bleu']:.4f}", f"{final['chrf']:.4f}"]
+
+
+def test_eval_predict_and_generate_on_a_translate_run(marian_run, toy_translation):
+    runner = CliRunner()
+    final = json.loads((marian_run / "metrics.json").read_text())["final"]
+    scored = runner.invoke(app, ["eval", "-m", "chrf", "-m", "eval_loss", "--model",
+                                 str(marian_run), "--data", str(toy_translation["validation"]),
+                                 "--json"])
+    assert scored.exit_code == 0, scored.output
+    values = {s["metric"]: s["value"] for s in json.loads(scored.stdout)["scores"]}
+    assert values["chrf"] == pytest.approx(final["chrf"], abs=1e-9)
+    assert values["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-5)
+    predicted = lines(marian_run / "predictions.txt")
+    shown = runner.invoke(app, ["predict", "--model", str(marian_run), "--input",
+                                str(toy_translation["validation"])])
+    assert shown.exit_code == 0, shown.output
+    records = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [r["translation"] for r in records] == predicted
+    source = json.loads(lines(toy_translation["validation"])[0])["translation"]["en"]
+    generated = runner.invoke(app, ["generate", "--model", str(marian_run), "--prompt", source,
+                                    "--num-beams", "2", "--max-new-tokens", "12"])
+    assert generated.exit_code == 0, generated.output
+    assert generated.stdout.strip() == predicted[0]
+
+
+def test_summarize_t5_rouge_equals_rouge_score(tiny_seq2seq, tmp_path):
+    from rouge_score import rouge_scorer
+
+    from llmkit.evaluate import split_sentences
+
+    docs = [{"document": f"{en}. {es}. the end.", "summary": en} for en, es in toy_pairs(48, 3)]
+    for name, part in (("train", docs[:36]), ("dev", docs[36:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in part))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "finetune", "summarize", "--model", str(tiny_seq2seq("t5")), "--train",
+        str(tmp_path / "train.jsonl"), "--validation", str(tmp_path / "dev.jsonl"),
+        "--text-column", "document", "--epochs", "1", "--max-new-tokens", "8",
+        "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    predicted = lines(out / "predictions.txt")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"],
+                                      use_stemmer=True)
+    scores = [scorer.score(split_sentences(d["summary"]), split_sentences(p))
+              for d, p in zip(docs[36:], predicted, strict=True)]
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert final[key] == pytest.approx(100 * sum(s[key].fmeasure for s in scores)
+                                           / len(scores), abs=1e-9)
+    config = (out / "config.yaml").read_text()
+    assert "task: summarize" in config
+
+
+def test_bart_reads_a_column_per_language(tiny_seq2seq, tmp_path):
+    import csv
+
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["en", "es"])
+        writer.writerows(toy_pairs(40, 4))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [*TRANSLATE, "--model", str(tiny_seq2seq("bart")),
+                                      "--train", str(path), "--translation-column", "",
+                                      "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["eval_samples"] == 4 and "chrf" in final
+
+
+@pytest.mark.parametrize(("family", "task", "fits"), [
+    ("bert", "translate", "classify, qa"), ("gpt2", "summarize", "classify, qa, generate"),
+    ("marian", "generate", "summarize, translate")])
+def test_wrong_model_for_the_task(family, task, fits, tiny_seq2seq, tiny_bert, tiny_gpt2,
+                                  toy_translation, tmp_path):
+    model = {"bert": tiny_bert, "gpt2": tiny_gpt2}.get(family) or tiny_seq2seq(family)
+    result = CliRunner().invoke(app, ["finetune", task, "--model", str(model), "--train",
+                                      str(toy_translation["train"]), "--source-lang", "en",
+                                      "--target-lang", "es", "--text-column", "translation",
+                                      "--summary-column", "translation",
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    assert f"it fits: {fits}" in str(result.exception)
+
+
+def test_two_processes_match_one_with_accumulation(toy_translation, tmp_path):
+    model = save_tiny_seq2seq(tmp_path / "marian", "marian", dropout=0.0)  # draws differ per rank
+    args = [*TRANSLATE, "--model", str(model), "--train",
+            str(toy_translation["train"]), "--validation", str(toy_translation["validation"]),
+            "--batch-size", "4", "--eval-batch-size", "5", "-s", "train.seed=3"]
+    two, one = two_ranks_and_one(args, tmp_path)
+    for a, b in zip(two["history"], one["history"], strict=True):
+        assert a["step"] == b["step"] and a["eval_samples"] == b["eval_samples"] == 12
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-4)
+    predicted = [lines(tmp_path / d / "predictions.txt") for d in ("two", "one")]
+    assert len(predicted[0]) == 12 and predicted[0] == predicted[1]
