@@ -317,8 +317,12 @@ def generate_text(
     if stream and (input or num_beams > 1 or num_return_sequences > 1 or stop):
         raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "
                           "--num-beams, --num-return-sequences and --stop")
+    from llmkit.tasks.seq2seq import run_prefix
+
     prompts = [prompt] if prompt is not None else read_prompts(str(input))
     net, tokenizer = load_generator(model)
+    prefix = run_prefix(model, net.config)  # what a T5 run was trained with ('summarize: ')
+    prompts = [prefix + p for p in prompts]
     if chat:
         prompts = [templated(tokenizer, p) for p in prompts]
     if stream:

@@ -14,6 +14,7 @@ from llmkit.config import (
     shipped_recipes,
 )
 from llmkit.errors import ConfigError, LlmkitError
+from llmkit.tasks import get_task
 
 BASE = {"model": "m", "output": "o", "data.train": "t.csv"}
 
@@ -97,6 +98,7 @@ def test_shipped_recipes_load_and_validate(name: str) -> None:
     task = first.split()[3]
     cfg = load_config(task, name, {"output": "runs/x"})
     assert isinstance(cfg, RunConfig) and cfg.task == task and cfg.model
+    assert get_task(task).columns(cfg.data, True)  # e.g. translate needs its languages
 
 
 def test_shipped_recipes_exist() -> None:

@@ -192,8 +192,15 @@ def test_summarize_t5_rouge_equals_rouge_score(tiny_seq2seq, tmp_path):
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         assert final[key] == pytest.approx(100 * sum(s[key].fmeasure for s in scores)
                                            / len(scores), abs=1e-9)
-    config = (out / "config.yaml").read_text()
-    assert "task: summarize" in config
+    generated = CliRunner().invoke(app, ["generate", "--model", str(out), "--prompt",
+                                          docs[36]["document"], "--max-new-tokens", "8"])
+    assert generated.exit_code == 0, generated.output  # with the "summarize: " prefix
+    assert generated.stdout.strip() == predicted[0]
+    from transformers import AutoConfig
+
+    from llmkit.tasks.seq2seq import run_prefix
+
+    assert run_prefix(str(out), AutoConfig.from_pretrained(out)) == "summarize: "
 
 
 def test_bart_reads_a_column_per_language(tiny_seq2seq, tmp_path):

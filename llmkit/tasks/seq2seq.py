@@ -56,6 +56,16 @@ def source_prefix(kind: Kind, cfg: DataConfig, config: PretrainedConfig) -> str:
     return f"translate {source} to {target}: "
 
 
+def run_prefix(folder: str, config: PretrainedConfig) -> str:
+    """The source prefix a translate or summarize run directory was trained with, else ''."""
+    from llmkit.predict import run_config
+
+    saved = run_config(folder)
+    if saved is None or saved.task not in ("translate", "summarize"):
+        return ""
+    return source_prefix(saved.task, saved.data, config)  # type: ignore[arg-type]
+
+
 def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
     """Language codes for multilingual tokenizers, and the generation settings of evaluation
     (saved with the run as generation_config.json)."""
