@@ -57,8 +57,9 @@ def load_generator(name: str) -> tuple[Any, Any]:
         tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_pretrained(auto, name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the checkpoint's own dtype on a GPU; fp32 on CPUs, where bf16 matmuls are slow
+    model = load_pretrained(auto, name, dtype="auto" if device.type == "cuda" else torch.float32)
     return model.to(device).eval(), tokenizer
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.config import load_config
+from llmkit.config import DataConfig, load_config
 from llmkit.errors import LlmkitError
 from llmkit.predict import predict
 from llmkit.train import finetune
@@ -193,3 +193,22 @@ def test_eval_model_mode_reproduces_the_run_metrics(run: Path, toy: dict[str, Pa
     with pytest.raises(LlmkitError, match="'perplexity' does not fit a classify model; its "
                                           "metrics are eval_loss, accuracy"):
         score_model(["perplexity"], str(run), str(toy["validation"]), None, "validation", {})
+
+
+def test_bf16_checkpoint_trains_with_fp32_weights(toy: dict[str, Path], tmp_path: Path) -> None:
+    """transformers 5 keeps a bf16 checkpoint in bf16; the optimizer needs fp32 weights."""
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    from llmkit.tasks import get_task, load_model
+    from tests.conftest import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    AutoModel.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+    model, _ = load_model(get_task("classify"), str(folder), DataConfig(), num_labels=2)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    out = finetune(load_config("classify", None, {
+        "model": str(folder), "output": str(tmp_path / "run"), "data.train": str(toy["train"]),
+        "train.epochs": 1}))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}

@@ -127,7 +127,11 @@ def load_model(task: Task, name: str, data: DataConfig, **config_kwargs: Any
                           "the tokenizer into the same folder with tokenizer.save_pretrained")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-style vocabularies have no pad token
-    model, info = load_pretrained(auto_class(task), name, config=config,
+    import torch
+
+    # fp32 weights whatever the checkpoint holds (transformers 5 keeps a bf16 checkpoint in
+    # bf16): the optimizer needs fp32 master weights; --mixed-precision computes in bf16/fp16
+    model, info = load_pretrained(auto_class(task), name, config=config, dtype=torch.float32,
                                   ignore_mismatched_sizes=True, output_loading_info=True)
     new = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
                                                  for k in info["mismatched_keys"])
