@@ -2,6 +2,7 @@
 then `llmkit generate` batch mode vs a loop over `model.generate`. One session, same settings.
 
     python benchmarks/causal_lm.py [--epochs 2] [--layers 4] [--width 256] [--block 256]
+        [--mixed-precision bf16] [--data input.txt]
 
 The last 10% of the lines of ../shared/data/tinyshakespeare/input.txt are the validation text.
 The model is random-initialised from a GPT-2 config, with a byte-level BPE tokenizer trained on
@@ -60,7 +61,8 @@ def run_llmkit(train: Path, valid: Path, model: Path, args: argparse.Namespace) 
         "data.validation": str(valid), "data.sample_by": "document",
         "data.block_size": args.block, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.learning_rate": args.lr,
-        "train.warmup_ratio": 0.05, "train.logging_steps": 20})
+        "train.warmup_ratio": 0.05, "train.logging_steps": 20,
+        "train.mixed_precision": args.mixed_precision})
     start = time.perf_counter()
     out = finetune(cfg, overwrite=True)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -110,7 +112,7 @@ def run_trainer(train: Path, valid: Path, model: Path, args: argparse.Namespace)
         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, warmup_steps=0.05, seed=42,
         save_strategy="no", eval_strategy="no", report_to=[], logging_steps=20,
-        disable_tqdm=True)
+        disable_tqdm=True, bf16=args.mixed_precision == "bf16")
     trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model), args=training,
                       train_dataset=blocks["train"], data_collator=default_data_collator)
     result = trainer.train()
@@ -161,7 +163,11 @@ def main() -> None:
     parser.add_argument("--skip-trainer", action="store_true")
     parser.add_argument("--skip-llmkit", action="store_true",
                         help="reuse the last llmkit run's metrics (same settings assumed)")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--data", type=Path, help="another copy of tinyshakespeare/input.txt")
     args = parser.parse_args()
+    global DATA
+    DATA = args.data or DATA
     if not DATA.is_file():
         raise SystemExit(f"{DATA} is absent: the shared data folder must sit beside the checkout")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -179,7 +185,9 @@ def main() -> None:
     print("generation (16 prompts x 128 new tokens, greedy):", generation)
     (OUT.parent / "causal_lm.json").write_text(json.dumps(
         {"args": vars(args), "results": results, "generation": generation,
-         "torch_threads": torch.get_num_threads()}, indent=1))
+         "torch_threads": torch.get_num_threads(),
+         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        indent=1, default=str))
 
 
 if __name__ == "__main__":

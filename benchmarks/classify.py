@@ -1,6 +1,7 @@
 """all-MiniLM-L6-v2 on SST-2: llmkit vs transformers.Trainer at the same settings, one session.
 
-    python benchmarks/classify.py [--rows 4000] [--epochs 3]
+    python benchmarks/classify.py [--rows 4000] [--epochs 3] [--mixed-precision bf16]
+        [--model FOLDER] [--data FOLDER]      # another copy of the model / sst2 (a GPU box)
 
 Both fine-tune the same checkpoint on the first N rows of ../shared/data/sst2/train.tsv with the
 same hyper-parameters and score ../shared/data/sst2/dev.tsv (872 rows). Trainer runs at its
@@ -43,10 +44,11 @@ def run_llmkit(train: Path, args: argparse.Namespace) -> dict[str, float]:
     from llmkit.train import finetune
 
     cfg = load_config("classify", None, {
-        "model": minilm(), "output": str(OUT / "llmkit-run"), "data.train": str(train),
+        "model": args.model, "output": str(OUT / "llmkit-run"), "data.train": str(train),
         "data.validation": str(DATA / "dev.tsv"), "data.max_length": args.max_length,
         "train.epochs": args.epochs, "train.learning_rate": args.lr,
-        "train.batch_size": args.batch_size, "train.weight_decay": 0.01, "train.seed": 42})
+        "train.batch_size": args.batch_size, "train.weight_decay": 0.01, "train.seed": 42,
+        "train.mixed_precision": args.mixed_precision})
     start = time.perf_counter()
     out = finetune(cfg, overwrite=True)
     wall = time.perf_counter() - start
@@ -70,15 +72,17 @@ def run_trainer(train: Path, args: argparse.Namespace) -> dict[str, float]:
     start = time.perf_counter()
     files = {"train": str(train), "dev": str(DATA / "dev.tsv")}
     raw = datasets.load_dataset("csv", data_files=files, delimiter="\t", quoting=3)
-    tokenizer = AutoTokenizer.from_pretrained(minilm())
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = raw.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
                    batched=True, remove_columns=["text"])
-    model = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2,
+                                                               dtype=torch.float32)
     training = TrainingArguments(
         output_dir=str(OUT / "trainer-run"), num_train_epochs=args.epochs,
         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64, weight_decay=0.01, seed=42, save_strategy="no",
-        eval_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True)
+        eval_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True,
+        bf16=args.mixed_precision == "bf16")
     trainer = Trainer(model=model, args=training, train_dataset=data["train"],
                       data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=lambda p: {"accuracy": float(
@@ -97,14 +101,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--model", help="all-MiniLM-L6-v2 folder (default: the wheel's)")
+    parser.add_argument("--data", type=Path, help="folder with sst2 train.tsv and dev.tsv")
     args = parser.parse_args()
+    global DATA
+    DATA = args.data or DATA
+    args.model = args.model or minilm()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} is absent: the shared data folder must sit beside the checkout")
     OUT.mkdir(parents=True, exist_ok=True)
     train = subset(args.rows)
     results = {"llmkit": run_llmkit(train, args), "transformers.Trainer": run_trainer(train, args)}
     machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "python": platform.python_version(), "torch": torch.__version__}
+               "python": platform.python_version(), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "mixed_precision": args.mixed_precision}
     print(f"{'':22}{'acc (best)':>12}{'acc (last)':>12}{'samples/s':>12}{'wall s':>10}")
     for name, r in results.items():
         print(f"{name:22}{r['accuracy_best_epoch']:12.4f}{r['accuracy_last_epoch']:12.4f}"
@@ -114,7 +126,7 @@ def main() -> None:
     print(f"samples/s ratio llmkit / Trainer: {ratio:.2f}  ({machine})")
     (OUT / "classify.json").write_text(json.dumps({"args": vars(args), "machine": machine,
                                                    "results": results, "ratio": ratio},
-                                                  indent=1))
+                                                  indent=1, default=str))
 
 
 if __name__ == "__main__":

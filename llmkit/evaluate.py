@@ -281,10 +281,13 @@ def score_model(names: list[str], model: str, data: str | None, task: str | None
     if data is None:
         raise LlmkitError("--model needs --data: the labelled rows to score it on")
     result = score(model, data, task, split, columns=columns)
-    missing = [n for n in names if n not in result]
+    values = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    missing = [n for n in names if n not in values]
     if missing:
         name = task or getattr(run_config(model), "task", "this")
         raise LlmkitError(f"metric {', '.join(map(repr, missing))} does not fit a {name} model; "
-                          f"its metrics are {', '.join(k for k in result if k != 'eval_samples')}")
+                          f"its metrics are {', '.join(k for k in values if k != 'eval_samples')}")
     settings = {"data": data, "eval_samples": result["eval_samples"]}
-    return [Score(n, float(result[n]), "llmkit", {}, settings) for n in names]
+    # sacrebleu's signature where the task scored with it (translate), else llmkit's own
+    return [Score(n, float(values[n]), str(result.get(f"{n}_signature", "llmkit")), {}, settings)
+            for n in names]

@@ -81,7 +81,7 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
 
 
 def score(model: str, data_spec: str, task: str | None = None, split: str = "validation",
-          batch_size: int = 64, columns: dict[str, Any] | None = None) -> dict[str, float]:
+          batch_size: int = 64, columns: dict[str, Any] | None = None) -> dict[str, Any]:
     """The task's metrics for a model on labelled rows (a file or a Hub split)."""
     spec, data, net, tokenizer = prepare(model, task, columns)
     rows = load_split(data_spec, split, data.dataset_config, "--data", data.sample_by)

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from llmkit import checkpoint as ckpt
@@ -93,13 +94,18 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
                                    cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length)
     # Own generators keep loader start-up from drawing on the global RNG that dropout uses,
     # so a resumed run replays the same random numbers as an uninterrupted one.
+    pin = torch.cuda.is_available()  # page-locked batches copy to the GPU without a sync
     train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
-                              generator=torch.Generator())
+                              generator=torch.Generator(), pin_memory=pin)
     eval_features = eval_set.select(by_length(eval_set))
-    eval_loader = DataLoader(eval_features, collate_fn=collate,
+    eval_loader = DataLoader(eval_features, collate_fn=collate, pin_memory=pin,
                              batch_size=cfg.train.eval_batch_size, generator=torch.Generator())
+    # the fused AdamW (one kernel for all parameters, as Trainer's default) needs the
+    # parameters on their device first
+    fused = accelerator.device.type in ("cuda", "cpu")
+    model.to(accelerator.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
-                                  lr=cfg.train.learning_rate)
+                                  lr=cfg.train.learning_rate, fused=fused)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, optimizer, train_loader, eval_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
@@ -138,23 +144,24 @@ class Meter:
 
     def __init__(self) -> None:
         self.loss: float | torch.Tensor = 0.0
-        self.batches, self.samples, self.tokens = 0, 0, 0
+        self.batches, self.samples = 0, 0
+        self.tokens: int | torch.Tensor = 0
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], processes: int) -> None:
         self.loss = self.loss + loss.detach().float()
         self.batches += 1
         self.samples += batch["input_ids"].shape[0] * processes
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum() if mask is not None else batch["input_ids"].numel()) \
-            * processes
+        mask = batch.get("attention_mask")  # summed on the device: an int() here would sync
+        self.tokens = self.tokens + (mask.sum() if mask is not None
+                                     else batch["input_ids"].numel()) * processes
 
     def flush(self, accelerator: Accelerator) -> dict[str, float]:
         loss = accelerator.reduce(torch.as_tensor(self.loss).reshape(1), "mean").item()
-        seconds = time.perf_counter() - self.start
+        seconds, tokens = time.perf_counter() - self.start, int(self.tokens)
         result = {"loss": loss / max(self.batches, 1), "seconds": seconds,
                   "samples_per_second": self.samples / seconds, "samples": self.samples,
-                  "tokens_per_second": self.tokens / seconds, "tokens": self.tokens}
+                  "tokens_per_second": tokens / seconds, "tokens": tokens}
         self.__init__()  # type: ignore[misc]
         return result
 
@@ -188,8 +195,10 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
         state.bad_evals = 0
     else:
         state.bad_evals += 1
-    reporter.evaluation(record)
+    began = time.perf_counter()
     ckpt.save_checkpoint(parts.accelerator, out, state)
+    record["save_seconds"] = round(time.perf_counter() - began, 3)  # after: not in the saved copy
+    reporter.evaluation(record)
     if parts.accelerator.is_main_process:
         ckpt.prune(out, {state.best_checkpoint or ""})
     patience = cfg.train.early_stopping_patience
@@ -249,8 +258,10 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
 
 
 def throughput(total: dict[str, float], evals: list[dict[str, Any]]) -> dict[str, float]:
-    """Training speed over this process's part of the run, evaluation time left out."""
-    seconds = total["seconds"] - sum(r["eval_seconds"] for r in evals)
+    """Training speed over this process's part of the run, evaluations and the checkpoints
+    saved with them left out."""
+    seconds = total["seconds"] - sum(r["eval_seconds"] + r.get("save_seconds", 0.0)
+                                     for r in evals)
     return {"train_seconds": round(seconds, 2), "train_samples": total["samples"],
             "train_samples_per_second": round(total["samples"] / seconds, 2),
             "train_tokens_per_second": round(total["tokens"] / seconds, 1)}
@@ -271,7 +282,8 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
         # Accelerate runs several CPU processes (over gloo) only when told it is on CPU.
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                   gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                                  cpu=launched > 1 and not torch.accelerator.is_available())
+                                  cpu=launched > 1 and not torch.accelerator.is_available(),
+                                  dataloader_config=DataLoaderConfiguration(non_blocking=True))
     except ValueError as err:
         raise LlmkitError(f"train.mixed_precision {cfg.train.mixed_precision}: {err}") from err
     if accelerator.num_processes != launched:
@@ -314,7 +326,11 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
         state = ckpt.read_state(start)
         log.info("resuming from %s (step %d, epoch %d)", start, state.global_step, state.epoch)
     total_steps = parts.steps_per_epoch * cfg.train.epochs
-    with Reporter(out, accelerator.is_main_process, total_steps, state.global_step) as reporter:
+    # cuDNN attention builds a plan per new sequence length (hundreds of ms) and has a higher
+    # host cost per call: with batches padded to their longest row, the other kernels win
+    with Reporter(out, accelerator.is_main_process, total_steps, state.global_step) as reporter, \
+            sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                         SDPBackend.MATH]):
         speed = train_loop(parts, cfg, state, reporter, out)
     reporter.summary(state.history, state.best_checkpoint or "")
     save_run(parts, cfg, state, out, speed)

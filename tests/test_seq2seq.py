@@ -152,8 +152,10 @@ def test_eval_predict_and_generate_on_a_translate_run(marian_run, toy_translatio
                                  str(marian_run), "--data", str(toy_translation["validation"]),
                                  "--json"])
     assert scored.exit_code == 0, scored.output
-    values = {s["metric"]: s["value"] for s in json.loads(scored.stdout)["scores"]}
+    scores = {s["metric"]: s for s in json.loads(scored.stdout)["scores"]}
+    values = {name: s["value"] for name, s in scores.items()}
     assert values["chrf"] == pytest.approx(final["chrf"], abs=1e-9)
+    assert scores["chrf"]["signature"].startswith("nrefs:1|case:mixed")
     assert values["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-5)
     predicted = lines(marian_run / "predictions.txt")
     shown = runner.invoke(app, ["predict", "--model", str(marian_run), "--input",

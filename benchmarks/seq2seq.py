@@ -1,0 +1,199 @@
+"""A small random-initialised Marian on the Bible (en -> es): llmkit vs transformers'
+Seq2SeqTrainer at its defaults, same model, data and settings, in one session; and a
+summarization run (llmkit, BART-shaped) on Debian package descriptions.
+
+    python benchmarks/seq2seq.py translate [--train-rows 20000] [--epochs 1]
+    python benchmarks/seq2seq.py summarize [--train-rows 4000]
+
+Translation: ../shared/data/bible-en-es/old-testament.jsonl, a seeded 500-verse dev slice held
+out, a shared 8k BPE vocabulary trained on the training verses. Both tools train the same
+steps (batch 32, AdamW, linear schedule with 5% warm-up), then generate the dev translations
+greedily (same max new tokens) and are scored with sacrebleu's defaults. Writes
+benchmarks/out/seq2seq-{task}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "benchmarks" / "out"
+
+
+def split_rows(path: Path, dev: int, train: int, folder: Path) -> tuple[Path, Path]:
+    rows = path.read_text(encoding="utf-8").splitlines()
+    random.Random(0).shuffle(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = folder / "train.jsonl", folder / "dev.jsonl"
+    files[0].write_text("\n".join(rows[dev:dev + train]) + "\n", encoding="utf-8")
+    files[1].write_text("\n".join(rows[:dev]) + "\n", encoding="utf-8")
+    return files
+
+
+def save_model(texts: list[str], family: str, args: argparse.Namespace, folder: Path) -> Path:
+    """A shared BPE vocabulary trained on `texts` and a random encoder-decoder of `family`."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["</s>", "<unk>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=args.vocab,
+                                                       special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>",
+                                        model_max_length=512)
+    kind = {"marian": "MarianConfig", "bart": "BartConfig"}[family]
+    config = getattr(transformers, kind)(
+        vocab_size=len(tokenizer), d_model=args.width, encoder_layers=args.layers,
+        decoder_layers=args.layers, encoder_attention_heads=args.width // 64,
+        decoder_attention_heads=args.width // 64, encoder_ffn_dim=4 * args.width,
+        decoder_ffn_dim=4 * args.width, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id, forced_eos_token_id=None,
+        bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def options(task: str, args: argparse.Namespace) -> dict:
+    return {"train.epochs": args.epochs, "train.batch_size": args.batch_size,
+            "train.eval_batch_size": args.batch_size, "train.learning_rate": args.lr,
+            "train.warmup_ratio": 0.05, "train.weight_decay": 0.01, "train.logging_steps": 50,
+            "data.max_length": 128 if task == "translate" else 256,
+            "data.max_target_length": 128 if task == "translate" else 48,
+            "data.max_new_tokens": args.max_new_tokens, "data.num_beams": 1}
+
+
+def run_llmkit(task: str, model: Path, train: Path, dev: Path, args: argparse.Namespace
+               ) -> dict:
+    from llmkit.config import load_config
+    from llmkit.train import finetune
+
+    extra = ({"data.source_lang": "en", "data.target_lang": "es"} if task == "translate"
+             else {"data.text_column": "document"})
+    cfg = load_config(task, None, {"model": str(model), "output": str(OUT / f"{task}-llmkit"),
+                                   "data.train": str(train), "data.validation": str(dev),
+                                   **extra, **options(task, args)})
+    start = time.perf_counter()
+    out = finetune(cfg, overwrite=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    last = metrics["history"][-1]
+    keep = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "eval_loss")
+    return {**{k: last[k] for k in keep if k in last},
+            "train_samples_per_second": metrics["run"]["train_samples_per_second"],
+            "eval_seconds": last["eval_seconds"],
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace) -> dict:
+    """run_translation.py's preprocessing and Seq2SeqTrainer at its defaults (random order,
+    the stock collator), then predict(predict_with_generate=True) on the dev verses."""
+    import datasets
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+    )
+
+    from llmkit.evaluate import sacrebleu_score
+
+    start = time.perf_counter()
+    raw = datasets.load_dataset("json", data_files={"train": str(train), "dev": str(dev)})
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    settings = options("translate", args)
+
+    def encode(batch: dict) -> dict:
+        sources = [p["en"] for p in batch["translation"]]
+        targets = [p["es"] for p in batch["translation"]]
+        return tokenizer(sources, text_target=targets, max_length=settings["data.max_length"],
+                         truncation=True)
+
+    features = raw.map(encode, batched=True, remove_columns=raw["train"].column_names)
+    net = AutoModelForSeq2SeqLM.from_pretrained(model)
+    training = Seq2SeqTrainingArguments(
+        output_dir=str(OUT / "translate-trainer"), num_train_epochs=args.epochs,
+        learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, warmup_steps=0.05, weight_decay=0.01,
+        seed=42, save_strategy="no", eval_strategy="no", report_to=[], logging_steps=50,
+        disable_tqdm=True, predict_with_generate=True)
+    trainer = Seq2SeqTrainer(model=net, args=training, train_dataset=features["train"],
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=net),
+                             processing_class=tokenizer)
+    result = trainer.train()
+    began = time.perf_counter()
+    predicted = trainer.predict(features["dev"], max_new_tokens=args.max_new_tokens,
+                                num_beams=1)
+    eval_seconds = time.perf_counter() - began
+    ids = predicted.predictions
+    ids[ids < 0] = tokenizer.pad_token_id
+    hypotheses = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    references = [[p["es"] for p in raw["dev"]["translation"]]]
+    return {"bleu": sacrebleu_score("bleu", hypotheses, references, {}).value,
+            "chrf": sacrebleu_score("chrf", hypotheses, references, {}).value,
+            "eval_loss": predicted.metrics["test_loss"],
+            "train_samples_per_second": round(result.metrics["train_samples_per_second"], 2),
+            "eval_seconds": round(eval_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=["translate", "summarize"])
+    parser.add_argument("--train-rows", type=int, default=20000)
+    parser.add_argument("--dev-rows", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--skip-trainer", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    folder = OUT / f"seq2seq-{args.task}"
+    if args.task == "translate":
+        train, dev = split_rows(DATA / "bible-en-es" / "old-testament.jsonl", args.dev_rows,
+                                args.train_rows, folder)
+        rows = [json.loads(line)["translation"] for line in train.read_text().splitlines()]
+        texts = [r["en"] for r in rows] + [r["es"] for r in rows]
+        family = "marian"
+    else:
+        train, dev = split_rows(DATA / "debian-descriptions" / "descriptions.jsonl",
+                                args.dev_rows, args.train_rows, folder)
+        rows = [json.loads(line) for line in train.read_text().splitlines()]
+        texts = [r["document"] for r in rows] + [r["summary"] for r in rows]
+        family = "bart"
+    model = save_model(texts, family, args, folder / "model")
+    results = {"settings": vars(args), "threads": torch.get_num_threads(),
+               "llmkit": run_llmkit(args.task, model, train, dev, args)}
+    if args.task == "translate" and not args.skip_trainer:
+        results["Seq2SeqTrainer"] = run_trainer(model, train, dev, args)
+        a, b = results["llmkit"], results["Seq2SeqTrainer"]
+        results["ratio"] = {
+            "train_samples_per_second": round(a["train_samples_per_second"]
+                                              / b["train_samples_per_second"], 2),
+            "eval_speedup": round(b["eval_seconds"] / a["eval_seconds"], 2)}
+    (OUT / f"seq2seq-{args.task}.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
