@@ -248,3 +248,27 @@ def test_two_processes_match_one_with_accumulation(toy_translation, tmp_path):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-4)
     predicted = [lines(tmp_path / d / "predictions.txt") for d in ("two", "one")]
     assert len(predicted[0]) == 12 and predicted[0] == predicted[1]
+
+
+def test_multilingual_codes_set_tokenizer_languages_and_forced_bos(tiny_seq2seq):
+    """mBART/NLLB style: codes like es_XX are tokenizer tokens and find the data key es."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from llmkit.tasks.seq2seq import language_key
+
+    folder = tiny_seq2seq("marian")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["en_XX", "es_XX"]})
+    tokenizer.src_lang, tokenizer.tgt_lang = "??", "??"  # what mBART's tokenizer carries
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    cfg = DataConfig(source_lang="en_XX", target_lang="es_XX", num_beams=3, max_new_tokens=7)
+    get_task("translate").prepare(model, tokenizer, cfg)
+    assert (tokenizer.src_lang, tokenizer.tgt_lang) == ("en_XX", "es_XX")
+    generation = model.generation_config
+    assert generation.forced_bos_token_id == tokenizer.convert_tokens_to_ids("es_XX")
+    assert (generation.num_beams, generation.max_new_tokens) == (3, 7)
+    assert language_key("en_XX", ["en", "es"], "source") == "en"
+    plain = AutoTokenizer.from_pretrained(folder)  # no src_lang: nothing forced
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    get_task("translate").prepare(model, plain, cfg)
+    assert model.generation_config.forced_bos_token_id is None
