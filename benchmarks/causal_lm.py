@@ -151,7 +151,8 @@ def bench_generation(model_dir: Path, valid: Path, prompts: int, new_tokens: int
     return result
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The settings (run.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--layers", type=int, default=4)
@@ -165,7 +166,11 @@ def main() -> None:
                         help="reuse the last llmkit run's metrics (same settings assumed)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--data", type=Path, help="another copy of tinyshakespeare/input.txt")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     global DATA
     DATA = args.data or DATA
     if not DATA.is_file():

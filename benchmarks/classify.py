@@ -94,7 +94,8 @@ def run_trainer(train: Path, args: argparse.Namespace) -> dict[str, float]:
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The settings (run.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=3)
@@ -104,7 +105,11 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--model", help="all-MiniLM-L6-v2 folder (default: the wheel's)")
     parser.add_argument("--data", type=Path, help="folder with sst2 train.tsv and dev.tsv")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     global DATA
     DATA = args.data or DATA
     args.model = args.model or minilm()

@@ -153,7 +153,8 @@ def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace) -
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The settings (run.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=["translate", "summarize"])
     parser.add_argument("--train-rows", type=int, default=16000)
@@ -166,7 +167,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--skip-trainer", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(torch.get_num_threads())
     folder = OUT / f"seq2seq-{args.task}"
     if args.task == "translate":

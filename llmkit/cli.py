@@ -283,7 +283,9 @@ def generate_text(
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
-    num_beams: Annotated[int, typer.Option(help="Beam search width.")] = 1,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (default: the "
+                         "model's generation config, e.g. what a seq2seq run evaluated with; "
+                         "else 1).")] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="Penalty > 1 discourages "
                                   "repeats.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string "
@@ -314,7 +316,7 @@ def generate_text(
         max_new_tokens, sample or any(v is not None for v in (temperature, top_k, top_p)),
         temperature, top_k, top_p, num_beams, repetition_penalty, num_return_sequences,
         tuple(stop or ()), seed)
-    if stream and (input or num_beams > 1 or num_return_sequences > 1 or stop):
+    if stream and (input or (num_beams or 1) > 1 or num_return_sequences > 1 or stop):
         raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "
                           "--num-beams, --num-return-sequences and --stop")
     from llmkit.tasks.seq2seq import run_prefix

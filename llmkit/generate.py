@@ -19,7 +19,7 @@ class GenerationSettings:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
-    num_beams: int = 1
+    num_beams: int | None = None  # None: the model's generation config (a seq2seq run's)
     repetition_penalty: float | None = None
     num_return_sequences: int = 1
     stop: tuple[str, ...] = ()

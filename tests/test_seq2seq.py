@@ -165,7 +165,7 @@ def test_eval_predict_and_generate_on_a_translate_run(marian_run, toy_translatio
     assert [r["translation"] for r in records] == predicted
     source = json.loads(lines(toy_translation["validation"])[0])["translation"]["en"]
     generated = runner.invoke(app, ["generate", "--model", str(marian_run), "--prompt", source,
-                                    "--num-beams", "2", "--max-new-tokens", "12"])
+                                    "--max-new-tokens", "12"])  # the run's 2 beams
     assert generated.exit_code == 0, generated.output
     assert generated.stdout.strip() == predicted[0]
 
