@@ -34,9 +34,6 @@ def setup_logging() -> None:
     logger.propagate = False
     for noisy in ("transformers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING if main else logging.ERROR)
-    # "Removed shared tensor lm_head.weight while saving" at every checkpoint of a model with
-    # tied embeddings: expected, and resuming restores the tie
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def quiet_libraries() -> None:
@@ -47,6 +44,9 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # "Removed shared tensor lm_head.weight while saving" at every checkpoint of a model with
+    # tied embeddings: expected, and resuming restores the tie (also when called as a library)
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def format_value(value: Any) -> str:
