@@ -57,6 +57,15 @@ def loss_of(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
             "eval_samples": len(gathered["loss_sum"])}
 
 
+def perplexity(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
+    """exp(token-weighted mean loss over every predicted token), and that token count."""
+    import math
+
+    tokens = float(gathered["loss_count"].sum())
+    mean = float(gathered["loss_sum"].sum()) / tokens
+    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": int(tokens)}
+
+
 def _registry() -> dict[str, Task]:
     from llmkit.tasks.causal_lm import GENERATE
     from llmkit.tasks.classify import CLASSIFY

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import LlmkitError
-from llmkit.tasks import Task
+from llmkit.tasks import Task, perplexity
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,10 +140,7 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Perplexity = exp(token-weighted mean loss over every predicted token)."""
-    tokens = float(gathered["loss_count"].sum())
-    mean = float(gathered["loss_sum"].sum()) / tokens
-    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": int(tokens)}
+    return perplexity(gathered)
 
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,

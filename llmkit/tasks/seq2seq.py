@@ -4,12 +4,11 @@ reading different columns, evaluated by generating and scoring with sacrebleu or
 from __future__ import annotations
 
 import logging
-import math
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.errors import LlmkitError
-from llmkit.tasks import Task
+from llmkit.tasks import Task, perplexity
 
 if TYPE_CHECKING:
     import numpy as np
@@ -212,8 +211,7 @@ def score(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: D
     predictions, rows = decode(gathered, features, tokenizer)
     by_row = dict(zip(features["row"], features["reference"], strict=True))
     references = [by_row[r] for r in rows]
-    mean = float(gathered["loss_sum"].sum() / gathered["loss_count"].sum())
-    result: dict[str, Any] = {"perplexity": math.exp(mean) if mean < 700 else math.inf}
+    result = perplexity(gathered)  # of the references
     if kind == "translate":
         for name in ("bleu", "chrf"):
             found = sacrebleu_score(name, predictions, [references], {})
