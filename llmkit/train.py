@@ -227,6 +227,8 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
             with acc.accumulate(model):
                 loss = model(**batch).loss
                 acc.backward(loss)
+                # drop the graph now: kept alive into the next forward it holds hundreds of MB
+                loss = loss.detach()
                 if acc.sync_gradients and tc.max_grad_norm > 0:
                     acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
                 parts.optimizer.step()
