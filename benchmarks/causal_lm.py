@@ -1,7 +1,7 @@
 """A small GPT-2 on tinyshakespeare: llmkit vs transformers.Trainer (run_clm.py-style grouping),
 then `llmkit generate` batch mode vs a loop over `model.generate`. One session, same settings.
 
-    python benchmarks/causal_lm.py [--epochs 2] [--layers 4] [--width 256] [--block 256]
+    python benchmarks/causal_lm.py [--epochs 1] [--layers 6] [--width 384] [--block 256]
         [--mixed-precision bf16] [--data input.txt]
 
 The last 10% of the lines of ../shared/data/tinyshakespeare/input.txt are the validation text.
@@ -61,7 +61,7 @@ def run_llmkit(train: Path, valid: Path, model: Path, args: argparse.Namespace) 
         "data.validation": str(valid), "data.sample_by": "document",
         "data.block_size": args.block, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.learning_rate": args.lr,
-        "train.warmup_ratio": 0.05, "train.logging_steps": 20,
+        "train.warmup_ratio": 0.05, "train.logging_steps": 20, "train.seed": args.seed,
         "train.mixed_precision": args.mixed_precision})
     start = time.perf_counter()
     out = finetune(cfg, overwrite=True)
@@ -110,7 +110,7 @@ def run_trainer(train: Path, valid: Path, model: Path, args: argparse.Namespace)
     training = TrainingArguments(
         output_dir=str(OUT / "trainer-run"), num_train_epochs=args.epochs,
         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, warmup_steps=0.05, seed=42,
+        per_device_eval_batch_size=args.batch_size, warmup_steps=0.05, seed=args.seed,
         save_strategy="no", eval_strategy="no", report_to=[], logging_steps=20,
         disable_tqdm=True, bf16=args.mixed_precision == "bf16")
     trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model), args=training,
@@ -121,6 +121,42 @@ def run_trainer(train: Path, valid: Path, model: Path, args: argparse.Namespace)
             "eval_tokens": len(blocks["validation"]) * (args.block - 1),
             "train_tokens_per_second": round(result.metrics["train_samples_per_second"]
                                              * args.block, 1),
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_padded(train: Path, valid: Path, model: Path, args: argparse.Namespace) -> dict:
+    """The naive baseline: one line of text per example, Trainer at its defaults with the stock
+    language-modelling collator (each batch padded to its longest line, padding masked out of
+    the loss). Throughput counts real tokens only; --padded-steps optimizer steps."""
+    import datasets
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    start = time.perf_counter()
+    raw = datasets.load_dataset("text", data_files={"train": str(train)}, keep_linebreaks=True)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token = tokenizer.eos_token
+    lines = raw["train"].filter(lambda r: bool(r["text"].strip())).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=args.block), batched=True,
+        remove_columns=["text"])
+    real_tokens = sum(len(ids) for ids in lines["input_ids"]) / len(lines)
+    training = TrainingArguments(
+        output_dir=str(OUT / "padded-run"), max_steps=args.padded_steps, learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size, warmup_steps=0.05, seed=args.seed,
+        save_strategy="no", eval_strategy="no", report_to=[], logging_steps=20,
+        disable_tqdm=True, bf16=args.mixed_precision == "bf16")
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model), args=training,
+                      train_dataset=lines,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    result = trainer.train()
+    return {"train_tokens_per_second": round(result.metrics["train_samples_per_second"]
+                                             * real_tokens, 1),
+            "mean_tokens_per_example": round(real_tokens, 1),
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -154,13 +190,16 @@ def bench_generation(model_dir: Path, valid: Path, prompts: int, new_tokens: int
 def parser() -> argparse.ArgumentParser:
     """The settings (run.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--width", type=int, default=384)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--padded-steps", type=int, default=100,
+                        help="optimizer steps of the one-line-per-example baseline (run.py)")
     parser.add_argument("--skip-trainer", action="store_true")
     parser.add_argument("--skip-llmkit", action="store_true",
                         help="reuse the last llmkit run's metrics (same settings assumed)")

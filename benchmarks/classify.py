@@ -47,7 +47,7 @@ def run_llmkit(train: Path, args: argparse.Namespace) -> dict[str, float]:
         "model": args.model, "output": str(OUT / "llmkit-run"), "data.train": str(train),
         "data.validation": str(DATA / "dev.tsv"), "data.max_length": args.max_length,
         "train.epochs": args.epochs, "train.learning_rate": args.lr,
-        "train.batch_size": args.batch_size, "train.weight_decay": 0.01, "train.seed": 42,
+        "train.batch_size": args.batch_size, "train.weight_decay": 0.01, "train.seed": args.seed,
         "train.mixed_precision": args.mixed_precision})
     start = time.perf_counter()
     out = finetune(cfg, overwrite=True)
@@ -80,7 +80,7 @@ def run_trainer(train: Path, args: argparse.Namespace) -> dict[str, float]:
     training = TrainingArguments(
         output_dir=str(OUT / "trainer-run"), num_train_epochs=args.epochs,
         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, weight_decay=0.01, seed=42, save_strategy="no",
+        per_device_eval_batch_size=64, weight_decay=0.01, seed=args.seed, save_strategy="no",
         eval_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True,
         bf16=args.mixed_precision == "bf16")
     trainer = Trainer(model=model, args=training, train_dataset=data["train"],
@@ -102,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--model", help="all-MiniLM-L6-v2 folder (default: the wheel's)")
     parser.add_argument("--data", type=Path, help="folder with sst2 train.tsv and dev.tsv")

@@ -1,12 +1,10 @@
 """One entry point for the side-by-side benchmarks: llmkit and the reference tool alternate
 (A B A B ...), each run in its own process (so each pays its own start-up and reports its own
-peak memory), same model, data, settings and optimizer steps; medians over the rounds.
+peak memory), same model, data, settings and optimizer steps, a different seed per round (the
+same for every tool within a round); medians over the rounds.
 
     python benchmarks/run.py --task classify [--rounds 3]
-    python benchmarks/run.py --task causal | translate
-
-(Generation speed is in causal_lm.py, eval speed in the closing notes of issue 6; they move here
-next.)
+    python benchmarks/run.py --task causal | translate | generate | eval
 
 Prints a table and writes it into benchmarks/RESULTS.md between this task's markers, with the
 machine (cores, threads, the fp32 matmul peak measured in the same run) and library versions.
@@ -20,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -33,76 +32,178 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 RESULTS = BENCH / "RESULTS.md"
-TOOLS = {"classify": ("llmkit", "Trainer"), "causal": ("llmkit", "Trainer"),
-         "translate": ("llmkit", "Seq2SeqTrainer")}
+TOOLS = {"classify": ("llmkit", "Trainer"),
+         "causal": ("llmkit", "Trainer", "Trainer, one padded line per example"),
+         "translate": ("llmkit", "Seq2SeqTrainer"),
+         "generate": ("llmkit", "model.generate"),
+         "eval": ("llmkit", "sacrebleu CLI")}
+# settings that differ from the scripts' own defaults (shorter runs, same steps for both tools)
+SETTINGS = {"translate": ["translate", "--train-rows", "6000", "--epochs", "1"]}
+TARGETS = {
+    "classify": "samples/s ≥ 1.5× Trainer; accuracy within 0.5 point; peak RSS ≤ 1.2×.",
+    "causal": "tokens/s ≥ 1.0× Trainer (run_clm grouping) and ≥ 2.5× the padded-line run.",
+    "translate": "training samples/s ≥ 1.3×; generation for evaluation ≥ 2× faster "
+                 "(eval_seconds ratio ≤ 0.5).",
+    "generate": "16 prompts × 128 new tokens: batched ≥ 6× the loop's new tokens/s; one "
+                "prompt ≤ 1.05× a bare model.generate call's seconds.",
+    "eval": "BLEU on 20,000 segments ≤ 1.1× sacrebleu's seconds; llmkit --help < 1 s."}
+PROMPTS, NEW_TOKENS, SEGMENTS = 16, 128, 20_000
 
 
-def defaults(module: Any) -> argparse.Namespace:
-    """The script's own default settings."""
-    return module.parser().parse_args(["translate"] if module.__name__ == "seq2seq" else [])
-
-
-def worker(task: str, tool: str) -> dict[str, Any]:
-    """One run of one tool, in this process; the parent prepared the data and model."""
+def settings(task: str, seed: int = 42) -> argparse.Namespace:
+    """The benchmark script's settings for this task and round."""
+    module = bench_module(task)
+    args = module.parser().parse_args([*SETTINGS.get(task, []), "--seed", str(seed)])
     if task == "classify":
-        import classify as bench
+        args.model = args.model or module.minilm()
+    return args
 
-        args = defaults(bench)
-        args.model = args.model or bench.minilm()
+
+def bench_module(task: str) -> Any:
+    if task == "classify":
+        import classify as module
+    elif task == "translate":
+        import seq2seq as module
+    else:
+        import causal_lm as module
+    return module
+
+
+def worker(task: str, tool: str, seed: int) -> dict[str, Any]:
+    """One run of one tool, in this process; the parent prepared the data and model."""
+    bench, args = bench_module(task), settings(task, seed)
+    if task == "classify":
         train = bench.OUT / f"sst2-train-{args.rows}.tsv"
         result = (bench.run_llmkit if tool == "llmkit" else bench.run_trainer)(train, args)
     elif task == "causal":
-        import causal_lm as bench
-
-        args = defaults(bench)
         paths = (bench.OUT / "train.txt", bench.OUT / "valid.txt", bench.OUT / "model")
-        result = (bench.run_llmkit if tool == "llmkit" else bench.run_trainer)(*paths, args)
-    else:
-        import seq2seq as bench
-
-        args = defaults(bench)
+        run = {"llmkit": bench.run_llmkit, "Trainer": bench.run_trainer}.get(tool,
+                                                                               bench.run_padded)
+        result = run(*paths, args)
+    elif task == "translate":
         folder = bench.OUT / "seq2seq-translate"
         paths = (folder / "model", folder / "train.jsonl", folder / "dev.jsonl")
         result = (bench.run_llmkit("translate", *paths, args) if tool == "llmkit"
                   else bench.run_trainer(*paths, args))
-    return {**result, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                           / 1024, 1)}
+    elif task == "generate":
+        result = generation(tool == "llmkit", bench.OUT / "model", bench.OUT / "valid.txt")
+    else:
+        result = scoring(tool == "llmkit")
+    who = resource.RUSAGE_CHILDREN if task == "eval" else resource.RUSAGE_SELF
+    return {**result, "peak_rss_mb": round(resource.getrusage(who).ru_maxrss / 1024, 1)}
+
+
+def generation(llmkit: bool, folder: Path, valid: Path) -> dict[str, float]:
+    """New tokens/s for 16 prompts (llmkit batched vs a loop of single calls: the first pass, then
+    the median of 3 more), and the median seconds of one prompt (llmkit's path vs a bare
+    `model.generate`); greedy, EOS off so every prompt makes exactly NEW_TOKENS tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.generate import GenerationSettings, generate, load_generator
+
+    prompts = [line for line in valid.read_text().splitlines() if line.strip()][:PROMPTS]
+    if llmkit:
+        model, tokenizer = load_generator(str(folder))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.generation_config.eos_token_id = None
+    options = GenerationSettings(max_new_tokens=NEW_TOKENS)
+
+    def one(prompt: str) -> int:
+        if llmkit:
+            return int(generate(model, tokenizer, [prompt], options, batch_size=1)[0]
+                       ["new_tokens"])
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+        return int(out.shape[1] - ids["input_ids"].shape[1])
+
+    def batch() -> float:
+        """New tokens/s over the 16 prompts: one batched call, or a loop of single calls."""
+        start = time.perf_counter()
+        if llmkit:
+            made = sum(r["new_tokens"] for r in generate(model, tokenizer, prompts, options,
+                                                          batch_size=PROMPTS))
+        else:
+            made = sum(one(prompt) for prompt in prompts)
+        return made / (time.perf_counter() - start)
+
+    first = batch()  # the first pass pays for growing the process's memory (the KV caches)
+    steady = statistics.median(batch() for _ in range(3))
+    single = []
+    for prompt in prompts[:5]:
+        start = time.perf_counter()
+        one(prompt)
+        single.append(time.perf_counter() - start)
+    return {f"new_tokens_per_second_{PROMPTS}_prompts": round(steady, 1),
+            f"first_pass_new_tokens_per_second_{PROMPTS}_prompts": round(first, 1),
+            "single_prompt_seconds": round(statistics.median(single), 4)}
+
+
+def scoring(llmkit: bool) -> dict[str, float]:
+    """Wall seconds of BLEU on SEGMENTS segments through each tool's command line (and of
+    `llmkit --help`); the scores must agree."""
+    hyp, ref = BENCH / "out" / "eval" / "hyp.txt", BENCH / "out" / "eval" / "ref.txt"
+    if llmkit:
+        command = [cli("llmkit"), "eval", "-m", "bleu", "-p", str(hyp), "-r", str(ref), "--json"]
+    else:
+        command = [cli("sacrebleu"), str(ref), "-i", str(hyp), "-m", "bleu", "-b"]
+    start = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    seconds = time.perf_counter() - start
+    bleu = json.loads(out)["scores"][0]["value"] if llmkit else float(out)
+    result = {f"bleu_{SEGMENTS}_segments_seconds": round(seconds, 3), "bleu": round(bleu, 1)}
+    if llmkit:
+        start = time.perf_counter()
+        subprocess.run([cli("llmkit"), "--help"], capture_output=True, check=True)
+        result["help_seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def cli(name: str) -> str:
+    """The console script installed beside this Python (what a user types)."""
+    path = Path(sys.executable).with_name(name)
+    if not path.exists():
+        raise SystemExit(f"{name} is not installed beside {sys.executable}")
+    return str(path)
 
 
 def prepare(task: str) -> dict[str, Any]:
     """Data and model files the workers read, and the FLOPs per sample of the model."""
-    if task == "classify":
-        import classify as bench
+    bench, args = bench_module(task), settings(task)
+    from transformers import AutoConfig, AutoTokenizer
 
-        args = defaults(bench)
+    if task == "classify":
         bench.OUT.mkdir(parents=True, exist_ok=True)
         train = bench.subset(args.rows)
-        from transformers import AutoConfig, AutoTokenizer
-
-        folder = args.model or bench.minilm()
         texts = [line.split("\t")[0] for line in train.read_text().splitlines()[1:]]
-        lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(folder)(
+        lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(args.model)(
             texts, truncation=True, max_length=args.max_length)["input_ids"]]
-        return flops(AutoConfig.from_pretrained(folder), lengths)
-    if task == "causal":
-        import causal_lm as bench
-
-        args = defaults(bench)
+        return flops(AutoConfig.from_pretrained(args.model), lengths)
+    if task in ("causal", "generate"):
         bench.OUT.mkdir(parents=True, exist_ok=True)
         _, _, model = bench.prepare(args)
-        from transformers import AutoConfig
-
         return flops(AutoConfig.from_pretrained(model), [args.block])
-    import seq2seq as bench
-
-    args = defaults(bench)
-    folder = bench.OUT / "seq2seq-translate"
-    train, _ = bench.split_rows(bench.DATA / "bible-en-es" / "old-testament.jsonl",
-                                args.dev_rows, args.train_rows, folder)
-    rows = [json.loads(line)["translation"] for line in train.read_text().splitlines()]
-    bench.save_model([r["en"] for r in rows] + [r["es"] for r in rows], "marian", args,
-                     folder / "model")
-    return {}
+    if task == "translate":
+        folder = bench.OUT / "seq2seq-translate"
+        train, _ = bench.split_rows(bench.DATA / "bible-en-es" / "old-testament.jsonl",
+                                    args.dev_rows, args.train_rows, folder)
+        rows = [json.loads(line)["translation"] for line in train.read_text().splitlines()]
+        bench.save_model([r["en"] for r in rows] + [r["es"] for r in rows], "marian", args,
+                         folder / "model")
+        return {}
+    # eval: Spanish verses as references; hypotheses drop one word in five (a BLEU near 60)
+    verses = (bench.ROOT.parent / "shared" / "data" / "bible-en-es" / "old-testament.jsonl"
+              ).read_text(encoding="utf-8").splitlines()[:SEGMENTS]
+    refs = [json.loads(line)["translation"]["es"] for line in verses]
+    rng = random.Random(0)
+    hyps = [" ".join(w for w in r.split() if rng.random() > 0.2) for r in refs]
+    folder = BENCH / "out" / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ref.txt").write_text("\n".join(refs) + "\n", encoding="utf-8")
+    (folder / "hyp.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    return {"segments": len(refs)}
 
 
 def flops(config: Any, lengths: list[int]) -> dict[str, Any]:
@@ -131,9 +232,9 @@ def run_rounds(task: str, rounds: int) -> dict[str, Any]:
     info = prepare(task)
     runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in TOOLS[task]}
     for index in range(rounds):
-        for tool in TOOLS[task]:
-            done = subprocess.run([sys.executable, __file__, "--worker", task, tool],
-                                  capture_output=True, text=True, check=False)
+        for number, tool in enumerate(TOOLS[task]):
+            done = subprocess.run([sys.executable, __file__, "--worker", task, str(number),
+                                   str(42 + index)], capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"{task} {tool} failed:\n{done.stderr[-3000:]}")
             runs[tool].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -147,24 +248,28 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def report(task: str, result: dict[str, Any], peak: float) -> str:
-    a, b = TOOLS[task]
-    ma, mb = medians(result["runs"][a]), medians(result["runs"][b])
-    speed = next(k for k in ("train_samples_per_second", "train_tokens_per_second") if k in ma)
-    rows = [f"| metric (median of {len(result['runs'][a])}) | {a} | {b} | ratio |",
-            "|---|---|---|---|"]
-    for key in ma:
-        if key in mb:
-            ratio = f"{ma[key] / mb[key]:.2f}×" if mb[key] else ""
-            rows.append(f"| {key} | {ma[key]:.4g} | {mb[key]:.4g} | {ratio} |")
+    """Medians per tool, and llmkit's figure divided by each reference's."""
+    tools = TOOLS[task]
+    values = [medians(result["runs"][tool]) for tool in tools]
+    rounds = len(result["runs"][tools[0]])
+    head = [f"metric (median of {rounds})", *tools, *(f"llmkit ÷ {t}" for t in tools[1:])]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in dict.fromkeys(k for v in values for k in v):
+        cells = [f"{v[key]:.4g}" if key in v else "" for v in values]
+        ratios = [f"{values[0][key] / v[key]:.2f}×" if key in values[0] and v.get(key) else ""
+                  for v in values[1:]]
+        rows.append(f"| {key} | " + " | ".join(cells + ratios) + " |")
     per_sample = result["info"].get("flops_per_sample")
-    if per_sample and speed == "train_samples_per_second":
-        rows.append(f"| MFU | {per_sample * ma[speed] / peak:.3f} | "
-                    f"{per_sample * mb[speed] / peak:.3f} | |")
-    elif per_sample:
-        per_token = per_sample / result["info"]["mean_tokens"]
-        rows.append(f"| MFU | {per_token * ma[speed] / peak:.3f} | "
-                    f"{per_token * mb[speed] / peak:.3f} | |")
-    return "\n".join(rows)
+    speed = next((k for k in ("train_samples_per_second", "train_tokens_per_second")
+                  if k in values[0]), None)
+    if per_sample and speed:
+        per_unit = per_sample if speed == "train_samples_per_second" else (
+            per_sample / result["info"]["mean_tokens"])
+        # the padded-line baseline's attention is over short lines: no comparable MFU
+        cells = [f"{per_unit * v[speed] / peak:.3f}" if "mean_tokens_per_example" not in v
+                 else "" for v in values]
+        rows.append("| MFU | " + " | ".join(cells + [""] * (len(tools) - 1)) + " |")
+    return "\n".join(rows) + f"\n\nTargets: {TARGETS[task]}"
 
 
 def machine(peak: float) -> str:
@@ -191,12 +296,14 @@ def write(task: str, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=sorted(TOOLS), default="classify")
+    parser.add_argument("--task", choices=list(TOOLS), default="classify")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--worker", nargs=2, metavar=("TASK", "TOOL"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("TASK", "TOOL", "SEED"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker)))
+        task, number, seed = args.worker
+        print(json.dumps(worker(task, TOOLS[task][int(number)], int(seed))))
         return
     peak = matmul_peak()
     result = run_rounds(args.task, args.rounds)

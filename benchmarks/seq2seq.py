@@ -74,6 +74,7 @@ def options(task: str, args: argparse.Namespace) -> dict:
     return {"train.epochs": args.epochs, "train.batch_size": args.batch_size,
             "train.eval_batch_size": args.batch_size, "train.learning_rate": args.lr,
             "train.warmup_ratio": 0.1, "train.weight_decay": 0.01, "train.logging_steps": 50,
+            "train.seed": args.seed,
             "data.max_length": 128 if task == "translate" else 256,
             "data.max_target_length": 128 if task == "translate" else 48,
             "data.max_new_tokens": args.max_new_tokens, "data.num_beams": 1}
@@ -131,7 +132,7 @@ def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace) -
         output_dir=str(OUT / "translate-trainer"), num_train_epochs=args.epochs,
         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, warmup_steps=0.1, weight_decay=0.01,
-        seed=42, save_strategy="no", eval_strategy="no", report_to=[], logging_steps=50,
+        seed=args.seed, save_strategy="no", eval_strategy="no", report_to=[], logging_steps=50,
         disable_tqdm=True, predict_with_generate=True)
     trainer = Seq2SeqTrainer(model=net, args=training, train_dataset=features["train"],
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=net),
@@ -166,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--skip-trainer", action="store_true")
     return parser
 
