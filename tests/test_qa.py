@@ -180,3 +180,72 @@ def test_two_process_qa_run_matches_one_process(tmp_path: Path) -> None:
         assert m2["final"][key] == pytest.approx(m1["final"][key]), key
     assert (json.loads((tmp_path / "two" / "predictions.json").read_text())
             == json.loads((tmp_path / "one" / "predictions.json").read_text()))
+
+
+LOOKUP_ANSWERS = ["paris", "lazy dog", "brown fox", "superb"]
+LOOKUP_FILLERS = ["the", "plot", "is", "dull", "and", "acting", "worse", "one", "of", "best",
+                  "movies", "year", "cast", "wonderful", "mess", "from", "start", "to", "end"]
+
+ANSWER_IN_PLAIN_TRANSFORMERS = """
+import json, sys, torch
+sys.modules["llmkit"] = None
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+model = AutoModelForQuestionAnswering.from_pretrained(sys.argv[1]).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+answers = []
+for line in open(sys.argv[2]):
+    row = json.loads(line)
+    enc = tok(row["question"], row["context"], return_tensors="pt", return_offsets_mapping=True)
+    offsets = enc.pop("offset_mapping")[0].tolist()
+    outside = torch.tensor([s != 1 for s in enc.sequence_ids()])
+    with torch.inference_mode():
+        out = model(**enc)
+    start = int(out.start_logits[0].masked_fill(outside, -1e9).argmax())
+    end = start + int(out.end_logits[0, start:start + 10].masked_fill(outside[start:start + 10],
+                                                                      -1e9).argmax())
+    answers.append(row["context"][offsets[start][0]:offsets[end][1]])
+print(json.dumps(answers))
+"""
+
+
+def write_lookup(path: Path, rows: int, seed: int) -> Path:
+    """SQuAD-layout rows a tiny model can learn: one answer phrase among filler words."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(rows):
+        answer = rng.choice(LOOKUP_ANSWERS)
+        words = rng.choices(LOOKUP_FILLERS, k=rng.randint(4, 14))
+        words.insert(rng.randint(0, len(words)), answer)
+        context = " ".join(words)
+        lines.append(json.dumps({"id": f"{seed}-{i}", "title": "t", "context": context,
+                                 "question": "what is the capital ?", "answers": {
+                                     "text": [answer], "answer_start": [context.index(answer)]}}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_trained_run_answers_in_plain_transformers(tmp_path: Path) -> None:
+    """A tiny BERT learns the toy task; the run directory then extracts the gold answers of
+    unseen rows with the Auto classes alone (no llmkit, no pipeline)."""
+    from tests.conftest import save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "bert", dropout=0.0)
+    dev = write_lookup(tmp_path / "dev.jsonl", 40, seed=1)
+    cfg = load_config("qa", None, {
+        "model": str(model), "output": str(tmp_path / "run"),
+        "data.train": str(write_lookup(tmp_path / "train.jsonl", 240, seed=0)),
+        "data.validation": str(dev), "data.max_length": 48, "data.doc_stride": 16,
+        "train.epochs": 6,
+        "train.batch_size": 16, "train.learning_rate": 5e-3})
+    out = finetune(cfg)
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["exact_match"] == 100.0 and final["f1"] == 100.0
+    gold = [json.loads(line)["answers"]["text"][0] for line in dev.read_text().splitlines()]
+    answered = subprocess.run([sys.executable, "-c", ANSWER_IN_PLAIN_TRANSFORMERS, str(out),
+                               str(dev)], capture_output=True, text=True, check=True).stdout
+    assert json.loads(answered) == gold
+    assert json.loads((out / "predictions.json").read_text()) == {
+        json.loads(line)["id"]: g for line, g in zip(dev.read_text().splitlines(), gold,
+                                                     strict=True)}
