@@ -176,15 +176,19 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     import torch.nn.functional as F
 
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # the encoder runs once; the loss and generate both read its outputs
+    encoded = model.get_encoder()(**inputs)
     gathered: dict[str, torch.Tensor] = {}
     if "labels" in batch:
-        logits = model(**inputs, labels=batch["labels"]).logits.float()
+        logits = model(attention_mask=inputs["attention_mask"], encoder_outputs=encoded,
+                       labels=batch["labels"]).logits.float()
         losses = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE,
                                  reduction="none")
         gathered = {"loss_sum": losses.sum(-1),
                     "loss_count": (batch["labels"] != IGNORE).sum(-1).float()}
     generation = model.generation_config
-    ids = model.generate(**inputs, generation_config=generation, use_cache=True)
+    ids = model.generate(**inputs, encoder_outputs=encoded, generation_config=generation,
+                         use_cache=True)
     width = generation.max_new_tokens + 1
     pad = generation.pad_token_id if generation.pad_token_id is not None \
         else model.config.pad_token_id
