@@ -129,12 +129,13 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 def make_scheduler(cfg: RunConfig, optimizer: Any, steps_per_epoch: int, processes: int) -> Any:
     from transformers import get_scheduler
 
-    # Accelerate steps a prepared scheduler once per process on each optimizer step.
-    total = steps_per_epoch * cfg.train.epochs * processes
+    # Accelerate steps a prepared scheduler once per process on each optimizer step. Warm-up
+    # steps round up, as Trainer's do: on short runs one step changes the result.
+    steps = steps_per_epoch * cfg.train.epochs
     try:
         return get_scheduler(cfg.train.lr_scheduler, optimizer,
-                             num_warmup_steps=int(cfg.train.warmup_ratio * total),
-                             num_training_steps=total)
+                             num_warmup_steps=math.ceil(cfg.train.warmup_ratio * steps)
+                             * processes, num_training_steps=steps * processes)
     except ValueError as err:
         raise LlmkitError(f"train.lr_scheduler: {err}".splitlines()[0]) from err
 
