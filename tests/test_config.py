@@ -125,6 +125,7 @@ def test_warmup_steps_round_up_as_trainer_does(steps: int, processes: int) -> No
     for _ in range(steps):
         rates.append(scheduler.get_last_lr()[0])
         for _ in range(processes):
+            optimizer.step()
             scheduler.step()
     expected = TrainingArguments(output_dir="unused", warmup_steps=0.05,
                                  report_to=[]).get_warmup_steps(steps)
