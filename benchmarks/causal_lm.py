@@ -1,5 +1,6 @@
-"""A small GPT-2 on tinyshakespeare: llmkit vs transformers.Trainer (run_clm.py-style grouping),
-then `llmkit generate` batch mode vs a loop over `model.generate`. One session, same settings.
+"""A small GPT-2 on tinyshakespeare: llmkit vs transformers.Trainer (run_clm.py-style grouping).
+One session, same settings; `run.py --task causal` alternates them over rounds, with a padded
+one-line-per-example baseline too, and `run.py --task generate` times generation on its model.
 
     python benchmarks/causal_lm.py [--epochs 1] [--layers 6] [--width 384] [--block 256]
         [--mixed-precision bf16] [--data input.txt]
@@ -160,33 +161,6 @@ def run_padded(train: Path, valid: Path, model: Path, args: argparse.Namespace) 
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
-def bench_generation(model_dir: Path, valid: Path, prompts: int, new_tokens: int) -> dict:
-    """New tokens/s: llmkit's batched generation vs a loop of single `model.generate` calls."""
-    from llmkit.generate import GenerationSettings, generate, load_generator
-
-    model, tokenizer = load_generator(str(model_dir))
-    texts = [line for line in valid.read_text().splitlines() if line.strip()][:prompts]
-    # no early stop, so both make exactly `new_tokens` per prompt
-    settings = GenerationSettings(max_new_tokens=new_tokens)
-    model.generation_config.eos_token_id = None
-    result = {}
-    start = time.perf_counter()
-    records = generate(model, tokenizer, texts, settings, batch_size=prompts)
-    result["llmkit_batch_new_tokens_per_second"] = round(
-        sum(r["new_tokens"] for r in records) / (time.perf_counter() - start), 1)
-    start, made = time.perf_counter(), 0
-    with torch.inference_mode():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
-            made += out.shape[1] - ids["input_ids"].shape[1]
-    result["loop_new_tokens_per_second"] = round(made / (time.perf_counter() - start), 1)
-    result["batch_over_loop"] = round(result["llmkit_batch_new_tokens_per_second"]
-                                      / result["loop_new_tokens_per_second"], 2)
-    return result
-
-
 def parser() -> argparse.ArgumentParser:
     """The settings (run.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -221,14 +195,12 @@ def main() -> None:
     if not args.skip_trainer:
         results["transformers.Trainer (run_clm grouping)"] = run_trainer(train, valid, model,
                                                                          args)
-    generation = bench_generation(OUT / "llmkit-run", valid, prompts=16, new_tokens=128)
     print(f"{'':40}{'perplexity':>12}{'tokens/s':>12}{'wall s':>10}")
     for name, r in results.items():
         print(f"{name:40}{r['perplexity']:12.2f}{r['train_tokens_per_second']:12.1f}"
               f"{r['wall_seconds']:10.1f}")
-    print("generation (16 prompts x 128 new tokens, greedy):", generation)
     (OUT.parent / "causal_lm.json").write_text(json.dumps(
-        {"args": vars(args), "results": results, "generation": generation,
+        {"args": vars(args), "results": results,
          "torch_threads": torch.get_num_threads(),
          "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
         indent=1, default=str))
