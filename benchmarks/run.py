@@ -194,7 +194,7 @@ def prepare(task: str) -> dict[str, Any]:
                          folder / "model")
         return {}
     # eval: Spanish verses as references; hypotheses drop one word in five (a BLEU near 60)
-    verses = (bench.ROOT.parent / "shared" / "data" / "bible-en-es" / "old-testament.jsonl"
+    verses = (BENCH.parents[1] / "shared" / "data" / "bible-en-es" / "old-testament.jsonl"
               ).read_text(encoding="utf-8").splitlines()[:SEGMENTS]
     refs = [json.loads(line)["translation"]["es"] for line in verses]
     rng = random.Random(0)
