@@ -5,6 +5,11 @@ same for every tool within a round); medians over the rounds.
 
     python benchmarks/run.py --task classify [--rounds 3]
     python benchmarks/run.py --task causal | translate | generate | eval
+    python benchmarks/run.py --task classify --mixed-precision bf16 --model F --data F  # a GPU
+
+Options run.py does not know go to the task's script (classify.py, causal_lm.py, seq2seq.py).
+On a GPU, or with --mixed-precision bf16, the table goes under its own marker, and the matmul
+peak is measured on that device in that precision.
 
 Prints a table and writes it into benchmarks/RESULTS.md between this task's markers, with the
 machine (cores, threads, the fp32 matmul peak measured in the same run) and library versions.
@@ -50,13 +55,21 @@ TARGETS = {
 PROMPTS, NEW_TOKENS, SEGMENTS = 16, 128, 20_000
 
 
-def settings(task: str, seed: int = 42) -> argparse.Namespace:
-    """The benchmark script's settings for this task and round."""
+def settings(task: str, seed: int = 42, extra: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark script's settings for this task and round (`extra`: the script's own
+    options given to run.py)."""
     module = bench_module(task)
-    args = module.parser().parse_args([*SETTINGS.get(task, []), "--seed", str(seed)])
+    args = module.parser().parse_args([*SETTINGS.get(task, []), *(extra or []),
+                                       "--seed", str(seed)])
+    if getattr(args, "data", None):
+        module.DATA = args.data
     if task == "classify":
         args.model = args.model or module.minilm()
     return args
+
+
+def precision(task: str, extra: list[str]) -> str:
+    return getattr(settings(task, extra=extra), "mixed_precision", "no")
 
 
 def bench_module(task: str) -> Any:
@@ -69,9 +82,9 @@ def bench_module(task: str) -> Any:
     return module
 
 
-def worker(task: str, tool: str, seed: int) -> dict[str, Any]:
+def worker(task: str, tool: str, seed: int, extra: list[str]) -> dict[str, Any]:
     """One run of one tool, in this process; the parent prepared the data and model."""
-    bench, args = bench_module(task), settings(task, seed)
+    bench, args = bench_module(task), settings(task, seed, extra)
     if task == "classify":
         train = bench.OUT / f"sst2-train-{args.rows}.tsv"
         result = (bench.run_llmkit if tool == "llmkit" else bench.run_trainer)(train, args)
@@ -169,9 +182,9 @@ def cli(name: str) -> str:
     return str(path)
 
 
-def prepare(task: str) -> dict[str, Any]:
+def prepare(task: str, extra: list[str]) -> dict[str, Any]:
     """Data and model files the workers read, and the FLOPs per sample of the model."""
-    bench, args = bench_module(task), settings(task)
+    bench, args = bench_module(task), settings(task, extra=extra)
     from transformers import AutoConfig, AutoTokenizer
 
     if task == "classify":
@@ -217,24 +230,32 @@ def flops(config: Any, lengths: list[int]) -> dict[str, Any]:
             "mean_tokens": statistics.fmean(lengths)}
 
 
-def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """The best fp32 matmul FLOP/s of this machine, measured now."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(mixed_precision: str = "no", repeats: int = 5) -> float:
+    """The best matmul FLOP/s of this machine in the run's precision (fp32 on the CPU; on a GPU,
+    bf16 or fp32 at torch's defaults), measured now."""
+    cuda = torch.cuda.is_available()
+    size = 8192 if cuda else 2048
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    a, b = (torch.randn(size, size, dtype=dtype, device="cuda" if cuda else "cpu")
+            for _ in range(2))
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first call on a GPU pays for kernel selection
         start = time.perf_counter()
         a @ b
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
-def run_rounds(task: str, rounds: int) -> dict[str, Any]:
-    info = prepare(task)
+def run_rounds(task: str, rounds: int, extra: list[str]) -> dict[str, Any]:
+    info = prepare(task, extra)
     runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in TOOLS[task]}
     for index in range(rounds):
         for number, tool in enumerate(TOOLS[task]):
             done = subprocess.run([sys.executable, __file__, "--worker", task, str(number),
-                                   str(42 + index)], capture_output=True, text=True, check=False)
+                                   str(42 + index), *extra], capture_output=True, text=True,
+                                  check=False)
             if done.returncode != 0:
                 raise SystemExit(f"{task} {tool} failed:\n{done.stderr[-3000:]}")
             runs[tool].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -266,26 +287,30 @@ def report(task: str, result: dict[str, Any], peak: float) -> str:
         per_unit = per_sample if speed == "train_samples_per_second" else (
             per_sample / result["info"]["mean_tokens"])
         # the padded-line baseline's attention is over short lines: no comparable MFU
-        cells = [f"{per_unit * v[speed] / peak:.3f}" if "mean_tokens_per_example" not in v
+        cells = [f"{per_unit * v[speed] / peak:.3g}" if "mean_tokens_per_example" not in v
                  else "" for v in values]
         rows.append("| MFU | " + " | ".join(cells + [""] * (len(tools) - 1)) + " |")
     return "\n".join(rows) + f"\n\nTargets: {TARGETS[task]}"
 
 
-def machine(peak: float) -> str:
+def machine(peak: float, mixed_precision: str) -> str:
     import accelerate
     import transformers
 
-    return (f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, fp32 matmul peak "
-            f"{peak / 1e9:.1f} GFLOP/s (measured in this run); Python "
+    dtype = "bf16" if mixed_precision == "bf16" else "fp32"
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    return (f"{gpu}{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {dtype} "
+            f"matmul peak {peak / 1e9:.1f} GFLOP/s (measured in this run); Python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers "
             f"{transformers.__version__}, accelerate {accelerate.__version__}")
 
 
-def write(task: str, text: str) -> None:
-    start, end = f"<!-- run.py:{task} -->", f"<!-- /run.py:{task} -->"
+def write(task: str, text: str, label: str = "") -> None:
+    key = f"{task}:{label}" if label else task
+    start, end = f"<!-- run.py:{key} -->", f"<!-- /run.py:{key} -->"
     current = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{start}\n### `run.py --task {task}`\n\n{text}\n{end}"
+    title = f"`run.py --task {task}`" + (f" ({label})" if label else "")
+    block = f"{start}\n### {title}\n\n{text}\n{end}"
     if start in current:
         head, rest = current.split(start, 1)
         current = head + block + rest.split(end, 1)[1]
@@ -300,18 +325,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", nargs=3, metavar=("TASK", "TOOL", "SEED"),
                         help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
     if args.worker:
         task, number, seed = args.worker
-        print(json.dumps(worker(task, TOOLS[task][int(number)], int(seed))))
+        print(json.dumps(worker(task, TOOLS[task][int(number)], int(seed), extra)))
         return
-    peak = matmul_peak()
-    result = run_rounds(args.task, args.rounds)
-    text = (f"{report(args.task, result, peak)}\n\nMachine: {machine(peak)}. "
+    mixed = precision(args.task, extra)
+    # CPU fp32 is the issue's setting; anything else is reported beside it, not over it
+    label = "-".join(part for part in ("cuda" if torch.cuda.is_available() else "",
+                                       mixed if mixed != "no" else "") if part)
+    peak = matmul_peak(mixed)
+    result = run_rounds(args.task, args.rounds, extra)
+    text = (f"{report(args.task, result, peak)}\n\nMachine: {machine(peak, mixed)}. "
             f"{time.strftime('%Y-%m-%d')}.\n")
     print(text)
-    write(args.task, text)
-    (BENCH / "out" / f"run-{args.task}.json").write_text(json.dumps(result, indent=1))
+    write(args.task, text, label)
+    name = f"run-{args.task}" + (f"-{label}" if label else "")
+    (BENCH / "out" / f"{name}.json").write_text(json.dumps({**result, "matmul_peak": peak},
+                                                           indent=1))
 
 
 if __name__ == "__main__":
