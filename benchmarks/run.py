@@ -4,7 +4,7 @@ peak memory), same model, data, settings and optimizer steps, a different seed p
 same for every tool within a round); medians over the rounds.
 
     python benchmarks/run.py --task classify [--rounds 3]
-    python benchmarks/run.py --task causal | translate | generate | eval
+    python benchmarks/run.py --task causal | translate | translate-eval | generate | eval
     python benchmarks/run.py --task classify --mixed-precision bf16 --model F --data F  # a GPU
 
 Options run.py does not know go to the task's script (classify.py, causal_lm.py, seq2seq.py).
@@ -40,15 +40,19 @@ RESULTS = BENCH / "RESULTS.md"
 TOOLS = {"classify": ("llmkit", "Trainer"),
          "causal": ("llmkit", "Trainer", "Trainer, one padded line per example"),
          "translate": ("llmkit", "Seq2SeqTrainer"),
+         "translate-eval": ("llmkit", "Seq2SeqTrainer.predict"),
          "generate": ("llmkit", "model.generate"),
          "eval": ("llmkit", "sacrebleu CLI")}
 # settings that differ from the scripts' own defaults (shorter runs, same steps for both tools)
-SETTINGS = {"translate": ["translate", "--train-rows", "6000", "--epochs", "1"]}
+SETTINGS = {"translate": ["translate", "--train-rows", "6000", "--epochs", "1"],
+            "translate-eval": ["translate", "--train-rows", "6000", "--epochs", "1"]}
 TARGETS = {
     "classify": "samples/s ≥ 1.5× Trainer; accuracy within 0.5 point; peak RSS ≤ 1.2×.",
     "causal": "tokens/s ≥ 1.0× Trainer (run_clm grouping) and ≥ 2.5× the padded-line run.",
-    "translate": "training samples/s ≥ 1.3×; generation for evaluation ≥ 2× faster "
-                 "(eval_seconds ratio ≤ 0.5).",
+    "translate": "training samples/s ≥ 1.3× (evaluation: each tool with its own model; the "
+                 "generation target is --task translate-eval's).",
+    "translate-eval": "one shared checkpoint, greedy, same max new tokens, batch 32: evaluation "
+                      "by generation ≥ 2× faster (eval_seconds ratio ≤ 0.5); same predictions.",
     "generate": "16 prompts × 128 new tokens: batched ≥ 6× the loop's new tokens/s; one "
                 "prompt ≤ 1.05× a bare model.generate call's seconds.",
     "eval": "BLEU on 20,000 segments ≤ 1.1× sacrebleu's seconds; llmkit --help < 1 s."}
@@ -75,7 +79,7 @@ def precision(task: str, extra: list[str]) -> str:
 def bench_module(task: str) -> Any:
     if task == "classify":
         import classify as module
-    elif task == "translate":
+    elif task.startswith("translate"):
         import seq2seq as module
     else:
         import causal_lm as module
@@ -98,6 +102,14 @@ def worker(task: str, tool: str, seed: int, extra: list[str]) -> dict[str, Any]:
         paths = (folder / "model", folder / "train.jsonl", folder / "dev.jsonl")
         result = (bench.run_llmkit("translate", *paths, args) if tool == "llmkit"
                   else bench.run_trainer(*paths, args))
+    elif task == "translate-eval":
+        folder = bench.OUT / "seq2seq-translate"
+        run = bench.OUT / "translate-llmkit"  # the checkpoint prepare() trained
+        result = (bench.eval_llmkit if tool == "llmkit" else bench.eval_trainer)(
+            run, folder / "dev.jsonl", args)
+        predictions = result.pop("predictions")
+        (bench.OUT / f"translate-eval-{tool.split('.')[0]}.txt").write_text(
+            "\n".join(predictions) + "\n", encoding="utf-8")
     elif task == "generate":
         result = generation(tool == "llmkit", bench.OUT / "model", bench.OUT / "valid.txt")
     else:
@@ -198,13 +210,15 @@ def prepare(task: str, extra: list[str]) -> dict[str, Any]:
         bench.OUT.mkdir(parents=True, exist_ok=True)
         _, _, model = bench.prepare(args)
         return flops(AutoConfig.from_pretrained(model), [args.block])
-    if task == "translate":
+    if task.startswith("translate"):
         folder = bench.OUT / "seq2seq-translate"
-        train, _ = bench.split_rows(bench.DATA / "bible-en-es" / "old-testament.jsonl",
-                                    args.dev_rows, args.train_rows, folder)
+        train, dev = bench.split_rows(bench.DATA / "bible-en-es" / "old-testament.jsonl",
+                                      args.dev_rows, args.train_rows, folder)
         rows = [json.loads(line)["translation"] for line in train.read_text().splitlines()]
         bench.save_model([r["en"] for r in rows] + [r["es"] for r in rows], "marian", args,
                          folder / "model")
+        if task == "translate-eval":  # one checkpoint both tools generate with: llmkit's run
+            bench.run_llmkit("translate", folder / "model", train, dev, args)
         return {}
     # eval: Spanish verses as references; hypotheses drop one word in five (a BLEU near 60)
     verses = (BENCH.parents[1] / "shared" / "data" / "bible-en-es" / "old-testament.jsonl"
@@ -260,6 +274,12 @@ def run_rounds(task: str, rounds: int, extra: list[str]) -> dict[str, Any]:
                 raise SystemExit(f"{task} {tool} failed:\n{done.stderr[-3000:]}")
             runs[tool].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {index + 1} {tool}: {runs[tool][-1]}", flush=True)
+    if task == "translate-eval":  # the last round's predictions, verse by verse
+        out = bench_module(task).OUT
+        texts = [(out / f"translate-eval-{t.split('.')[0]}.txt").read_text(encoding="utf-8")
+                 .splitlines() for t in TOOLS[task]]
+        same = sum(a == b for a, b in zip(*texts, strict=True))
+        info["same_predictions"] = f"{same} of {len(texts[0])}"
     return {"info": info, "runs": runs}
 
 
@@ -290,7 +310,9 @@ def report(task: str, result: dict[str, Any], peak: float) -> str:
         cells = [f"{per_unit * v[speed] / peak:.3g}" if "mean_tokens_per_example" not in v
                  else "" for v in values]
         rows.append("| MFU | " + " | ".join(cells + [""] * (len(tools) - 1)) + " |")
-    return "\n".join(rows) + f"\n\nTargets: {TARGETS[task]}"
+    same = result["info"].get("same_predictions")
+    note = f"\n\nIdentical predictions: {same} verses." if same else ""
+    return "\n".join(rows) + f"{note}\n\nTargets: {TARGETS[task]}"
 
 
 def machine(peak: float, mixed_precision: str) -> str:

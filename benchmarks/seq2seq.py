@@ -154,6 +154,79 @@ def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace) -
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
+def import_libraries() -> None:
+    """What both evaluation workers import before their clocks start (wall_seconds then
+    compares the work, not which tool happens to import a module first)."""
+    import datasets  # noqa: F401
+    import transformers
+
+    transformers.MarianMTModel, transformers.Seq2SeqTrainer  # noqa: B018 - lazy modules load
+
+
+def eval_llmkit(run: Path, dev: Path, args: argparse.Namespace) -> dict:
+    """`llmkit eval --model RUN --data dev.jsonl`'s path: the run's settings (greedy, at most
+    --max-new-tokens), batches of --batch-size sorted by length, loss and generation."""
+    from llmkit.data import load_split
+    from llmkit.predict import outputs, prepare
+
+    import_libraries()
+    start = time.perf_counter()
+    spec, data, net, tokenizer = prepare(str(run), None, None)
+    features = spec.featurize(load_split(str(dev), "validation", None, "--data"), tokenizer,
+                              net.config, data)
+    began = time.perf_counter()
+    arrays, order = outputs(spec, net, tokenizer, features, args.batch_size)
+    result = spec.score(arrays, features.select(order), data, net.config, tokenizer)
+    return {"bleu": result["bleu"], "chrf": result["chrf"],
+            "generated_tokens": result["generated_tokens"],
+            "eval_seconds": round(time.perf_counter() - began, 2),
+            "wall_seconds": round(time.perf_counter() - start, 2),
+            "predictions": result["predictions"]}
+
+
+def eval_trainer(run: Path, dev: Path, args: argparse.Namespace) -> dict:
+    """The same checkpoint through run_translation.py's preprocessing and
+    `Seq2SeqTrainer.predict(predict_with_generate=True)`: dataset order, the stock collator."""
+    import datasets
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+    )
+
+    from llmkit.evaluate import sacrebleu_score
+
+    import_libraries()
+    start = time.perf_counter()
+    raw = datasets.load_dataset("json", data_files={"dev": str(dev)})["dev"]
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    length = options("translate", args)["data.max_length"]
+    features = raw.map(lambda b: tokenizer([p["en"] for p in b["translation"]],
+                                           text_target=[p["es"] for p in b["translation"]],
+                                           max_length=length, truncation=True),
+                       batched=True, remove_columns=raw.column_names)
+    net = AutoModelForSeq2SeqLM.from_pretrained(run)
+    trainer = Seq2SeqTrainer(model=net, args=Seq2SeqTrainingArguments(
+        output_dir=str(OUT / "translate-eval-trainer"), per_device_eval_batch_size=args.batch_size,
+        report_to=[], disable_tqdm=True, predict_with_generate=True),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=net), processing_class=tokenizer)
+    began = time.perf_counter()
+    predicted = trainer.predict(features, max_new_tokens=args.max_new_tokens, num_beams=1)
+    ids = predicted.predictions
+    ids[ids < 0] = tokenizer.pad_token_id
+    hypotheses = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    references = [[p["es"] for p in raw["translation"]]]
+    bleu = sacrebleu_score("bleu", hypotheses, references, {}).value
+    chrf = sacrebleu_score("chrf", hypotheses, references, {}).value
+    eval_seconds = time.perf_counter() - began
+    new = [(row[1:] != tokenizer.pad_token_id).sum() for row in ids]  # after the start token
+    return {"bleu": bleu, "chrf": chrf, "generated_tokens": float(sum(new) / len(new)),
+            "eval_seconds": round(eval_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - start, 2), "predictions": hypotheses}
+
+
 def parser() -> argparse.ArgumentParser:
     """The settings (run.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
