@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 RESULTS = BENCH / "RESULTS.md"
@@ -88,6 +86,8 @@ def bench_module(task: str) -> Any:
 
 def worker(task: str, tool: str, seed: int, extra: list[str]) -> dict[str, Any]:
     """One run of one tool, in this process; the parent prepared the data and model."""
+    if task == "eval":  # both tools are command lines run from here: no torch in this process
+        return {**scoring(tool == "llmkit"), "peak_rss_mb": peak_rss_mb(children=True)}
     bench, args = bench_module(task), settings(task, seed, extra)
     if task == "classify":
         train = bench.OUT / f"sst2-train-{args.rows}.tsv"
@@ -110,18 +110,30 @@ def worker(task: str, tool: str, seed: int, extra: list[str]) -> dict[str, Any]:
         predictions = result.pop("predictions")
         (bench.OUT / f"translate-eval-{tool.split('.')[0]}.txt").write_text(
             "\n".join(predictions) + "\n", encoding="utf-8")
-    elif task == "generate":
-        result = generation(tool == "llmkit", bench.OUT / "model", bench.OUT / "valid.txt")
     else:
-        result = scoring(tool == "llmkit")
-    who = resource.RUSAGE_CHILDREN if task == "eval" else resource.RUSAGE_SELF
-    return {**result, "peak_rss_mb": round(resource.getrusage(who).ru_maxrss / 1024, 1)}
+        result = generation(tool == "llmkit", bench.OUT / "model", bench.OUT / "valid.txt")
+    return {**result, "peak_rss_mb": peak_rss_mb(children=False)}
+
+
+def peak_rss_mb(children: bool) -> float:
+    """Peak resident memory in MB of this process, or of the largest child it ran. Not this
+    process's ru_maxrss: Linux carries the parent's high-water mark across fork and exec, so a
+    worker started by a parent holding 1.6 GB would report at least 1.6 GB. VmHWM counts this
+    process's own address space only. A child's ru_maxrss does carry this process's mark at the
+    fork, which is why the eval worker imports no torch (a few tens of MB)."""
+    if children:
+        return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    kb = [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")]
+    return round((kb[0] if kb else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024, 1)
 
 
 def generation(llmkit: bool, folder: Path, valid: Path) -> dict[str, float]:
     """New tokens/s for 16 prompts (llmkit batched vs a loop of single calls: the first pass, then
     the median of 3 more), and the median seconds of one prompt (llmkit's path vs a bare
     `model.generate`); greedy, EOS off so every prompt makes exactly NEW_TOKENS tokens."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmkit.generate import GenerationSettings, generate, load_generator
@@ -247,6 +259,8 @@ def flops(config: Any, lengths: list[int]) -> dict[str, Any]:
 def matmul_peak(mixed_precision: str = "no", repeats: int = 5) -> float:
     """The best matmul FLOP/s of this machine in the run's precision (fp32 on the CPU; on a GPU,
     bf16 or fp32 at torch's defaults), measured now."""
+    import torch
+
     cuda = torch.cuda.is_available()
     size = 8192 if cuda else 2048
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
@@ -317,6 +331,7 @@ def report(task: str, result: dict[str, Any], peak: float) -> str:
 
 def machine(peak: float, mixed_precision: str) -> str:
     import accelerate
+    import torch
     import transformers
 
     dtype = "bf16" if mixed_precision == "bf16" else "fp32"
@@ -352,6 +367,8 @@ def main() -> None:
         task, number, seed = args.worker
         print(json.dumps(worker(task, TOOLS[task][int(number)], int(seed), extra)))
         return
+    import torch
+
     mixed = precision(args.task, extra)
     # CPU fp32 is the issue's setting; anything else is reported beside it, not over it
     label = "-".join(part for part in ("cuda" if torch.cuda.is_available() else "",
