@@ -83,6 +83,31 @@ def test_labels_are_masked_and_long_targets_counted(tiny_seq2seq, caplog):
     assert batch["input_ids"][0, -1].item() == tokenizer.pad_token_id
 
 
+@pytest.mark.parametrize("family", ["marian", "t5", "bart"])
+def test_eval_step_loss_is_the_models_own(family, tiny_seq2seq):
+    """Per-example sums over tokens from eval_step, pooled, give the loss the model computes
+    from the same labels (its own decoder-input shift included)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = tiny_seq2seq(family)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+    model.generation_config.max_new_tokens = 3
+    task = get_task("translate")
+    features = task.featurize(rows(toy_pairs(6, seed=1)), tokenizer, model.config,
+                              DataConfig(source_lang="en", target_lang="es"))
+    batch = task.collator(tokenizer)([features[i] for i in range(len(features))])
+    assert (batch["labels"] == -100).any()  # padded targets of different lengths
+    with torch.inference_mode():
+        out = task.eval_step(model, batch)
+        expected = model(**batch).loss
+    assert out["loss_count"].tolist() == (batch["labels"] != -100).sum(-1).tolist()
+    pooled = out["loss_sum"].sum() / out["loss_count"].sum()
+    assert pooled.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["generated"].shape == (len(features), 4)
+
+
 def test_missing_language_and_empty_rows(tiny_seq2seq):
     from transformers import AutoConfig, AutoTokenizer
 

@@ -180,12 +180,15 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     encoded = model.get_encoder()(**inputs)
     gathered: dict[str, torch.Tensor] = {}
     if "labels" in batch:
+        # decoder inputs rather than labels: the model would compute a mean loss of its own
+        labels = batch["labels"]
+        shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        teacher = {"decoder_input_ids": shift(labels=labels)} if shift else {"labels": labels}
         logits = model(attention_mask=inputs["attention_mask"], encoder_outputs=encoded,
-                       labels=batch["labels"]).logits.float()
-        losses = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE,
+                       **teacher).logits.float()
+        losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE,
                                  reduction="none")
-        gathered = {"loss_sum": losses.sum(-1),
-                    "loss_count": (batch["labels"] != IGNORE).sum(-1).float()}
+        gathered = {"loss_sum": losses.sum(-1), "loss_count": (labels != IGNORE).sum(-1).float()}
     generation = model.generation_config
     ids = model.generate(**inputs, encoder_outputs=encoded, generation_config=generation,
                          use_cache=True)
