@@ -19,6 +19,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,14 +81,15 @@ def options(task: str, args: argparse.Namespace) -> dict:
             "data.max_new_tokens": args.max_new_tokens, "data.num_beams": 1}
 
 
-def run_llmkit(task: str, model: Path, train: Path, dev: Path, args: argparse.Namespace
-               ) -> dict:
+def run_llmkit(task: str, model: Path, train: Path, dev: Path, args: argparse.Namespace,
+               output: Path | None = None) -> dict:
     from llmkit.config import load_config
     from llmkit.train import finetune
 
     extra = ({"data.source_lang": "en", "data.target_lang": "es"} if task == "translate"
              else {"data.text_column": "document"})
-    cfg = load_config(task, None, {"model": str(model), "output": str(OUT / f"{task}-llmkit"),
+    output = output or OUT / f"{task}-llmkit"
+    cfg = load_config(task, None, {"model": str(model), "output": str(output),
                                    "data.train": str(train), "data.validation": str(dev),
                                    **extra, **options(task, args)})
     start = time.perf_counter()
@@ -179,9 +181,21 @@ def eval_llmkit(run: Path, dev: Path, args: argparse.Namespace) -> dict:
     result = spec.score(arrays, features.select(order), data, net.config, tokenizer)
     return {"bleu": result["bleu"], "chrf": result["chrf"],
             "generated_tokens": result["generated_tokens"],
+            **decode_steps(arrays["generated"], tokenizer.pad_token_id, args.batch_size),
             "eval_seconds": round(time.perf_counter() - began, 2),
             "wall_seconds": round(time.perf_counter() - start, 2),
             "predictions": result["predictions"]}
+
+
+def decode_steps(ids: Any, pad: int, batch_size: int) -> dict:
+    """What generation in batches of `batch_size` (rows in the order given) computed: every row
+    of a batch takes a decoder step until the batch's longest output is done. `useful_share`:
+    the generated tokens over those row-steps."""
+    lengths = (ids[:, 1:] != pad).sum(-1)  # after the decoder start token
+    steps = sum(len(chunk) * int(chunk.max())
+                for chunk in (lengths[i:i + batch_size] for i in range(0, len(lengths),
+                                                                        batch_size)))
+    return {"decode_row_steps": steps, "useful_share": round(float(lengths.sum()) / steps, 3)}
 
 
 def eval_trainer(run: Path, dev: Path, args: argparse.Namespace) -> dict:
@@ -223,6 +237,7 @@ def eval_trainer(run: Path, dev: Path, args: argparse.Namespace) -> dict:
     eval_seconds = time.perf_counter() - began
     new = [(row[1:] != tokenizer.pad_token_id).sum() for row in ids]  # after the start token
     return {"bleu": bleu, "chrf": chrf, "generated_tokens": float(sum(new) / len(new)),
+            **decode_steps(ids, tokenizer.pad_token_id, args.batch_size),
             "eval_seconds": round(eval_seconds, 2),
             "wall_seconds": round(time.perf_counter() - start, 2), "predictions": hypotheses}
 
