@@ -38,10 +38,16 @@ def setup_logging() -> None:
 
 def quiet_libraries() -> None:
     """Our progress bar and log lines replace the libraries' own bars and load reports."""
-    import datasets
+    import sys
+
     import transformers
 
-    datasets.disable_progress_bars()
+    # datasets (0.5 s and ~150 MB with pandas and pyarrow) is imported only by the commands
+    # that read data; it reads this variable when it is
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     # "Removed shared tensor lm_head.weight while saving" at every checkpoint of a model with

@@ -180,6 +180,19 @@ def test_stream_prints_what_plain_generation_returns(lm_run: Path) -> None:
     assert streamed.stdout == plain.stdout
 
 
+def test_generate_does_not_import_datasets(lm_run: Path) -> None:
+    """`llmkit generate` reads no dataset: datasets (with pandas, pyarrow) would cost it half a
+    second and ~150 MB."""
+    code = ("import sys; from typer.testing import CliRunner; from llmkit.cli import app; "
+            "r = CliRunner().invoke(app, ['generate', '-m', sys.argv[1], '-p', 'the', "
+            "'--max-new-tokens', '2']); assert r.exit_code == 0, r.output; "
+            "print(sorted({'datasets', 'pandas', 'pyarrow'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code, str(lm_run)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_batch_mode_writes_records(lm_run: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "the"}\n{"prompt": "great"}\n')
