@@ -104,6 +104,11 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
     if settings.seed is not None:
         set_seed(settings.seed)
     kwargs = settings.kwargs()
+    if model.device.type == "cpu" and model.generation_config.cache_implementation is None:
+        # keys and values written into preallocated tensors: the default cache concatenates
+        # (reallocates) them in every layer at every step, which costs the CPU a page fault per
+        # new allocation (first call 31% slower, later ones 5%: benchmarks/RESULTS.md)
+        kwargs["cache_implementation"] = "static"
     if settings.stop:
         kwargs |= {"stop_strings": list(settings.stop), "tokenizer": tokenizer}
     encoded = tokenizer(prompts, add_special_tokens=not templated)["input_ids"]
