@@ -180,6 +180,25 @@ def test_stream_prints_what_plain_generation_returns(lm_run: Path) -> None:
     assert streamed.stdout == plain.stdout
 
 
+def test_cpu_generation_uses_a_static_cache_with_the_same_outputs(lm_run: Path) -> None:
+    model, tokenizer = load_generator(str(lm_run))
+    seen: list[dict] = []
+    plain = model.generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return plain(*args, **kwargs)
+
+    model.generate = recording
+    prompts = ["the", "what is the capital of"]
+    settings = GenerationSettings(max_new_tokens=8, num_beams=2)
+    static = generate(model, tokenizer, prompts, settings)
+    model.generation_config.cache_implementation = "dynamic"  # a checkpoint's own choice wins
+    dynamic = generate(model, tokenizer, prompts, settings)
+    assert [k.get("cache_implementation") for k in seen] == ["static", None]
+    assert static == dynamic
+
+
 def test_generate_does_not_import_datasets(lm_run: Path) -> None:
     """`llmkit generate` reads no dataset: datasets (with pandas, pyarrow) would cost it half a
     second and ~150 MB."""
