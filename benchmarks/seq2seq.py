@@ -180,8 +180,8 @@ def eval_llmkit(run: Path, dev: Path, args: argparse.Namespace) -> dict:
     arrays, order = outputs(spec, net, tokenizer, features, args.batch_size)
     result = spec.score(arrays, features.select(order), data, net.config, tokenizer)
     return {"bleu": result["bleu"], "chrf": result["chrf"],
-            "generated_tokens": result["generated_tokens"],
             **decode_steps(arrays["generated"], tokenizer.pad_token_id, args.batch_size),
+            "generated_tokens": result["generated_tokens"],  # llmkit's own figure
             "eval_seconds": round(time.perf_counter() - began, 2),
             "wall_seconds": round(time.perf_counter() - start, 2),
             "predictions": result["predictions"]}
@@ -192,10 +192,10 @@ def decode_steps(ids: Any, pad: int, batch_size: int) -> dict:
     of a batch takes a decoder step until the batch's longest output is done. `useful_share`:
     the generated tokens over those row-steps."""
     lengths = (ids[:, 1:] != pad).sum(-1)  # after the decoder start token
-    steps = sum(len(chunk) * int(chunk.max())
-                for chunk in (lengths[i:i + batch_size] for i in range(0, len(lengths),
-                                                                        batch_size)))
-    return {"decode_row_steps": steps, "useful_share": round(float(lengths.sum()) / steps, 3)}
+    chunks = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    steps = sum(len(chunk) * int(chunk.max()) for chunk in chunks)
+    return {"generated_tokens": float(lengths.mean()), "decode_row_steps": steps,
+            "useful_share": round(float(lengths.sum()) / steps, 3)}
 
 
 def eval_trainer(run: Path, dev: Path, args: argparse.Namespace) -> dict:
@@ -235,9 +235,8 @@ def eval_trainer(run: Path, dev: Path, args: argparse.Namespace) -> dict:
     bleu = sacrebleu_score("bleu", hypotheses, references, {}).value
     chrf = sacrebleu_score("chrf", hypotheses, references, {}).value
     eval_seconds = time.perf_counter() - began
-    new = [(row[1:] != tokenizer.pad_token_id).sum() for row in ids]  # after the start token
-    return {"bleu": bleu, "chrf": chrf, "generated_tokens": float(sum(new) / len(new)),
-            **decode_steps(ids, tokenizer.pad_token_id, args.batch_size),
+    steps = decode_steps(ids, tokenizer.pad_token_id, args.batch_size)
+    return {"bleu": bleu, "chrf": chrf, "generated_tokens": steps.pop("generated_tokens"), **steps,
             "eval_seconds": round(eval_seconds, 2),
             "wall_seconds": round(time.perf_counter() - start, 2), "predictions": hypotheses}
 
