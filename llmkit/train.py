@@ -277,6 +277,14 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
     start = ckpt.resume_point(out, resume, resume_from)
     wipe = ckpt.check_output(out, start is not None, overwrite)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", launched))  # processes on this machine
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if here > 1 and 0 < gpus < here:
+        # Accelerate gives process i GPU i: the extra ones would fail with "invalid device ordinal"
+        raise LlmkitError(f"the launcher started {here} processes on this machine, which has "
+                          f"{gpus} GPU{'s' if gpus > 1 else ''}: start one process per GPU "
+                          f"(--nproc_per_node {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                          f"to train {here} processes on the CPU")
     # Accelerate keeps settings such as mixed precision in a process-wide singleton; a second
     # run in the same Python process (the API, a notebook) must start from a clean one. The
     # process group (PartialState) is kept.

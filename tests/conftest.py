@@ -142,16 +142,18 @@ def two_ranks_and_one(args: list[str], out: Path) -> tuple[dict, dict]:
     """Run `llmkit ARGS` as 2 torchrun ranks (out/two) and as 1 process with gradient
     accumulation 2 (out/one): the same global batches. Returns both metrics.json."""
     import json
+    import os
     import subprocess
     import sys
 
+    cpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two ranks over gloo, GPUs or not
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "-m", "llmkit", *args, "--output", str(out / "two")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=cpu)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "llmkit", *args, "--output", str(out / "one"),
                           "--gradient-accumulation-steps", "2"], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=cpu)
     assert one.returncode == 0, one.stderr[-3000:]
     m2, m1 = (json.loads((out / d / "metrics.json").read_text()) for d in ("two", "one"))
     assert m2["run"]["num_processes"] == 2 and m1["run"]["num_processes"] == 1

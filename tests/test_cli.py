@@ -128,3 +128,24 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path: Path, toy: 
     w2, w1 = (load_file(tmp_path / d / "model.safetensors") for d in ("two", "one"))
     for key in w1:
         assert w2[key].allclose(w1[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_more_processes_than_gpus_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    """`torchrun --nproc_per_node 2` on a 1-GPU machine: rank 1 would ask for a GPU that does not
+    exist ("invalid device ordinal", a traceback per rank); llmkit says what to change first."""
+    import torch
+
+    from llmkit.config import load_config
+    from llmkit.errors import LlmkitError
+    from llmkit.train import start_run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = load_config("classify", None, {"model": "m", "data.train": "t.tsv",
+                                         "output": str(tmp_path / "run")})
+    with pytest.raises(LlmkitError, match=r"2 processes .* 1 GPU: .*--nproc_per_node 1.*"
+                                          r"CUDA_VISIBLE_DEVICES="):
+        start_run(cfg, resume=False, resume_from=None, overwrite=False)
+    assert not (tmp_path / "run").exists()  # nothing written before the check
