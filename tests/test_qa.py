@@ -249,3 +249,12 @@ def test_trained_run_answers_in_plain_transformers(tmp_path: Path) -> None:
     assert json.loads((out / "predictions.json").read_text()) == {
         json.loads(line)["id"]: g for line, g in zip(dev.read_text().splitlines(), gold,
                                                      strict=True)}
+
+
+def test_tokenizers_that_drop_windows_are_refused(tiny_bert: Path, monkeypatch) -> None:
+    import tokenizers
+
+    tokenizer, config = tokenizer_of(tiny_bert)
+    monkeypatch.setattr(tokenizers, "__version__", "0.23.2")
+    with pytest.raises(LlmkitError, match=r"tokenizers 0\.23\.2 drops the windows"):
+        featurize(squad_rows(), tokenizer, config, DataConfig(max_length=48, doc_stride=16))

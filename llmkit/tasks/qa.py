@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmkit")
 CANDIDATES = 20  # start and end candidates kept per window (the most --n-best can use)
+BROKEN_TOKENIZERS = ("0.23.1", "0.23.2")  # huggingface/tokenizers#2091: no overflow windows
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions",
               "end_positions")
 
@@ -62,6 +63,17 @@ def check_answers(rows: Dataset, cfg: DataConfig) -> Dataset:
     return rows
 
 
+def check_tokenizers() -> None:
+    """tokenizers 0.23.1 and 0.23.2 stop tokenizing at max_length, so a long context yields one
+    or two windows instead of all of them: most of the text would be silently left out."""
+    import tokenizers
+
+    if tokenizers.__version__ in BROKEN_TOKENIZERS:
+        raise LlmkitError(f"tokenizers {tokenizers.__version__} drops the windows of long "
+                          "contexts (huggingface/tokenizers#2091); install a fixed version: "
+                          "pip install -U 'tokenizers!=0.23.1,!=0.23.2'")
+
+
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
               cfg: DataConfig) -> Dataset:
     """Windows of question + context. Labelled rows get start/end positions (the CLS token
@@ -69,6 +81,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     if not getattr(tokenizer, "is_fast", False):
         raise LlmkitError("question answering needs a fast tokenizer (its offsets locate the "
                           "answers); this checkpoint only has a slow one")
+    check_tokenizers()
     if cfg.doc_stride >= cfg.max_length:
         raise LlmkitError(f"data.doc_stride ({cfg.doc_stride}) must be smaller than "
                           f"data.max_length ({cfg.max_length})")
