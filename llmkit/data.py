@@ -125,8 +125,11 @@ def load_split(spec: str, split: str, dataset_config: str | None, option: str,
 def check_columns(rows: Dataset, needed: list[str], option: str) -> None:
     missing = [c for c in needed if c not in rows.column_names]
     if missing:
+        hint = "set the column option"
+        if len(rows.column_names) == 1 and "\t" in rows.column_names[0]:
+            hint = "the file is tab-separated: give it a .tsv extension"
         raise LlmkitError(f"{option}: no column {', '.join(map(repr, missing))}; the columns are "
-                          f"{', '.join(map(repr, rows.column_names))} (set the column option)")
+                          f"{', '.join(map(repr, rows.column_names))} ({hint})")
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:

@@ -72,6 +72,14 @@ def test_missing_column_names_the_columns_that_exist(tmp_path: Path) -> None:
         check_columns(rows, ["sentence", "label"], "--train")
 
 
+def test_tab_separated_csv_says_to_rename_it(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("text\tlabel\ngood film\tpos\nbad film\tneg\n", encoding="utf-8")
+    rows = load_split(str(path), "train", None, "--train")
+    with pytest.raises(LlmkitError, match=r"the file is tab-separated: give it a \.tsv extension"):
+        check_columns(rows, ["text", "label"], "--train")
+
+
 def test_offline_hub_dataset_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LlmkitError, match="offline"):
