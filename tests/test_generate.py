@@ -317,3 +317,25 @@ def test_eval_perplexity_of_a_run(lm_run: Path, corpus: dict[str, Path]) -> None
     final = json.loads((lm_run / "metrics.json").read_text())["final"]
     assert scores["perplexity"] == pytest.approx(final["perplexity"], rel=1e-5)
     assert scores["eval_tokens"] == final["eval_tokens"]
+
+
+def test_tanh_gelus_train_as_one_kernel_with_the_same_outputs(tiny_gpt2: Path) -> None:
+    """GPT-2's gelu_new runs as PyTorch's fused tanh GELU in llmkit's model; the function, the
+    outputs (to float rounding) and the saved config stay the same."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import ACT2CLS
+
+    from llmkit.tasks import get_task, load_model
+
+    cfg = load_config("generate", None, {"model": str(tiny_gpt2), "data.train": "x.txt",
+                                         "output": "unused"})
+    model, _ = load_model(get_task("generate"), cfg.model, cfg.data)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    kinds = {type(m) for m in model.modules()}
+    assert ACT2CLS["gelu_new"] in {type(m) for m in plain.modules()}
+    assert ACT2CLS["gelu_new"] not in kinds and ACT2CLS["gelu_pytorch_tanh"] in kinds
+    assert model.config.activation_function == "gelu_new"
+    ids = torch.randint(0, model.config.vocab_size, (2, 16),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).logits, plain(ids).logits, atol=1e-5)
