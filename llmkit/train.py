@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
@@ -270,6 +270,19 @@ def throughput(total: dict[str, float], evals: list[dict[str, Any]]) -> dict[str
             "train_tokens_per_second": round(total["tokens"] / seconds, 1)}
 
 
+def gpu_shortage(launched: int) -> str | None:
+    """What to change when the launcher started more processes on this machine than it has
+    GPUs: Accelerate gives process i GPU i, and the extra ones would fail with "invalid device
+    ordinal", a traceback per rank. None when it fits (or the launch asked for the CPU)."""
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", launched))  # processes on this machine
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if here < 2 or not 0 < gpus < here or parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return None
+    return (f"the launcher started {here} processes on this machine, which has {gpus} "
+            f"GPU{'s' if gpus > 1 else ''}: start one process per GPU (--nproc_per_node {gpus}), "
+            f"or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train {here} processes on the CPU")
+
+
 def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: bool
               ) -> tuple[Accelerator, Path | None]:
     """Check the run directory before any work, then set up the processes."""
@@ -277,14 +290,9 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
     start = ckpt.resume_point(out, resume, resume_from)
     wipe = ckpt.check_output(out, start is not None, overwrite)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", launched))  # processes on this machine
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if here > 1 and 0 < gpus < here:
-        # Accelerate gives process i GPU i: the extra ones would fail with "invalid device ordinal"
-        raise LlmkitError(f"the launcher started {here} processes on this machine, which has "
-                          f"{gpus} GPU{'s' if gpus > 1 else ''}: start one process per GPU "
-                          f"(--nproc_per_node {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
-                          f"to train {here} processes on the CPU")
+    problem = gpu_shortage(launched)
+    if problem:
+        raise LlmkitError(problem)
     # Accelerate keeps settings such as mixed precision in a process-wide singleton; a second
     # run in the same Python process (the API, a notebook) must start from a clean one. The
     # process group (PartialState) is kept.

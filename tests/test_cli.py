@@ -137,7 +137,7 @@ def test_more_processes_than_gpus_is_one_clear_error(tmp_path: Path, monkeypatch
 
     from llmkit.config import load_config
     from llmkit.errors import LlmkitError
-    from llmkit.train import start_run
+    from llmkit.train import gpu_shortage, start_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -149,3 +149,8 @@ def test_more_processes_than_gpus_is_one_clear_error(tmp_path: Path, monkeypatch
                                           r"CUDA_VISIBLE_DEVICES="):
         start_run(cfg, resume=False, resume_from=None, overwrite=False)
     assert not (tmp_path / "run").exists()  # nothing written before the check
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # accelerate launch --cpu: no GPU asked for
+    assert gpu_shortage(2) is None
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # 2 nodes of 1 process each
+    assert gpu_shortage(2) is None
