@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import LlmkitError
-from llmkit.tasks import Task, perplexity
+from llmkit.tasks import IGNORE, Task, perplexity, token_losses
 
 if TYPE_CHECKING:
     import numpy as np
@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from llmkit.config import DataConfig
 
 log = logging.getLogger("llmkit")
-IGNORE = -100  # label of tokens the loss skips
 
 
 def columns(cfg: DataConfig, labelled: bool) -> list[str]:
@@ -131,11 +130,12 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
 def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     import torch.nn.functional as F
 
-    logits = model(**batch).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE,
-                             reduction="none")
-    return {"loss_sum": losses.sum(-1), "loss_count": (labels != IGNORE).sum(-1).float()}
+    # position t is scored on token t+1: the labels move left rather than the logits, which
+    # stay one contiguous [batch, length, vocab] tensor (no copy); without `labels` the model
+    # does not compute a mean loss of its own
+    following = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return token_losses(logits, following)
 
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,

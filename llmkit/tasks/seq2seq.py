@@ -8,7 +8,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.errors import LlmkitError
-from llmkit.tasks import Task, perplexity
+from llmkit.tasks import IGNORE, Task, perplexity, token_losses
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmkit")
 Kind = Literal["translate", "summarize"]
-IGNORE = -100  # label of padding, which the loss skips
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish",
              "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "ru": "Russian",
@@ -184,11 +183,8 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         labels = batch["labels"]
         shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
         teacher = {"decoder_input_ids": shift(labels=labels)} if shift else {"labels": labels}
-        logits = model(attention_mask=inputs["attention_mask"], encoder_outputs=encoded,
-                       **teacher).logits.float()
-        losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE,
-                                 reduction="none")
-        gathered = {"loss_sum": losses.sum(-1), "loss_count": (labels != IGNORE).sum(-1).float()}
+        gathered = token_losses(model(attention_mask=inputs["attention_mask"],
+                                      encoder_outputs=encoded, **teacher).logits, labels)
     generation = model.generation_config
     ids = model.generate(**inputs, encoder_outputs=encoded, generation_config=generation,
                          use_cache=True)
