@@ -117,7 +117,15 @@ def run_trainer(train: Path, valid: Path, model: Path, args: argparse.Namespace)
     trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model), args=training,
                       train_dataset=blocks["train"], data_collator=default_data_collator)
     result = trainer.train()
-    loss = trainer.evaluate(blocks["validation"])["eval_loss"]
+    # The model's own loss over the validation blocks (all full: block - 1 predicted tokens
+    # each), not Trainer.evaluate: transformers 5.23 counts the unshifted labels of a model
+    # whose class name lacks "ForCausalLM" (GPT2LMHeadModel has loss_type None), dividing by
+    # 256 tokens per block where 255 are scored: eval_loss reads low by 1/256, perplexity ~2%.
+    net, rows = trainer.model.eval(), torch.tensor(blocks["validation"]["input_ids"])
+    device = next(net.parameters()).device
+    with torch.inference_mode():
+        loss = sum(net(input_ids=b.to(device), labels=b.to(device)).loss.item() * len(b)
+                   for b in rows.split(args.batch_size)) / len(rows)
     return {"perplexity": math.exp(loss),
             "eval_tokens": len(blocks["validation"]) * (args.block - 1),
             "train_tokens_per_second": round(result.metrics["train_samples_per_second"]
