@@ -19,6 +19,7 @@ from llmkit.cli import app
 from llmkit.config import DataConfig, load_config
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationSettings, generate, load_generator, read_prompts
+from llmkit.tasks import get_task
 from llmkit.tasks.causal_lm import block_size, collator, featurize, pack
 from llmkit.train import finetune
 from tests.conftest import save_tiny_bert, two_ranks_and_one
@@ -75,6 +76,30 @@ def test_prompt_tokens_carry_no_loss(tiny_gpt2: Path) -> None:
     assert row["labels"][:prompt] == [-100] * prompt
     assert row["labels"][prompt:] == row["input_ids"][prompt:]
     assert row["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_eval_in_row_slices_equals_one_forward(tiny_gpt2: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation bounds the logits one forward holds (LOGITS_BUDGET) by slicing the rows;
+    the per-example losses are those of one whole-batch forward, prompt masks included."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    ids = torch.randint(0, model.config.vocab_size, (5, 12),
+                        generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, :4] = -100  # a prompt
+    labels[3, 9:] = -100  # padding
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "use_cache": False}
+    task = get_task("generate")
+    with torch.inference_mode():
+        whole = task.eval_step(model, batch)
+        monkeypatch.setattr("llmkit.tasks.LOGITS_BUDGET", 2 * 12 * model.config.vocab_size)
+        sliced = task.eval_step(model, batch)  # rows 2 at a time: slices of 2, 2 and 1
+    assert sliced["loss_count"].tolist() == [11, 8, 11, 8, 11]  # token t+1 scored at t
+    assert sliced["loss_count"].tolist() == whole["loss_count"].tolist()
+    assert torch.allclose(sliced["loss_sum"], whole["loss_sum"], rtol=1e-5)
 
 
 def test_block_size_is_clamped_with_both_numbers(tiny_gpt2: Path,

@@ -108,6 +108,31 @@ def test_eval_step_loss_is_the_models_own(family, tiny_seq2seq):
     assert out["generated"].shape == (len(features), 4)
 
 
+def test_eval_step_in_row_slices_equals_one_forward(tiny_seq2seq, monkeypatch):
+    """The teacher-forced loss pass goes through in row slices whose logits fit LOGITS_BUDGET
+    (each slice with its rows of the encoder outputs); losses and generations are unchanged."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = tiny_seq2seq("marian")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+    model.generation_config.max_new_tokens = 3
+    task = get_task("translate")
+    features = task.featurize(rows(toy_pairs(5, seed=2)), tokenizer, model.config,
+                              DataConfig(source_lang="en", target_lang="es"))
+    batch = task.collator(tokenizer)([features[i] for i in range(len(features))])
+    assert (batch["attention_mask"] == 0).any() and (batch["labels"] == -100).any()
+    with torch.inference_mode():
+        whole = task.eval_step(model, batch)
+        width = batch["labels"].shape[1]
+        monkeypatch.setattr("llmkit.tasks.LOGITS_BUDGET", 2 * width * model.config.vocab_size)
+        sliced = task.eval_step(model, batch)  # 2 rows per forward
+    assert sliced["loss_count"].tolist() == whole["loss_count"].tolist()
+    assert torch.allclose(sliced["loss_sum"], whole["loss_sum"], rtol=1e-5)
+    assert sliced["generated"].tolist() == whole["generated"].tolist()
+
+
 def test_missing_language_and_empty_rows(tiny_seq2seq):
     from transformers import AutoConfig, AutoTokenizer
 

@@ -12,6 +12,10 @@ from llmkit.errors import LlmkitError
 log = logging.getLogger("llmkit")
 
 IGNORE = -100  # label of tokens the loss skips (padding, prompts)
+# Logit elements one evaluation forward may hold (1 GiB in fp32; the cross-entropy holds a
+# second copy): a 64-row batch of 1024-token blocks with GPT-2's 50,257-word vocabulary would
+# otherwise need 2 x 13 GB.
+LOGITS_BUDGET = 1 << 28
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,6 +74,12 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.
     losses = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="none")
     return {"loss_sum": losses.view(labels.shape).sum(-1),
             "loss_count": (labels != IGNORE).sum(-1).float()}
+
+
+def rows_per_forward(length: int, config: PretrainedConfig) -> int:
+    """How many rows of `length` tokens one evaluation forward takes within LOGITS_BUDGET."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None) or 1
+    return max(1, LOGITS_BUDGET // (max(1, length) * vocab))
 
 
 def perplexity(gathered: dict[str, np.ndarray]) -> dict[str, Any]:

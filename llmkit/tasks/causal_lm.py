@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import LlmkitError
-from llmkit.tasks import IGNORE, Task, perplexity, token_losses
+from llmkit.tasks import IGNORE, Task, perplexity, rows_per_forward, token_losses
 
 if TYPE_CHECKING:
     import numpy as np
@@ -128,14 +128,22 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
 
 
 def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch
     import torch.nn.functional as F
 
     # position t is scored on token t+1: the labels move left rather than the logits, which
     # stay one contiguous [batch, length, vocab] tensor (no copy); without `labels` the model
-    # does not compute a mean loss of its own
-    following = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    return token_losses(logits, following)
+    # does not compute a mean loss of its own. Rows go through in slices whose logits fit
+    # LOGITS_BUDGET.
+    labels = batch["labels"]
+    following = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    step = rows_per_forward(labels.shape[1], model.config)
+    parts = []
+    for i in range(0, len(labels), step):
+        rows = {k: v[i:i + step] if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items() if k != "labels"}
+        parts.append(token_losses(model(**rows).logits, following[i:i + step]))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
