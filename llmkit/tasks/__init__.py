@@ -76,10 +76,17 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.
             "loss_count": (labels != IGNORE).sum(-1).float()}
 
 
-def rows_per_forward(length: int, config: PretrainedConfig) -> int:
-    """How many rows of `length` tokens one evaluation forward takes within LOGITS_BUDGET."""
+def sliced_losses(logits_of: Callable[[slice], torch.Tensor], labels: torch.Tensor,
+                  config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """token_losses of a batch whose logits come from `logits_of(rows)`, called on slices of
+    rows small enough that one slice's logits fit LOGITS_BUDGET."""
+    import torch
+
     vocab = getattr(config.get_text_config(), "vocab_size", None) or 1
-    return max(1, LOGITS_BUDGET // (max(1, length) * vocab))
+    step = max(1, LOGITS_BUDGET // (max(1, labels.shape[1]) * vocab))
+    parts = [token_losses(logits_of(slice(i, i + step)), labels[i:i + step])
+             for i in range(0, len(labels), step)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def perplexity(gathered: dict[str, np.ndarray]) -> dict[str, Any]:

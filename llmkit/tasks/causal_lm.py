@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import LlmkitError
-from llmkit.tasks import IGNORE, Task, perplexity, rows_per_forward, token_losses
+from llmkit.tasks import IGNORE, Task, perplexity, sliced_losses
 
 if TYPE_CHECKING:
     import numpy as np
@@ -135,15 +135,11 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     # stay one contiguous [batch, length, vocab] tensor (no copy); without `labels` the model
     # does not compute a mean loss of its own. Rows go through in slices whose logits fit
     # LOGITS_BUDGET.
-    labels = batch["labels"]
-    following = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    step = rows_per_forward(labels.shape[1], model.config)
-    parts = []
-    for i in range(0, len(labels), step):
-        rows = {k: v[i:i + step] if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items() if k != "labels"}
-        parts.append(token_losses(model(**rows).logits, following[i:i + step]))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    following = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return sliced_losses(lambda rows: model(**{k: v[rows] if isinstance(v, torch.Tensor) else v
+                                               for k, v in inputs.items()}).logits,
+                         following, model.config)
 
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,

@@ -8,7 +8,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.errors import LlmkitError
-from llmkit.tasks import IGNORE, Task, perplexity, rows_per_forward, token_losses
+from llmkit.tasks import IGNORE, Task, perplexity, sliced_losses
 
 if TYPE_CHECKING:
     import numpy as np
@@ -172,7 +172,6 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
 def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-example loss (teacher forcing) when labelled, and generated ids padded to a fixed
     width (max_new_tokens + the decoder start), generated with the KV cache."""
-    import torch
     import torch.nn.functional as F
 
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -185,16 +184,12 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         labels = batch["labels"]
         shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
         teacher = {"decoder_input_ids": shift(labels=labels)} if shift else {"labels": labels}
-        step = rows_per_forward(labels.shape[1], model.config)
-        parts = []
-        for i in range(0, len(labels), step):
-            rows = slice(i, i + step)
-            logits = model(attention_mask=inputs["attention_mask"][rows],
-                           encoder_outputs=type(encoded)(
-                               last_hidden_state=encoded.last_hidden_state[rows]),
-                           **{k: v[rows] for k, v in teacher.items()}).logits
-            parts.append(token_losses(logits, labels[rows]))
-        gathered = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        gathered = sliced_losses(
+            lambda rows: model(attention_mask=inputs["attention_mask"][rows],
+                               encoder_outputs=type(encoded)(
+                                   last_hidden_state=encoded.last_hidden_state[rows]),
+                               **{k: v[rows] for k, v in teacher.items()}).logits,
+            labels, model.config)
     generation = model.generation_config
     ids = model.generate(**inputs, encoder_outputs=encoded, generation_config=generation,
                          use_cache=True)
