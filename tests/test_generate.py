@@ -93,10 +93,14 @@ def test_eval_in_row_slices_equals_one_forward(tiny_gpt2: Path,
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "use_cache": False}
     task = get_task("generate")
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(len(kwargs["input_ids"])),
+                                    with_kwargs=True)
     with torch.inference_mode():
         whole = task.eval_step(model, batch)
         monkeypatch.setattr("llmkit.tasks.LOGITS_BUDGET", 2 * 12 * model.config.vocab_size)
-        sliced = task.eval_step(model, batch)  # rows 2 at a time: slices of 2, 2 and 1
+        sliced = task.eval_step(model, batch)
+    assert seen == [5, 2, 2, 1]  # the whole batch, then slices of 2 rows within the budget
     assert sliced["loss_count"].tolist() == [11, 8, 11, 8, 11]  # token t+1 scored at t
     assert sliced["loss_count"].tolist() == whole["loss_count"].tolist()
     assert torch.allclose(sliced["loss_sum"], whole["loss_sum"], rtol=1e-5)

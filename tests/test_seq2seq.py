@@ -101,12 +101,18 @@ def test_eval_step_loss_is_the_models_own(family, tiny_seq2seq, monkeypatch):
     batch = task.collator(tokenizer)([features[i] for i in range(len(features))])
     # padded sources and targets of different lengths
     assert (batch["attention_mask"] == 0).any() and (batch["labels"] == -100).any()
+    teacher: list[int] = []  # rows of each teacher-forced forward (generate steps one token)
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: teacher.extend(
+            [len(ids)] if (ids := kwargs.get("decoder_input_ids")) is not None
+            and ids.shape[1] > 1 else []), with_kwargs=True)
     with torch.inference_mode():
         out = task.eval_step(model, batch)
         expected = model(**batch).loss
         width = batch["labels"].shape[1]
         monkeypatch.setattr("llmkit.tasks.LOGITS_BUDGET", 2 * width * model.config.vocab_size)
-        sliced = task.eval_step(model, batch)  # 2 rows per forward: slices of 2, 2 and 1
+        sliced = task.eval_step(model, batch)
+    assert teacher == [5, 2, 2, 1]  # the whole batch, then slices of 2 rows within the budget
     assert out["loss_count"].tolist() == (batch["labels"] != -100).sum(-1).tolist()
     pooled = out["loss_sum"].sum() / out["loss_count"].sum()
     assert pooled.item() == pytest.approx(expected.item(), rel=1e-5)
