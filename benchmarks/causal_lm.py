@@ -54,7 +54,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def run_llmkit(train: Path, valid: Path, model: Path, args: argparse.Namespace) -> dict:
-    from llmkit.config import load_config
+    from llmkit.tasks import load_config
     from llmkit.train import finetune
 
     cfg = load_config("generate", None, {

@@ -40,7 +40,7 @@ def subset(rows: int) -> Path:
 
 
 def run_llmkit(train: Path, args: argparse.Namespace) -> dict[str, float]:
-    from llmkit.config import load_config
+    from llmkit.tasks import load_config
     from llmkit.train import finetune
 
     cfg = load_config("classify", None, {

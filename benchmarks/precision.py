@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    from llmkit.config import load_config
+    from llmkit.tasks import load_config
     from llmkit.train import finetune
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def minilm() -> str:
 
 
 def run_llmkit(args: argparse.Namespace) -> dict:
-    from llmkit.config import load_config
+    from llmkit.tasks import load_config
     from llmkit.train import finetune
 
     cfg = load_config("qa", None, {

@@ -83,7 +83,7 @@ def options(task: str, args: argparse.Namespace) -> dict:
 
 def run_llmkit(task: str, model: Path, train: Path, dev: Path, args: argparse.Namespace,
                output: Path | None = None) -> dict:
-    from llmkit.config import load_config
+    from llmkit.tasks import load_config
     from llmkit.train import finetune
 
     extra = ({"data.source_lang": "en", "data.target_lang": "es"} if task == "translate"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llmkit.config import RunConfig, load_config
+from llmkit.config import RunConfig
 from llmkit.errors import ConfigError, LlmkitError
 
 __all__ = ["ConfigError", "LlmkitError", "RunConfig", "finetune", "load_config"]
@@ -15,6 +15,16 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+
+def load_config(task: str, recipe: str | dict[str, Any] | None = None,
+                options: dict[str, Any] | None = None, overrides: list[str] | None = None
+                ) -> RunConfig:
+    """A task's RunConfig from a recipe, options (dotted keys) and overrides (see
+    llmkit.tasks.load_config)."""
+    from llmkit.tasks import load_config as resolve
+
+    return resolve(task, recipe, options, overrides)
 
 
 def finetune(cfg: RunConfig, **kwargs: Any) -> Path:

@@ -1,13 +1,16 @@
 """Typed, frozen run configuration: dataclasses are the schema, recipes and options supply values.
 
 Precedence, lowest first: dataclass defaults < recipe YAML < CLI options < `-s a.b=c` overrides.
+Every field carries its help text (`setting`), from which each `finetune` command's options are
+made: the option name, the YAML key, the override path and the logged name are one string.
+A task's own data settings are a subclass of `DataConfig` declared beside the task.
 """
 
 from __future__ import annotations
 
 import difflib
 import types
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -15,94 +18,83 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from llmkit.errors import ConfigError, LlmkitError
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
-SampleBy = Literal["document", "paragraph", "line"]  # how a .txt file splits into rows
 BadRows = Literal["fail", "skip"]  # rows that cannot be trained on: stop, or leave them out
+
+
+def setting(default: Any, help: str, *aliases: str, minimum: float | None = None,
+            maximum: float | None = None, above: float | None = None,
+            below: float | None = None) -> Any:
+    """A config field with its help text, extra option names, and its allowed range
+    (`minimum`/`maximum` inclusive, `above`/`below` exclusive)."""
+    return field(default=default, metadata={"help": help, "aliases": aliases, "bounds": (
+        minimum, maximum, above, below)})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the rows come from and which columns hold what."""
+    """Where the rows come from: the data settings every task shares."""
 
-    train: str = ""
-    validation: str | None = None
-    dataset_config: str | None = None
-    train_split: str = "train"
-    validation_split: str = "validation"
-    validation_fraction: float = 0.1
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    max_length: int = 256
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    # causal language modelling
-    block_size: int = 1024
-    sample_by: SampleBy = "paragraph"
-    separate_documents: bool = False
-    prompt_column: str | None = None
-    completion_column: str | None = None
-    # extractive question answering
-    question_column: str = "question"
-    context_column: str = "context"
-    answers_column: str = "answers"
-    doc_stride: int = 128
-    version_2: bool | None = None  # unanswerable questions; None = detect from the data
-    n_best: int = 20
-    max_answer_length: int = 30
-    null_threshold: float = 0.0
-    bad_answers: BadRows = "fail"
-    # seq2seq (translate, summarize); max_length is the source length
-    source_lang: str | None = None
-    target_lang: str | None = None
-    translation_column: str = "translation"  # {lang: text} dicts; "" = a column per language
-    summary_column: str = "summary"
-    source_prefix: str | None = None  # None = the checkpoint's convention (T5), else none
-    max_target_length: int = 128
-    empty_rows: BadRows = "fail"
-    num_beams: int | None = None  # evaluation by generation; None = the checkpoint's setting
-    max_new_tokens: int | None = None  # None = max_target_length
+    train: str = setting("", "Training rows: a csv/tsv/json/jsonl/parquet/txt file or a Hub "
+                         "dataset id.")
+    validation: str | None = setting(None, "Validation rows; without it a seeded slice of "
+                                     "--train is held out.")
+    dataset_config: str | None = setting(None, "Hub dataset configuration (e.g. sst2 for glue).")
+    train_split: str = setting("train", "Hub split for --train.")
+    validation_split: str = setting("validation", "Hub split for --validation.")
+    validation_fraction: float = setting(0.1, "Share of --train held out when there is no "
+                                         "--validation.", above=0.0, below=1.0)
+    max_train_samples: int | None = setting(None, "Use only the first N training rows.",
+                                            minimum=1)
+    max_eval_samples: int | None = setting(None, "Use only the first N validation rows.",
+                                           "--eval-max-samples", minimum=1)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, evaluation and checkpointing schedule."""
 
-    epochs: int = 3
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lr_scheduler: str = "linear"
-    seed: int = 42
-    mixed_precision: MixedPrecision = "no"
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
-    eval_steps: int = 0
-    save_steps: int = 0
-    logging_steps: int = 10
-    metric_for_best: str | None = None
-    early_stopping_patience: int = 0
+    epochs: int = setting(3, "Passes over the training rows.", minimum=1)
+    learning_rate: float = setting(5e-5, "Peak learning rate.", "--lr", minimum=0.0)
+    batch_size: int = setting(32, "Rows per batch on each process.", minimum=1)
+    eval_batch_size: int = setting(64, "Rows per evaluation batch.", minimum=1)
+    gradient_accumulation_steps: int = setting(1, "Batches per optimizer step.", minimum=1)
+    warmup_ratio: float = setting(0.0, "Share of the steps that warm the learning rate up.",
+                                  minimum=0.0, below=1.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", minimum=0.0)
+    max_grad_norm: float = setting(1.0, "Clip gradients to this norm; 0 = no clipping.",
+                                   minimum=0.0)
+    lr_scheduler: str = setting("linear", "linear, cosine, constant, ... (transformers' "
+                                "get_scheduler).")
+    seed: int = setting(42, "Seed for the data order and new weights.", minimum=0,
+                         maximum=2**32 - 1)
+    mixed_precision: MixedPrecision = setting("no", "no, bf16 or fp16 (fp32 is fastest on "
+                                              "CPUs).")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward "
+                                           "pass: less memory, more compute.")
+    group_by_length: bool = setting(True, "Batch rows of similar length together.")
+    eval_steps: int = setting(0, "Also evaluate and checkpoint every N steps; 0 = each epoch "
+                              "only.", minimum=0)
+    save_steps: int = setting(0, "Also checkpoint every N steps.", minimum=0)
+    logging_steps: int = setting(10, "Log loss and speed every N steps.", minimum=1)
+    metric_for_best: str | None = setting(None, "Keep the checkpoint best at this metric "
+                                          "(default: the task's).")
+    early_stopping_patience: int = setting(0, "Stop after N evaluations without improvement; "
+                                           "0 = never.", minimum=0)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one fine-tuning run needs; saved as `config.yaml` in the run directory."""
+    """Everything one fine-tuning run needs; saved as `config.yaml` in the run directory.
+    `data` holds the task's own settings class (a DataConfig subclass)."""
 
     task: str = ""
-    model: str = ""
-    output: str = ""
+    model: str = setting("", "Hub id or local checkpoint folder.", "-m")
+    output: str = setting("", "Run directory to write.", "-o")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 REQUIRED = {"task": "the task", "model": "--model", "output": "--output", "data.train": "--train"}
-POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size",
-            "train.gradient_accumulation_steps", "train.logging_steps", "data.max_length",
-            "data.block_size", "data.doc_stride", "data.n_best", "data.max_answer_length",
-            "data.max_target_length", "data.num_beams", "data.max_new_tokens")
 
 
 def _check_value(value: Any, tp: Any) -> bool:
@@ -111,6 +103,8 @@ def _check_value(value: Any, tp: Any) -> bool:
         return any(_check_value(value, arg) for arg in get_args(tp))
     if origin is Literal:
         return value in get_args(tp)
+    if origin in (tuple, list):  # tuple[str, ...]: repeatable options
+        return isinstance(value, origin) and all(_check_value(v, get_args(tp)[0]) for v in value)
     if tp is type(None):
         return value is None
     if tp is float:
@@ -130,61 +124,104 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
-def _describe(tp: Any) -> str:
+def describe(tp: Any) -> str:
+    """A type as users read it: `int`, `'no' | 'bf16' | 'fp16'`, `str | null`."""
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(_describe(a) for a in get_args(tp))
+        return " | ".join(describe(a) for a in get_args(tp))
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+def _unknown(key: str, names: list[str], path: str, elsewhere: dict[str, list[str]]) -> str:
+    if key in elsewhere:
+        return (f"{path}{key}: a setting of {' and '.join(elsewhere[key])}, not of this task "
+                "(llmkit finetune TASK --help lists each task's settings)")
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f" (did you mean {path}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+    return f"{path}{key}: unknown key{hint}"
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str],
+           sections: dict[str, type], elsewhere: dict[str, list[str]]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"{path or 'the recipe'}: expected a mapping, got {type(raw).__name__}")
         return cls()
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls)]
-    for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = (f" (did you mean {path}{close[0]}?)" if close
-                    else f" (known: {', '.join(names)})")
-            problems.append(f"{path}{key}: unknown key{hint}")
+    problems += [_unknown(str(key), names, path, elsewhere if path == "data." else {})
+                 for key in raw if key not in names]
     values = {}
     for f in fields(cls):
         if f.name not in raw:
             continue
-        tp, value = hints[f.name], raw[f.name]
+        tp, value = sections.get(f"{path}{f.name}", hints[f.name]), raw[f.name]
         if is_dataclass(tp):
-            values[f.name] = _build(tp, value, f"{path}{f.name}.", problems)  # type: ignore[arg-type]
+            values[f.name] = _build(tp, value, f"{path}{f.name}.", problems,  # type: ignore[arg-type]
+                                    sections, elsewhere)
             continue
         value = _coerce(value, tp)
         if _check_value(value, tp):
             values[f.name] = value
         else:
-            problems.append(f"{path}{f.name}: expected {_describe(tp)}, got {value!r}")
+            problems.append(f"{path}{f.name}: expected {describe(tp)}, got {value!r}")
     return cls(**values)
 
 
-def _lookup(cfg: RunConfig, dotted: str) -> Any:
-    value: Any = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
+def leaves(cfg: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, field, value) of every setting in a config, sections walked."""
+    found = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            found += leaves(value, f"{path}{f.name}.")
+        else:
+            found.append((f"{path}{f.name}", f, value))
+    return found
 
 
 def _validate(cfg: RunConfig) -> list[str]:
+    values = {dotted: value for dotted, _, value in leaves(cfg)}
     problems = [f"{key} is required (set {how})" for key, how in REQUIRED.items()
-                if _lookup(cfg, key) in ("", None)]
-    problems += [f"{key} must be at least 1, got {_lookup(cfg, key)}"
-                 for key in POSITIVE if _lookup(cfg, key) is not None and _lookup(cfg, key) < 1]
-    if not 0.0 < cfg.data.validation_fraction < 1.0:
-        problems.append("data.validation_fraction must be between 0 and 1, "
-                        f"got {cfg.data.validation_fraction}")
-    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
-        problems.append(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
+                if values[key] in ("", None)]
+    for dotted, f, value in leaves(cfg):
+        if value is None or isinstance(value, bool) or isinstance(value, str):
+            continue
+        wrong = bound_problem(value, f.metadata.get("bounds", (None,) * 4))
+        if wrong:
+            problems.append(f"{dotted} {wrong}")
     return problems
+
+
+def check_settings(settings: Any) -> None:
+    """A command's settings dataclass (not a run config): every value of the right type and
+    inside its range, else one ConfigError naming each option."""
+    problems = []
+    hints = get_type_hints(type(settings))
+    for f in fields(settings):
+        value, option = getattr(settings, f.name), "--" + f.name.replace("_", "-")
+        if not _check_value(value, hints[f.name]):
+            problems.append(f"{option}: expected {describe(hints[f.name])}, got {value!r}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            wrong = bound_problem(value, f.metadata.get("bounds", (None,) * 4))
+            problems += [f"{option} {wrong}"] if wrong else []
+    if problems:
+        raise LlmkitError("; ".join(problems))
+
+
+def bound_problem(value: float, bounds: tuple[float | None, ...]) -> str | None:
+    """What is wrong with a number outside (minimum, maximum, above, below), else None."""
+    minimum, maximum, above, below = bounds
+    if value != value:  # NaN passes every comparison
+        return "must be a number, got nan"
+    for limit, wrong, words in ((minimum, value < (minimum or 0), "at least"),
+                                (maximum, value > (maximum or 0), "at most"),
+                                (above, value <= (above or 0), "above"),
+                                (below, value >= (below or 0), "below")):
+        if limit is not None and wrong:
+            return f"must be {words} {limit:g}, got {value:g}"
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -194,7 +231,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError([f"override {text!r} is not of the form section.key=value"])
-    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError([f"override {text!r}: the value is not valid YAML "
+                           f"({' '.join(str(err).split())})"]) from err
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -222,20 +263,23 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     return raw
 
 
-def load_config(task: str, recipe: str | None = None, options: dict[str, Any] | None = None,
-                overrides: list[str] | None = None) -> RunConfig:
-    """Resolve a RunConfig from recipe, CLI options (dotted keys, None = not given), overrides."""
-    raw = read_recipe(recipe) if recipe else {}
+def resolve(task: str, settings: type[DataConfig], raw: dict[str, Any],
+            options: dict[str, Any] | None = None, overrides: list[str] | None = None,
+            elsewhere: dict[str, list[str]] | None = None) -> RunConfig:
+    """A RunConfig for `task` (whose data section is `settings`) from a recipe's values, CLI
+    options (dotted keys, None = not given) and overrides; `elsewhere` names the tasks that own
+    a data key this task does not have."""
     if raw.get("task", task) != task:
         raise ConfigError([f"task: the recipe is for {raw['task']!r}, not {task!r}"])
-    raw["task"] = task
+    raw = {**raw, "task": task}
     for key, value in (options or {}).items():
         if value is not None:
             _set(raw, key, value)
     for text in overrides or []:
         _set(raw, *parse_override(text))
+    raw.setdefault("data", {})
     problems: list[str] = []
-    cfg = _build(RunConfig, raw, "", problems)
+    cfg = _build(RunConfig, raw, "", problems, {"data": settings}, elsewhere or {})
     problems += [] if problems else _validate(cfg)
     if problems:
         raise ConfigError(problems)
@@ -280,25 +324,14 @@ def find_recipe(name_or_path: str) -> Path:
                       f"shipped recipes: {', '.join(sorted(shipped)) or 'none'}")
 
 
-def default_of(dotted: str) -> Any:
-    """The schema default at a dotted path (for help texts)."""
-    cls: Any = RunConfig
-    *parents, last = dotted.split(".")
-    for part in parents:
-        cls = get_type_hints(cls)[part]
-    default = next(f for f in fields(cls) if f.name == last).default
-    return None if default is MISSING else default
-
-
-def option_paths() -> dict[str, str]:
-    """CLI parameter name -> dotted config path, e.g. "epochs" -> "train.epochs"."""
-    paths: dict[str, str] = {}
-    for f in fields(RunConfig):
-        tp = get_type_hints(RunConfig)[f.name]
-        leaves = [f"{f.name}.{g.name}" for g in fields(tp)] if is_dataclass(tp) else [f.name]
-        for dotted in leaves:
-            leaf = dotted.rsplit(".", 1)[-1]
-            assert leaf not in paths, f"config field {leaf} is not unique"
-            paths[leaf] = dotted
-    del paths["task"]
-    return paths
+def schema(settings: type[DataConfig]) -> list[tuple[str, Any, Any]]:
+    """(dotted path, field, type) of every option of a task whose data section is `settings`;
+    each leaf name is unique, so it is also the option's name."""
+    found = []
+    for section, cls in (("", RunConfig), ("data.", settings), ("train.", TrainConfig)):
+        hints = get_type_hints(cls)
+        found += [(f"{section}{f.name}", f, hints[f.name]) for f in fields(cls)
+                  if f.name != "task" and not is_dataclass(hints[f.name])]
+    names = [dotted.rsplit(".", 1)[-1] for dotted, _, _ in found]
+    assert len(names) == len(set(names)), f"config field names are not unique: {names}"
+    return found

@@ -134,10 +134,11 @@ def check_columns(rows: Dataset, needed: list[str], option: str) -> None:
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     """Training and evaluation rows; without a validation set, a seeded slice of train."""
-    train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train", cfg.sample_by)
+    sample_by = getattr(cfg, "sample_by", "line")  # a setting of the tasks that read .txt
+    train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train", sample_by)
     if cfg.validation:
         valid = load_split(cfg.validation, cfg.validation_split, cfg.dataset_config,
-                           "--validation", cfg.sample_by)
+                           "--validation", sample_by)
     else:
         if len(train) < 2:
             raise LlmkitError("--train holds one row: too few to hold out a validation slice")

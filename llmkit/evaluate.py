@@ -5,29 +5,48 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmkit import metrics
+from llmkit.config import setting
 from llmkit.errors import LlmkitError
+from llmkit.metrics import SACREBLEU, Score, rouge_scores, sacrebleu_metric, sacrebleu_score
 
-SACREBLEU = ("bleu", "chrf", "ter")
 LABELS = ("accuracy", "f1", "exact_match")
-BUILTIN = (*SACREBLEU, "rouge", *LABELS, "squad", "squad_v2")
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+EXAMPLES = """\
+llmkit eval --metric bleu --metric chrf --predictions hyp.txt \\
+    --references ref.txt
+llmkit eval -m bleu -p hyp.txt -r ref1.txt -r ref2.txt --tokenize intl
+llmkit eval -m squad_v2 -p predictions.json -r dev-v2.0.json
+llmkit eval -m accuracy -m macro_f1 --model runs/sst2 --data dev.tsv
+llmkit eval -m perplexity --model runs/gpt --data valid.txt"""
 
 
 @dataclass(frozen=True)
-class Score:
-    """One metric's result: the headline value, its parts, and how it was computed."""
+class ScoreOptions:
+    """How `llmkit eval` scores files: the reference tools' options."""
 
-    metric: str
-    value: float
-    signature: str
-    details: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
+    tokenize: str | None = setting(None, "BLEU tokenizer (sacrebleu's: 13a, intl, char, zh, "
+                                   "none, ...).")
+    lowercase: bool = setting(False, "Case-insensitive BLEU.", "-lc")
+    chrf_word_order: int = setting(0, "chrF word n-gram order; 2 = chrF++.", minimum=0)
+    chrf_lowercase: bool = setting(False, "Case-insensitive chrF.")
+    ter_case_sensitive: bool = setting(False, "Case-sensitive TER (sacrebleu's TER ignores "
+                                       "case by default).")
+    confidence: bool = setting(False, "95% bootstrap interval for BLEU/chrF/TER (sacrebleu's, "
+                               "seeded by SACREBLEU_SEED).")
+    bootstrap_samples: int = setting(1000, "Resamples for --confidence and --baseline.",
+                                     minimum=1)
+    baseline: str | None = setting(None, "A baseline system's predictions: paired bootstrap "
+                                   "p-value of the difference (as sacrebleu --paired-bs).")
+    average: Literal["macro", "micro", "binary"] = setting("macro", "F1 average: macro, micro "
+                                                           "or binary.")
+    positive: str = setting("1", "Positive label for binary F1.")
+BUILTIN = (*SACREBLEU, "rouge", *LABELS, "squad", "squad_v2")
 
 
 def read_text(path: str, option: str) -> str:
@@ -55,64 +74,6 @@ def read_lines(path: str, option: str) -> list[str]:
     if lines[-1] == "":
         lines.pop()
     return [line.rstrip() for line in lines]
-
-
-def sacrebleu_metric(name: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """A sacrebleu metric object with the CLI's options, and those options."""
-    from sacrebleu.metrics import BLEU, CHRF, TER
-
-    if name == "bleu":
-        kwargs = {"lowercase": options.get("lowercase", False),
-                  "tokenize": options.get("tokenize")}
-        return BLEU(**kwargs), kwargs
-    if name == "chrf":
-        kwargs = {"word_order": options.get("chrf_word_order", 0),
-                  "lowercase": options.get("chrf_lowercase", False)}
-        return CHRF(**kwargs), kwargs
-    # sacrebleu's TER ignores case unless asked
-    kwargs = {"case_sensitive": options.get("ter_case_sensitive", False)}
-    return TER(**kwargs), kwargs
-
-
-def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]],
-                    options: dict[str, Any]) -> Score:
-    scorer, kwargs = sacrebleu_metric(name, options)
-    samples = options.get("bootstrap_samples", 0) if options.get("confidence") else 0
-    # sacrebleu's own bootstrap: seeded by SACREBLEU_SEED (default 12345), so repeatable
-    result = scorer.corpus_score(hypotheses, references, n_bootstrap=max(samples, 1))
-    details: dict[str, float] = {}
-    if samples > 1:
-        details = {"confidence_mean": result._mean, "confidence_interval": result._ci,
-                   "bootstrap_samples": samples}
-    if name == "bleu":
-        details |= {"bp": result.bp, "sys_len": result.sys_len, "ref_len": result.ref_len,
-                   **{f"precision_{n + 1}": p for n, p in enumerate(result.precisions)}}
-    return Score(name, float(result.score), str(scorer.get_signature()), details, kwargs)
-
-
-def split_sentences(text: str) -> str:
-    """One sentence per line, for ROUGE-Lsum (which reads sentences from newlines); a
-    punctuation rule, since nltk's sentence splitter needs data that is not there offline."""
-    return "\n".join(s for s in SENTENCE_END.split(text.strip()) if s)
-
-
-def rouge_scores(predictions: list[str], references: list[str]) -> list[Score]:
-    """Mean ROUGE-1/2/L/Lsum F-measure (x100) with stemming, from `rouge_score` itself."""
-    from importlib.metadata import version
-
-    from rouge_score import rouge_scorer
-
-    types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-    scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
-    totals = dict.fromkeys(types, 0.0)
-    for prediction, reference in zip(predictions, references, strict=True):
-        scores = scorer.score(split_sentences(reference), split_sentences(prediction))
-        for key in types:
-            totals[key] += scores[key].fmeasure
-    signature = f"rouge-score {version('rouge-score')}"
-    settings = {"use_stemmer": True, "lsum_sentences": "split after . ! ?", "aggregate": "mean"}
-    return [Score(key, 100.0 * total / len(predictions), signature, {}, settings)
-            for key, total in totals.items()]
 
 
 def label_score(name: str, predictions: list[str], references: list[str],
@@ -291,3 +252,44 @@ def score_model(names: list[str], model: str, data: str | None, task: str | None
     # sacrebleu's signature where the task scored with it (translate), else llmkit's own
     return [Score(n, float(values[n]), str(result.get(f"{n}_signature", "llmkit")), {}, settings)
             for n in names]
+
+
+def report(names: list[str], predictions: str | None, references: list[str] | None,
+           model: str | None, data: str | None, task: str | None, split: str,
+           columns: dict[str, Any], options: dict[str, Any], width: int, as_json: bool,
+           output: Path | None) -> None:
+    """`llmkit eval`: score files (or a model on data), print a table or one JSON object, and
+    write the JSON to `output` if asked."""
+    from dataclasses import asdict
+
+    if model is not None:
+        scores = score_model(names, model, data, task, split, columns)
+        payload: dict[str, Any] = {"model": model, "data": data}
+    elif predictions is None or not references:
+        raise LlmkitError("give --predictions and --references, or --model and --data")
+    else:
+        scores = score_files(names, predictions, references, options)
+        payload = {"predictions": predictions, "references": references}
+    payload["scores"] = [asdict(s) for s in scores]
+    text = json.dumps(payload, ensure_ascii=False, default=float)
+    if output:
+        output.write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=float)
+                          + "\n", encoding="utf-8")
+    if as_json:
+        print(text)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "value", "signature")
+    table.columns[2].overflow = "fold"
+    for score in scores:
+        value = f"{score.value:.{width}f}"
+        if "p_value" in score.details:
+            value += (f" (baseline {score.details['baseline']:.{width}f}, "
+                      f"p = {score.details['p_value']:.4f})")
+        if "confidence_interval" in score.details:
+            value += (f" (μ = {score.details['confidence_mean']:.{width}f} ± "
+                      f"{score.details['confidence_interval']:.{width}f})")
+        table.add_row(score.metric, value, score.signature)
+    Console().print(table)

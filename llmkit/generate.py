@@ -5,32 +5,119 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from llmkit.config import setting
 from llmkit.errors import LlmkitError
+
+EXAMPLES = """\
+llmkit generate --model runs/gpt --prompt "Once upon a time" --stream
+llmkit generate -m runs/gpt -p "ROMEO:" --temperature 0.8 --top-p 0.95 \\
+    --seed 1
+llmkit generate -m runs/gpt --input prompts.txt --output out.jsonl
+llmkit generate -m runs/en-ro --prompt "The house is small."  # seq2seq too"""
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """Decoding settings; greedy unless sampling is asked for."""
 
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    num_beams: int | None = None  # None: the model's generation config (a seq2seq run's)
-    repetition_penalty: float | None = None
-    num_return_sequences: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+    max_new_tokens: int = setting(64, "Tokens to generate at most.", minimum=1)
+    sample: bool = setting(False, "Sample instead of greedy decoding (implied by "
+                           "--temperature, --top-k, --top-p).")
+    temperature: float | None = setting(None, "Sampling temperature.", above=0.0)
+    top_k: int | None = setting(None, "Sample from the k likeliest tokens.", minimum=1)
+    top_p: float | None = setting(None, "Nucleus sampling mass.", above=0.0, maximum=1.0)
+    num_beams: int | None = setting(None, "Beam search width (default: the model's generation "
+                                    "config, e.g. what a seq2seq run evaluated with; else 1).",
+                                    minimum=1)
+    repetition_penalty: float | None = setting(None, "Penalty > 1 discourages repeats.",
+                                               above=0.0)
+    num_return_sequences: int = setting(1, "Outputs per prompt.", minimum=1)
+    stop: tuple[str, ...] = setting((), "Stop at this string (repeatable; left out of the "
+                                    "output).")
+    seed: int | None = setting(None, "Seed, for repeatable sampling.", minimum=0,
+                               maximum=2**32 - 1)
 
     def kwargs(self) -> dict[str, Any]:
-        chosen = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+        sampling = self.sample or any(v is not None for v in (self.temperature, self.top_k,
+                                                              self.top_p))
+        chosen = {"max_new_tokens": self.max_new_tokens, "do_sample": sampling,
                   "num_beams": self.num_beams, "num_return_sequences": self.num_return_sequences,
                   "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
                   "repetition_penalty": self.repetition_penalty, "use_cache": True}
         return {k: v for k, v in chosen.items() if v is not None}
+
+
+def run_prefix(folder: str, config: Any) -> str:
+    """The source prefix a translate or summarize run directory was trained with, else ''."""
+    from llmkit.predict import run_config
+    from llmkit.tasks.seq2seq import source_prefix
+
+    saved = run_config(folder)
+    if saved is None or saved.task not in ("translate", "summarize"):
+        return ""
+    return source_prefix(saved.task, saved.data, config)  # type: ignore[arg-type]
+
+
+def run(model: str, prompt: str | None, input: str | None, output: Path | None,
+        settings: GenerationSettings, stream: bool = False, chat: bool = False,
+        batch_size: int = 16) -> None:
+    """`llmkit generate`: print the output for one prompt (streamed if asked), or generate for
+    a file of prompts, printed as JSON lines or written to `output` with a progress bar."""
+    if (prompt is None) == (input is None):
+        raise LlmkitError("give either --prompt or --input")
+    if stream and (input or (settings.num_beams or 1) > 1 or settings.num_return_sequences > 1
+                   or settings.stop):
+        raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "
+                          "--num-beams, --num-return-sequences and --stop")
+    if output is not None and not output.parent.is_dir():
+        raise LlmkitError(f"--output {output}: folder {output.parent} does not exist")
+    prompts = [prompt] if prompt is not None else read_prompts(str(input))
+    net, tokenizer = load_generator(model)
+    prefix = run_prefix(model, net.config)  # what a T5 run was trained with ('summarize: ')
+    prompts = [prefix + p for p in prompts]
+    if chat:
+        prompts = [templated(tokenizer, p) for p in prompts]
+    if stream:
+        from transformers import TextStreamer
+
+        generate(net, tokenizer, prompts, settings, streamer=TextStreamer(
+            tokenizer, skip_prompt=True, skip_special_tokens=True), templated=chat)
+        return  # the streamer ends with a newline
+    if output is None:
+        for record in generate(net, tokenizer, prompts, settings, batch_size, templated=chat):
+            texts = record["output"] if settings.num_return_sequences > 1 else [record["output"]]
+            for text in texts:
+                print(text if input is None else json.dumps(record, ensure_ascii=False))
+        return
+    from llmkit.predict import write_jsonl
+
+    records = with_progress(net, tokenizer, prompts, settings, batch_size, chat)
+    write_jsonl(records, output)
+    print(f"{len(records)} generations written to {output}")
+
+
+def with_progress(net: Any, tokenizer: Any, prompts: list[str], settings: GenerationSettings,
+                  batch_size: int, chat: bool) -> list[dict[str, Any]]:
+    """generate() under a progress bar counting prompts and new tokens per second."""
+    from rich.progress import Progress
+
+    from llmkit.report import console
+
+    with Progress(*Progress.get_default_columns(), "{task.fields[speed]}",
+                  console=console) as progress:
+        bar = progress.add_task("generating", total=len(prompts), speed="")
+        tokens = [0]
+
+        def advance(done: int, new: int) -> None:
+            tokens[0] += new
+            elapsed = progress.tasks[bar].elapsed or 1e-9
+            progress.update(bar, advance=done, speed=f"{tokens[0] / elapsed:.1f} new tokens/s")
+
+        return generate(net, tokenizer, prompts, settings, batch_size, on_batch=advance,
+                        templated=chat)
 
 
 def load_generator(name: str) -> tuple[Any, Any]:
@@ -81,7 +168,8 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def chat(tokenizer: Any, prompt: str) -> str:
+def templated(tokenizer: Any, prompt: str) -> str:
+    """One user turn in the tokenizer's chat template, with the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise LlmkitError("--chat: this tokenizer has no chat template")
     return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],

@@ -1,4 +1,5 @@
-"""Pure, offline metric functions: lists in, floats out."""
+"""Pure, offline metric functions: lists in, numbers out; sacrebleu and rouge-score called
+with their own definitions."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import re
 import string
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+SACREBLEU = ("bleu", "chrf", "ter")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def _check(predictions: Sequence[object], references: Sequence[object]) -> None:
@@ -102,3 +108,72 @@ def squad(predictions: dict[str, str], golds: dict[str, list[str]], v2: bool = F
                            f"{name}_f1": mean((f1s[q] for q in ids), ids),
                            f"{name}_total": float(len(ids))})
     return result
+
+
+@dataclass(frozen=True)
+class Score:
+    """One metric's result: the headline value, its parts, and how it was computed."""
+
+    metric: str
+    value: float
+    signature: str
+    details: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def sacrebleu_metric(name: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A sacrebleu metric object with the CLI's options, and those options."""
+    from sacrebleu.metrics import BLEU, CHRF, TER
+
+    if name == "bleu":
+        kwargs = {"lowercase": options.get("lowercase", False),
+                  "tokenize": options.get("tokenize")}
+        return BLEU(**kwargs), kwargs
+    if name == "chrf":
+        kwargs = {"word_order": options.get("chrf_word_order", 0),
+                  "lowercase": options.get("chrf_lowercase", False)}
+        return CHRF(**kwargs), kwargs
+    # sacrebleu's TER ignores case unless asked
+    kwargs = {"case_sensitive": options.get("ter_case_sensitive", False)}
+    return TER(**kwargs), kwargs
+
+
+def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]],
+                    options: dict[str, Any]) -> Score:
+    scorer, kwargs = sacrebleu_metric(name, options)
+    samples = options.get("bootstrap_samples", 0) if options.get("confidence") else 0
+    # sacrebleu's own bootstrap: seeded by SACREBLEU_SEED (default 12345), so repeatable
+    result = scorer.corpus_score(hypotheses, references, n_bootstrap=max(samples, 1))
+    details: dict[str, float] = {}
+    if samples > 1:
+        details = {"confidence_mean": result._mean, "confidence_interval": result._ci,
+                   "bootstrap_samples": samples}
+    if name == "bleu":
+        details |= {"bp": result.bp, "sys_len": result.sys_len, "ref_len": result.ref_len,
+                   **{f"precision_{n + 1}": p for n, p in enumerate(result.precisions)}}
+    return Score(name, float(result.score), str(scorer.get_signature()), details, kwargs)
+
+
+def split_sentences(text: str) -> str:
+    """One sentence per line, for ROUGE-Lsum (which reads sentences from newlines); a
+    punctuation rule, since nltk's sentence splitter needs data that is not there offline."""
+    return "\n".join(s for s in SENTENCE_END.split(text.strip()) if s)
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> list[Score]:
+    """Mean ROUGE-1/2/L/Lsum F-measure (x100) with stemming, from `rouge_score` itself."""
+    from importlib.metadata import version
+
+    from rouge_score import rouge_scorer
+
+    types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
+    totals = dict.fromkeys(types, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(split_sentences(reference), split_sentences(prediction))
+        for key in types:
+            totals[key] += scores[key].fmeasure
+    signature = f"rouge-score {version('rouge-score')}"
+    settings = {"use_stemmer": True, "lsum_sentences": "split after . ! ?", "aggregate": "mean"}
+    return [Score(key, 100.0 * total / len(predictions), signature, {}, settings)
+            for key, total in totals.items()]

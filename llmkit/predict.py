@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from llmkit.config import DataConfig, RunConfig, load_config
+from llmkit.config import DataConfig, RunConfig, read_recipe
 from llmkit.data import by_length, check_columns, load_split
 from llmkit.errors import LlmkitError
 from llmkit.report import quiet_libraries
-from llmkit.tasks import Task, get_task, load_model, loss_of
+from llmkit.tasks import get_task, load_config, load_model
+from llmkit.tasks.task import Task, loss_of
 
 
 def run_config(model: str) -> RunConfig | None:
-    """The config a run directory was trained with, if `model` is one."""
-    import yaml
-
+    """The config a run directory was trained with, if `model` is one. Runs of llmkit 0.1
+    saved every task's data keys: the ones this task does not have are left out."""
     saved = Path(model) / "config.yaml"
     if not saved.is_file():
         return None
-    task = yaml.safe_load(saved.read_text(encoding="utf-8")).get("task", "")
-    return load_config(str(task), recipe=str(saved))
+    raw = read_recipe(str(saved))
+    spec = get_task(str(raw.get("task", "")))
+    if isinstance(raw.get("data"), dict):
+        own = {f.name for f in fields(spec.settings)}
+        raw["data"] = {k: v for k, v in raw["data"].items() if k in own}
+    return load_config(spec.name, raw)
 
 
 def prepare(model: str, task: str | None, columns: dict[str, Any] | None
@@ -30,9 +34,15 @@ def prepare(model: str, task: str | None, columns: dict[str, Any] | None
     """Task, column settings (the run's, then the caller's), model and tokenizer."""
     quiet_libraries()
     saved = run_config(model)
-    data = replace(saved.data if saved else DataConfig(),
-                   **{k: v for k, v in (columns or {}).items() if v is not None})
     spec = get_task(task or (saved.task if saved else "classify"))
+    data = saved.data if saved and saved.task == spec.name else spec.settings()
+    given = {k: v for k, v in (columns or {}).items() if v is not None}
+    own = {f.name for f in fields(data)}
+    foreign = [k for k in given if k not in own]
+    if foreign:
+        raise LlmkitError(f"--{foreign[0].replace('_', '-')} does not apply to a {spec.name} "
+                          "model")
+    data = replace(data, **given)
     net, tokenizer = load_model(spec, model, data)
     return spec, data, net, tokenizer
 
@@ -80,11 +90,28 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     return results
 
 
+def predict_rows(model: str, input: str | None, output: str | None, task: str | None,
+                 batch_size: int, question: str | None, context: str | None,
+                 columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """`llmkit predict`: rows of a file, or one question with its context for a qa model."""
+    import tempfile
+
+    if question is not None and context is not None:
+        rows = Path(tempfile.mkdtemp()) / "question.jsonl"
+        rows.write_text(json.dumps({"question": question, "context": context}) + "\n",
+                        encoding="utf-8")
+        input, task = str(rows), task or "qa"
+    if input is None:
+        raise LlmkitError("give --input (or --question and --context for a qa model)")
+    return predict(model, input, output, task, batch_size, columns)
+
+
 def score(model: str, data_spec: str, task: str | None = None, split: str = "validation",
           batch_size: int = 64, columns: dict[str, Any] | None = None) -> dict[str, Any]:
     """The task's metrics for a model on labelled rows (a file or a Hub split)."""
     spec, data, net, tokenizer = prepare(model, task, columns)
-    rows = load_split(data_spec, split, data.dataset_config, "--data", data.sample_by)
+    rows = load_split(data_spec, split, data.dataset_config, "--data",
+                      getattr(data, "sample_by", "line"))
     check_columns(rows, spec.columns(data, True), "--data")
     features = spec.featurize(rows, tokenizer, net.config, data)
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)

@@ -23,7 +23,8 @@ from llmkit.config import DataConfig, RunConfig, dump_config, flatten, to_dict
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.report import Reporter, quiet_libraries
-from llmkit.tasks import Task, get_task, load_model, loss_of
+from llmkit.tasks import get_task, load_model
+from llmkit.tasks.task import Task, loss_of
 
 log = logging.getLogger("llmkit")
 # the best evaluation's predictions: QA id -> answer text as JSON; generated texts one per line

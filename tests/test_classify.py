@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.config import DataConfig, load_config
 from llmkit.errors import LlmkitError
 from llmkit.predict import predict
+from llmkit.tasks import load_config
+from llmkit.tasks.classify import ClassifyData
 from llmkit.train import finetune
 
 
@@ -205,7 +206,7 @@ def test_bf16_checkpoint_trains_with_fp32_weights(toy: dict[str, Path], tmp_path
 
     folder = save_tiny_bert(tmp_path / "bert")
     AutoModel.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
-    model, _ = load_model(get_task("classify"), str(folder), DataConfig(), num_labels=2)
+    model, _ = load_model(get_task("classify"), str(folder), ClassifyData(), num_labels=2)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     out = finetune(load_config("classify", None, {
         "model": str(folder), "output": str(tmp_path / "run"), "data.train": str(toy["train"]),

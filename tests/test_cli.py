@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llmkit.cli import app
+from llmkit.cli import app, finetune_problem
+from llmkit.tasks import task_names
 
 runner = CliRunner()
 
@@ -30,7 +31,54 @@ def test_help_lists_commands_and_examples() -> None:
         assert command in result.output
     result = runner.invoke(app, ["finetune", "--help"])
     assert result.exit_code == 0
-    assert "Examples" in result.output and "--learning-rate" in result.output
+    for task in task_names():
+        assert task in result.output
+    assert "--learning-rate" not in result.output  # options belong to each task's command
+
+
+def test_each_task_help_shows_its_own_options_only() -> None:
+    own = {"classify": "--text-pair-column", "qa": "--doc-stride", "translate": "--source-lang",
+           "summarize": "--summary-column", "generate": "--block-size"}
+    for task in task_names():
+        result = runner.invoke(app, ["finetune", task, "--help"], terminal_width=80)
+        assert result.exit_code == 0
+        text = result.output
+        assert "Examples" in text and f"llmkit finetune {task}" in text
+        assert "--learning-rate" in text and "--train" in text and "--model" in text
+        for other, option in own.items():
+            assert (option in text) == (other == task), (task, option)
+        assert "…" not in text  # nothing cut off at 80 columns
+        assert max(len(line) for line in text.splitlines()) <= 80
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["finetune", "classify", "--doc-stride", "3"],
+     "--doc-stride is an option of llmkit finetune qa, not of classify"),
+    (["finetune", "qa", "--text-column", "t"],
+     "--text-column is an option of llmkit finetune classify and summarize and generate"),
+    (["finetune", "classify", "--no-gradient-checkpointing"],
+     "--no-gradient-checkpointing is the default already; to undo a recipe's value, use "
+     "-s train.gradient_checkpointing=false"),
+    (["finetune", "classify", "--group-by-length"],
+     "use -s train.group_by_length=true"),
+    (["finetune", "clasify"], "unknown task 'clasify'; the tasks are classify, qa"),
+])
+def test_finetune_problems_are_one_line(args: list[str], expected: str) -> None:
+    assert expected in finetune_problem(args)
+
+
+def test_aliases_and_flipped_flags_set_the_config(monkeypatch, tmp_path: Path) -> None:
+    seen = {}
+    monkeypatch.setattr("llmkit.cli.train", lambda cfg, *rest: seen.setdefault("cfg", cfg))
+    result = runner.invoke(app, ["finetune", "translate", "--model", "m", "--train", "t.jsonl",
+                                 "--output", "o", "--lr", "3e-4", "--max-source-length", "64",
+                                 "--no-group-by-length", "--source-lang", "en",
+                                 "--eval-max-samples", "5", "--gradient-checkpointing"])
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert cfg.train.learning_rate == 3e-4 and cfg.data.max_length == 64
+    assert cfg.train.group_by_length is False and cfg.train.gradient_checkpointing is True
+    assert cfg.data.source_lang == "en" and cfg.data.max_eval_samples == 5
 
 
 def test_recipes_list_show_copy(tmp_path: Path) -> None:
@@ -135,8 +183,8 @@ def test_more_processes_than_gpus_is_one_clear_error(tmp_path: Path, monkeypatch
     exist ("invalid device ordinal", a traceback per rank); llmkit says what to change first."""
     import torch
 
-    from llmkit.config import load_config
     from llmkit.errors import LlmkitError
+    from llmkit.tasks import load_config
     from llmkit.train import gpu_shortage, start_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -6,15 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.config import (
-    RunConfig,
-    load_config,
-    option_paths,
-    parse_override,
-    shipped_recipes,
-)
+from llmkit.config import RunConfig, dump_config, parse_override, schema, shipped_recipes
 from llmkit.errors import ConfigError, LlmkitError
-from llmkit.tasks import get_task
+from llmkit.tasks import get_task, load_config, task_names
 
 BASE = {"model": "m", "output": "o", "data.train": "t.csv"}
 
@@ -84,10 +78,58 @@ def test_missing_recipe_names_shipped_ones() -> None:
         load_config("classify", "no-such-recipe")
 
 
-def test_option_paths_cover_every_leaf() -> None:
-    paths = option_paths()
+def test_schema_lists_shared_and_own_settings_only() -> None:
+    paths = {dotted.rsplit(".", 1)[-1]: dotted for dotted, _, _ in
+             schema(get_task("classify").settings)}
     assert paths["epochs"] == "train.epochs" and paths["train"] == "data.train"
+    assert paths["text_pair_column"] == "data.text_pair_column"
     assert "task" not in paths and paths["model"] == "model"
+    assert not {"doc_stride", "block_size", "source_lang", "summary_column"} & set(paths)
+    for task in task_names():  # every setting documents itself
+        assert all(f.metadata.get("help") for _, f, _ in schema(get_task(task).settings))
+
+
+def test_saved_config_holds_the_task_settings_only(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = load_config("classify", None, BASE)
+    dump_config(cfg, tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]
+    assert set(data) == {"train", "validation", "dataset_config", "train_split",
+                         "validation_split", "validation_fraction", "max_train_samples",
+                         "max_eval_samples", "text_column", "text_pair_column", "label_column",
+                         "max_length"}
+    assert load_config("classify", str(tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize(("task", "key", "owners"), [
+    ("classify", "doc_stride", "qa"), ("qa", "text_column", "classify and summarize and "
+                                                            "generate"),
+    ("summarize", "source_lang", "translate"), ("translate", "block_size", "generate")])
+def test_a_key_of_another_task_names_that_task(task: str, key: str, owners: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(task, None, BASE, [f"data.{key}=3"])
+    assert err.value.problems == [f"data.{key}: a setting of {owners}, not of this task "
+                                  "(llmkit finetune TASK --help lists each task's settings)"]
+
+
+def test_ranges_come_from_the_schema() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("qa", None, BASE, ["train.learning_rate=-1", "data.n_best=21",
+                                       "data.validation_fraction=0", "train.seed=-3",
+                                       "train.warmup_ratio=1.0", "train.weight_decay=.nan"])
+    assert set(err.value.problems) == {
+        "train.learning_rate must be at least 0, got -1",
+        "data.n_best must be at most 20, got 21",
+        "data.validation_fraction must be above 0, got 0",
+        "train.seed must be at least 0, got -3",
+        "train.warmup_ratio must be below 1, got 1",
+        "train.weight_decay must be a number, got nan"}
+
+
+def test_bad_yaml_in_an_override_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("classify", None, BASE, ["data.text_column=[unclosed"])
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
@@ -131,3 +173,17 @@ def test_warmup_steps_round_up_as_trainer_does(steps: int, processes: int) -> No
                                  report_to=[]).get_warmup_steps(steps)
     assert expected == math.ceil(0.05 * steps)
     assert rates.index(max(rates)) == expected
+
+
+def test_a_run_saved_with_every_tasks_keys_still_loads(tmp_path: Path) -> None:
+    """llmkit 0.1 saved all five tasks' data keys in every run's config.yaml."""
+    import yaml
+
+    from llmkit.predict import run_config
+
+    old = {"task": "classify", "model": "m", "output": "o",
+           "data": {"train": "t.csv", "text_column": "sentence", "doc_stride": 128,
+                    "block_size": 1024, "source_lang": None, "summary_column": "summary"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = run_config(str(tmp_path))
+    assert cfg is not None and cfg.data.text_column == "sentence"

@@ -169,7 +169,7 @@ def test_rouge_equals_rouge_score_called_directly(system: dict[str, Path]) -> No
 def test_rouge_lsum_splits_sentences() -> None:
     from rouge_score import rouge_scorer
 
-    from llmkit.evaluate import rouge_scores, split_sentences
+    from llmkit.metrics import rouge_scores, split_sentences
 
     hyp, ref = "The cat sat. It was happy! Then it left.", "A cat sat down. Then it left happy."
     scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)

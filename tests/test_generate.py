@@ -16,11 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.config import DataConfig, load_config
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationSettings, generate, load_generator, read_prompts
-from llmkit.tasks import get_task
-from llmkit.tasks.causal_lm import block_size, collator, featurize, pack
+from llmkit.tasks import get_task, load_config
+from llmkit.tasks.causal_lm import CausalData, block_size, collator, featurize, pack
 from llmkit.train import finetune
 from tests.conftest import save_tiny_bert, two_ranks_and_one
 
@@ -70,7 +69,7 @@ def test_prompt_tokens_carry_no_loss(tiny_gpt2: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     rows = Dataset.from_dict({"q": ["what is the capital of france ?"], "a": [" paris"]})
-    cfg = DataConfig(prompt_column="q", completion_column="a")
+    cfg = CausalData(prompt_column="q", completion_column="a")
     [row] = featurize(rows, tokenizer, AutoConfig.from_pretrained(tiny_gpt2), cfg)
     prompt = len(tokenizer("what is the capital of france ?")["input_ids"])
     assert row["labels"][:prompt] == [-100] * prompt
@@ -98,7 +97,7 @@ def test_eval_in_row_slices_equals_one_forward(tiny_gpt2: Path,
                                     with_kwargs=True)
     with torch.inference_mode():
         whole = task.eval_step(model, batch)
-        monkeypatch.setattr("llmkit.tasks.LOGITS_BUDGET", 2 * 12 * model.config.vocab_size)
+        monkeypatch.setattr("llmkit.tasks.task.LOGITS_BUDGET", 2 * 12 * model.config.vocab_size)
         sliced = task.eval_step(model, batch)
     assert seen == [5, 2, 2, 1]  # the whole batch, then slices of 2 rows within the budget
     assert sliced["loss_count"].tolist() == [11, 8, 11, 8, 11]  # token t+1 scored at t
@@ -113,7 +112,7 @@ def test_block_size_is_clamped_with_both_numbers(tiny_gpt2: Path,
     logger = logging.getLogger("llmkit")
     logger.addHandler(caplog.handler)
     try:
-        assert block_size(DataConfig(block_size=1024), AutoConfig.from_pretrained(tiny_gpt2)) == 64
+        assert block_size(CausalData(block_size=1024), AutoConfig.from_pretrained(tiny_gpt2)) == 64
     finally:
         logger.removeHandler(caplog.handler)
     assert "--block-size 1024 is larger than the model's context of 64" in caplog.text
@@ -194,7 +193,7 @@ def test_batched_greedy_equals_one_by_one(lm_run: Path) -> None:
 
 def test_seeded_sampling_repeats(lm_run: Path) -> None:
     model, tokenizer = load_generator(str(lm_run))
-    settings = GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.5, seed=7,
+    settings = GenerationSettings(max_new_tokens=12, sample=True, temperature=1.5, seed=7,
                                   num_return_sequences=3)
     first = generate(model, tokenizer, ["the"], settings)
     assert first == generate(model, tokenizer, ["the"], settings)
@@ -296,7 +295,7 @@ def test_two_process_language_model_run(tiny_gpt2: Path, corpus: dict[str, Path]
 def test_chat_template(tiny_gpt2: Path) -> None:
     from transformers import AutoTokenizer
 
-    from llmkit.generate import chat
+    from llmkit.generate import templated as chat
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     with pytest.raises(LlmkitError, match="no chat template"):

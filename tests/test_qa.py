@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from llmkit.config import DataConfig, load_config
 from llmkit.errors import LlmkitError
 from llmkit.predict import predict
-from llmkit.tasks.qa import CANDIDATES, answers, featurize
+from llmkit.tasks import load_config
+from llmkit.tasks.qa import CANDIDATES, QAData, answers, featurize
 from llmkit.train import finetune
 
 FILLER = "the quick brown fox jumps over the lazy dog . "
@@ -37,7 +37,7 @@ def tokenizer_of(model: Path):
 @pytest.mark.parametrize("answer", ["paris", "great good", "the quick"])
 def test_long_contexts_become_windows_that_keep_the_span(tiny_bert: Path, answer: str) -> None:
     tokenizer, config = tokenizer_of(tiny_bert)
-    cfg = DataConfig(max_length=48, doc_stride=16)
+    cfg = QAData(max_length=48, doc_stride=16)
     features = featurize(squad_rows(answer=answer), tokenizer, config, cfg)
     assert len(features) > 2  # the context is far longer than one window
     found = 0
@@ -60,17 +60,17 @@ def test_answers_not_at_answer_start(tiny_bert: Path) -> None:
         {"id": "b", "question": "q ?", "context": "paris is big",
          "answers": {"text": ["london"], "answer_start": [0]}}])
     with pytest.raises(LlmkitError, match="1 of 2 examples have answer text that does not occur"):
-        featurize(rows, tokenizer, config, DataConfig())
-    kept = featurize(rows, tokenizer, config, DataConfig(bad_answers="skip"))
+        featurize(rows, tokenizer, config, QAData())
+    kept = featurize(rows, tokenizer, config, QAData(bad_answers="skip"))
     assert set(kept["example_id"]) == {"a"}
     empty = Dataset.from_list([{"id": "c", "question": "q ?", "context": "paris",
                                 "answers": {"text": [], "answer_start": []}}])
     with pytest.raises(LlmkitError, match="no answer .* data.version_2 is false"):
-        featurize(empty, tokenizer, config, DataConfig(version_2=False))
+        featurize(empty, tokenizer, config, QAData(version_2=False))
     blank = Dataset.from_list([{"id": "d", "question": "q ?", "context": "  ",
                                 "answers": {"text": [], "answer_start": []}}])
     with pytest.raises(LlmkitError, match="1 questions have an empty 'context'"):
-        featurize(blank, tokenizer, config, DataConfig())
+        featurize(blank, tokenizer, config, QAData())
 
 
 def window_outputs(starts: list[list[tuple[int, float]]], ends: list[list[tuple[int, float]]],
@@ -94,15 +94,15 @@ def test_post_processing_best_span_across_windows_and_null_threshold() -> None:
         starts=[[(1, 2.0), (3, 1.0)], [(2, 5.0), (0, 9.0)]],
         ends=[[(1, 2.0)], [(4, 4.0), (1, 8.0), (0, 9.0)]],
         null=[18.0, 12.0])
-    cfg = DataConfig(n_best=3, max_answer_length=30)
+    cfg = QAData(n_best=3, max_answer_length=30)
     # window 2: start 2 (beta) + end 4 (delta) = 9 beats window 1's alpha = 4; CLS and end < start
     # are not answers
     assert answers(gathered, features, cfg, version_2=False) == {"x": "beta gamma delta"}
-    assert answers(gathered, features, DataConfig(n_best=3, max_answer_length=2), False) == {
+    assert answers(gathered, features, QAData(n_best=3, max_answer_length=2), False) == {
         "x": "alpha"}
     # v2: the smallest null score (12) minus the best span (9) = 3 > threshold 0 -> empty answer
     assert answers(gathered, features, cfg, version_2=True) == {"x": ""}
-    assert answers(gathered, features, DataConfig(n_best=3, null_threshold=3.5), True) == {
+    assert answers(gathered, features, QAData(n_best=3, null_threshold=3.5), True) == {
         "x": "beta gamma delta"}
 
 
@@ -257,4 +257,4 @@ def test_tokenizers_that_drop_windows_are_refused(tiny_bert: Path, monkeypatch) 
     tokenizer, config = tokenizer_of(tiny_bert)
     monkeypatch.setattr(tokenizers, "__version__", "0.23.2")
     with pytest.raises(LlmkitError, match=r"tokenizers 0\.23\.2 drops the windows"):
-        featurize(squad_rows(), tokenizer, config, DataConfig(max_length=48, doc_stride=16))
+        featurize(squad_rows(), tokenizer, config, QAData(max_length=48, doc_stride=16))

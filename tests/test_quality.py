@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.config import load_config
+from llmkit.tasks import load_config
 from llmkit.train import finetune
 from tests.conftest import needs_shared
 

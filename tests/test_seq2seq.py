@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.config import DataConfig
 from llmkit.errors import LlmkitError
 from llmkit.tasks import get_task
+from llmkit.tasks.seq2seq import SummarizeData, TranslateData
 from tests.conftest import save_tiny_seq2seq, toy_pairs, two_ranks_and_one
 
 TRANSLATE = ["finetune", "translate", "--source-lang", "en", "--target-lang", "es",
@@ -53,12 +53,12 @@ def test_t5_gets_its_prefix_unless_one_is_given(tiny_seq2seq):
     from llmkit.tasks.seq2seq import source_prefix
 
     t5, marian = (AutoConfig.from_pretrained(tiny_seq2seq(f)) for f in ("t5", "marian"))
-    cfg = DataConfig(source_lang="en", target_lang="ro")
+    cfg = TranslateData(source_lang="en", target_lang="ro")
     assert source_prefix("translate", cfg, t5) == "translate English to Romanian: "
     assert source_prefix("summarize", cfg, t5) == "summarize: "
     assert source_prefix("translate", cfg, marian) == ""
-    assert source_prefix("summarize", DataConfig(source_prefix=">> "), t5) == ">> "
-    assert source_prefix("summarize", DataConfig(source_prefix=""), t5) == ""
+    assert source_prefix("summarize", SummarizeData(source_prefix=">> "), t5) == ">> "
+    assert source_prefix("summarize", SummarizeData(source_prefix=""), t5) == ""
 
 
 def test_labels_are_masked_and_long_targets_counted(tiny_seq2seq, caplog):
@@ -67,7 +67,7 @@ def test_labels_are_masked_and_long_targets_counted(tiny_seq2seq, caplog):
     folder = tiny_seq2seq("marian")
     tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
     task = get_task("translate")
-    cfg = DataConfig(source_lang="en", target_lang="es", max_target_length=4)
+    cfg = TranslateData(source_lang="en", target_lang="es", max_target_length=4)
     with caplog.at_level(logging.INFO, logger="llmkit"):
         features = task.featurize(rows([("the dog", "el perro"),
                                         ("the old man eats bread", "el viejo hombre come pan")]),
@@ -97,7 +97,7 @@ def test_eval_step_loss_is_the_models_own(family, tiny_seq2seq, monkeypatch):
     model.generation_config.max_new_tokens = 3
     task = get_task("translate")
     features = task.featurize(rows(toy_pairs(5, seed=2)), tokenizer, model.config,
-                              DataConfig(source_lang="en", target_lang="es"))
+                              TranslateData(source_lang="en", target_lang="es"))
     batch = task.collator(tokenizer)([features[i] for i in range(len(features))])
     # padded sources and targets of different lengths
     assert (batch["attention_mask"] == 0).any() and (batch["labels"] == -100).any()
@@ -110,7 +110,7 @@ def test_eval_step_loss_is_the_models_own(family, tiny_seq2seq, monkeypatch):
         out = task.eval_step(model, batch)
         expected = model(**batch).loss
         width = batch["labels"].shape[1]
-        monkeypatch.setattr("llmkit.tasks.LOGITS_BUDGET", 2 * width * model.config.vocab_size)
+        monkeypatch.setattr("llmkit.tasks.task.LOGITS_BUDGET", 2 * width * model.config.vocab_size)
         sliced = task.eval_step(model, batch)
     assert teacher == [5, 2, 2, 1]  # the whole batch, then slices of 2 rows within the budget
     assert out["loss_count"].tolist() == (batch["labels"] != -100).sum(-1).tolist()
@@ -131,15 +131,15 @@ def test_missing_language_and_empty_rows(tiny_seq2seq):
     with pytest.raises(LlmkitError, match="--target-lang fr is not in the data; the languages "
                        "there are en, es"):
         task.featurize(rows([("a", "b")]), tokenizer, config,
-                       DataConfig(source_lang="en", target_lang="fr"))
+                       TranslateData(source_lang="en", target_lang="fr"))
     data = rows([("the dog", "el perro"), ("the cat", " "), ("", "el")])
     with pytest.raises(LlmkitError, match="2 of 3 rows have an empty source or target"):
-        task.featurize(data, tokenizer, config, DataConfig(source_lang="en", target_lang="es"))
-    kept = task.featurize(data, tokenizer, config, DataConfig(source_lang="en", target_lang="es",
+        task.featurize(data, tokenizer, config, TranslateData(source_lang="en", target_lang="es"))
+    kept = task.featurize(data, tokenizer, config, TranslateData(source_lang="en", target_lang="es",
                                                               empty_rows="skip"))
     assert kept["row"] == [0] and kept["reference"] == ["el perro"]
     with pytest.raises(LlmkitError, match="translate needs --source-lang and --target-lang"):
-        task.columns(DataConfig(), True)
+        task.columns(TranslateData(), True)
 
 
 def test_translate_run_directory_generates_the_same_in_plain_transformers(marian_run,
@@ -212,7 +212,7 @@ def test_eval_predict_and_generate_on_a_translate_run(marian_run, toy_translatio
 def test_summarize_t5_rouge_equals_rouge_score(tiny_seq2seq, tmp_path):
     from rouge_score import rouge_scorer
 
-    from llmkit.evaluate import split_sentences
+    from llmkit.metrics import split_sentences
 
     docs = [{"document": f"{en}. {es}. the end.", "summary": en} for en, es in toy_pairs(48, 3)]
     for name, part in (("train", docs[:36]), ("dev", docs[36:])):
@@ -239,7 +239,7 @@ def test_summarize_t5_rouge_equals_rouge_score(tiny_seq2seq, tmp_path):
     assert generated.stdout.strip() == predicted[0]
     from transformers import AutoConfig
 
-    from llmkit.tasks.seq2seq import run_prefix
+    from llmkit.generate import run_prefix
 
     assert run_prefix(str(out), AutoConfig.from_pretrained(out)) == "summarize: "
 
@@ -267,10 +267,11 @@ def test_bart_reads_a_column_per_language(tiny_seq2seq, tmp_path):
 def test_wrong_model_for_the_task(family, task, fits, tiny_seq2seq, tiny_bert, tiny_gpt2,
                                   toy_translation, tmp_path):
     model = {"bert": tiny_bert, "gpt2": tiny_gpt2}.get(family) or tiny_seq2seq(family)
+    columns = {"translate": ["--source-lang", "en", "--target-lang", "es"],
+               "summarize": ["--text-column", "translation", "--summary-column", "translation"],
+               "generate": ["--text-column", "translation"]}[task]
     result = CliRunner().invoke(app, ["finetune", task, "--model", str(model), "--train",
-                                      str(toy_translation["train"]), "--source-lang", "en",
-                                      "--target-lang", "es", "--text-column", "translation",
-                                      "--summary-column", "translation",
+                                      str(toy_translation["train"]), *columns,
                                       "--output", str(tmp_path / "run")])
     assert result.exit_code != 0
     assert f"it fits: {fits}" in str(result.exception)
@@ -300,7 +301,7 @@ def test_multilingual_codes_set_tokenizer_languages_and_forced_bos(tiny_seq2seq)
     tokenizer.add_special_tokens({"additional_special_tokens": ["en_XX", "es_XX"]})
     tokenizer.src_lang, tokenizer.tgt_lang = "??", "??"  # what mBART's tokenizer carries
     model = AutoModelForSeq2SeqLM.from_pretrained(folder)
-    cfg = DataConfig(source_lang="en_XX", target_lang="es_XX", num_beams=3, max_new_tokens=7)
+    cfg = TranslateData(source_lang="en_XX", target_lang="es_XX", num_beams=3, max_new_tokens=7)
     get_task("translate").prepare(model, tokenizer, cfg)
     assert (tokenizer.src_lang, tokenizer.tgt_lang) == ("en_XX", "es_XX")
     generation = model.generation_config

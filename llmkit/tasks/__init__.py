@@ -1,101 +1,22 @@
-"""Tasks are values: a frozen record per task says what differs; the loop does the rest."""
+"""Tasks are values: a frozen record per task says what differs; the loop does the rest.
+This module is the registry: tasks by name, their configs, and loading a model for one."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from llmkit.config import RunConfig, read_recipe, resolve
 from llmkit.errors import LlmkitError
-
-log = logging.getLogger("llmkit")
-
-IGNORE = -100  # label of tokens the loss skips (padding, prompts)
-# Logit elements one evaluation forward may hold (1 GiB in fp32; the cross-entropy holds a
-# second copy): a 64-row batch of 1024-token blocks with GPT-2's 50,257-word vocabulary would
-# otherwise need 2 x 13 GB.
-LOGITS_BUDGET = 1 << 28
+from llmkit.tasks.task import Task
 
 if TYPE_CHECKING:
-    import numpy as np
-    import torch
-    from datasets import Dataset
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig
 
     from llmkit.config import DataConfig
 
-
-@dataclass(frozen=True)
-class Task:
-    """What one task needs from the shared machinery."""
-
-    name: str
-    summary: str
-    auto_model: str  # the transformers Auto class, imported by name only when a model is loaded
-    default_metric: str  # metric_for_best when the config leaves it unset
-    # Columns the raw rows must hold; `labelled` is False for prediction on unlabelled rows.
-    columns: Callable[[DataConfig, bool], list[str]]
-    # Extra from_pretrained kwargs derived from the rows (e.g. the label list).
-    model_kwargs: Callable[[Dataset, Dataset, DataConfig], dict[str, Any]]
-    # Raw rows -> model features (input_ids first; `labels` when the rows have them).
-    featurize: Callable[[Dataset, PreTrainedTokenizerBase, PretrainedConfig, DataConfig], Dataset]
-    collator: Callable[[PreTrainedTokenizerBase], Callable[[list[dict[str, Any]]], Any]]
-    # (model, one batch) -> per-example tensors of a fixed width, to gather across processes
-    # for scoring; labelled batches include `loss_sum` and `loss_count` (the loss is their
-    # ratio of sums). The model is the plain one (not the distributed wrapper).
-    eval_step: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-    # Gathered outputs + the evaluated features (in the same order) -> metrics; strings
-    # (a metric's signature) are kept in the record, "predictions" is written to a file.
-    score: Callable[[dict[str, np.ndarray], Dataset, DataConfig, PretrainedConfig,
-                     PreTrainedTokenizerBase], dict[str, Any]]
-    # Gathered outputs -> one JSON-able record per row, for `llmkit predict`.
-    present: Callable[[dict[str, np.ndarray], Dataset, DataConfig, PretrainedConfig,
-                       PreTrainedTokenizerBase], list[dict[str, Any]]]
-    # Fits a loaded model and tokenizer to the data settings (languages, generation settings)
-    # before featurizing; what it sets is saved with the run.
-    prepare: Callable[[Any, PreTrainedTokenizerBase, DataConfig], None] | None = None
-
-
-def loss_of(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Mean eval loss (a ratio of sums, exact however batches were split) and the row count."""
-    return {"eval_loss": float(gathered["loss_sum"].sum() / gathered["loss_count"].sum()),
-            "eval_samples": len(gathered["loss_sum"])}
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-example sums of token cross-entropy (`loss_sum`) and counts of scored tokens
-    (`loss_count`), IGNORE labels skipped. Over rows of the flattened [tokens, vocab] logits:
-    on the CPU 2.7-2.9x faster than over the class dimension of a transposed [batch, vocab,
-    length] view, which reads the vocabulary with a stride."""
-    import torch.nn.functional as F
-
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    losses = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return {"loss_sum": losses.view(labels.shape).sum(-1),
-            "loss_count": (labels != IGNORE).sum(-1).float()}
-
-
-def sliced_losses(logits_of: Callable[[slice], torch.Tensor], labels: torch.Tensor,
-                  config: PretrainedConfig) -> dict[str, torch.Tensor]:
-    """token_losses of a batch whose logits come from `logits_of(rows)`, called on slices of
-    rows small enough that one slice's logits fit LOGITS_BUDGET."""
-    import torch
-
-    vocab = getattr(config.get_text_config(), "vocab_size", None) or 1
-    step = max(1, LOGITS_BUDGET // (max(1, labels.shape[1]) * vocab))
-    parts = [token_losses(logits_of(slice(i, i + step)), labels[i:i + step])
-             for i in range(0, len(labels), step)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def perplexity(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
-    """exp(token-weighted mean loss over every predicted token), and that token count."""
-    import math
-
-    tokens = float(gathered["loss_count"].sum())
-    mean = float(gathered["loss_sum"].sum()) / tokens
-    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": int(tokens)}
+log = logging.getLogger("llmkit")
 
 
 def _registry() -> dict[str, Task]:
@@ -116,6 +37,22 @@ def get_task(name: str) -> Task:
     if name not in tasks:
         raise LlmkitError(f"unknown task {name!r}; the tasks are {', '.join(tasks)}")
     return tasks[name]
+
+
+def load_config(task: str, recipe: str | dict[str, Any] | None = None,
+                options: dict[str, Any] | None = None, overrides: list[str] | None = None
+                ) -> RunConfig:
+    """Resolve a task's RunConfig from a recipe (a file, a shipped name, or its values), CLI
+    options (dotted keys, None = not given) and `-s` overrides."""
+    spec = get_task(task)
+    raw = read_recipe(recipe) if isinstance(recipe, str) else dict(recipe or {})
+    own = {f.name for f in fields(spec.settings)}
+    elsewhere: dict[str, list[str]] = {}
+    for other in _registry().values():
+        for f in fields(other.settings):
+            if f.name not in own:
+                elsewhere.setdefault(f.name, []).append(other.name)
+    return resolve(spec.name, spec.settings, raw, options, overrides, elsewhere)
 
 
 def auto_class(task: Task) -> Any:

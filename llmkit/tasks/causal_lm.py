@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
+from llmkit.config import DataConfig, setting
 from llmkit.errors import LlmkitError
-from llmkit.tasks import IGNORE, Task, perplexity, sliced_losses
+from llmkit.tasks.task import IGNORE, Task, perplexity, sliced_losses
 
 if TYPE_CHECKING:
     import numpy as np
@@ -14,12 +16,36 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from llmkit.config import DataConfig
-
 log = logging.getLogger("llmkit")
 
 
-def columns(cfg: DataConfig, labelled: bool) -> list[str]:
+SampleBy = Literal["document", "paragraph", "line"]  # how a .txt file splits into rows
+
+
+@dataclass(frozen=True)
+class CausalData(DataConfig):
+    """Text packed into blocks, or prompt/completion pairs."""
+
+    text_column: str = setting("text", "Column with the text (a .txt file's is 'text').")
+    sample_by: SampleBy = setting("paragraph", "How a .txt file splits into documents: "
+                                  "document (the whole file), paragraph (blank lines) or line.")
+    block_size: int = setting(1024, "Tokens per packed block (clamped to the model's context).",
+                              minimum=1)
+    separate_documents: bool = setting(False, "Keep attention and positions inside each "
+                                       "document of a block.")
+    prompt_column: str | None = setting(None, "Prompt column of prompt/completion rows (no "
+                                        "loss on prompts).")
+    completion_column: str | None = setting(None, "Completion column of prompt/completion rows.")
+
+
+EXAMPLES = """\
+llmkit finetune generate --model gpt2 --train corpus.txt --block-size 512 \\
+    --output runs/gpt
+llmkit finetune generate --model gpt2 --train pairs.jsonl \\
+    --prompt-column prompt --completion-column completion --output runs/gpt-sft"""
+
+
+def columns(cfg: CausalData, labelled: bool) -> list[str]:
     if cfg.prompt_column or cfg.completion_column:
         if not (cfg.prompt_column and cfg.completion_column):
             raise LlmkitError("prompt/completion data needs both --prompt-column and "
@@ -28,11 +54,11 @@ def columns(cfg: DataConfig, labelled: bool) -> list[str]:
     return [cfg.text_column]
 
 
-def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
+def model_kwargs(train: Dataset, valid: Dataset, cfg: CausalData) -> dict[str, Any]:
     return {}
 
 
-def block_size(cfg: DataConfig, config: PretrainedConfig) -> int:
+def block_size(cfg: CausalData, config: PretrainedConfig) -> int:
     """The block size, clamped to the model's context."""
     context = getattr(config, "n_positions", None) or getattr(config,
                                                                "max_position_embeddings", None)
@@ -70,7 +96,7 @@ def pack(documents: list[list[int]], size: int, eos: int, separate: bool) -> dic
 
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
-              cfg: DataConfig) -> Dataset:
+              cfg: CausalData) -> Dataset:
     from datasets import Dataset
 
     size = block_size(cfg, config)
@@ -87,7 +113,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
                                   cfg.separate_documents))
 
 
-def pairs(rows: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, size: int
+def pairs(rows: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: CausalData, size: int
           ) -> Dataset:
     """Prompt + completion + EOS, truncated to the block size; the loss covers only the
     completion (and EOS)."""
@@ -142,12 +168,12 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
                          following, model.config)
 
 
-def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: CausalData,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     return perplexity(gathered)
 
 
-def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: CausalData,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     raise LlmkitError("a language model has no labels to predict: use llmkit generate")
 
@@ -155,6 +181,8 @@ def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
 GENERATE = Task(
     name="generate",
     summary="causal language modelling (GPT-style decoders): packed text or prompt/completion",
+    settings=CausalData,
+    examples=EXAMPLES,
     auto_model="AutoModelForCausalLM",
     default_metric="perplexity",
     columns=columns,

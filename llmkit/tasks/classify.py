@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmkit import metrics
+from llmkit.config import DataConfig, setting
 from llmkit.errors import LlmkitError
-from llmkit.tasks import Task
+from llmkit.tasks.task import Task
 
 if TYPE_CHECKING:
     import numpy as np
@@ -14,10 +16,27 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from llmkit.config import DataConfig
+
+@dataclass(frozen=True)
+class ClassifyData(DataConfig):
+    """Which columns hold the texts and labels, and how long an input may be."""
+
+    text_column: str = setting("text", "Column with the text.")
+    text_pair_column: str | None = setting(None, "Second text column, for sentence pairs.")
+    label_column: str = setting("label", "Column with the label (integers or strings).")
+    max_length: int = setting(256, "Truncate inputs to this many tokens; batches are padded "
+                              "only to their longest row.", minimum=1)
 
 
-def columns(cfg: DataConfig, labelled: bool) -> list[str]:
+EXAMPLES = """\
+llmkit finetune classify --model bert-base-uncased --train train.csv \\
+    --validation dev.csv --output runs/sst2
+llmkit finetune classify --recipe classify-sst2 -s train.learning_rate=3e-5
+llmkit finetune classify --model ./minilm --train pairs.tsv \\
+    --text-column s1 --text-pair-column s2 --epochs 2 --output runs/pairs"""
+
+
+def columns(cfg: ClassifyData, labelled: bool) -> list[str]:
     texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     return texts + ([cfg.label_column] if labelled else [])
 
@@ -33,7 +52,7 @@ def label_names(rows: Dataset, column: str) -> list[str]:
     return [str(v) for v in sorted(values)]
 
 
-def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
+def model_kwargs(train: Dataset, valid: Dataset, cfg: ClassifyData) -> dict[str, Any]:
     names = label_names(train, cfg.label_column)
     unseen = sorted(set(label_names(valid, cfg.label_column)) - set(names))
     if unseen:
@@ -47,7 +66,7 @@ def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, A
 
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
-              cfg: DataConfig) -> Dataset:
+              cfg: ClassifyData) -> Dataset:
     labelled = cfg.label_column in rows.column_names
     class_label = labelled and hasattr(rows.features[cfg.label_column], "names")
     label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
@@ -84,7 +103,7 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return gathered
 
 
-def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: ClassifyData,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     predictions = gathered["logits"].argmax(-1).tolist()
     references = gathered["labels"].tolist()
@@ -95,7 +114,7 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
     return result
 
 
-def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: ClassifyData,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     import torch
 
@@ -109,6 +128,8 @@ def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
 CLASSIFY = Task(
     name="classify",
     summary="text classification (sentiment, topic, intent; sentence pairs) with an encoder",
+    settings=ClassifyData,
+    examples=EXAMPLES,
     auto_model="AutoModelForSequenceClassification",
     default_metric="accuracy",
     columns=columns,

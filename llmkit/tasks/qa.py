@@ -4,19 +4,19 @@ answer spans from the fast tokenizer's offsets, best span across windows, offici
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmkit import metrics
+from llmkit.config import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
-from llmkit.tasks import Task
+from llmkit.tasks.task import Task
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from datasets import Dataset
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
-
-    from llmkit.config import DataConfig
 
 log = logging.getLogger("llmkit")
 CANDIDATES = 20  # start and end candidates kept per window (the most --n-best can use)
@@ -25,11 +25,42 @@ MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions"
               "end_positions")
 
 
-def columns(cfg: DataConfig, labelled: bool) -> list[str]:
+
+
+@dataclass(frozen=True)
+class QAData(DataConfig):
+    """Columns, windows over long contexts, and how answers are picked."""
+
+    question_column: str = setting("question", "Column with the question.")
+    context_column: str = setting("context", "Column with the context.")
+    answers_column: str = setting("answers", "Column with the answers ({text: [...], "
+                                  "answer_start: [...]}).")
+    max_length: int = setting(256, "Tokens per window of question + context.", minimum=1)
+    doc_stride: int = setting(128, "Tokens shared by neighbouring windows of a long context.",
+                              minimum=1)
+    version_2: bool | None = setting(None, "Unanswerable questions (SQuAD 2.0); detected from "
+                                     "the data when not given.")
+    n_best: int = setting(20, "Start and end candidates per window.", minimum=1,
+                          maximum=CANDIDATES)
+    max_answer_length: int = setting(30, "Longest answer, in tokens.", minimum=1)
+    null_threshold: float = setting(0.0, "SQuAD 2.0: answer empty when the null score beats "
+                                    "the best span by more than this.")
+    bad_answers: BadRows = setting("fail", "fail or skip examples whose answer is not at "
+                                   "answer_start.")
+
+
+EXAMPLES = """\
+llmkit finetune qa --model bert-base-uncased --train train-v2.0.json \\
+    --validation dev-v2.0.json --max-length 384 --doc-stride 128 \\
+    --output runs/squad2
+llmkit finetune qa --recipe qa-squad --output runs/squad"""
+
+
+def columns(cfg: QAData, labelled: bool) -> list[str]:
     return [cfg.question_column, cfg.context_column] + ([cfg.answers_column] if labelled else [])
 
 
-def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
+def model_kwargs(train: Dataset, valid: Dataset, cfg: QAData) -> dict[str, Any]:
     """Whether the run answers SQuAD 2.0 style (empty answers allowed), saved in config.json
     so that prediction with the run directory knows it."""
     if cfg.version_2 is not None:
@@ -37,7 +68,7 @@ def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, A
     return {"squad_v2": any(not a["text"] for a in train[cfg.answers_column])}
 
 
-def check_answers(rows: Dataset, cfg: DataConfig) -> Dataset:
+def check_answers(rows: Dataset, cfg: QAData) -> Dataset:
     """Answers must occur at their answer_start; v2 data (empty answers) needs version_2."""
     a = cfg.answers_column
     no_context = sum(1 for c in rows[cfg.context_column] if not (c and c.strip()))
@@ -75,7 +106,7 @@ def check_tokenizers() -> None:
 
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
-              cfg: DataConfig) -> Dataset:
+              cfg: QAData) -> Dataset:
     """Windows of question + context. Labelled rows get start/end positions (the CLS token
     when the answer is not inside the window) and keep what scoring needs."""
     if not getattr(tokenizer, "is_fast", False):
@@ -85,8 +116,6 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     if cfg.doc_stride >= cfg.max_length:
         raise LlmkitError(f"data.doc_stride ({cfg.doc_stride}) must be smaller than "
                           f"data.max_length ({cfg.max_length})")
-    if cfg.n_best > CANDIDATES:
-        raise LlmkitError(f"data.n_best is at most {CANDIDATES}, got {cfg.n_best}")
     labelled = cfg.answers_column in rows.column_names
     if labelled:
         rows = check_answers(rows, cfg)
@@ -173,7 +202,7 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return gathered
 
 
-def answers(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def answers(gathered: dict[str, np.ndarray], features: Dataset, cfg: QAData,
             version_2: bool) -> dict[str, str]:
     """Example id -> answer text: the best valid span across all its windows; for SQuAD 2.0
     the empty answer when the best null score beats it by more than data.null_threshold."""
@@ -196,7 +225,7 @@ def answers(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
             for example, (score, text) in best.items()}
 
 
-def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: QAData,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     golds = dict(zip(features["example_id"], features["gold"], strict=True))
     version_2 = cfg.version_2 if cfg.version_2 is not None else any(not g for g in
@@ -206,7 +235,7 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
     return {**metrics.squad(predicted, golds, version_2), "predictions": predicted}
 
 
-def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: QAData,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     version_2 = cfg.version_2 if cfg.version_2 is not None else getattr(config, "squad_v2",
                                                                        False)
@@ -217,6 +246,8 @@ def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
 QA = Task(
     name="qa",
     summary="extractive question answering (SQuAD 1.1 and 2.0) with an encoder",
+    settings=QAData,
+    examples=EXAMPLES,
     auto_model="AutoModelForQuestionAnswering",
     default_metric="f1",
     columns=columns,

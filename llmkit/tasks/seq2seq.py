@@ -4,19 +4,20 @@ reading different columns, evaluated by generating and scoring with sacrebleu or
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmkit.config import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
-from llmkit.tasks import IGNORE, Task, perplexity, sliced_losses
+from llmkit.metrics import rouge_scores, sacrebleu_score
+from llmkit.tasks.task import IGNORE, Task, perplexity, sliced_losses
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from datasets import Dataset
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
-
-    from llmkit.config import DataConfig
 
 log = logging.getLogger("llmkit")
 Kind = Literal["translate", "summarize"]
@@ -26,7 +27,57 @@ LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", 
              "zh": "Chinese", "ja": "Japanese", "cs": "Czech", "fi": "Finnish", "tr": "Turkish"}
 
 
-def columns(kind: Kind, cfg: DataConfig, labelled: bool) -> list[str]:
+
+
+@dataclass(frozen=True)
+class Seq2SeqData(DataConfig):
+    """Source and target lengths, and evaluation by generation."""
+
+    max_length: int = setting(256, "Truncate sources to this many tokens; batches are padded "
+                              "only to their longest row.", "--max-source-length", minimum=1)
+    max_target_length: int = setting(128, "Truncate targets to this many tokens (counted in "
+                                     "the log).", minimum=1)
+    source_prefix: str | None = setting(None, "Text put before every source; T5 checkpoints "
+                                        "default to theirs ('summarize: ').")
+    empty_rows: BadRows = setting("fail", "fail or skip rows with an empty source or target.")
+    num_beams: int | None = setting(None, "Beams when evaluating by generation (default: the "
+                                    "checkpoint's, else 1).", minimum=1)
+    max_new_tokens: int | None = setting(None, "Tokens generated at most per evaluation row "
+                                         "(default: --max-target-length).", minimum=1)
+
+
+@dataclass(frozen=True)
+class TranslateData(Seq2SeqData):
+    """Which languages, and where the pairs are."""
+
+    source_lang: str | None = setting(None, "Source language key of the data (en; mBART/NLLB "
+                                      "codes such as en_XX work too).")
+    target_lang: str | None = setting(None, "Target language key of the data.")
+    translation_column: str = setting("translation", "Column of {lang: text} pairs; '' reads "
+                                      "one column per language.")
+
+
+@dataclass(frozen=True)
+class SummarizeData(Seq2SeqData):
+    """Which columns hold the documents and their summaries."""
+
+    text_column: str = setting("text", "Column with the document.")
+    summary_column: str = setting("summary", "Column with the summary.")
+
+
+TRANSLATE_EXAMPLES = """\
+llmkit finetune translate --model Helsinki-NLP/opus-mt-en-ro \\
+    --train wmt16 --dataset-config ro-en --source-lang en --target-lang ro \\
+    --output runs/en-ro
+llmkit finetune translate --model ./marian --train pairs.jsonl \\
+    --source-lang en --target-lang es --num-beams 4 --output runs/en-es"""
+SUMMARIZE_EXAMPLES = """\
+llmkit finetune summarize --model t5-small --train xsum \\
+    --text-column document --summary-column summary --max-eval-samples 500 \\
+    --output runs/xsum"""
+
+
+def columns(kind: Kind, cfg: Any, labelled: bool) -> list[str]:
     if kind == "summarize":
         return [cfg.text_column] + ([cfg.summary_column] if labelled else [])
     if not (cfg.source_lang and cfg.target_lang):
@@ -37,11 +88,11 @@ def columns(kind: Kind, cfg: DataConfig, labelled: bool) -> list[str]:
     return [cfg.source_lang] + ([cfg.target_lang] if labelled else [])
 
 
-def model_kwargs(train: Dataset, valid: Dataset, cfg: DataConfig) -> dict[str, Any]:
+def model_kwargs(train: Dataset, valid: Dataset, cfg: Any) -> dict[str, Any]:
     return {}
 
 
-def source_prefix(kind: Kind, cfg: DataConfig, config: PretrainedConfig) -> str:
+def source_prefix(kind: Kind, cfg: Any, config: PretrainedConfig) -> str:
     """The prefix T5 checkpoints were trained with, unless data.source_prefix says otherwise."""
     if cfg.source_prefix is not None:
         return cfg.source_prefix
@@ -54,17 +105,7 @@ def source_prefix(kind: Kind, cfg: DataConfig, config: PretrainedConfig) -> str:
     return f"translate {source} to {target}: "
 
 
-def run_prefix(folder: str, config: PretrainedConfig) -> str:
-    """The source prefix a translate or summarize run directory was trained with, else ''."""
-    from llmkit.predict import run_config
-
-    saved = run_config(folder)
-    if saved is None or saved.task not in ("translate", "summarize"):
-        return ""
-    return source_prefix(saved.task, saved.data, config)  # type: ignore[arg-type]
-
-
-def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
+def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, cfg: Any) -> None:
     """Language codes for multilingual tokenizers, and the generation settings of evaluation
     (saved with the run as generation_config.json)."""
     generation = model.generation_config
@@ -92,7 +133,7 @@ def language_key(lang: str, present: list[str], side: str) -> str:
                       f"{', '.join(sorted(present)) or 'none'}")
 
 
-def texts(kind: Kind, rows: Dataset, cfg: DataConfig) -> tuple[list[str], list[str] | None]:
+def texts(kind: Kind, rows: Dataset, cfg: Any) -> tuple[list[str], list[str] | None]:
     """Source texts and, when the rows have them, target texts."""
     if kind == "summarize":
         targets = rows[cfg.summary_column] if cfg.summary_column in rows.column_names else None
@@ -128,7 +169,7 @@ def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, tar
 
 
 def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
-              config: PretrainedConfig, cfg: DataConfig) -> Dataset:
+              config: PretrainedConfig, cfg: Any) -> Dataset:
     """Source ids (prefixed for T5) and label ids; labelled rows keep the reference text and
     every feature its row number, for scoring and for writing predictions in row order."""
     from datasets import Dataset
@@ -210,12 +251,10 @@ def decode(gathered: dict[str, np.ndarray], features: Dataset,
     return [texts[i] for i in order], [rows[i] for i in order]
 
 
-def score(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def score(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: Any,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """BLEU and chrF (sacrebleu, corpus level, its defaults) or ROUGE (rouge-score), on the
     full reference texts; perplexity of the references; predictions in row order."""
-    from llmkit.evaluate import rouge_scores, sacrebleu_score
-
     predictions, rows = decode(gathered, features, tokenizer)
     by_row = dict(zip(features["row"], features["reference"], strict=True))
     references = [by_row[r] for r in rows]
@@ -231,15 +270,17 @@ def score(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: D
     return {**result, "predictions": predictions}
 
 
-def present(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: DataConfig,
+def present(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: Any,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     predictions, rows = decode(gathered, features, tokenizer)
     field = "translation" if kind == "translate" else "summary"
     return [{"id": row, field: text} for row, text in zip(rows, predictions, strict=True)]
 
 
-def task(kind: Kind, summary: str, metric: str) -> Task:
-    return Task(name=kind, summary=summary, auto_model="AutoModelForSeq2SeqLM",
+def task(kind: Kind, summary: str, metric: str, settings: type[Seq2SeqData], examples: str
+         ) -> Task:
+    return Task(name=kind, summary=summary, settings=settings, examples=examples,
+                auto_model="AutoModelForSeq2SeqLM",
                 default_metric=metric, columns=partial(columns, kind),
                 model_kwargs=model_kwargs, featurize=partial(featurize, kind),
                 collator=collator, eval_step=eval_step, score=partial(score, kind),
@@ -247,6 +288,6 @@ def task(kind: Kind, summary: str, metric: str) -> Task:
 
 
 TRANSLATE = task("translate", "translation with a seq2seq model (Marian, T5, BART, mBART); "
-                 "BLEU and chrF", "bleu")
+                 "BLEU and chrF", "bleu", TranslateData, TRANSLATE_EXAMPLES)
 SUMMARIZE = task("summarize", "summarization with a seq2seq model (T5, BART, Pegasus); ROUGE",
-                 "rougeL")
+                 "rougeL", SummarizeData, SUMMARIZE_EXAMPLES)
