@@ -206,8 +206,9 @@ def eval_files(
     text_column: Annotated[str | None, typer.Option(help="--model: text column, if not the "
                            "run's.")] = None,
     label_column: Annotated[str | None, typer.Option(help="--model: label column.")] = None,
-    width: Annotated[int, typer.Option("--width", "-w", help=shown("Decimals printed.", 1),
-                                       show_default=False)] = 1,
+    width: Annotated[int | None, typer.Option("--width", "-w", help="Decimals printed "
+                                              "(default: 1 on a 0-100 scale, as sacrebleu; 4 "
+                                              "on a 0-1 scale).", min=0)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the JSON "
                       "to this file.")] = None,

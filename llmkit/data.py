@@ -35,9 +35,11 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def _squad_rows(path: Path) -> Dataset | None:
-    """The official nested SQuAD JSON (data -> paragraphs -> qas) as flat rows, in the Hub
-    layout (id, title, context, question, answers{text, answer_start}); None for other JSON."""
+def _json_rows(path: Path) -> Dataset | None:
+    """Rows of a JSON document that `datasets`' json builder does not read by itself: the
+    official nested SQuAD layout (data -> paragraphs -> qas, flattened to the Hub layout: id,
+    title, context, question, answers{text, answer_start}) and flat rows under a top-level
+    `data` key (run_qa.py's files). None for JSON Lines (whatever the extension) and the rest."""
     import json
 
     from datasets import Dataset
@@ -45,28 +47,39 @@ def _squad_rows(path: Path) -> Dataset | None:
     if path.suffix.lower() != ".json":
         return None
     with path.open(encoding="utf-8") as f:
-        if f.read(1) != "{":
+        first = f.readline()
+        if not first.lstrip().startswith("{"):
             return None
-        f.seek(0)
-        data = json.load(f)
-    if not (isinstance(data.get("data"), list) and data["data"]
-            and "paragraphs" in data["data"][0]):
+        try:
+            data = json.loads(first)  # a whole value on the first line: one document, or
+            if any(line.strip() for line in f):  # JSON Lines when more lines follow
+                return None
+        except json.JSONDecodeError:
+            f.seek(0)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError:
+                return None  # let the json builder say what is wrong
+    rows = data.get("data") if isinstance(data, dict) else None
+    if not (isinstance(rows, list) and rows and isinstance(rows[0], dict)):
         return None
-    rows = [{"id": str(qa["id"]), "title": article.get("title", ""),
-             "context": paragraph["context"], "question": qa["question"],
-             "answers": {"text": [a["text"] for a in qa.get("answers", [])],
-                         "answer_start": [a["answer_start"] for a in qa.get("answers", [])]}}
-            for article in data["data"] for paragraph in article["paragraphs"]
-            for qa in paragraph["qas"]]
-    return Dataset.from_list(rows)
+    if "paragraphs" not in rows[0]:
+        log.info("%s: reading the rows under its top-level 'data' key", path)
+        return Dataset.from_list(rows)
+    return Dataset.from_list([
+        {"id": str(qa["id"]), "title": article.get("title", ""),
+         "context": paragraph["context"], "question": qa["question"],
+         "answers": {"text": [a["text"] for a in qa.get("answers", [])],
+                     "answer_start": [a["answer_start"] for a in qa.get("answers", [])]}}
+        for article in rows for paragraph in article["paragraphs"] for qa in paragraph["qas"]])
 
 
 def _load_file(path: Path, option: str, sample_by: str) -> Dataset:
     import datasets
 
-    squad = _squad_rows(path)
-    if squad is not None:
-        return squad
+    nested = _json_rows(path)
+    if nested is not None:
+        return nested
 
     if path.suffix.lower() not in FORMATS:
         raise LlmkitError(f"{option} {path}: unknown format {path.suffix or '(no extension)'!r}; "

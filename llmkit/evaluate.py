@@ -46,6 +46,8 @@ class ScoreOptions:
     average: Literal["macro", "micro", "binary"] = setting("macro", "F1 average: macro, micro "
                                                            "or binary.")
     positive: str = setting("1", "Positive label for binary F1.")
+    missing: Literal["fail", "zero"] = setting("fail", "SQuAD questions without a prediction: "
+                                               "fail, or score 0 (the official v1.1 script).")
 BUILTIN = (*SACREBLEU, "rouge", *LABELS, "squad", "squad_v2")
 
 
@@ -81,10 +83,14 @@ def label_score(name: str, predictions: list[str], references: list[str],
     if name == "f1":
         average = options.get("average", "macro")
         positive = options.get("positive", "1")
-        value = metrics.f1(predictions, references, average, positive)
-        return Score(name, value, "llmkit", {}, {"average": average, "positive": positive})
+        try:
+            value = metrics.f1(predictions, references, average, positive)
+        except ValueError as err:
+            raise LlmkitError(f"-m f1 --average {average} --positive {positive}: {err}") from err
+        return Score(name, value, "llmkit", {}, {"average": average, "positive": positive},
+                     decimals=4)
     return Score(name, metrics.accuracy(predictions, references), "llmkit", {},
-                 {"compare": "whole lines, trailing white space dropped"})
+                 {"compare": "whole lines, trailing white space dropped"}, decimals=4)
 
 
 def squad_golds(path: str) -> dict[str, list[str]]:
@@ -112,15 +118,17 @@ def squad_golds(path: str) -> dict[str, list[str]]:
     return golds
 
 
-def squad_score(name: str, predictions_path: str, references_path: str) -> Score:
+def squad_score(name: str, predictions_path: str, references_path: str, missing_zero: bool
+                ) -> Score:
     predictions = json.loads(read_text(predictions_path, "--predictions"))
     if not isinstance(predictions, dict):
         raise LlmkitError(f"--predictions {predictions_path}: expected a JSON object of "
                           "question id -> answer text (the official format)")
     try:
-        result = metrics.squad(predictions, squad_golds(references_path), name == "squad_v2")
+        result = metrics.squad(predictions, squad_golds(references_path), name == "squad_v2",
+                               missing_zero)
     except ValueError as err:
-        raise LlmkitError(f"--predictions {predictions_path}: {err}") from err
+        raise LlmkitError(f"-m {name}: {err}") from err
     signature = "official SQuAD v2.0 definitions" if name == "squad_v2" else \
         "official SQuAD v1.1 definitions"
     return Score(name, result["f1"], signature, result)
@@ -201,7 +209,11 @@ def score_files(names: list[str], predictions: str, references: list[str],
     check_metrics(names)
     if not references:
         raise LlmkitError("--references is required")
-    scores = [squad_score(n, predictions, references[0]) for n in names if n.startswith("squad")]
+    squads = [n for n in names if n.startswith("squad")]
+    if squads and len(references) > 1:
+        raise LlmkitError(f"-m {squads[0]} reads one SQuAD data file (-r), got {len(references)}")
+    scores = [squad_score(n, predictions, references[0], options.get("missing") == "zero")
+              for n in squads]
     line_metrics = [n for n in names if not n.startswith("squad")]
     if not line_metrics:
         return scores
@@ -211,6 +223,10 @@ def score_files(names: list[str], predictions: str, references: list[str],
         if len(lines) != len(hypotheses):
             raise LlmkitError(f"--predictions {predictions} has {len(hypotheses)} lines but "
                               f"--references {path} has {len(lines)}; they must align line by line")
+    single = [n for n in line_metrics if n in LABELS or n not in BUILTIN]
+    if single and len(refs) > 1:
+        raise LlmkitError(f"-m {single[0]} compares each line with one reference, got "
+                          f"{len(refs)} reference files; BLEU, chrF, TER and ROUGE take several")
     baseline = None
     if options.get("baseline"):
         baseline = read_lines(options["baseline"], "--baseline")
@@ -226,7 +242,7 @@ def score_files(names: list[str], predictions: str, references: list[str],
         elif name in SACREBLEU:
             scores.append(sacrebleu_score(name, hypotheses, refs, options))
         elif name == "rouge":
-            scores.extend(rouge_scores(hypotheses, refs[0]))
+            scores.extend(rouge_scores(hypotheses, refs))
         elif name not in BUILTIN:
             scores.extend(catalogue_scores(name, hypotheses, refs[0]))
         else:
@@ -249,14 +265,15 @@ def score_model(names: list[str], model: str, data: str | None, task: str | None
         raise LlmkitError(f"metric {', '.join(map(repr, missing))} does not fit a {name} model; "
                           f"its metrics are {', '.join(k for k in values if k != 'eval_samples')}")
     settings = {"data": data, "eval_samples": result["eval_samples"]}
+    fractions = ("accuracy", "macro_f1", "binary_f1", "eval_loss")  # 0-1 scale: 4 decimals
     # sacrebleu's signature where the task scored with it (translate), else llmkit's own
-    return [Score(n, float(values[n]), str(result.get(f"{n}_signature", "llmkit")), {}, settings)
-            for n in names]
+    return [Score(n, float(values[n]), str(result.get(f"{n}_signature", "llmkit")), {}, settings,
+                  decimals=4 if n in fractions else 1) for n in names]
 
 
 def report(names: list[str], predictions: str | None, references: list[str] | None,
            model: str | None, data: str | None, task: str | None, split: str,
-           columns: dict[str, Any], options: dict[str, Any], width: int, as_json: bool,
+           columns: dict[str, Any], options: dict[str, Any], width: int | None, as_json: bool,
            output: Path | None) -> None:
     """`llmkit eval`: score files (or a model on data), print a table or one JSON object, and
     write the JSON to `output` if asked."""
@@ -284,12 +301,13 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
     table = Table("metric", "value", "signature")
     table.columns[2].overflow = "fold"
     for score in scores:
-        value = f"{score.value:.{width}f}"
+        places = score.decimals if width is None else width
+        value = f"{score.value:.{places}f}"
         if "p_value" in score.details:
-            value += (f" (baseline {score.details['baseline']:.{width}f}, "
+            value += (f" (baseline {score.details['baseline']:.{places}f}, "
                       f"p = {score.details['p_value']:.4f})")
         if "confidence_interval" in score.details:
-            value += (f" (μ = {score.details['confidence_mean']:.{width}f} ± "
-                      f"{score.details['confidence_interval']:.{width}f})")
+            value += (f" (μ = {score.details['confidence_mean']:.{places}f} ± "
+                      f"{score.details['confidence_interval']:.{places}f})")
         table.add_row(score.metric, value, score.signature)
     Console().print(table)

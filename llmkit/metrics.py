@@ -37,17 +37,23 @@ def _f1_of(label: Hashable, predictions: Sequence[Hashable], references: Sequenc
 
 
 def f1(predictions: Sequence[Hashable], references: Sequence[Hashable], average: str = "macro",
-       positive: Hashable = 1) -> float:
+       positive: Hashable = 1, labels: Iterable[Hashable] | None = None) -> float:
     """F1 as scikit-learn defines it: `macro` over every label seen in either list, `micro`
-    (equal to accuracy for single-label data), or `binary` for the `positive` label."""
+    (equal to accuracy for single-label data), or `binary` for the `positive` label, which must
+    be one of `labels` (default: the labels seen)."""
     _check(predictions, references)
+    seen = set(references) | set(predictions)
     if average == "binary":
+        known = set(labels) if labels is not None else seen
+        if positive not in known:
+            raise ValueError(f"the positive label {positive!r} is not one of the labels: "
+                             f"{', '.join(sorted(map(str, known))[:20])}")
         return _f1_of(positive, predictions, references)
     if average == "micro":
         return accuracy(predictions, references)
     if average == "macro":
-        labels = sorted(set(references) | set(predictions), key=repr)
-        return sum(_f1_of(lab, predictions, references) for lab in labels) / len(labels)
+        ordered = sorted(seen, key=repr)
+        return sum(_f1_of(lab, predictions, references) for lab in ordered) / len(ordered)
     raise ValueError(f"unknown F1 average {average!r}: use macro, micro or binary")
 
 
@@ -80,16 +86,24 @@ def squad_f1(prediction: str, gold: str, v2: bool = False) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def squad(predictions: dict[str, str], golds: dict[str, list[str]], v2: bool = False
-          ) -> dict[str, float]:
+def squad(predictions: dict[str, str], golds: dict[str, list[str]], v2: bool = False,
+          missing_zero: bool = False) -> dict[str, float]:
     """Exact match and F1 (0-100), the max over gold answers per question; an unanswerable
-    question has the gold [""] (v2). v2 adds HasAns_/NoAns_ breakdowns."""
+    question has the gold [""] (v2). v2 adds HasAns_/NoAns_ breakdowns. A question without a
+    prediction is an error, or scores 0 with `missing_zero` (as the official v1.1 script does).
+    Keys as the official scripts name them (`exact`, `HasAns_exact`, ...) and `exact_match`."""
     missing = [qid for qid in golds if qid not in predictions]
-    if missing:
+    if missing and not missing_zero:
         raise ValueError(f"no prediction for {len(missing)} of {len(golds)} questions "
-                         f"(first: {missing[0]})")
-    exact, f1s = {}, {}
+                         f"(first: {missing[0]}); --missing zero scores them 0 as the "
+                         "official v1.1 script does")
+    if not v2 and any(not answers for answers in golds.values()):
+        raise ValueError(f"{sum(not a for a in golds.values())} questions have no answer "
+                         "(SQuAD 2.0 data), which the v1.1 rules cannot score: use squad_v2")
+    exact, f1s = dict.fromkeys(missing, 0.0), dict.fromkeys(missing, 0.0)
     for qid, answers in golds.items():
+        if qid in missing:
+            continue
         # v2.0 drops golds that normalise to nothing; no gold left means unanswerable
         answers = ([a for a in answers if normalize_answer(a)] if v2 else answers) or [""]
         exact[qid] = max(squad_exact(predictions[qid], a) for a in answers)
@@ -100,13 +114,17 @@ def squad(predictions: dict[str, str], golds: dict[str, list[str]], v2: bool = F
 
     everything = list(golds)
     result = {"exact_match": mean(exact.values(), everything),
+              "exact": mean(exact.values(), everything),
               "f1": mean(f1s.values(), everything), "total": float(len(everything))}
     if v2:
         for name, ids in (("HasAns", [q for q in everything if golds[q]]),
                           ("NoAns", [q for q in everything if not golds[q]])):
-            result.update({f"{name}_exact_match": mean((exact[q] for q in ids), ids),
+            result.update({f"{name}_exact": mean((exact[q] for q in ids), ids),
+                           f"{name}_exact_match": mean((exact[q] for q in ids), ids),
                            f"{name}_f1": mean((f1s[q] for q in ids), ids),
                            f"{name}_total": float(len(ids))})
+    if missing:
+        result["missing"] = float(len(missing))
     return result
 
 
@@ -119,6 +137,7 @@ class Score:
     signature: str
     details: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    decimals: int = 1  # printed by default: 1 on a 0-100 scale (as sacrebleu), 4 on 0-1
 
 
 def sacrebleu_metric(name: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -160,20 +179,26 @@ def split_sentences(text: str) -> str:
     return "\n".join(s for s in SENTENCE_END.split(text.strip()) if s)
 
 
-def rouge_scores(predictions: list[str], references: list[str]) -> list[Score]:
-    """Mean ROUGE-1/2/L/Lsum F-measure (x100) with stemming, from `rouge_score` itself."""
+def rouge_scores(predictions: list[str], references: list[str] | list[list[str]]
+                 ) -> list[Score]:
+    """Mean ROUGE-1/2/L/Lsum F-measure (x100) with stemming, from `rouge_score` itself. With
+    several reference lists (one per reference set), each prediction scores the best of its
+    references, as rouge-score's `score_multi` does."""
     from importlib.metadata import version
 
     from rouge_score import rouge_scorer
 
+    sets = references if references and isinstance(references[0], list) else [references]
     types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
     totals = dict.fromkeys(types, 0.0)
-    for prediction, reference in zip(predictions, references, strict=True):
-        scores = scorer.score(split_sentences(reference), split_sentences(prediction))
+    for i, prediction in enumerate(predictions):
+        targets = [split_sentences(str(refs[i])) for refs in sets]
+        scores = scorer.score_multi(targets, split_sentences(prediction))
         for key in types:
             totals[key] += scores[key].fmeasure
     signature = f"rouge-score {version('rouge-score')}"
-    settings = {"use_stemmer": True, "lsum_sentences": "split after . ! ?", "aggregate": "mean"}
+    settings = {"use_stemmer": True, "lsum_sentences": "split after . ! ?", "aggregate": "mean",
+                "references": len(sets)}
     return [Score(key, 100.0 * total / len(predictions), signature, {}, settings)
             for key, total in totals.items()]

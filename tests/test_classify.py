@@ -213,3 +213,15 @@ def test_bf16_checkpoint_trains_with_fp32_weights(toy: dict[str, Path], tmp_path
         "train.epochs": 1}))
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_positive_label_is_explicit_and_recorded() -> None:
+    from llmkit.tasks.classify import ClassifyData, positive_id
+
+    assert positive_id(ClassifyData(), {0: "equivalent", 1: "not_equivalent"}) == 1
+    assert positive_id(ClassifyData(), {0: "negative", 1: "positive"}) == 1
+    assert positive_id(ClassifyData(), {0: "pos", 1: "zzz"}) == 0  # named pos, not second
+    mrpc = ClassifyData(positive_label="equivalent")
+    assert positive_id(mrpc, {0: "equivalent", 1: "not_equivalent"}) == 0
+    with pytest.raises(LlmkitError, match="'yes' is not a label; the labels are a, b"):
+        positive_id(ClassifyData(positive_label="yes"), {0: "a", 1: "b"})

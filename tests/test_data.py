@@ -113,3 +113,22 @@ def test_length_grouped_batches_cover_each_row_once_and_group_lengths() -> None:
     assert list(sampler) != batches
     plain = LengthGroupedBatches(lengths, 16, seed=0, group=False)
     assert sorted(i for b in plain for i in b) == list(range(1000))
+
+
+def test_json_files_read_whatever_their_layout(tmp_path: Path) -> None:
+    """JSON Lines named .json (transformers' wmt16/xsum fixtures), run_qa.py's rows under a
+    top-level "data" key, and the official nested SQuAD file minified on one line."""
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert load_split(str(lines), "train", None, "--train")["text"] == [r["text"] for r in ROWS]
+    flat = tmp_path / "flat.json"
+    qa = [{"id": "1", "context": "Ann wrote it.", "question": "Who wrote it?",
+           "answers": {"text": ["Ann"], "answer_start": [0]}}]
+    flat.write_text(json.dumps({"version": "1", "data": qa}, indent=2))
+    assert load_split(str(flat), "train", None, "--train")["answers"] == [qa[0]["answers"]]
+    nested = tmp_path / "squad.json"
+    nested.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [{
+        "context": "Ann wrote it.", "qas": [{"id": "1", "question": "Who?", "answers": [
+            {"text": "Ann", "answer_start": 0}]}]}]}]}))
+    rows = load_split(str(nested), "train", None, "--train")
+    assert rows[0]["answers"] == {"text": ["Ann"], "answer_start": [0]}

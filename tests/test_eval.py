@@ -267,3 +267,86 @@ def test_catalogue_metric_offline_says_so(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "p.txt").write_text("x\n")
     with pytest.raises(LlmkitError, match="'meteor' is not built in.*cannot reach"):
         score_files(["meteor"], str(tmp_path / "p.txt"), [str(tmp_path / "p.txt")])
+
+
+def test_label_f1_equals_scikit_learn(tmp_path: Path) -> None:
+    from sklearn.metrics import f1_score
+
+    from llmkit.metrics import f1
+
+    rng = random.Random(3)
+    refs = [rng.choice(["pos", "neg", "mixed"]) for _ in range(200)]
+    preds = [r if rng.random() < 0.6 else rng.choice(["pos", "neg", "mixed"]) for r in refs]
+    for average in ("macro", "micro"):
+        assert f1(preds, refs, average) == pytest.approx(f1_score(refs, preds, average=average))
+    binary_refs = ["neg" if r == "mixed" else r for r in refs]
+    binary_preds = ["neg" if p == "mixed" else p for p in preds]
+    assert f1(binary_preds, binary_refs, "binary", "pos") == pytest.approx(
+        f1_score(binary_refs, binary_preds, average="binary", pos_label="pos"))
+    (tmp_path / "p.txt").write_text("\n".join(binary_preds) + "\n")
+    (tmp_path / "r.txt").write_text("\n".join(binary_refs) + "\n")
+    with pytest.raises(LlmkitError, match="positive label '1' is not one of the labels: neg, pos"):
+        score_files(["f1"], str(tmp_path / "p.txt"), [str(tmp_path / "r.txt")],
+                    {"average": "binary"})
+
+
+def test_rouge_with_several_references_takes_the_best(system: dict[str, Path]) -> None:
+    from rouge_score import rouge_scorer
+
+    hyps = system["hyp"].read_text().splitlines()
+    refs = [system[k].read_text().splitlines() for k in ("ref", "ref2")]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    expected = {k: 100 * sum(scorer.score_multi([a, b], h)[k].fmeasure
+                             for h, a, b in zip(hyps, *refs, strict=True)) / len(hyps)
+                for k in ("rouge1", "rougeL")}
+    got = {s.metric: s.value for s in score_files(
+        ["rouge"], str(system["hyp"]), [str(system["ref"]), str(system["ref2"])])}
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-9)
+    one = {s.metric: s.value for s in score_files(["rouge"], str(system["hyp"]),
+                                                  [str(system["ref"])])}
+    assert got["rouge1"] > one["rouge1"]  # the second reference can only help
+    with pytest.raises(LlmkitError, match="-m accuracy compares each line with one reference"):
+        score_files(["accuracy"], str(system["hyp"]), [str(system["ref"]), str(system["ref2"])])
+
+
+def official_v1(dataset: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float]:
+    """The official SQuAD v1.1 evaluate() loop: a missing prediction scores 0."""
+    from llmkit.metrics import squad_exact, squad_f1
+
+    exact = f1 = 0.0
+    for qid, golds in dataset.items():
+        if qid in predictions:
+            exact += max(squad_exact(predictions[qid], g) for g in golds)
+            f1 += max(squad_f1(predictions[qid], g) for g in golds)
+    return {"exact_match": 100 * exact / len(dataset), "f1": 100 * f1 / len(dataset)}
+
+
+def test_squad_missing_zero_and_v2_data_under_v1_rules() -> None:
+    golds = {"a": ["Paris"], "b": ["the 1887 fair"], "c": ["Denver"]}
+    preds = {"a": "paris", "b": "1887"}
+    result = squad(preds, golds, missing_zero=True)
+    expected = official_v1(golds, preds)
+    assert result["exact_match"] == result["exact"] == pytest.approx(expected["exact_match"])
+    assert result["f1"] == pytest.approx(expected["f1"]) and result["missing"] == 1
+    with pytest.raises(ValueError, match="no prediction for 1 of 3 .*--missing zero"):
+        squad(preds, golds)
+    with pytest.raises(ValueError, match="1 questions have no answer .*use squad_v2"):
+        squad({"a": "x", "b": ""}, {"a": ["x"], "b": []})
+    v2 = squad({"a": "x", "b": ""}, {"a": ["x"], "b": []}, v2=True)
+    assert v2["HasAns_exact"] == v2["HasAns_exact_match"] == 100.0
+
+
+def test_cli_prints_label_metrics_with_four_decimals_and_chrf_confidence_json(
+        system: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("pos\nneg\nneg\npos\npos\npos\npos\npos\n")
+    (tmp_path / "r.txt").write_text("pos\nneg\npos\npos\npos\npos\npos\npos\n")
+    table = runner.invoke(app, ["eval", "-m", "accuracy", "-p", str(tmp_path / "p.txt"), "-r",
+                                str(tmp_path / "r.txt")])
+    assert "0.8750" in table.output
+    result = runner.invoke(app, ["eval", "-m", "chrf", "--confidence", "--json",
+                                 "--bootstrap-samples", "50", "-p", str(system["hyp"]),
+                                 "-r", str(system["ref"])])
+    assert result.exit_code == 0, result.output
+    details = json.loads(result.output)["scores"][0]["details"]
+    assert details["confidence_interval"] > 0

@@ -26,6 +26,23 @@ class ClassifyData(DataConfig):
     label_column: str = setting("label", "Column with the label (integers or strings).")
     max_length: int = setting(256, "Truncate inputs to this many tokens; batches are padded "
                               "only to their longest row.", minimum=1)
+    positive_label: str | None = setting(None, "Two labels: the one binary_f1 is the F1 of "
+                                         "(default: a label named 1, true, yes, positive or "
+                                         "pos, else the second in id order).")
+
+
+POSITIVE_NAMES = ("1", "true", "yes", "positive", "pos")
+
+
+def positive_id(cfg: ClassifyData, id2label: dict[int, str]) -> int:
+    """The id of the positive label of two-label data (see ClassifyData.positive_label)."""
+    names = {str(name).lower(): i for i, name in id2label.items()}
+    if cfg.positive_label is not None:
+        if cfg.positive_label.lower() not in names:
+            raise LlmkitError(f"data.positive_label {cfg.positive_label!r} is not a label; the "
+                              f"labels are {', '.join(map(str, id2label.values()))}")
+        return names[cfg.positive_label.lower()]
+    return next((names[n] for n in POSITIVE_NAMES if n in names), 1)
 
 
 EXAMPLES = """\
@@ -61,6 +78,11 @@ def model_kwargs(train: Dataset, valid: Dataset, cfg: ClassifyData) -> dict[str,
                           f"{', '.join(names[:20])}")
     if len(names) < 2:
         raise LlmkitError(f"the training rows hold one label ({names[0]}); a classifier needs two")
+    if cfg.positive_label is not None:
+        if len(names) != 2:
+            raise LlmkitError(f"data.positive_label is for two-label data; these rows hold "
+                              f"{len(names)} labels")
+        positive_id(cfg, dict(enumerate(names)))  # a name that is not a label: say so now
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
             "label2id": {name: i for i, name in enumerate(names)}}
 
@@ -107,10 +129,13 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: ClassifyData,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     predictions = gathered["logits"].argmax(-1).tolist()
     references = gathered["labels"].tolist()
-    result = {"accuracy": metrics.accuracy(predictions, references),
-              "macro_f1": metrics.f1(predictions, references, "macro")}
+    result: dict[str, Any] = {"accuracy": metrics.accuracy(predictions, references),
+                              "macro_f1": metrics.f1(predictions, references, "macro")}
     if config.num_labels == 2:
-        result["binary_f1"] = metrics.f1(predictions, references, "binary", positive=1)
+        id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
+        positive = positive_id(cfg, id2label)
+        result["binary_f1"] = metrics.f1(predictions, references, "binary", positive, (0, 1))
+        result["binary_f1_positive"] = id2label.get(positive, str(positive))
     return result
 
 
