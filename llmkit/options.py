@@ -36,6 +36,7 @@ def as_option(f: Any, tp: Any, panel: str) -> list[tuple[inspect.Parameter, str,
     text, decl, flip = escape(f.metadata.get("help", "")), name, False
     if kind is bool and default is not None:  # one flag, the side that changes the default
         decl, flip = (f"--no-{name[2:]}", True) if default else (name, False)
+        text = f"Turn off (on by default): {text}" if flip else text
     elif kind is bool:
         decl = f"{name}/--no-{name[2:]}"
     elif default not in ("", None, ()):
