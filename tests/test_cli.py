@@ -34,6 +34,9 @@ def test_help_lists_commands_and_examples() -> None:
     for task in task_names():
         assert task in result.output
     assert "--learning-rate" not in result.output  # options belong to each task's command
+    narrow = runner.invoke(app, ["finetune", "--help"], terminal_width=80).output
+    panel = narrow.split("Commands")[1].split("╰")[0].splitlines()[1:]
+    assert len(panel) == len(task_names())  # one line per task at 80 columns
 
 
 def test_each_task_help_shows_its_own_options_only() -> None:

@@ -180,7 +180,7 @@ def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: CausalData,
 
 GENERATE = Task(
     name="generate",
-    summary="causal language modelling (GPT-style decoders): packed text or prompt/completion",
+    summary="causal language modelling with a decoder (GPT-2 style)",
     settings=CausalData,
     examples=EXAMPLES,
     auto_model="AutoModelForCausalLM",

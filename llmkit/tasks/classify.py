@@ -152,7 +152,7 @@ def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: ClassifyDat
 
 CLASSIFY = Task(
     name="classify",
-    summary="text classification (sentiment, topic, intent; sentence pairs) with an encoder",
+    summary="text classification with an encoder (single texts or pairs)",
     settings=ClassifyData,
     examples=EXAMPLES,
     auto_model="AutoModelForSequenceClassification",

@@ -287,7 +287,7 @@ def task(kind: Kind, summary: str, metric: str, settings: type[Seq2SeqData], exa
                 present=partial(present, kind), prepare=partial(prepare, kind))
 
 
-TRANSLATE = task("translate", "translation with a seq2seq model (Marian, T5, BART, mBART); "
-                 "BLEU and chrF", "bleu", TranslateData, TRANSLATE_EXAMPLES)
-SUMMARIZE = task("summarize", "summarization with a seq2seq model (T5, BART, Pegasus); ROUGE",
+TRANSLATE = task("translate", "translation with a seq2seq model (Marian, T5, mBART); BLEU",
+                 "bleu", TranslateData, TRANSLATE_EXAMPLES)
+SUMMARIZE = task("summarize", "summarization with a seq2seq model (T5, BART); ROUGE",
                  "rougeL", SummarizeData, SUMMARIZE_EXAMPLES)
