@@ -41,8 +41,11 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
 
 
-def resume_point(out: Path, resume: bool, resume_from: str | None) -> Path | None:
+def resume_point(out: Path, resume: bool, resume_from: str | None, overwrite: bool = False
+                 ) -> Path | None:
     """The checkpoint to continue from, or None for a fresh run."""
+    if (resume or resume_from) and overwrite:
+        raise LlmkitError("--resume and --overwrite contradict each other: choose one")
     if resume_from:
         path = Path(resume_from)
         if not (path / STATE_FILE).is_file():
@@ -60,8 +63,11 @@ def resume_point(out: Path, resume: bool, resume_from: str | None) -> Path | Non
 
 def check_output(out: Path, resuming: bool, overwrite: bool) -> bool:
     """Refuse to mix runs; returns whether the folder must be emptied (--overwrite)."""
-    if resuming and overwrite:
-        raise LlmkitError("--resume and --overwrite contradict each other: choose one")
+    if out.exists() and not out.is_dir():
+        raise LlmkitError(f"--output {out} is a file; give a folder for the run")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise LlmkitError(f"--output {out}: {existing} is not writable; choose another --output")
     if resuming or not out.exists() or not any(out.iterdir()):
         return False
     is_run = (out / "config.yaml").is_file()

@@ -138,7 +138,7 @@ def predict(
     task: Annotated[str | None, typer.Option(help="Task, for a checkpoint that is not a run "
                     "directory.")] = None,
     batch_size: Annotated[int, typer.Option(help=shown("Rows per batch.", 64),
-                                            show_default=False)] = 64,
+                                            show_default=False, min=1)] = 64,
     text_column: Annotated[str | None, typer.Option(help="Text column, if not the run's.")] = None,
     text_pair_column: Annotated[str | None, typer.Option(help="Second text column.")] = None,
 ) -> None:
@@ -156,8 +156,6 @@ def predict(
         typer.echo(f"{len(records)} predictions written to {output}")
 
 
-
-
 @app.command("generate", epilog=examples(generate.EXAMPLES))
 @with_settings(GenerationSettings, "Decoding")
 def generate_text(
@@ -172,7 +170,7 @@ def generate_text(
     chat: Annotated[bool, typer.Option("--chat", help="Apply the tokenizer's chat template.")
                     ] = False,
     batch_size: Annotated[int, typer.Option(help=shown("Prompts per batch.", 16),
-                                            show_default=False)] = 16,
+                                            show_default=False, min=1)] = 16,
     settings: GenerationSettings | None = None,
 ) -> None:
     """Generate text with a causal or seq2seq model: one prompt, or a file of prompts."""
@@ -181,8 +179,6 @@ def generate_text(
     assert settings is not None
     run(model, prompt, input, output, settings, stream=stream, chat=chat,
         batch_size=batch_size)
-
-
 
 
 @app.command("eval", epilog=examples(evaluate.EXAMPLES))
@@ -272,7 +268,11 @@ def root(version: Annotated[bool, typer.Option("--version", callback=show_versio
 
 
 def main() -> None:
-    """Entry point: LlmkitError -> one line on stderr and exit 1 (traceback with LLMKIT_DEBUG=1)."""
+    """Entry point: any failure is one line on stderr and a non-zero exit (the traceback with
+    LLMKIT_DEBUG=1); see errors.one_line."""
+    from typer._click.exceptions import NoArgsIsHelpError
+
+    from llmkit.errors import one_line
     from llmkit.report import setup_logging
 
     setup_logging()
@@ -280,9 +280,12 @@ def main() -> None:
         problem = finetune_problem(sys.argv[1:])
         if problem:
             raise LlmkitError(problem)
-        app()
-    except LlmkitError as err:
+        code = app(prog_name="llmkit", standalone_mode=False)
+    except NoArgsIsHelpError:
+        code = 2  # the help is printed already
+    except Exception as err:
         if os.environ.get("LLMKIT_DEBUG") == "1":
             raise
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(1)
+        line, code = one_line(err, sys.argv[1:])
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)

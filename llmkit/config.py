@@ -215,12 +215,18 @@ def bound_problem(value: float, bounds: tuple[float | None, ...]) -> str | None:
     minimum, maximum, above, below = bounds
     if value != value:  # NaN passes every comparison
         return "must be a number, got nan"
+    if value in (float("inf"), float("-inf")):
+        return f"must be finite, got {value}"
+
+    def show(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
     for limit, wrong, words in ((minimum, value < (minimum or 0), "at least"),
                                 (maximum, value > (maximum or 0), "at most"),
                                 (above, value <= (above or 0), "above"),
                                 (below, value >= (below or 0), "below")):
         if limit is not None and wrong:
-            return f"must be {words} {limit:g}, got {value:g}"
+            return f"must be {words} {show(limit)}, got {show(value)}"
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,6 +144,44 @@ def check_columns(rows: Dataset, needed: list[str], option: str) -> None:
             hint = "the file is tab-separated: give it a .tsv extension"
         raise LlmkitError(f"{option}: no column {', '.join(map(repr, missing))}; the columns are "
                           f"{', '.join(map(repr, rows.column_names))} ({hint})")
+
+
+def check_output_file(path: str | Path, option: str = "--output") -> None:
+    """A file that can be written: checked before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise LlmkitError(f"{option} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise LlmkitError(f"{option} {path}: folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise LlmkitError(f"{option} {path}: folder {path.parent} is not writable")
+
+
+def check_text(rows: Dataset, columns: list[str]) -> None:
+    """Text columns hold strings: a list, a number or an object in one is refused, with the
+    first row, instead of being tokenized as something it is not."""
+    for column in columns:
+        feature = rows.features[column]
+        if getattr(feature, "dtype", None) not in ("string", "large_string", "null"):
+            kind = getattr(feature, "dtype", None) or type(feature).__name__.lower()
+            raise LlmkitError(f"column {column!r} holds {kind} values, not text (first row: "
+                              f"{str(rows[0][column])[:60]!r}); give a column of strings")
+
+
+def empty_rows(rows: Dataset, columns: list[str], policy: str, what: str) -> Dataset:
+    """Rows whose value in one of `columns` is missing or blank: refused with a count and the
+    first one (policy fail), or left out with the count in the log (skip)."""
+    values = zip(*(rows[c] for c in columns), strict=True)
+    bad = [i for i, row in enumerate(values)
+           if any(v is None or (isinstance(v, str) and not v.strip()) for v in row)]
+    if not bad:
+        return rows
+    if policy == "fail" or len(bad) == len(rows):
+        raise LlmkitError(f"{len(bad)} of {len(rows)} rows have an empty {what} (first: "
+                          f"{str(rows[bad[0]])[:80]}); fix the data or pass "
+                          "-s data.empty_rows=skip to leave them out")
+    log.warning("leaving out %d of %d rows with an empty %s", len(bad), len(rows), what)
+    return rows.select(sorted(set(range(len(rows))) - set(bad)))
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:

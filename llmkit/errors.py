@@ -1,4 +1,8 @@
-"""The one error type users see: its message is printed as a single line by the CLI."""
+"""The one error type users see, and the boundary that turns any failure into one line."""
+
+from __future__ import annotations
+
+import errno
 
 
 class LlmkitError(Exception):
@@ -11,3 +15,35 @@ class ConfigError(LlmkitError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid config: " + "; ".join(problems))
+
+
+# what the machine said, and what to do about it, when a file cannot be written or read
+DISK = {errno.ENOSPC: "free some space (earlier checkpoints are intact; --resume continues)",
+        errno.EDQUOT: "free some space (earlier checkpoints are intact; --resume continues)",
+        errno.EACCES: "choose a folder you can write to", errno.EROFS: "choose a writable folder",
+        errno.EPERM: "choose a folder you can write to"}
+
+
+def one_line(err: BaseException, argv: list[str]) -> tuple[str, int]:
+    """The line printed for a failure that ends a command, and the exit code.
+
+    LlmkitError and Click's usage errors say what to change; a full disk or a folder that cannot
+    be written is the machine's; anything else escaped us: it names the command and the
+    exception, and says how to see the traceback (a test that meets it fails: see
+    tests/test_bad_input.py)."""
+    from typer._click.exceptions import ClickException
+
+    if isinstance(err, LlmkitError):
+        return " ".join(str(err).split()), 1
+    if isinstance(err, ClickException):
+        ctx = getattr(err, "ctx", None)  # its command path starts with the prog name, llmkit
+        hint = f" (see {ctx.command_path} --help)" if ctx else ""
+        return f"{err.format_message()}{hint}", err.exit_code
+    if isinstance(err, OSError) and err.errno in DISK:
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot write{where}: {err.strerror}; {DISK[err.errno]}", 1
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    command = " ".join(words[:2] if words[:1] == ["finetune"] else words[:1])
+    detail = " ".join(str(err).split())[:300]
+    return (f"llmkit {command} failed unexpectedly: {type(err).__name__}: {detail} (a bug in "
+            "llmkit: LLMKIT_DEBUG=1 shows the traceback; please report it)"), 1

@@ -101,9 +101,14 @@ def squad_golds(path: str) -> dict[str, list[str]]:
         data = json.loads(text)
         rows = data["data"] if isinstance(data, dict) and "data" in data else data
     except json.JSONDecodeError:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            rows = None
     golds: dict[str, list[str]] = {}
     for item in rows if isinstance(rows, list) else []:
+        if not isinstance(item, dict):
+            continue
         if "paragraphs" in item:
             for paragraph in item["paragraphs"]:
                 for qa in paragraph["qas"]:
@@ -120,7 +125,10 @@ def squad_golds(path: str) -> dict[str, list[str]]:
 
 def squad_score(name: str, predictions_path: str, references_path: str, missing_zero: bool
                 ) -> Score:
-    predictions = json.loads(read_text(predictions_path, "--predictions"))
+    try:
+        predictions = json.loads(read_text(predictions_path, "--predictions"))
+    except json.JSONDecodeError:
+        predictions = None
     if not isinstance(predictions, dict):
         raise LlmkitError(f"--predictions {predictions_path}: expected a JSON object of "
                           "question id -> answer text (the official format)")
@@ -175,6 +183,9 @@ def check_metrics(names: list[str]) -> None:
     unknown = [n for n in names if n not in BUILTIN]
     if not unknown:
         return
+    if "perplexity" in unknown:
+        raise LlmkitError("-m perplexity scores a model, not files: give --model RUN (or a "
+                          "checkpoint with --task generate) and --data FILE")
     listed = f"the built-in metrics are {', '.join(BUILTIN)}"
     if importlib.util.find_spec("evaluate") is None:
         raise LlmkitError(f"unknown metric {', '.join(map(repr, unknown))}; {listed} (other "
@@ -279,6 +290,16 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
     write the JSON to `output` if asked."""
     from dataclasses import asdict
 
+    from llmkit.data import check_output_file
+
+    if output is not None:
+        check_output_file(output)
+    from sacrebleu.metrics import BLEU
+
+    tokenizers = list(BLEU.TOKENIZERS)
+    if options.get("tokenize") not in (None, *tokenizers):
+        raise LlmkitError(f"--tokenize {options['tokenize']}: sacrebleu's tokenizers are "
+                          f"{', '.join(tokenizers)}")
     if model is not None:
         scores = score_model(names, model, data, task, split, columns)
         payload: dict[str, Any] = {"model": model, "data": data}

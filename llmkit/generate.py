@@ -4,12 +4,15 @@ KV cache on, prompts batched by length, under `torch.inference_mode`."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmkit.config import setting
 from llmkit.errors import LlmkitError
+
+log = logging.getLogger("llmkit")
 
 EXAMPLES = """\
 llmkit generate --model runs/gpt --prompt "Once upon a time" --stream
@@ -72,8 +75,10 @@ def run(model: str, prompt: str | None, input: str | None, output: Path | None,
                    or settings.stop):
         raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "
                           "--num-beams, --num-return-sequences and --stop")
-    if output is not None and not output.parent.is_dir():
-        raise LlmkitError(f"--output {output}: folder {output.parent} does not exist")
+    if output is not None:
+        from llmkit.data import check_output_file
+
+        check_output_file(output)
     prompts = [prompt] if prompt is not None else read_prompts(str(input))
     net, tokenizer = load_generator(model)
     prefix = run_prefix(model, net.config)  # what a T5 run was trained with ('summarize: ')
@@ -199,17 +204,26 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
         kwargs["cache_implementation"] = "static"
     if settings.stop:
         kwargs |= {"stop_strings": list(settings.stop), "tokenizer": tokenizer}
-    encoded = tokenizer(prompts, add_special_tokens=not templated)["input_ids"]
+    n = settings.num_return_sequences
+    beams = kwargs.get("num_beams") or model.generation_config.num_beams or 1
+    if n > 1 and not kwargs["do_sample"] and n > beams:
+        raise LlmkitError(f"--num-return-sequences {n} needs --sample, or --num-beams {n} or "
+                          "more: greedy decoding finds one sequence")
+    encoded, context = fit_context(tokenizer(prompts, add_special_tokens=not templated)[
+        "input_ids"], model.config, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     records: list[dict[str, Any]] = [{} for _ in prompts]
-    n = settings.num_return_sequences
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]},
                                   return_tensors="pt").to(model.device)
-            out = model.generate(**batch, **kwargs, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id)
+            try:
+                out = model.generate(**batch, **room_left(kwargs, batch["input_ids"].shape[1],
+                                                          context, model.config),
+                                     streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+            except ValueError as err:  # settings that transformers finds contradictory
+                raise LlmkitError(f"generation settings: {str(err).splitlines()[0]}") from err
             new = out if model.config.is_encoder_decoder else out[:, batch["input_ids"].shape[1]:]
             for row, i in enumerate(chunk):
                 texts, counts = [], []
@@ -222,6 +236,38 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
             if on_batch:
                 on_batch(len(chunk), sum(records[i]["new_tokens"] for i in chunk))
     return records
+
+
+def fit_context(encoded: list[list[int]], config: Any, tokenizer: Any
+                ) -> tuple[list[list[int]], int | None]:
+    """Prompts within the model's context (learned positions fail past it): a decoder's cut
+    from the left to leave room for one new token, an encoder's cut at the end, with a warning
+    saying how many; and that context (None: no limit)."""
+    from llmkit.tasks.task import context_size
+
+    context = context_size(config, tokenizer)
+    if context is None:
+        return encoded, None
+    room = context if config.is_encoder_decoder else context - 1
+    long = sum(len(ids) > room for ids in encoded)
+    if long:
+        side = "end" if config.is_encoder_decoder else "start"
+        log.warning("%d of %d prompts are longer than the model's context of %d tokens: cut "
+                    "at the %s", long, len(encoded), context, side)
+    return [ids[:room] if config.is_encoder_decoder else ids[-room:] for ids in encoded], context
+
+
+def room_left(kwargs: dict[str, Any], prompt: int, context: int | None, config: Any
+              ) -> dict[str, Any]:
+    """max_new_tokens cut to what the context leaves after a batch's `prompt` tokens."""
+    used = 0 if config.is_encoder_decoder else prompt
+    if context is None or kwargs["max_new_tokens"] + used <= context:
+        return kwargs
+    from llmkit.tasks.task import warn_once
+
+    warn_once(config, "--max-new-tokens %d runs past the model's context of %d tokens: "
+              "generation stops at its end", kwargs["max_new_tokens"], context)
+    return {**kwargs, "max_new_tokens": context - used}
 
 
 def new_token_count(seq: list[int], tokenizer: Any) -> int:

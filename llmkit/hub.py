@@ -64,7 +64,10 @@ def check_model_source(name: str) -> None:
             raise LlmkitError(f"{name} is not a model checkpoint: it has no config.json; "
                               "point --model at a folder written by save_pretrained or a Hub id")
         return
-    if path.exists() or looks_like_path(name):
+    if path.exists():
+        raise LlmkitError(f"--model {name} is a file; give the folder that holds config.json "
+                          "and the weights")
+    if looks_like_path(name):
         raise LlmkitError(f"--model {name}: no such checkpoint folder")
     hub_offline()
 
@@ -72,9 +75,23 @@ def check_model_source(name: str) -> None:
 def load_pretrained(auto_class: Any, name: str, **kwargs: Any) -> Any:
     """`auto_class.from_pretrained(name)` with the Hub's failures turned into one clear line."""
     check_model_source(name)
+    import pickle
+
+    from safetensors import SafetensorError
+
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as err:
         if not is_local(name) and hub_offline():
             raise LlmkitError(offline_hint("model", name, "--model")) from err
         raise LlmkitError(f"could not load {name!r}: {err}".replace("\n", " ")) from err
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the file
+        raise LlmkitError(f"--model {name}: its pickled weights (.bin) hold more than tensors "
+                          "and were refused, as loading them could run code; if you trust the "
+                          "file, convert it to safetensors where you made it") from err
+    except (SafetensorError, EOFError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+            raise  # not a damaged .bin (out of memory, ...)
+        reason = " ".join(str(err).split())[:200]
+        raise LlmkitError(f"--model {name}: its weights cannot be read ({reason}); the file "
+                          "is damaged or incomplete: save or download it again") from err

@@ -35,6 +35,9 @@ def prepare(model: str, task: str | None, columns: dict[str, Any] | None
     quiet_libraries()
     saved = run_config(model)
     spec = get_task(task or (saved.task if saved else "classify"))
+    if saved and saved.task != spec.name:
+        hint = " (--question and --context are for qa runs)" if spec.name == "qa" else ""
+        raise LlmkitError(f"{model} is a {saved.task} run: it does not do {spec.name}{hint}")
     data = saved.data if saved and saved.task == spec.name else spec.settings()
     given = {k: v for k, v in (columns or {}).items() if v is not None}
     own = {f.name for f in fields(data)}
@@ -43,7 +46,7 @@ def prepare(model: str, task: str | None, columns: dict[str, Any] | None
         raise LlmkitError(f"--{foreign[0].replace('_', '-')} does not apply to a {spec.name} "
                           "model")
     data = replace(data, **given)
-    net, tokenizer = load_model(spec, model, data)
+    net, tokenizer = load_model(spec, model, data, trained=True)
     return spec, data, net, tokenizer
 
 
@@ -74,6 +77,7 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
     rows = load_split(input, "train", None, "--input")
     check_columns(rows, spec.columns(data, False), "--input")
     rows = rows.select_columns(spec.columns(data, False))  # labels, if any, are not needed
+    rows = spec.usable(rows, data, False)
     features = spec.featurize(rows, tokenizer, net.config, data)
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)
     records = spec.present(arrays, features.select(order), data, net.config, tokenizer)
@@ -96,6 +100,11 @@ def predict_rows(model: str, input: str | None, output: str | None, task: str | 
     """`llmkit predict`: rows of a file, or one question with its context for a qa model."""
     import tempfile
 
+    from llmkit.data import check_output_file
+
+    if output is not None:
+        check_output_file(output)
+
     if question is not None and context is not None:
         rows = Path(tempfile.mkdtemp()) / "question.jsonl"
         rows.write_text(json.dumps({"question": question, "context": context}) + "\n",
@@ -113,6 +122,7 @@ def score(model: str, data_spec: str, task: str | None = None, split: str = "val
     rows = load_split(data_spec, split, data.dataset_config, "--data",
                       getattr(data, "sample_by", "line"))
     check_columns(rows, spec.columns(data, True), "--data")
+    rows = spec.usable(rows, data, True)
     features = spec.featurize(rows, tokenizer, net.config, data)
     arrays, order = outputs(spec, net, tokenizer, features, batch_size)
     result = spec.score(arrays, features.select(order), data, net.config, tokenizer)
@@ -121,8 +131,6 @@ def score(model: str, data_spec: str, task: str | None = None, split: str = "val
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
-    if path.parent and not path.parent.exists():
-        raise LlmkitError(f"--output {path}: folder {path.parent} does not exist")
     with path.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -23,7 +23,7 @@ from llmkit.config import DataConfig, RunConfig, dump_config, flatten, to_dict
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.report import Reporter, quiet_libraries
-from llmkit.tasks import get_task, load_model
+from llmkit.tasks import check_pairing, get_task, load_model
 from llmkit.tasks.task import Task, loss_of
 
 log = logging.getLogger("llmkit")
@@ -76,9 +76,12 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     """Rows, model, loaders, optimizer and schedule, prepared for this process."""
     task = get_task(cfg.task)
     with accelerator.main_process_first():
+        check_pairing(task, None, cfg.model)  # a wrong model before any data is read
         train_rows, valid_rows = load_splits(cfg.data, cfg.train.seed)
         check_columns(train_rows, task.columns(cfg.data, True), "--train")
         check_columns(valid_rows, task.columns(cfg.data, True), "--validation")
+        train_rows = task.usable(train_rows, cfg.data, True)
+        valid_rows = task.usable(valid_rows, cfg.data, True)
         model, tokenizer = load_model(task, cfg.model, cfg.data,
                                       **task.model_kwargs(train_rows, valid_rows, cfg.data))
         train_set = task.featurize(train_rows, tokenizer, model.config, cfg.data)
@@ -288,7 +291,7 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
               ) -> tuple[Accelerator, Path | None]:
     """Check the run directory before any work, then set up the processes."""
     out = Path(cfg.output)
-    start = ckpt.resume_point(out, resume, resume_from)
+    start = ckpt.resume_point(out, resume, resume_from, overwrite)
     wipe = ckpt.check_output(out, start is not None, overwrite)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     problem = gpu_shortage(launched)

@@ -115,7 +115,7 @@ def test_block_size_is_clamped_with_both_numbers(tiny_gpt2: Path,
         assert block_size(CausalData(block_size=1024), AutoConfig.from_pretrained(tiny_gpt2)) == 64
     finally:
         logger.removeHandler(caplog.handler)
-    assert "--block-size 1024 is larger than the model's context of 64" in caplog.text
+    assert "--block-size 1024 is more than the model's context of 64" in caplog.text
 
 
 @pytest.fixture(scope="module")

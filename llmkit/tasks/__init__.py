@@ -52,7 +52,18 @@ def load_config(task: str, recipe: str | dict[str, Any] | None = None,
         for f in fields(other.settings):
             if f.name not in own:
                 elsewhere.setdefault(f.name, []).append(other.name)
-    return resolve(spec.name, spec.settings, raw, options, overrides, elsewhere)
+    cfg = resolve(spec.name, spec.settings, raw, options, overrides, elsewhere)
+    known = ("eval_loss", *spec.metrics)
+    if cfg.train.metric_for_best not in (None, *known):
+        raise LlmkitError(f"train.metric_for_best {cfg.train.metric_for_best!r} is not a metric "
+                          f"of {spec.name}; choose one of {', '.join(known)}")
+    from transformers import SchedulerType
+
+    schedules = [s.value for s in SchedulerType]
+    if cfg.train.lr_scheduler not in schedules:
+        raise LlmkitError(f"train.lr_scheduler {cfg.train.lr_scheduler!r} is not one of "
+                          f"transformers' schedules: {', '.join(schedules)}")
+    return cfg
 
 
 def auto_class(task: Task) -> Any:
@@ -75,8 +86,15 @@ def fits(task: Task, config: PretrainedConfig) -> bool:
     return True
 
 
-def check_pairing(task: Task, config: PretrainedConfig, name: str) -> None:
-    """A checkpoint whose architecture has no head for this task gets a line naming what fits."""
+def check_pairing(task: Task, config: PretrainedConfig | None, name: str) -> None:
+    """A checkpoint whose architecture has no head for this task gets a line naming what fits
+    (its config is read when not given: a check before the data is read)."""
+    if config is None:
+        from transformers import AutoConfig
+
+        from llmkit.hub import load_pretrained
+
+        config = load_pretrained(AutoConfig, name)
     if fits(task, config):
         return
     fits_ = [t.name for t in _registry().values() if fits(t, config)]
@@ -99,10 +117,11 @@ def fuse_gelu(model: Any) -> None:
                 setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
 
 
-def load_model(task: Task, name: str, data: DataConfig, **config_kwargs: Any
-               ) -> tuple[Any, Any]:
+def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
+               **config_kwargs: Any) -> tuple[Any, Any]:
     """Model and tokenizer of a checkpoint for `task`, fitted to the data settings; a missing
-    head is added (and logged)."""
+    head is added (and logged) to train, and refused when the model must be `trained`
+    (prediction and evaluation would answer from random weights)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from llmkit.hub import load_pretrained
@@ -127,6 +146,10 @@ def load_model(task: Task, name: str, data: DataConfig, **config_kwargs: Any
                                   ignore_mismatched_sizes=True, output_loading_info=True)
     new = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
                                                  for k in info["mismatched_keys"])
+    if new and trained:
+        raise LlmkitError(f"{name} has no trained {task.name} head ({', '.join(new[:3])} "
+                          f"{'...' if len(new) > 3 else 'are'} missing): fine-tune it first "
+                          f"(llmkit finetune {task.name}) and give the run directory")
     if new:
         log.info("%s has no trained %s head: new weights (%s) start from random values",
                  name, task.name, ", ".join(new[:6]) + (" ..." if len(new) > 6 else ""))

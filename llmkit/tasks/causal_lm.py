@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from llmkit.config import DataConfig, setting
+from llmkit.config import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
-from llmkit.tasks.task import IGNORE, Task, perplexity, sliced_losses
+from llmkit.tasks.task import IGNORE, Task, capped, perplexity, sliced_losses
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +36,8 @@ class CausalData(DataConfig):
     prompt_column: str | None = setting(None, "Prompt column of prompt/completion rows (no "
                                         "loss on prompts).")
     completion_column: str | None = setting(None, "Completion column of prompt/completion rows.")
+    empty_rows: BadRows = setting("fail", "fail or skip prompt/completion rows with an empty "
+                                  "completion.")
 
 
 EXAMPLES = """\
@@ -54,19 +56,22 @@ def columns(cfg: CausalData, labelled: bool) -> list[str]:
     return [cfg.text_column]
 
 
+def clean(rows: Dataset, cfg: CausalData, labelled: bool) -> Dataset:
+    from llmkit.data import check_text, empty_rows
+
+    check_text(rows, columns(cfg, labelled))
+    if cfg.completion_column:
+        return empty_rows(rows, [cfg.completion_column], cfg.empty_rows, "completion")
+    return rows  # empty documents (blank lines) hold nothing to learn: left out when packing
+
+
 def model_kwargs(train: Dataset, valid: Dataset, cfg: CausalData) -> dict[str, Any]:
     return {}
 
 
 def block_size(cfg: CausalData, config: PretrainedConfig) -> int:
     """The block size, clamped to the model's context."""
-    context = getattr(config, "n_positions", None) or getattr(config,
-                                                               "max_position_embeddings", None)
-    if context and cfg.block_size > context:
-        log.warning("--block-size %d is larger than the model's context of %d positions; "
-                    "using %d", cfg.block_size, context, context)
-        return int(context)
-    return cfg.block_size
+    return capped(cfg.block_size, "--block-size", config)
 
 
 def pack(documents: list[list[int]], size: int, eos: int, separate: bool) -> dict[str, Any]:
@@ -184,7 +189,7 @@ GENERATE = Task(
     settings=CausalData,
     examples=EXAMPLES,
     auto_model="AutoModelForCausalLM",
-    default_metric="perplexity",
+    metrics=("perplexity",),
     columns=columns,
     model_kwargs=model_kwargs,
     featurize=featurize,
@@ -192,4 +197,5 @@ GENERATE = Task(
     eval_step=eval_step,
     score=score,
     present=present,
+    clean=clean,
 )

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmkit import metrics
-from llmkit.config import DataConfig, setting
+from llmkit.config import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
-from llmkit.tasks.task import Task
+from llmkit.tasks.task import Task, capped
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,6 +29,7 @@ class ClassifyData(DataConfig):
     positive_label: str | None = setting(None, "Two labels: the one binary_f1 is the F1 of "
                                          "(default: a label named 1, true, yes, positive or "
                                          "pos, else the second in id order).")
+    empty_rows: BadRows = setting("fail", "fail or skip rows with an empty text or label.")
 
 
 POSITIVE_NAMES = ("1", "true", "yes", "positive", "pos")
@@ -56,6 +57,16 @@ llmkit finetune classify --model ./minilm --train pairs.tsv \\
 def columns(cfg: ClassifyData, labelled: bool) -> list[str]:
     texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     return texts + ([cfg.label_column] if labelled else [])
+
+
+def clean(rows: Dataset, cfg: ClassifyData, labelled: bool) -> Dataset:
+    from llmkit.data import check_text, empty_rows
+
+    texts = columns(cfg, False)
+    check_text(rows, texts)
+    if not labelled:
+        return rows
+    return empty_rows(rows, [*texts, cfg.label_column], cfg.empty_rows, "text or label")
 
 
 def label_names(rows: Dataset, column: str) -> list[str]:
@@ -92,11 +103,17 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     labelled = cfg.label_column in rows.column_names
     class_label = labelled and hasattr(rows.features[cfg.label_column], "names")
     label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+    longest = capped(cfg.max_length, "--max-length", config, tokenizer)
+    if labelled and not class_label:
+        unknown = sorted({str(v) for v in rows.unique(cfg.label_column)} - set(label2id))
+        if unknown:
+            raise LlmkitError(f"labels the model does not know: {', '.join(unknown[:10])}; its "
+                              f"labels are {', '.join(list(label2id)[:20])}")
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
         features = dict(tokenizer(batch[cfg.text_column], pairs, truncation=True,
-                                  max_length=cfg.max_length))
+                                  max_length=longest))
         if labelled:
             labels = batch[cfg.label_column]
             features["labels"] = labels if class_label else [label2id[str(v)] for v in labels]
@@ -156,7 +173,7 @@ CLASSIFY = Task(
     settings=ClassifyData,
     examples=EXAMPLES,
     auto_model="AutoModelForSequenceClassification",
-    default_metric="accuracy",
+    metrics=("accuracy", "macro_f1", "binary_f1"),
     columns=columns,
     model_kwargs=model_kwargs,
     featurize=featurize,
@@ -164,4 +181,5 @@ CLASSIFY = Task(
     eval_step=eval_step,
     score=score,
     present=present,
+    clean=clean,
 )

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit import metrics
 from llmkit.config import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
-from llmkit.tasks.task import Task
+from llmkit.tasks.task import Task, capped, warn_once
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,6 +58,13 @@ llmkit finetune qa --recipe qa-squad --output runs/squad"""
 
 def columns(cfg: QAData, labelled: bool) -> list[str]:
     return [cfg.question_column, cfg.context_column] + ([cfg.answers_column] if labelled else [])
+
+
+def clean(rows: Dataset, cfg: QAData, labelled: bool) -> Dataset:
+    from llmkit.data import check_text
+
+    check_text(rows, [cfg.question_column, cfg.context_column])
+    return rows  # answers are checked against the contexts when featurized (bad_answers)
 
 
 def model_kwargs(train: Dataset, valid: Dataset, cfg: QAData) -> dict[str, Any]:
@@ -113,9 +120,14 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
         raise LlmkitError("question answering needs a fast tokenizer (its offsets locate the "
                           "answers); this checkpoint only has a slow one")
     check_tokenizers()
-    if cfg.doc_stride >= cfg.max_length:
-        raise LlmkitError(f"data.doc_stride ({cfg.doc_stride}) must be smaller than "
-                          f"data.max_length ({cfg.max_length})")
+    longest, stride = capped(cfg.max_length, "--max-length", config, tokenizer), cfg.doc_stride
+    if stride >= longest and longest < cfg.max_length:  # the context is shorter than asked
+        stride = longest // 2
+        warn_once(config, "--doc-stride %d does not fit the model's context: using %d",
+                  cfg.doc_stride, stride)
+    if stride >= longest:
+        raise LlmkitError(f"data.doc_stride ({stride}) must be smaller than "
+                          f"data.max_length ({longest})")
     labelled = cfg.answers_column in rows.column_names
     if labelled:
         rows = check_answers(rows, cfg)
@@ -126,7 +138,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
         enc = tokenizer(questions if pad_right else batch[cfg.context_column],
                         batch[cfg.context_column] if pad_right else questions,
                         truncation="only_second" if pad_right else "only_first",
-                        max_length=cfg.max_length, stride=cfg.doc_stride,
+                        max_length=longest, stride=stride,
                         return_overflowing_tokens=True, return_offsets_mapping=True)
         source = enc.pop("overflow_to_sample_mapping")
         context_side = 1 if pad_right else 0
@@ -249,7 +261,8 @@ QA = Task(
     settings=QAData,
     examples=EXAMPLES,
     auto_model="AutoModelForQuestionAnswering",
-    default_metric="f1",
+    metrics=("f1", "exact_match", "exact", "HasAns_exact", "HasAns_f1",
+             "NoAns_exact", "NoAns_f1"),
     columns=columns,
     model_kwargs=model_kwargs,
     featurize=featurize,
@@ -257,4 +270,5 @@ QA = Task(
     eval_step=eval_step,
     score=score,
     present=present,
+    clean=clean,
 )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from llmkit.config import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
 from llmkit.metrics import rouge_scores, sacrebleu_score
-from llmkit.tasks.task import IGNORE, Task, perplexity, sliced_losses
+from llmkit.tasks.task import IGNORE, Task, capped, perplexity, sliced_losses
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,6 +77,14 @@ llmkit finetune summarize --model t5-small --train xsum \\
     --output runs/xsum"""
 
 
+def clean(kind: Kind, rows: Dataset, cfg: Any, labelled: bool) -> Dataset:
+    from llmkit.data import check_text
+
+    if kind == "summarize" or not cfg.translation_column:  # {lang: text} pairs are checked
+        check_text(rows, columns(kind, cfg, labelled))    # when their texts are taken
+    return rows  # empty sources and targets: see featurize (empty_rows)
+
+
 def columns(kind: Kind, cfg: Any, labelled: bool) -> list[str]:
     if kind == "summarize":
         return [cfg.text_column] + ([cfg.summary_column] if labelled else [])
@@ -114,7 +122,8 @@ def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, cfg: Any
         target = tokenizer.convert_tokens_to_ids(str(cfg.target_lang))
         if target is not None and target != tokenizer.unk_token_id:
             generation.forced_bos_token_id = target
-    generation.max_new_tokens = cfg.max_new_tokens or cfg.max_target_length
+    generation.max_new_tokens = capped(cfg.max_new_tokens or cfg.max_target_length,
+                                       "--max-new-tokens", model.config, tokenizer)
     generation.max_length = None
     if cfg.num_beams:
         generation.num_beams = cfg.num_beams
@@ -185,20 +194,21 @@ def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
         log.warning("leaving out %d of %d rows with an empty source or target", empty,
                     len(sources))
     prefix = source_prefix(kind, cfg, config)
-    ids, cut_sources = encode([prefix + sources[i] for i in keep], tokenizer, cfg.max_length,
-                              False)
+    longest = capped(cfg.max_length, "--max-length", config, tokenizer)
+    ids, cut_sources = encode([prefix + sources[i] for i in keep], tokenizer, longest, False)
     features: dict[str, Any] = {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids],
                                 "row": keep}
     if cut_sources:
         log.info("%d of %d sources are longer than --max-length %d tokens: truncated",
-                 cut_sources, len(keep), cfg.max_length)
+                 cut_sources, len(keep), longest)
     if targets is not None:
         references = [targets[i] for i in keep]
-        features["labels"], cut = encode(references, tokenizer, cfg.max_target_length, True)
+        limit = capped(cfg.max_target_length, "--max-target-length", config, tokenizer)
+        features["labels"], cut = encode(references, tokenizer, limit, True)
         features["reference"] = references
         if cut:
             log.info("%d of %d targets are longer than --max-target-length %d tokens: "
-                     "truncated", cut, len(keep), cfg.max_target_length)
+                     "truncated", cut, len(keep), limit)
     return Dataset.from_dict(features)
 
 
@@ -277,17 +287,18 @@ def present(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg:
     return [{"id": row, field: text} for row, text in zip(rows, predictions, strict=True)]
 
 
-def task(kind: Kind, summary: str, metric: str, settings: type[Seq2SeqData], examples: str
-         ) -> Task:
+def task(kind: Kind, summary: str, metrics: tuple[str, ...], settings: type[Seq2SeqData],
+         examples: str) -> Task:
     return Task(name=kind, summary=summary, settings=settings, examples=examples,
                 auto_model="AutoModelForSeq2SeqLM",
-                default_metric=metric, columns=partial(columns, kind),
+                metrics=(*metrics, "perplexity"), columns=partial(columns, kind),
                 model_kwargs=model_kwargs, featurize=partial(featurize, kind),
                 collator=collator, eval_step=eval_step, score=partial(score, kind),
-                present=partial(present, kind), prepare=partial(prepare, kind))
+                present=partial(present, kind), prepare=partial(prepare, kind),
+                clean=partial(clean, kind))
 
 
 TRANSLATE = task("translate", "translation with a seq2seq model (Marian, T5, mBART); BLEU",
-                 "bleu", TranslateData, TRANSLATE_EXAMPLES)
+                 ("bleu", "chrf"), TranslateData, TRANSLATE_EXAMPLES)
 SUMMARIZE = task("summarize", "summarization with a seq2seq model (T5, BART); ROUGE",
-                 "rougeL", SummarizeData, SUMMARIZE_EXAMPLES)
+                 ("rougeL", "rouge1", "rouge2", "rougeLsum"), SummarizeData, SUMMARIZE_EXAMPLES)

@@ -3,6 +3,7 @@ every task's evaluation follows (per-example loss sums and counts)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,9 @@ class Task:
     settings: type[DataConfig]
     examples: str  # command lines for `llmkit finetune TASK --help`
     auto_model: str  # the transformers Auto class, imported by name only when a model is loaded
-    default_metric: str  # metric_for_best when the config leaves it unset
+    # What metric_for_best may name besides eval_loss (checked before any work); the first is
+    # the default
+    metrics: tuple[str, ...]
     # Columns the raw rows must hold; `labelled` is False for prediction on unlabelled rows.
     columns: Callable[[Any, bool], list[str]]
     # Extra from_pretrained kwargs derived from the rows (e.g. the label list).
@@ -56,6 +59,48 @@ class Task:
     # Fits a loaded model and tokenizer to the data settings (languages, generation settings)
     # before featurizing; what it sets is saved with the run.
     prepare: Callable[[Any, PreTrainedTokenizerBase, Any], None] | None = None
+    # Raw rows -> the rows to use, after the column check: text columns must hold text, and
+    # labelled rows (training, evaluation) that cannot be learned from are refused or left out
+    clean: Callable[[Dataset, Any, bool], Dataset] | None = None
+
+    @property
+    def default_metric(self) -> str:
+        return self.metrics[0]
+
+    def usable(self, rows: Dataset, cfg: Any, labelled: bool) -> Dataset:
+        return self.clean(rows, cfg, labelled) if self.clean else rows
+
+
+def context_size(config: PretrainedConfig, tokenizer: Any = None) -> int | None:
+    """Tokens the model can take at once: its learned positions, or its tokenizer's
+    model_max_length where that is smaller (RoBERTa's 514 positions hold 512 tokens); None for
+    a model without position embeddings (T5's relative positions)."""
+    positions = getattr(config, "n_positions", None) or getattr(config,
+                                                                "max_position_embeddings", None)
+    if not positions:
+        return None
+    limit = getattr(tokenizer, "model_max_length", None) or positions
+    return int(min(positions, limit))
+
+
+_WARNED: set[tuple[int, str]] = set()
+
+
+def warn_once(config: PretrainedConfig, message: str, *args: Any) -> None:
+    """A warning about a model, said once (train and validation data meet the same limit)."""
+    if (id(config), message) not in _WARNED:
+        _WARNED.add((id(config), message))
+        logging.getLogger("llmkit").warning(message, *args)
+
+
+def capped(length: int, option: str, config: PretrainedConfig, tokenizer: Any = None) -> int:
+    """`length`, or the model's context where it is longer (with a warning)."""
+    context = context_size(config, tokenizer)
+    if context is None or length <= context:
+        return length
+    warn_once(config, f"{option} %d is more than the model's context of %d tokens; using %d",
+              length, context, context)
+    return context
 
 
 def loss_of(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
