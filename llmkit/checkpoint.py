@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -14,6 +16,7 @@ from llmkit.errors import LlmkitError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+log = logging.getLogger("llmkit")
 STATE_FILE = "llmkit_state.json"
 FINISHED_MARK = "metrics.json"  # written last: its presence means the run completed
 
@@ -28,6 +31,7 @@ class RunState:
     best_metric: float | None = None
     best_checkpoint: str | None = None
     bad_evals: int = 0  # evaluations in a row without improvement, for early stopping
+    skipped_steps: int = 0  # optimizer steps left out for a non-finite gradient norm
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -99,21 +103,76 @@ def remove_checkpoints(out: Path) -> None:
 
 def save_checkpoint(accelerator: Accelerator, out: Path, state: RunState) -> Path:
     """Write model, optimizer, scheduler and RNG states; a checkpoint appears whole or not
-    at all."""
+    at all: its files reach the disk (fsync) before the folder takes its name, and a save
+    that fails (a full disk) leaves nothing behind but the earlier checkpoints."""
     final = out / "checkpoints" / f"checkpoint-{state.global_step}"
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank writes its own RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    try:
+        accelerator.save_state(str(tmp))  # every rank writes its own RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+            synced(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            synced(final.parent, files=False)
+    except Exception as err:
+        full = shutil.disk_usage(out).free < 4 << 20  # before the cut save is removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_failed(err, tmp, full) from err
     accelerator.wait_for_everyone()
     return final
+
+
+def save_failed(err: Exception, path: Path, full: bool) -> Exception:
+    """The error of a failed save, with a full disk said as such where a library hides it
+    (torch.save's "unexpected pos", safetensors' IoError)."""
+    from llmkit.errors import DISK
+
+    if full and not (isinstance(err, OSError) and err.errno in DISK):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return err  # anything else is not the disk's: it stays what it is
+
+
+def synced(folder: Path, files: bool = True) -> None:
+    """fsync the files in `folder`, then the folder itself (its entries)."""
+    for path in folder.rglob("*") if files else ():
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore(accelerator: Accelerator, out: Path, start: Path, fallback: bool) -> RunState:
+    """Load `start` into the prepared objects; with `fallback` (--resume), a damaged checkpoint
+    (a truncated file, a torn state) is named and the one before it tried. Every process
+    agrees on the checkpoint it continues from."""
+    import torch
+
+    candidates = [start, *(p for p in reversed(checkpoints(out)) if p != start and fallback)]
+    for path in candidates:
+        problem = ""
+        try:
+            state = read_state(path)
+            accelerator.load_state(str(path))
+        except Exception as err:  # whatever a damaged file raises
+            problem = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+        flags = accelerator.gather(torch.tensor([bool(problem)], device=accelerator.device))
+        if not bool(flags.any()):
+            return state
+        log.warning("checkpoint %s is damaged (%s)%s", path, problem or "on another process",
+                    "; trying the one before it" if path != candidates[-1] else "")
+    raise LlmkitError(f"no complete checkpoint to resume from in {out / 'checkpoints'}"
+                      f"{'' if fallback else f' ({start} is damaged)'}; start again with "
+                      "--overwrite" + ("" if fallback else " or --resume from another one"))
 
 
 def read_state(checkpoint: Path) -> RunState:

@@ -78,6 +78,11 @@ class TrainConfig:
     logging_steps: int = setting(10, "Log loss and speed every N steps.", minimum=1)
     metric_for_best: str | None = setting(None, "Keep the checkpoint best at this metric "
                                           "(default: the task's).")
+    on_nonfinite: Literal["stop", "skip"] = setting(
+        "stop", "A NaN or infinite loss: stop the run (the last checkpoint kept), or skip the "
+        "step.")
+    max_nonfinite_steps: int = setting(10, "With on_nonfinite skip: stop after this many "
+                                       "skipped steps.", minimum=0)
     early_stopping_patience: int = setting(0, "Stop after N evaluations without improvement; "
                                            "0 = never.", minimum=0)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -19,6 +20,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
 
 console = Console(stderr=True)
 LOG_FILE = "train_log.jsonl"
@@ -75,6 +80,15 @@ def metrics_table(history: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def parsed(line: str) -> dict[str, Any] | None:
+    """One record of the log; None for a line torn by a process that was killed mid-write."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class Reporter:
     """Progress bar and log file of one run; silent on every process but the main one."""
 
@@ -97,7 +111,7 @@ class Reporter:
         # writes them again.
         if self.log_path.exists():
             rows = [line for line in self.log_path.read_text(encoding="utf-8").splitlines()
-                    if json.loads(line).get("step", 0) <= step]
+                    if (record := parsed(line)) is not None and record.get("step", 0) <= step]
             self.log_path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
 
     def __enter__(self) -> Reporter:
@@ -132,3 +146,42 @@ class Reporter:
     def say(self, message: str) -> None:
         if self.enabled:
             self.progress.console.print(message)
+
+
+class Meter:
+    """Running loss, samples and tokens since the last flush (losses stay tensors: no syncs)."""
+
+    def __init__(self) -> None:
+        self.loss: float | torch.Tensor = 0.0
+        self.batches, self.samples = 0, 0
+        self.tokens: int | torch.Tensor = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], processes: int) -> None:
+        self.loss = self.loss + loss.detach().float()
+        self.batches += 1
+        self.samples += batch["input_ids"].shape[0] * processes
+        mask = batch.get("attention_mask")  # summed on the device: an int() here would sync
+        self.tokens = self.tokens + (mask.sum() if mask is not None
+                                     else batch["input_ids"].numel()) * processes
+
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        import torch
+
+        loss = accelerator.reduce(torch.as_tensor(self.loss).reshape(1), "mean").item()
+        seconds, tokens = time.perf_counter() - self.start, int(self.tokens)
+        result = {"loss": loss / max(self.batches, 1), "seconds": seconds,
+                  "samples_per_second": self.samples / seconds, "samples": self.samples,
+                  "tokens_per_second": tokens / seconds, "tokens": tokens}
+        self.__init__()  # type: ignore[misc]
+        return result
+
+
+def throughput(total: dict[str, float], evals: list[dict[str, Any]]) -> dict[str, float]:
+    """Training speed over this process's part of the run, evaluations and the checkpoints
+    saved with them left out."""
+    seconds = total["seconds"] - sum(r["eval_seconds"] + r.get("save_seconds", 0.0)
+                                     for r in evals)
+    return {"train_seconds": round(seconds, 2), "train_samples": total["samples"],
+            "train_samples_per_second": round(total["samples"] / seconds, 2),
+            "train_tokens_per_second": round(total["tokens"] / seconds, 1)}

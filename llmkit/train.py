@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from llmkit import checkpoint as ckpt
-from llmkit.config import DataConfig, RunConfig, dump_config, flatten, to_dict
+from llmkit.config import DataConfig, RunConfig, TrainConfig
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
-from llmkit.report import Reporter, quiet_libraries
+from llmkit.launch import start_run
+from llmkit.report import Meter, Reporter, quiet_libraries, throughput
 from llmkit.tasks import check_pairing, get_task, load_model
 from llmkit.tasks.task import Task, loss_of
 
@@ -144,41 +144,73 @@ def make_scheduler(cfg: RunConfig, optimizer: Any, steps_per_epoch: int, process
         raise LlmkitError(f"train.lr_scheduler: {err}".splitlines()[0]) from err
 
 
-class Meter:
-    """Running loss, samples and tokens since the last flush (losses stay tensors: no syncs)."""
-
-    def __init__(self) -> None:
-        self.loss: float | torch.Tensor = 0.0
-        self.batches, self.samples = 0, 0
-        self.tokens: int | torch.Tensor = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], processes: int) -> None:
-        self.loss = self.loss + loss.detach().float()
-        self.batches += 1
-        self.samples += batch["input_ids"].shape[0] * processes
-        mask = batch.get("attention_mask")  # summed on the device: an int() here would sync
-        self.tokens = self.tokens + (mask.sum() if mask is not None
-                                     else batch["input_ids"].numel()) * processes
-
-    def flush(self, accelerator: Accelerator) -> dict[str, float]:
-        loss = accelerator.reduce(torch.as_tensor(self.loss).reshape(1), "mean").item()
-        seconds, tokens = time.perf_counter() - self.start, int(self.tokens)
-        result = {"loss": loss / max(self.batches, 1), "seconds": seconds,
-                  "samples_per_second": self.samples / seconds, "samples": self.samples,
-                  "tokens_per_second": tokens / seconds, "tokens": tokens}
-        self.__init__()  # type: ignore[misc]
-        return result
-
-
 def is_better(value: float, best: float | None, metric: str) -> bool:
+    """Whether `value` beats `best`; a NaN or infinite value never does."""
     lower_is_better = metric.endswith("loss") or metric == "perplexity"
+    if not math.isfinite(value):
+        return False
     return best is None or (value < best if lower_is_better else value > best)
 
 
+NEVER = 2**62  # the step of a non-finite loss, while there has been none
+
+
+class Guard:
+    """Non-finite losses and gradient norms.
+
+    With on_nonfinite=stop (the default), the first step that had one is noted on the device (no
+    sync per step) and checked, with one collective, where the loop reports or saves: the run
+    stops before a checkpoint or the final model could hold NaN weights. With skip, the
+    optimizer step of a non-finite gradient norm (the same on every process) is skipped and
+    counted, a sync per step; after `max_nonfinite_steps` skips the run stops."""
+
+    def __init__(self, tc: TrainConfig, state: ckpt.RunState, out: Path):
+        self.tc, self.state, self.out = tc, state, out
+        self.first: torch.Tensor | None = None
+        # fp16's loss scaler overflows on purpose while it calibrates: its gradient norms say
+        # nothing, and it skips those steps itself
+        self.norms = tc.mixed_precision != "fp16"
+
+    def note(self, value: torch.Tensor, step: int) -> None:
+        if self.tc.on_nonfinite == "skip":
+            return  # the gradient norms decide (a loss is one process's; norms are shared)
+        if self.first is None:
+            self.first = torch.full((), NEVER, dtype=torch.long, device=value.device)
+        bad = ~torch.isfinite(value.detach()) & (self.first == NEVER)
+        self.first = torch.where(bad, step, self.first)
+
+    def skip(self, norm: torch.Tensor, step: int) -> bool:
+        """skip mode: whether this optimizer step must be left out."""
+        if bool(torch.isfinite(norm)):
+            return False
+        self.state.skipped_steps += 1
+        log.warning("step %d: the gradient norm is %s; step skipped (%d so far)", step,
+                    float(norm), self.state.skipped_steps)
+        if self.state.skipped_steps > self.tc.max_nonfinite_steps:
+            self.stop(step, f"more than {self.tc.max_nonfinite_steps} steps had a non-finite "
+                            "gradient norm")
+        return True
+
+    def check(self, acc: Accelerator) -> None:
+        if self.first is not None:
+            first = int(acc.gather(self.first.reshape(1)).min())
+            if first != NEVER:
+                self.stop(first, "the training loss or gradient norm became NaN or infinite")
+
+    def stop(self, step: int, what: str) -> None:
+        kept = ckpt.checkpoints(self.out)
+        where = (f"the last checkpoint before it, {kept[-1]}, is kept (--resume continues from "
+                 "it)" if kept else "no checkpoint had been saved yet")
+        raise LlmkitError(f"{what} at step {step}: training stopped, and no weights from then on "
+                          f"were saved; {where}. Try a lower --learning-rate, a warm-up "
+                          "(--warmup-ratio 0.1) or fp32 (--mixed-precision no); "
+                          "-s train.on_nonfinite=skip skips such steps")
+
+
 def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Reporter,
-                  out: Path, train_loss: float) -> bool:
+                  out: Path, train_loss: float, guard: Guard) -> bool:
     """Evaluate, checkpoint, keep the best; True when early stopping says to stop."""
+    guard.check(parts.accelerator)
     metric = cfg.train.metric_for_best or parts.task.default_metric
     metrics = evaluate(parts)
     predictions: Any = metrics.pop("predictions", None)  # per-example outputs some tasks give
@@ -218,6 +250,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
     """Run the remaining epochs; returns throughput figures of the training steps."""
     acc, tc, model = parts.accelerator, cfg.train, parts.model
     window, since_eval, total = Meter(), Meter(), Meter()
+    guard = Guard(tc, state, out)
     evals_before = len(state.history)
     model.train()
     for epoch in range(state.epoch, tc.epochs):
@@ -234,11 +267,9 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
                 acc.backward(loss)
                 # drop the graph now: kept alive into the next forward it holds hundreds of MB
                 loss = loss.detach()
-                if acc.sync_gradients and tc.max_grad_norm > 0:
-                    acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                parts.optimizer.step()
-                parts.scheduler.step()
-                parts.optimizer.zero_grad()
+                step = state.global_step + 1
+                guard.note(loss, step)
+                optimizer_step(parts, tc, guard, step)
             for meter in (window, since_eval, total):
                 meter.add(loss, batch, acc.num_processes)
             if not acc.sync_gradients:
@@ -247,6 +278,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
             state.step_in_epoch += 1
             record = None
             if state.global_step % tc.logging_steps == 0:
+                guard.check(acc)
                 record = {"step": state.global_step, "epoch": round(
                     state.global_step / parts.steps_per_epoch, 3),
                     "learning_rate": parts.scheduler.get_last_lr()[0], **window.flush(acc)}
@@ -254,85 +286,35 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
             if state.step_in_epoch == parts.steps_per_epoch:
                 continue  # the end-of-epoch evaluation and checkpoint follow
             if tc.eval_steps and state.global_step % tc.eval_steps == 0:
-                if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"]):
+                if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"],
+                                 guard):
                     return throughput(total.flush(acc), state.history[evals_before:])
             elif tc.save_steps and state.global_step % tc.save_steps == 0:
+                guard.check(acc)
                 ckpt.save_checkpoint(acc, out, state)
         state.epoch, state.step_in_epoch = epoch + 1, 0
-        if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"]):
+        if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"],
+                         guard):
             break
     return throughput(total.flush(acc), state.history[evals_before:])
 
 
-def throughput(total: dict[str, float], evals: list[dict[str, Any]]) -> dict[str, float]:
-    """Training speed over this process's part of the run, evaluations and the checkpoints
-    saved with them left out."""
-    seconds = total["seconds"] - sum(r["eval_seconds"] + r.get("save_seconds", 0.0)
-                                     for r in evals)
-    return {"train_seconds": round(seconds, 2), "train_samples": total["samples"],
-            "train_samples_per_second": round(total["samples"] / seconds, 2),
-            "train_tokens_per_second": round(total["tokens"] / seconds, 1)}
-
-
-def gpu_shortage(launched: int) -> str | None:
-    """What to change when the launcher started more processes on this machine than it has
-    GPUs: Accelerate gives process i GPU i, and the extra ones would fail with "invalid device
-    ordinal", a traceback per rank. None when it fits (or the launch asked for the CPU)."""
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", launched))  # processes on this machine
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if here < 2 or not 0 < gpus < here or parse_flag_from_env("ACCELERATE_USE_CPU"):
-        return None
-    return (f"the launcher started {here} processes on this machine, which has {gpus} "
-            f"GPU{'s' if gpus > 1 else ''}: start one process per GPU (--nproc_per_node {gpus}), "
-            f"or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train {here} processes on the CPU")
-
-
-def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: bool
-              ) -> tuple[Accelerator, Path | None]:
-    """Check the run directory before any work, then set up the processes."""
-    out = Path(cfg.output)
-    start = ckpt.resume_point(out, resume, resume_from, overwrite)
-    wipe = ckpt.check_output(out, start is not None, overwrite)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    problem = gpu_shortage(launched)
-    if problem:
-        raise LlmkitError(problem)
-    # Accelerate keeps settings such as mixed precision in a process-wide singleton; a second
-    # run in the same Python process (the API, a notebook) must start from a clean one. The
-    # process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    try:
-        # Accelerate runs several CPU processes (over gloo) only when told it is on CPU.
-        accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                                  gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                                  cpu=launched > 1 and not torch.accelerator.is_available(),
-                                  dataloader_config=DataLoaderConfiguration(non_blocking=True))
-    except ValueError as err:
-        raise LlmkitError(f"train.mixed_precision {cfg.train.mixed_precision}: {err}") from err
-    if accelerator.num_processes != launched:
-        raise LlmkitError(f"the launcher started {launched} processes but Accelerate joined "
-                          f"{accelerator.num_processes}; each would train alone and they would "
-                          "overwrite each other's files")
-    if accelerator.is_main_process:
-        if wipe:
-            ckpt.clear_output(out)
-        out.mkdir(parents=True, exist_ok=True)
-        saved = out / "config.yaml"
-        if start and saved.is_file():
-            warn_config_changes(saved, cfg)
-        dump_config(cfg, saved)
-    accelerator.wait_for_everyone()
-    return accelerator, start
-
-
-def warn_config_changes(saved: Path, cfg: RunConfig) -> None:
-    import yaml
-
-    before, now = flatten(yaml.safe_load(saved.read_text(encoding="utf-8"))), flatten(to_dict(cfg))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if changed:
-        log.warning("resuming with settings that differ from the interrupted run: %s",
-                    ", ".join(changed))
+def optimizer_step(parts: Parts, tc: TrainConfig, guard: Guard, step: int) -> None:
+    """Clip, then step the optimizer and the schedule (Accelerate makes these no-ops until the
+    accumulated gradients sync); under on_nonfinite=skip, a step whose gradient norm is not
+    finite is left out."""
+    skipping = tc.on_nonfinite == "skip"
+    if parts.accelerator.sync_gradients and (tc.max_grad_norm > 0 or skipping):
+        norm = parts.accelerator.clip_grad_norm_(parts.model.parameters(),
+                                                 tc.max_grad_norm or math.inf)
+        if guard.norms and norm is not None:
+            if skipping and guard.skip(norm, step):
+                parts.optimizer.zero_grad()
+                return
+            guard.note(norm, step)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad()
 
 
 def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = None,
@@ -345,9 +327,8 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     parts = build(cfg, accelerator)
     state = ckpt.RunState()
     if start:
-        accelerator.load_state(str(start))
-        state = ckpt.read_state(start)
-        log.info("resuming from %s (step %d, epoch %d)", start, state.global_step, state.epoch)
+        state = ckpt.restore(accelerator, out, start, fallback=not resume_from)
+        log.info("resuming at step %d (epoch %d)", state.global_step, state.epoch)
     total_steps = parts.steps_per_epoch * cfg.train.epochs
     # cuDNN attention builds a plan per new sequence length (hundreds of ms) and has a higher
     # host cost per call: with batches padded to their longest row, the other kernels win
@@ -368,12 +349,16 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
         acc.load_state(str(out / "checkpoints" / state.best_checkpoint))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        acc.unwrap_model(parts.model).save_pretrained(out)
-        parts.tokenizer.save_pretrained(out)
+        try:
+            acc.unwrap_model(parts.model).save_pretrained(out)
+            parts.tokenizer.save_pretrained(out)
+        except Exception as err:  # the checkpoints are kept: --resume saves again
+            raise ckpt.save_failed(err, out, shutil.disk_usage(out).free < 4 << 20) from err
         best = next(r for r in state.history if f"checkpoint-{r['step']}" == state.best_checkpoint)
         metrics = {"final": best, "metric_for_best": cfg.train.metric_for_best
                    or parts.task.default_metric, "history": state.history,
-                   "run": {**speed, "num_processes": acc.num_processes,
+                   "run": {**speed, "skipped_steps": state.skipped_steps,
+                           "num_processes": acc.num_processes,
                            "global_batch_size": cfg.train.batch_size * acc.num_processes
                            * cfg.train.gradient_accumulation_steps,
                            "device": str(acc.device), "mixed_precision": acc.mixed_precision}}

@@ -187,8 +187,8 @@ def test_more_processes_than_gpus_is_one_clear_error(tmp_path: Path, monkeypatch
     import torch
 
     from llmkit.errors import LlmkitError
+    from llmkit.launch import gpu_shortage, start_run
     from llmkit.tasks import load_config
-    from llmkit.train import gpu_shortage, start_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

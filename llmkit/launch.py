@@ -1,0 +1,79 @@
+"""Setting up a run before any work: the launcher's processes, Accelerate, the run directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
+
+from llmkit import checkpoint as ckpt
+from llmkit.config import RunConfig, dump_config, flatten, to_dict
+from llmkit.errors import LlmkitError
+
+log = logging.getLogger("llmkit")
+
+
+def gpu_shortage(launched: int) -> str | None:
+    """What to change when the launcher started more processes on this machine than it has
+    GPUs: Accelerate gives process i GPU i, and the extra ones would fail with "invalid device
+    ordinal", a traceback per rank. None when it fits (or the launch asked for the CPU)."""
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", launched))  # processes on this machine
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if here < 2 or not 0 < gpus < here or parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return None
+    return (f"the launcher started {here} processes on this machine, which has {gpus} "
+            f"GPU{'s' if gpus > 1 else ''}: start one process per GPU (--nproc_per_node {gpus}), "
+            f"or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train {here} processes on the CPU")
+
+
+def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: bool
+              ) -> tuple[Accelerator, Path | None]:
+    """Check the run directory before any work, then set up the processes."""
+    out = Path(cfg.output)
+    start = ckpt.resume_point(out, resume, resume_from, overwrite)
+    wipe = ckpt.check_output(out, start is not None, overwrite)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    problem = gpu_shortage(launched)
+    if problem:
+        raise LlmkitError(problem)
+    # Accelerate keeps settings such as mixed precision in a process-wide singleton; a second
+    # run in the same Python process (the API, a notebook) must start from a clean one. The
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    try:
+        # Accelerate runs several CPU processes (over gloo) only when told it is on CPU.
+        accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                  gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                                  cpu=launched > 1 and not torch.accelerator.is_available(),
+                                  dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    except ValueError as err:
+        raise LlmkitError(f"train.mixed_precision {cfg.train.mixed_precision}: {err}") from err
+    if accelerator.num_processes != launched:
+        raise LlmkitError(f"the launcher started {launched} processes but Accelerate joined "
+                          f"{accelerator.num_processes}; each would train alone and they would "
+                          "overwrite each other's files")
+    if accelerator.is_main_process:
+        if wipe:
+            ckpt.clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        saved = out / "config.yaml"
+        if start and saved.is_file():
+            warn_config_changes(saved, cfg)
+        dump_config(cfg, saved)
+    accelerator.wait_for_everyone()
+    return accelerator, start
+
+
+def warn_config_changes(saved: Path, cfg: RunConfig) -> None:
+    import yaml
+
+    before, now = flatten(yaml.safe_load(saved.read_text(encoding="utf-8"))), flatten(to_dict(cfg))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        log.warning("resuming with settings that differ from the interrupted run: %s",
+                    ", ".join(changed))

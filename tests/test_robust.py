@@ -1,0 +1,190 @@
+"""Runs that go wrong: a diverging loss, damaged checkpoints, a full disk. Nothing is lost, and
+the run says in one line what happened and what to do."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit import checkpoint
+from llmkit.errors import LlmkitError
+from llmkit.train import finetune, is_better
+from tests.test_classify import config
+
+
+def nan_losses(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
+    """The training loss of these forward passes (counted from 1) is NaN."""
+    from transformers import BertForSequenceClassification
+
+    original = BertForSequenceClassification.forward
+    seen = [0]
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            seen[0] += 1
+            if seen[0] in calls:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", forward)
+
+
+def finite(folder: Path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(bool(torch.isfinite(t).all()) for t in load_file(folder).values())
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(
+        tiny_bert: Path, toy: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(tiny_bert, toy, tmp_path / "run", save_steps=5, epochs=2, logging_steps=4)
+    nan_losses(monkeypatch, {7})
+    with pytest.raises(LlmkitError, match=r"became NaN or infinite at step 7: training stopped.*"
+                       r"checkpoint-5, is kept \(--resume continues"):
+        finetune(cfg)
+    out = tmp_path / "run"
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["checkpoint-5"]
+    assert finite(out / "checkpoints" / "checkpoint-5" / "model.safetensors")
+    monkeypatch.undo()
+    finetune(cfg, resume=True)
+    assert finite(out / "model.safetensors")
+    assert json.loads((out / "metrics.json").read_text())["run"]["skipped_steps"] == 0
+
+
+def test_skip_leaves_out_nonfinite_steps_up_to_a_limit(
+        tiny_bert: Path, toy: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    nan_losses(monkeypatch, {3, 8})
+    out = finetune(config(tiny_bert, toy, tmp_path / "skip", epochs=1, on_nonfinite="skip",
+                          max_grad_norm=0.0))
+    assert json.loads((out / "metrics.json").read_text())["run"]["skipped_steps"] == 2
+    assert finite(out / "model.safetensors")
+    nan_losses(monkeypatch, {3, 8})
+    with pytest.raises(LlmkitError, match="more than 1 steps had a non-finite gradient norm at "
+                       "step 8"):
+        finetune(config(tiny_bert, toy, tmp_path / "limit", epochs=1, on_nonfinite="skip",
+                        max_nonfinite_steps=1))
+
+
+def test_a_nan_evaluation_is_never_best() -> None:
+    assert not is_better(math.nan, None, "accuracy")
+    assert not is_better(math.nan, 0.5, "eval_loss")
+    assert not is_better(math.inf, None, "perplexity")
+    assert is_better(0.4, 0.5, "eval_loss") and is_better(0.6, 0.5, "accuracy")
+
+
+def damage(checkpoint_dir: Path, how: str) -> None:
+    if how == "truncated weights":
+        weights = checkpoint_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "truncated optimizer":
+        states = checkpoint_dir / "optimizer.bin"
+        states.write_bytes(states.read_bytes()[:-100])
+    else:  # a torn state file
+        state = checkpoint_dir / checkpoint.STATE_FILE
+        state.write_text(state.read_text()[:40])
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "truncated optimizer", "torn state"])
+def test_resume_falls_back_from_a_damaged_checkpoint(
+        how: str, tiny_bert: Path, toy: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The newest checkpoint is damaged: --resume says so and continues from the one before,
+    to the same weights as a run never interrupted; a torn last log line is dropped."""
+    from safetensors.torch import load_file
+
+    steady = finetune(config(tiny_bert, toy, tmp_path / "steady", save_steps=4, epochs=1,
+                             eval_steps=0, logging_steps=1))
+    save = checkpoint.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_die(accelerator, out, state):
+        path = save(accelerator, out, state)
+        if state.global_step == 8:
+            raise Stop
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    cut = config(tiny_bert, toy, tmp_path / "cut", save_steps=4, epochs=1, logging_steps=1)
+    with pytest.raises(Stop):
+        finetune(cut)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    out = tmp_path / "cut"
+    damage(out / "checkpoints" / "checkpoint-8", how)
+    with (out / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 9, "lo')  # killed mid-write
+    finetune(cut, resume=True)
+    assert "checkpoint-8 is damaged" in caplog.text and "trying the one before it" in caplog.text
+    a, b = (load_file(d / "model.safetensors") for d in (steady, out))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text()
+             .splitlines() if "learning_rate" in line]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_from_a_damaged_named_checkpoint_is_one_line(
+        tiny_bert: Path, toy: dict[str, Path], tmp_path: Path) -> None:
+    named = tmp_path / "checkpoint-3"
+    named.mkdir()
+    (named / checkpoint.STATE_FILE).write_text("{}")  # and no weights
+    with pytest.raises(LlmkitError, match=r"no complete checkpoint to resume from .*"
+                       r"checkpoint-3 is damaged\); start again"):
+        finetune(config(tiny_bert, toy, tmp_path / "run"), resume_from=str(named))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A tmpfs of a chosen size (root only: skipped elsewhere); yields a resize function."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
+                                            str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+
+    def resize(size: int) -> Path:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+        return folder
+
+    yield resize
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_a_full_disk_keeps_earlier_checkpoints_and_resume_is_exact(
+        small_disk, tiny_bert: Path, toy: dict[str, Path], tmp_path: Path) -> None:
+    import errno
+
+    from safetensors.torch import load_file
+
+    from llmkit.errors import one_line
+
+    steady = finetune(config(tiny_bert, toy, tmp_path / "steady", save_steps=4, epochs=1,
+                             logging_steps=1, eval_steps=0))
+    model = (steady / "model.safetensors").stat().st_size
+    # room for the run's small files and one checkpoint (weights + Adam's two moments), not two
+    disk = small_disk(4 * model + 256 * 1024)
+    cut = config(tiny_bert, toy, disk / "run", save_steps=4, epochs=1, logging_steps=1)
+    with pytest.raises(Exception) as failed:
+        finetune(cut)
+    line, code = one_line(failed.value, ["finetune", "classify"])
+    assert code == 1 and "No space left on device" in line and "--resume continues" in line
+    assert [p.name for p in checkpoint.checkpoints(disk / "run")] == ["checkpoint-4"]
+    assert not list((disk / "run" / "checkpoints").glob(".tmp-*"))  # the cut save is gone
+    assert failed.type is OSError and failed.value.errno == errno.ENOSPC
+    small_disk(64 * model)  # space freed
+    finetune(cut, resume=True)
+    a, b = (load_file(d / "model.safetensors") for d in (steady, disk / "run"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
