@@ -287,5 +287,7 @@ def main() -> None:
         if os.environ.get("LLMKIT_DEBUG") == "1":
             raise
         line, code = one_line(err, sys.argv[1:])
-        print(f"error: {line}", file=sys.stderr)
+        rank = f"[rank {os.environ.get('RANK')}] " if os.environ.get("WORLD_SIZE", "1") != "1" \
+            else ""
+        print(f"error: {rank}{line}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

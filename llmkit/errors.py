@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 
 
 class LlmkitError(Exception):
@@ -24,6 +25,10 @@ DISK = {errno.ENOSPC: "free some space (earlier checkpoints are intact; --resume
         errno.EPERM: "choose a folder you can write to"}
 
 
+PEER_LOST = re.compile(r"Connection closed by peer|remote worker crash|Connection reset by peer|"
+                       r"NCCL communicator was aborted|Broken pipe")
+
+
 def one_line(err: BaseException, argv: list[str]) -> tuple[str, int]:
     """The line printed for a failure that ends a command, and the exit code.
 
@@ -42,6 +47,9 @@ def one_line(err: BaseException, argv: list[str]) -> tuple[str, int]:
     if isinstance(err, OSError) and err.errno in DISK:
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where}: {err.strerror}; {DISK[err.errno]}", 1
+    if PEER_LOST.search(str(err)):  # a collective whose other side is gone
+        return ("another process of this run stopped, so this one did too (its own error is "
+                f"above; {type(err).__name__}: {' '.join(str(err).split())[:120]})"), 1
     words = [a for a in argv[:2] if not a.startswith("-")]
     command = " ".join(words[:2] if words[:1] == ["finetune"] else words[:1])
     detail = " ".join(str(err).split())[:300]

@@ -225,3 +225,18 @@ def test_positive_label_is_explicit_and_recorded() -> None:
     assert positive_id(mrpc, {0: "equivalent", 1: "not_equivalent"}) == 0
     with pytest.raises(LlmkitError, match="'yes' is not a label; the labels are a, b"):
         positive_id(ClassifyData(positive_label="yes"), {0: "a", 1: "b"})
+
+
+def test_max_length_past_the_model_positions_is_capped(tiny_bert: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """128 positions, --max-length 1000, texts of ~300 tokens: capped with one warning, not an
+    IndexError in the middle of the first epoch."""
+    rows = tmp_path / "long.tsv"
+    words = "the film is good and the cast is great " * 40
+    rows.write_text("text\tlabel\n" + "".join(f"{words}{i}\t{'ab'[i % 2]}\n" for i in range(20)))
+    cfg = load_config("classify", None, {"model": str(tiny_bert), "output": str(tmp_path / "o"),
+                                         "data.train": str(rows), "data.max_length": 1000,
+                                         "train.epochs": 1, "train.batch_size": 4})
+    finetune(cfg)
+    assert caplog.text.count("--max-length 1000 is more than the model's context of 128 "
+                             "tokens; using 128") == 1

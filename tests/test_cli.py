@@ -205,3 +205,28 @@ def test_more_processes_than_gpus_is_one_clear_error(tmp_path: Path, monkeypatch
     monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # 2 nodes of 1 process each
     assert gpu_shortage(2) is None
+
+
+def test_when_one_rank_fails_each_rank_says_one_line(tmp_path: Path, tiny_bert: Path,
+                                                     toy: dict[str, Path]) -> None:
+    """Rank 1 fails at its third batch: it names its error, rank 0 (waiting in a collective) says
+    that another process stopped; no worker prints a traceback (torchrun's own report stays)."""
+    script = tmp_path / "fail_rank_1.py"
+    script.write_text(
+        "import os, sys\nfrom llmkit import report\nadd, seen = report.Meter.add, [0]\n"
+        "def failing(self, *a):\n    seen[0] += 1\n"
+        "    if os.environ['RANK'] == '1' and seen[0] == 9:\n"
+        "        raise RuntimeError('disk on fire')\n    return add(self, *a)\n"
+        "report.Meter.add = failing\nfrom llmkit.cli import main\nmain()\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+         "finetune", "classify", "--model", str(tiny_bert), "--train", str(toy["train"]),
+         "--output", str(tmp_path / "o"), "--batch-size", "4"], capture_output=True, text=True,
+        timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode != 0
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert len(errors) == 2, result.stderr
+    assert "[rank 0] another process of this run stopped" in errors[0]
+    assert "[rank 1] " in errors[1] and "RuntimeError: disk on fire" in errors[1]
+    before_launcher = result.stderr.split("ChildFailedError")[0].rsplit("Traceback", 1)[0]
+    assert "Traceback" not in before_launcher  # the only traceback is torchrun's own

@@ -191,6 +191,21 @@ def test_batched_greedy_equals_one_by_one(lm_run: Path) -> None:
     assert all(r["new_tokens"] <= 10 for r in batched)
 
 
+def test_prompts_and_new_tokens_are_kept_inside_the_context(
+        lm_run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """64 positions: a 100-token prompt is cut from the left (its last tokens kept) and 100 new
+    tokens stop at the end of the context, with warnings, instead of an IndexError."""
+    model, tokenizer = load_generator(str(lm_run))
+    long = " ".join(["the quick brown fox"] * 40)
+    assert len(tokenizer(long)["input_ids"]) > 64
+    records = generate(model, tokenizer, [long, "the"], GenerationSettings(max_new_tokens=100))
+    assert records[0]["prompt_tokens"] == 63 and records[0]["new_tokens"] <= 1
+    assert records[1]["prompt_tokens"] + records[1]["new_tokens"] <= 64
+    assert "1 of 2 prompts are longer than the model's context of 64 tokens: cut at the " \
+        "start" in caplog.text
+    assert "--max-new-tokens 100 runs past the model's context of 64 tokens" in caplog.text
+
+
 def test_seeded_sampling_repeats(lm_run: Path) -> None:
     model, tokenizer = load_generator(str(lm_run))
     settings = GenerationSettings(max_new_tokens=12, sample=True, temperature=1.5, seed=7,
