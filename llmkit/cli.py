@@ -8,7 +8,6 @@ Heavy libraries (torch, transformers, datasets) are imported inside commands: `-
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -23,7 +22,18 @@ from llmkit.config import DataConfig, schema, shipped_recipes
 from llmkit.errors import LlmkitError
 from llmkit.evaluate import ScoreOptions
 from llmkit.generate import GenerationSettings
-from llmkit.options import chosen, options_of, parameters, shown, signed, with_settings
+from llmkit.options import (
+    OPTIONS,
+    PATHS,
+    chosen,
+    examples,
+    finetune_problem,
+    options_of,
+    parameters,
+    shown,
+    signed,
+    with_settings,
+)
 from llmkit.tasks import get_task, load_config, task_names
 from llmkit.tasks.task import Task
 
@@ -33,9 +43,9 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretrained ch
                            "task and write a run directory: llmkit finetune TASK --help.")
 recipes_app = typer.Typer(no_args_is_help=True, help="List, show and copy shipped recipes.")
 app.add_typer(finetune_app, name="finetune")
+BaseModel = Annotated[str | None, typer.Option(help="The base model of an adapter (--lora) run, "
+                                               "if not the one it was trained from.")]
 app.add_typer(recipes_app, name="recipes")
-OPTIONS: dict[str, set[str]] = {}  # task -> the option names of its finetune command
-PATHS: dict[str, dict[str, str]] = {}  # task -> field name -> dotted config path
 
 
 def run_options(
@@ -59,7 +69,8 @@ def finetune_command(task: Task) -> Callable[..., None]:
     """The `finetune TASK` command: a typed option per config field, and the run options."""
     shared = {f.name for f in fields(DataConfig)}
     found = schema(task.settings)
-    panels = [{"": "Run", "train": "Training"}.get(dotted.rpartition(".")[0])
+    panels = [{"": "Run", "train": "Training", "adapter": "Adapters"}.get(
+              dotted.rpartition(".")[0])
               or ("Data" if f.name in shared else f"{task.name} data") for dotted, f, _ in found]
     made, paths, names = options_of(found, panels)
     OPTIONS[task.name] = names | {"--recipe", "--set", "--resume", "--resume-from", "--overwrite"}
@@ -70,7 +81,7 @@ def finetune_command(task: Task) -> Callable[..., None]:
         cfg = load_config(task.name, run["recipe"], chosen(given, paths), run["overrides"])
         train(cfg, run["resume"], run["resume_from"], run["overwrite"])
 
-    order = ["Run", "run", "Data", "Training", f"{task.name} data"]
+    order = ["Run", "run", "Data", "Training", "Adapters", f"{task.name} data"]
     params: list[tuple[str, Any]] = sorted([*made, *(("run", p) for p in parameters(run_options))],
                     key=lambda item: order.index(item[0]))
     return signed(command, [p for _, p in params], None)
@@ -89,38 +100,10 @@ def train(cfg: Any, resume: bool, resume_from: str | None, overwrite: bool) -> N
         typer.echo(str(out))
 
 
-def examples(text: str) -> str:
-    """Command lines as a help epilog: a paragraph each (a line ending in a backslash goes on)."""
-    commands = re.split(r"(?<!\\)\n", text)
-    return "[bold]Examples[/]\n\n" + "\n\n".join(f"  {c}" for c in commands) + "\n"
-
-
 for _task in map(get_task, task_names()):
     finetune_app.command(_task.name, help=f"Fine-tune on {_task.summary}.",
                          short_help=_task.summary, epilog=examples(_task.examples)
                          )(finetune_command(_task))
-
-
-def finetune_problem(argv: list[str]) -> str | None:
-    """What to say about an unknown task, an option of another task given to `finetune TASK`,
-    or the side of a flag that is already the default; None when Typer's own message will do."""
-    if len(argv) < 2 or argv[0] != "finetune" or argv[1].startswith("-"):
-        return None
-    if argv[1] not in OPTIONS:
-        return f"unknown task {argv[1]!r}; the tasks are {', '.join(OPTIONS)}"
-    task, known = argv[1], OPTIONS[argv[1]]
-    for name in (a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")):
-        owners = [t for t, names in OPTIONS.items() if name in names and name not in known]
-        if owners:
-            return (f"{name} is an option of llmkit finetune {' and '.join(owners)}, not of "
-                    f"{task} (llmkit finetune {task} --help lists its options)")
-        negative = name.startswith("--no-")
-        field = (name[5:] if negative else name[2:]).replace("-", "_")
-        other = f"--{name[5:]}" if negative else f"--no-{name[2:]}"
-        if name not in known and other in known:
-            return (f"{name} is the default already; to undo a recipe's value, use "
-                    f"-s {PATHS[task][field]}={'false' if negative else 'true'}")
-    return None
 
 
 @app.command(epilog=examples("llmkit predict --model runs/sst2 --input new.csv --output p.jsonl\n"
@@ -141,6 +124,7 @@ def predict(
                                             show_default=False, min=1)] = 64,
     text_column: Annotated[str | None, typer.Option(help="Text column, if not the run's.")] = None,
     text_pair_column: Annotated[str | None, typer.Option(help="Second text column.")] = None,
+    base_model: BaseModel = None,
 ) -> None:
     """Predict every row of a file with a fine-tuned model: label and score per row."""
     import json
@@ -148,7 +132,8 @@ def predict(
     from llmkit.predict import predict_rows
 
     records = predict_rows(model, input, output, task, batch_size, question, context,
-                           {"text_column": text_column, "text_pair_column": text_pair_column})
+                           {"text_column": text_column, "text_pair_column": text_pair_column},
+                           base_model)
     if output is None:
         for record in records:
             typer.echo(json.dumps(record, ensure_ascii=False))
@@ -171,6 +156,7 @@ def generate_text(
                     ] = False,
     batch_size: Annotated[int, typer.Option(help=shown("Prompts per batch.", 16),
                                             show_default=False, min=1)] = 16,
+    base_model: BaseModel = None,
     settings: GenerationSettings | None = None,
 ) -> None:
     """Generate text with a causal or seq2seq model: one prompt, or a file of prompts."""
@@ -178,7 +164,7 @@ def generate_text(
 
     assert settings is not None
     run(model, prompt, input, output, settings, stream=stream, chat=chat,
-        batch_size=batch_size)
+        batch_size=batch_size, base_model=base_model)
 
 
 @app.command("eval", epilog=examples(evaluate.EXAMPLES))
@@ -208,6 +194,7 @@ def eval_files(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the JSON "
                       "to this file.")] = None,
+    base_model: BaseModel = None,
     settings: ScoreOptions | None = None,
 ) -> None:
     """Score predictions against references with the reference tools' definitions, offline."""
@@ -216,7 +203,17 @@ def eval_files(
     assert settings is not None
     report(metric, predictions, references, model, data, task, split,
            {"text_column": text_column, "label_column": label_column}, asdict(settings), width,
-           as_json, output)
+           as_json, output, base_model)
+
+
+@app.command(epilog=examples("llmkit merge runs/sst2-lora --output runs/sst2-merged"))
+def merge(run: Annotated[str, typer.Argument(help="Run directory of finetune --lora.")],
+          output: Annotated[str, typer.Option("--output", "-o", help="Folder to write.")],
+          base_model: BaseModel = None) -> None:
+    """Merge a LoRA run into its base model: a full model plain transformers loads."""
+    from llmkit.adapters import merge as merged
+
+    typer.echo(str(merged(run, output, base_model)))
 
 
 @recipes_app.command("list")

@@ -88,6 +88,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """Parameter-efficient fine-tuning: LoRA adapters through peft, the base model frozen."""
+
+    lora: bool = setting(False, "Train LoRA adapters instead of every weight (peft).")
+    lora_r: int = setting(16, "LoRA rank.", minimum=1)
+    lora_alpha: float = setting(32.0, "LoRA scaling numerator (scale = alpha / r).", above=0.0)
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA path.", minimum=0.0, below=1.0)
+    lora_target_modules: tuple[str, ...] = setting(
+        (), "Layer names to adapt (repeatable; default: every linear layer but the output "
+        "head, as peft's all-linear finds them).")
+    merge: bool = setting(False, "Also write the merged full model to OUTPUT/merged at the end.")
+    load_in_4bit: bool = setting(False, "QLoRA: load the frozen base in 4 bits (CUDA and "
+                                 "bitsandbytes).")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one fine-tuning run needs; saved as `config.yaml` in the run directory.
     `data` holds the task's own settings class (a DataConfig subclass)."""
@@ -97,6 +113,7 @@ class RunConfig:
     output: str = setting("", "Run directory to write.", "-o")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 REQUIRED = {"task": "the task", "model": "--model", "output": "--output", "data.train": "--train"}
@@ -120,6 +137,8 @@ def _check_value(value: Any, tp: Any) -> bool:
 
 
 def _coerce(value: Any, tp: Any) -> Any:
+    if isinstance(value, list) and _check_value(tuple(value), tp):  # YAML has lists only
+        return tuple(value)
     # YAML 1.1 reads "3e-5" as a string; accept it wherever a float is expected.
     if isinstance(value, str) and _check_value(1.5, tp) and not _check_value(value, tp):
         try:
@@ -191,7 +210,7 @@ def _validate(cfg: RunConfig) -> list[str]:
     problems = [f"{key} is required (set {how})" for key, how in REQUIRED.items()
                 if values[key] in ("", None)]
     for dotted, f, value in leaves(cfg):
-        if value is None or isinstance(value, bool) or isinstance(value, str):
+        if value is None or isinstance(value, (bool, str, tuple, list)):
             continue
         wrong = bound_problem(value, f.metadata.get("bounds", (None,) * 4))
         if wrong:
@@ -339,7 +358,8 @@ def schema(settings: type[DataConfig]) -> list[tuple[str, Any, Any]]:
     """(dotted path, field, type) of every option of a task whose data section is `settings`;
     each leaf name is unique, so it is also the option's name."""
     found = []
-    for section, cls in (("", RunConfig), ("data.", settings), ("train.", TrainConfig)):
+    for section, cls in (("", RunConfig), ("data.", settings), ("train.", TrainConfig),
+                         ("adapter.", AdapterConfig)):
         hints = get_type_hints(cls)
         found += [(f"{section}{f.name}", f, hints[f.name]) for f in fields(cls)
                   if f.name != "task" and not is_dataclass(hints[f.name])]

@@ -262,13 +262,13 @@ def score_files(names: list[str], predictions: str, references: list[str],
 
 
 def score_model(names: list[str], model: str, data: str | None, task: str | None, split: str,
-                columns: dict[str, Any]) -> list[Score]:
+                columns: dict[str, Any], base_model: str | None = None) -> list[Score]:
     """Predict with a model on labelled rows, then report the requested metrics of its task."""
     from llmkit.predict import run_config, score
 
     if data is None:
         raise LlmkitError("--model needs --data: the labelled rows to score it on")
-    result = score(model, data, task, split, columns=columns)
+    result = score(model, data, task, split, columns=columns, base_model=base_model)
     values = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     missing = [n for n in names if n not in values]
     if missing:
@@ -285,7 +285,7 @@ def score_model(names: list[str], model: str, data: str | None, task: str | None
 def report(names: list[str], predictions: str | None, references: list[str] | None,
            model: str | None, data: str | None, task: str | None, split: str,
            columns: dict[str, Any], options: dict[str, Any], width: int | None, as_json: bool,
-           output: Path | None) -> None:
+           output: Path | None, base_model: str | None = None) -> None:
     """`llmkit eval`: score files (or a model on data), print a table or one JSON object, and
     write the JSON to `output` if asked."""
     from dataclasses import asdict
@@ -301,7 +301,7 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
         raise LlmkitError(f"--tokenize {options['tokenize']}: sacrebleu's tokenizers are "
                           f"{', '.join(tokenizers)}")
     if model is not None:
-        scores = score_model(names, model, data, task, split, columns)
+        scores = score_model(names, model, data, task, split, columns, base_model)
         payload: dict[str, Any] = {"model": model, "data": data}
     elif predictions is None or not references:
         raise LlmkitError("give --predictions and --references, or --model and --data")

@@ -66,7 +66,7 @@ def run_prefix(folder: str, config: Any) -> str:
 
 def run(model: str, prompt: str | None, input: str | None, output: Path | None,
         settings: GenerationSettings, stream: bool = False, chat: bool = False,
-        batch_size: int = 16) -> None:
+        batch_size: int = 16, base_model: str | None = None) -> None:
     """`llmkit generate`: print the output for one prompt (streamed if asked), or generate for
     a file of prompts, printed as JSON lines or written to `output` with a progress bar."""
     if (prompt is None) == (input is None):
@@ -80,7 +80,7 @@ def run(model: str, prompt: str | None, input: str | None, output: Path | None,
 
         check_output_file(output)
     prompts = [prompt] if prompt is not None else read_prompts(str(input))
-    net, tokenizer = load_generator(model)
+    net, tokenizer = load_generator(model, base_model)
     prefix = run_prefix(model, net.config)  # what a T5 run was trained with ('summarize: ')
     prompts = [prefix + p for p in prompts]
     if chat:
@@ -125,11 +125,12 @@ def with_progress(net: Any, tokenizer: Any, prompts: list[str], settings: Genera
                         templated=chat)
 
 
-def load_generator(name: str) -> tuple[Any, Any]:
+def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
     """A causal or seq2seq model and its tokenizer (left padding for decoder-only batches)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from llmkit.adapters import is_adapter_run, load_merged
     from llmkit.hub import load_pretrained
     from llmkit.report import quiet_libraries
     from llmkit.tasks import fits, get_task, task_names
@@ -151,7 +152,11 @@ def load_generator(name: str) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the checkpoint's own dtype on a GPU; fp32 on CPUs, where bf16 matmuls are slow
-    model = load_pretrained(auto, name, dtype="auto" if device.type == "cuda" else torch.float32)
+    dtype = "auto" if device.type == "cuda" else torch.float32
+    if is_adapter_run(name):  # merged into its base, for plain generation
+        model = load_merged(name, auto, base_model, dtype=dtype)
+    else:
+        model = load_pretrained(auto, name, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
 

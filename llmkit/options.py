@@ -5,6 +5,7 @@ from a signature built here. `finetune TASK`, `generate` and `eval` are made thi
 from __future__ import annotations
 
 import inspect
+import re
 import types
 from collections.abc import Callable
 from dataclasses import MISSING, fields
@@ -58,6 +59,8 @@ def as_option(f: Any, tp: Any, panel: str) -> list[tuple[inspect.Parameter, str,
 
 
 Paths = dict[str, tuple[str, bool]]  # parameter -> (config path or field, flag flips it)
+OPTIONS: dict[str, set[str]] = {}  # task -> the option names of its finetune command
+PATHS: dict[str, dict[str, str]] = {}  # task -> field name -> dotted config path
 
 
 def options_of(found: list[tuple[str, Any, Any]], panels: list[str]
@@ -115,3 +118,31 @@ def with_settings(cls: type, panel: str) -> Callable[[Callable[..., Any]], Calla
         own = [p for p in parameters(function) if p.name != "settings"]
         return signed(command, own + [p for _, p in made], function.__doc__)
     return wrap
+
+
+def examples(text: str) -> str:
+    """Command lines as a help epilog: a paragraph each (a line ending in a backslash goes on)."""
+    commands = re.split(r"(?<!\\)\n", text)
+    return "[bold]Examples[/]\n\n" + "\n\n".join(f"  {c}" for c in commands) + "\n"
+
+
+def finetune_problem(argv: list[str]) -> str | None:
+    """What to say about an unknown task, an option of another task given to `finetune TASK`,
+    or the side of a flag that is already the default; None when Typer's own message will do."""
+    if len(argv) < 2 or argv[0] != "finetune" or argv[1].startswith("-"):
+        return None
+    if argv[1] not in OPTIONS:
+        return f"unknown task {argv[1]!r}; the tasks are {', '.join(OPTIONS)}"
+    task, known = argv[1], OPTIONS[argv[1]]
+    for name in (a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")):
+        owners = [t for t, names in OPTIONS.items() if name in names and name not in known]
+        if owners:
+            return (f"{name} is an option of llmkit finetune {' and '.join(owners)}, not of "
+                    f"{task} (llmkit finetune {task} --help lists its options)")
+        negative = name.startswith("--no-")
+        field = (name[5:] if negative else name[2:]).replace("-", "_")
+        other = f"--{name[5:]}" if negative else f"--no-{name[2:]}"
+        if name not in known and other in known:
+            return (f"{name} is the default already; to undo a recipe's value, use "
+                    f"-s {PATHS[task][field]}={'false' if negative else 'true'}")
+    return None

@@ -29,8 +29,8 @@ def run_config(model: str) -> RunConfig | None:
     return load_config(spec.name, raw)
 
 
-def prepare(model: str, task: str | None, columns: dict[str, Any] | None
-            ) -> tuple[Task, DataConfig, Any, Any]:
+def prepare(model: str, task: str | None, columns: dict[str, Any] | None,
+            base_model: str | None = None) -> tuple[Task, DataConfig, Any, Any]:
     """Task, column settings (the run's, then the caller's), model and tokenizer."""
     quiet_libraries()
     saved = run_config(model)
@@ -46,7 +46,7 @@ def prepare(model: str, task: str | None, columns: dict[str, Any] | None
         raise LlmkitError(f"--{foreign[0].replace('_', '-')} does not apply to a {spec.name} "
                           "model")
     data = replace(data, **given)
-    net, tokenizer = load_model(spec, model, data, trained=True)
+    net, tokenizer = load_model(spec, model, data, trained=True, base_model=base_model)
     return spec, data, net, tokenizer
 
 
@@ -71,9 +71,10 @@ def outputs(spec: Task, net: Any, tokenizer: Any, features: Any, batch_size: int
 
 
 def predict(model: str, input: str, output: str | None = None, task: str | None = None,
-            batch_size: int = 64, columns: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+            batch_size: int = 64, columns: dict[str, Any] | None = None,
+            base_model: str | None = None) -> list[dict[str, Any]]:
     """Predict every row of `input` (a file or Hub dataset); rows come back in input order."""
-    spec, data, net, tokenizer = prepare(model, task, columns)
+    spec, data, net, tokenizer = prepare(model, task, columns, base_model)
     rows = load_split(input, "train", None, "--input")
     check_columns(rows, spec.columns(data, False), "--input")
     rows = rows.select_columns(spec.columns(data, False))  # labels, if any, are not needed
@@ -96,7 +97,8 @@ def predict(model: str, input: str, output: str | None = None, task: str | None 
 
 def predict_rows(model: str, input: str | None, output: str | None, task: str | None,
                  batch_size: int, question: str | None, context: str | None,
-                 columns: dict[str, Any]) -> list[dict[str, Any]]:
+                 columns: dict[str, Any], base_model: str | None = None
+                 ) -> list[dict[str, Any]]:
     """`llmkit predict`: rows of a file, or one question with its context for a qa model."""
     import tempfile
 
@@ -112,13 +114,14 @@ def predict_rows(model: str, input: str | None, output: str | None, task: str | 
         input, task = str(rows), task or "qa"
     if input is None:
         raise LlmkitError("give --input (or --question and --context for a qa model)")
-    return predict(model, input, output, task, batch_size, columns)
+    return predict(model, input, output, task, batch_size, columns, base_model)
 
 
 def score(model: str, data_spec: str, task: str | None = None, split: str = "validation",
-          batch_size: int = 64, columns: dict[str, Any] | None = None) -> dict[str, Any]:
+          batch_size: int = 64, columns: dict[str, Any] | None = None,
+          base_model: str | None = None) -> dict[str, Any]:
     """The task's metrics for a model on labelled rows (a file or a Hub split)."""
-    spec, data, net, tokenizer = prepare(model, task, columns)
+    spec, data, net, tokenizer = prepare(model, task, columns, base_model)
     rows = load_split(data_spec, split, data.dataset_config, "--data",
                       getattr(data, "sample_by", "line"))
     check_columns(rows, spec.columns(data, True), "--data")

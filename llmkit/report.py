@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,8 @@ def quiet_libraries() -> None:
     else:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     transformers.utils.logging.disable_progress_bar()
+    # peft calls transformers APIs that transformers has deprecated: nothing for users to change
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*v6")
     transformers.utils.logging.set_verbosity_error()
     # "Removed shared tensor lm_head.weight while saving" at every checkpoint of a model with
     # tied embeddings: expected, and resuming restores the tie (also when called as a library)

@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from llmkit import checkpoint as ckpt
+from llmkit.adapters import four_bit, merge, parameter_counts
 from llmkit.config import DataConfig, RunConfig, TrainConfig
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
@@ -77,12 +78,15 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     task = get_task(cfg.task)
     with accelerator.main_process_first():
         check_pairing(task, None, cfg.model)  # a wrong model before any data is read
+        if cfg.adapter.load_in_4bit:
+            four_bit()  # and a machine that cannot run 4-bit layers
         train_rows, valid_rows = load_splits(cfg.data, cfg.train.seed)
         check_columns(train_rows, task.columns(cfg.data, True), "--train")
         check_columns(valid_rows, task.columns(cfg.data, True), "--validation")
         train_rows = task.usable(train_rows, cfg.data, True)
         valid_rows = task.usable(valid_rows, cfg.data, True)
         model, tokenizer = load_model(task, cfg.model, cfg.data,
+                                      quantized=cfg.adapter.load_in_4bit,
                                       **task.model_kwargs(train_rows, valid_rows, cfg.data))
         train_set = task.featurize(train_rows, tokenizer, model.config, cfg.data)
         eval_set = task.featurize(valid_rows, tokenizer, model.config, cfg.data)
@@ -91,8 +95,7 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
         # gradients forever
         if "Sinusoidal" in type(module).__name__:
             module.requires_grad_(False)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = adapt(model, cfg, accelerator)
     collate = task.collator(tokenizer)
     batches = LengthGroupedBatches([len(x) for x in train_set["input_ids"]],
                                    cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length)
@@ -107,7 +110,8 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     # the fused AdamW (one kernel for all parameters, as Trainer's default) needs the
     # parameters on their device first
     fused = accelerator.device.type in ("cuda", "cpu")
-    model.to(accelerator.device)
+    if not cfg.adapter.load_in_4bit:  # 4-bit layers are placed when loaded
+        model.to(accelerator.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
                                   lr=cfg.train.learning_rate, fused=fused)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
@@ -117,6 +121,25 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
                                                    accelerator.num_processes))
     return Parts(accelerator, task, model, tokenizer, optimizer, scheduler, train_loader,
                  eval_loader, eval_features, cfg.data, batches, steps_per_epoch)
+
+
+def adapt(model: Any, cfg: RunConfig, accelerator: Accelerator) -> Any:
+    """Gradient checkpointing, and LoRA adapters when asked (their checkpoints hold the
+    adapter only)."""
+    if cfg.train.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if not cfg.adapter.lora:
+        return model
+    from llmkit import adapters
+
+    if cfg.adapter.load_in_4bit:
+        model = adapters.peft_module().prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # the frozen embeddings give checkpointed blocks
+        # inputs without gradients, and the adapters inside them would get none
+    adapters.adapter_checkpoints(accelerator)
+    return adapters.wrap(model, cfg.task, cfg.adapter)
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -349,19 +372,28 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
         acc.load_state(str(out / "checkpoints" / state.best_checkpoint))
     acc.wait_for_everyone()
     if acc.is_main_process:
+        model = acc.unwrap_model(parts.model)
         try:
-            acc.unwrap_model(parts.model).save_pretrained(out)
+            model.save_pretrained(out)  # an adapter run: peft's adapter files
             parts.tokenizer.save_pretrained(out)
+            if cfg.adapter.lora:  # the run's labels and generation settings, to load it back
+                base = model.get_base_model()
+                base.config.save_pretrained(out)
+                if base.can_generate():
+                    base.generation_config.save_pretrained(out)
         except Exception as err:  # the checkpoints are kept: --resume saves again
             raise ckpt.save_failed(err, out, shutil.disk_usage(out).free < 4 << 20) from err
         best = next(r for r in state.history if f"checkpoint-{r['step']}" == state.best_checkpoint)
         metrics = {"final": best, "metric_for_best": cfg.train.metric_for_best
                    or parts.task.default_metric, "history": state.history,
-                   "run": {**speed, "skipped_steps": state.skipped_steps,
+                   "run": {**speed, **parameter_counts(model),
+                           "skipped_steps": state.skipped_steps,
                            "num_processes": acc.num_processes,
                            "global_batch_size": cfg.train.batch_size * acc.num_processes
                            * cfg.train.gradient_accumulation_steps,
                            "device": str(acc.device), "mixed_precision": acc.mixed_precision}}
         (out / ckpt.FINISHED_MARK).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
         ckpt.remove_checkpoints(out)
+        if cfg.adapter.merge:
+            log.info("merged model: %s", merge(out, out / "merged"))
     acc.wait_for_everyone()

@@ -57,6 +57,13 @@ def load_config(task: str, recipe: str | dict[str, Any] | None = None,
     if cfg.train.metric_for_best not in (None, *known):
         raise LlmkitError(f"train.metric_for_best {cfg.train.metric_for_best!r} is not a metric "
                           f"of {spec.name}; choose one of {', '.join(known)}")
+    adapter = cfg.adapter
+    needs_lora = [name for name, given in (("--merge", adapter.merge),
+                                           ("--load-in-4bit", adapter.load_in_4bit),
+                                           ("--lora-target-modules", adapter.lora_target_modules))
+                  if given]
+    if needs_lora and not adapter.lora:
+        raise LlmkitError(f"{', '.join(needs_lora)} applies to adapter runs: add --lora")
     from transformers import SchedulerType
 
     schedules = [s.value for s in SchedulerType]
@@ -118,12 +125,15 @@ def fuse_gelu(model: Any) -> None:
 
 
 def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
+               quantized: bool = False, base_model: str | None = None,
                **config_kwargs: Any) -> tuple[Any, Any]:
     """Model and tokenizer of a checkpoint for `task`, fitted to the data settings; a missing
     head is added (and logged) to train, and refused when the model must be `trained`
-    (prediction and evaluation would answer from random weights)."""
+    (prediction and evaluation would answer from random weights). An adapter run comes back
+    merged into its base (`base_model` overrides the one it names); `quantized`: 4-bit base."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from llmkit.adapters import four_bit, is_adapter_run, load_merged
     from llmkit.hub import load_pretrained
 
     config = load_pretrained(AutoConfig, name, **config_kwargs)
@@ -142,10 +152,14 @@ def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
 
     # fp32 weights whatever the checkpoint holds (transformers 5 keeps a bf16 checkpoint in
     # bf16): the optimizer needs fp32 master weights; --mixed-precision computes in bf16/fp16
-    model, info = load_pretrained(auto_class(task), name, config=config, dtype=torch.float32,
-                                  ignore_mismatched_sizes=True, output_loading_info=True)
-    new = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
-                                                 for k in info["mismatched_keys"])
+    weights = four_bit() if quantized else {"dtype": torch.float32}
+    if is_adapter_run(name):  # its heads come with the adapter
+        model, new = load_merged(name, auto_class(task), base_model, **weights), []
+    else:
+        model, info = load_pretrained(auto_class(task), name, config=config, **weights,
+                                      ignore_mismatched_sizes=True, output_loading_info=True)
+        new = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
+                                                     for k in info["mismatched_keys"])
     if new and trained:
         raise LlmkitError(f"{name} has no trained {task.name} head ({', '.join(new[:3])} "
                           f"{'...' if len(new) > 3 else 'are'} missing): fine-tune it first "

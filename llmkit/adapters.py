@@ -1,0 +1,190 @@
+"""LoRA adapters through peft: a model wrapped for training, checkpoints that hold the adapter
+and not the frozen base, adapter runs loaded back (merged, for plain inference), and `merge`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import LlmkitError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from llmkit.config import AdapterConfig
+
+log = logging.getLogger("llmkit")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_TASKS = {"classify": "SEQ_CLS", "qa": "QUESTION_ANS", "translate": "SEQ_2_SEQ_LM",
+              "summarize": "SEQ_2_SEQ_LM", "generate": "CAUSAL_LM"}
+# heads that start untrained: peft trains them in full (modules_to_save), so they are no target
+HEADS = ("classifier", "score", "qa_outputs")
+
+
+def is_adapter_run(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def peft_module() -> Any:
+    try:
+        import peft
+    except ImportError as err:
+        raise LlmkitError("--lora needs the peft library: pip install peft") from err
+    return peft
+
+
+def linear_names(model: Any) -> list[str]:
+    """The names (last part) of the model's linear layers, as --lora-target-modules takes them."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
+
+
+def wrap(model: Any, task: str, settings: AdapterConfig) -> Any:
+    """The model with LoRA adapters on its linear layers; the base frozen, new heads trained."""
+    peft = peft_module()
+    targets: Any = list(settings.lora_target_modules) or "all-linear"
+    if targets != "all-linear":
+        known = linear_names(model)
+        missing = [t for t in targets if t not in known]
+        if missing:
+            raise LlmkitError(f"--lora-target-modules {', '.join(missing)}: the model has no "
+                              f"such linear layer; its linear layers are {', '.join(known)}")
+    config = peft.LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                             lora_dropout=settings.lora_dropout, target_modules=targets,
+                             exclude_modules=[h for h in HEADS if hasattr(model, h)] or None,
+                             fan_in_fan_out=any(type(m).__name__ == "Conv1D"  # GPT-2's layers
+                                                for m in model.modules()),
+                             task_type=getattr(peft.TaskType, PEFT_TASKS[task]))
+    wrapped = peft.get_peft_model(model, config)
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %s of %s parameters train (%.2f%%)", settings.lora_r,
+             "every linear layer" if targets == "all-linear" else ", ".join(targets),
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return wrapped
+
+
+def four_bit() -> dict[str, Any]:
+    """from_pretrained arguments of a 4-bit (NF4) frozen base, QLoRA's; one line where the
+    machine cannot run it."""
+    import importlib.util
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LlmkitError("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit layers run "
+                          "there) and this machine has none; train LoRA on the full-precision "
+                          "base instead (drop --load-in-4bit)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LlmkitError("--load-in-4bit needs the bitsandbytes library: pip install "
+                          "bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute), "dtype": compute,
+        "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_parameters": trainable,
+            "total_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def adapter_checkpoints(accelerator: Accelerator) -> None:
+    """Checkpoints of an adapter run hold the adapter and the heads trained in full (peft's own
+    files), not the frozen base: Accelerate saves and loads the other states as usual."""
+    peft = peft_module()
+
+    def save(models: list[Any], weights: list[Any], folder: str) -> None:
+        for i in reversed(range(len(models))):
+            inner = accelerator.unwrap_model(models[i])
+            if isinstance(inner, peft.PeftModel):
+                if accelerator.is_main_process:
+                    inner.save_pretrained(folder)
+                weights.pop(i)
+
+    def load(models: list[Any], folder: str) -> None:
+        from safetensors.torch import load_file
+
+        for model in list(models):
+            inner = accelerator.unwrap_model(model)
+            if isinstance(inner, peft.PeftModel):
+                state = load_file(Path(folder) / ADAPTER_WEIGHTS)
+                result = peft.set_peft_model_state_dict(inner, state)
+                if getattr(result, "unexpected_keys", None):
+                    raise LlmkitError(f"{folder}: the adapter does not fit this model")
+                models.remove(model)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def base_of(run: str | Path, base_model: str | None) -> str:
+    """The base model of an adapter run: --base-model, else the one it was trained from."""
+    if base_model:
+        return base_model
+    saved = json.loads((Path(run) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = str(saved.get("base_model_name_or_path") or "")
+    from llmkit.hub import is_local, looks_like_path
+
+    if not base or (looks_like_path(base) and not is_local(base)):
+        raise LlmkitError(f"{run} is an adapter run whose base model {base or '(unnamed)'} "
+                          "cannot be found; pass --base-model with its folder or Hub id")
+    return base
+
+
+def load_merged(run: str | Path, auto_class: Any, base_model: str | None = None,
+                **kwargs: Any) -> Any:
+    """An adapter run as a plain transformers model: its base (with the run's config: labels,
+    generation settings) plus the adapter, merged."""
+    from transformers import AutoConfig
+
+    from llmkit.hub import load_pretrained
+
+    peft = peft_module()
+    config = load_pretrained(AutoConfig, str(run))
+    base = load_pretrained(auto_class, base_of(run, base_model), config=config,
+                           ignore_mismatched_sizes=True, **kwargs)
+    model = peft.PeftModel.from_pretrained(base, str(run)).merge_and_unload()
+    generation = Path(run) / "generation_config.json"
+    if generation.is_file() and model.can_generate():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(run))
+    return model
+
+
+def merge(run: str | Path, output: str | Path, base_model: str | None = None) -> Path:
+    """`llmkit merge`: the adapter run's merged model, tokenizer and llmkit settings in a folder
+    that plain transformers (no peft, no llmkit) loads."""
+    from transformers import AutoTokenizer
+
+    from llmkit.predict import run_config
+    from llmkit.report import quiet_libraries
+    from llmkit.tasks import auto_class, get_task
+
+    quiet_libraries()
+    run, output = Path(run), Path(output)
+    if not is_adapter_run(run):
+        raise LlmkitError(f"{run} is not an adapter run (no {ADAPTER_CONFIG}): it is a full "
+                          "model already, loadable as it is")
+    saved = run_config(str(run))
+    if saved is None:
+        raise LlmkitError(f"{run} has no config.yaml: give the run directory llmkit wrote")
+    if output.exists() and any(output.iterdir()):
+        raise LlmkitError(f"--output {output} is not empty; choose another folder")
+    model = load_merged(run, auto_class(get_task(saved.task)), base_model)
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(str(run)).save_pretrained(output)
+    shutil.copyfile(run / "config.yaml", output / "config.yaml")  # the task, for llmkit predict
+    return output

@@ -1,0 +1,162 @@
+"""LoRA adapters (peft) in the one loop: adapter-only run directories and checkpoints, exact
+resume, merge into a model plain transformers loads, every task, many processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit import checkpoint
+from llmkit.adapters import merge
+from llmkit.predict import predict
+from llmkit.tasks import load_config
+from llmkit.train import finetune
+from tests.test_classify import config
+
+pytest.importorskip("peft")
+
+
+def lora(model: Path, data: dict[str, Path], out: Path, **train: object):
+    cfg = config(model, data, out, learning_rate=1e-2, **train)
+    return load_config("classify", {**{"adapter": {"lora": True, "lora_r": 4}},
+                                    "model": cfg.model, "output": cfg.output,
+                                    "data": {"train": cfg.data.train,
+                                             "validation": cfg.data.validation},
+                                    "train": {k: getattr(cfg.train, k) for k in
+                                              ("batch_size", "learning_rate", "epochs",
+                                               *train)}})
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_bert: Path, toy: dict[str, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetune(lora(tiny_bert, toy, tmp_path_factory.mktemp("lora") / "run"))
+
+
+def test_an_adapter_run_holds_the_adapter_and_trained_it(adapter_run: Path) -> None:
+    from safetensors.torch import load_file
+
+    names = {p.name for p in adapter_run.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "tokenizer.json",
+            "config.yaml", "metrics.json"} <= names
+    assert "model.safetensors" not in names  # the frozen base is not copied
+    metrics = json.loads((adapter_run / "metrics.json").read_text())
+    run = metrics["run"]
+    assert 0 < run["trainable_parameters"] < run["total_parameters"] / 2
+    weights = load_file(adapter_run / "adapter_model.safetensors")
+    ups = [t for name, t in weights.items() if "lora_B" in name]  # peft starts them at zero
+    assert len(ups) == 13 and all(float(t.abs().sum()) > 0 for t in ups)
+    assert any("classifier" in name for name in weights)  # the new head, trained in full
+    adapter = json.loads((adapter_run / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["modules_to_save"] == ["classifier", "score"]
+
+
+def test_merged_model_answers_as_the_adapter_run_without_peft(
+        adapter_run: Path, toy: dict[str, Path], tmp_path: Path) -> None:
+    merged = merge(adapter_run, tmp_path / "merged")
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {
+        p.name for p in merged.iterdir()}
+    ours = predict(str(adapter_run), str(toy["validation"]))
+    assert ours == predict(str(merged), str(toy["validation"]))
+    script = ("import sys, json; sys.modules['peft'] = None; sys.modules['llmkit'] = None\n"
+              "from transformers import pipeline\n"
+              f"p = pipeline('text-classification', model={str(merged)!r})\n"
+              f"print(json.dumps(p({[r['text'] for r in ours[:5]]!r})))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["label"] for r in plain] == [r["label"] for r in ours[:5]]
+    assert [r["score"] for r in plain] == pytest.approx([r["score"] for r in ours[:5]], abs=1e-5)
+
+
+def test_an_interrupted_adapter_run_resumes_to_the_same_adapter(
+        tiny_bert: Path, toy: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    steady = finetune(lora(tiny_bert, toy, tmp_path / "steady", save_steps=5, epochs=2))
+    save = checkpoint.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_die(accelerator, out, state):
+        path = save(accelerator, out, state)
+        if state.global_step == 10:
+            raise Stop
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    cut = lora(tiny_bert, toy, tmp_path / "cut", save_steps=5, epochs=2)
+    with pytest.raises(Stop):
+        finetune(cut)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    kept = tmp_path / "cut" / "checkpoints" / "checkpoint-10"
+    files = {p.name for p in kept.iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    finetune(cut, resume=True)
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (steady, tmp_path / "cut"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tiny_gpt2: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.adapters import wrap
+    from llmkit.config import AdapterConfig
+
+    grads = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            model.enable_input_require_grads()
+        torch.manual_seed(0)
+        peft_model = wrap(model, "generate", AdapterConfig(lora=True, lora_r=4, lora_dropout=0))
+        peft_model.train()
+        ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters()
+                      if p.requires_grad and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize("task", ["qa", "translate", "generate"])
+def test_every_task_trains_an_adapter(task: str, tiny_bert: Path, tiny_gpt2: Path,
+                                      tiny_seq2seq, toy_translation: dict[str, Path],
+                                      tmp_path: Path) -> None:
+    from llmkit.predict import run_config
+
+    data = tmp_path / "rows.jsonl"
+    if task == "qa":
+        rows = [{"id": str(i), "question": "who did it?", "context": f"ann did it {i} times",
+                 "answers": {"text": ["ann"], "answer_start": [0]}} for i in range(24)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        model, extra = tiny_bert, {}
+    elif task == "translate":
+        data, model = toy_translation["train"], tiny_seq2seq("marian")
+        extra = {"source_lang": "en", "target_lang": "es"}
+    else:
+        data.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the dog"})
+                                + "\n" for _ in range(40)))
+        model, extra = tiny_gpt2, {"block_size": 16}
+    cfg = load_config(task, {"model": str(model), "output": str(tmp_path / "run"),
+                             "data": {"train": str(data), **extra},
+                             "train": {"epochs": 1, "batch_size": 8},
+                             "adapter": {"lora": True, "lora_r": 2}})
+    out = finetune(cfg)
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()
+    assert run_config(str(out)).adapter.lora
+    merged = merge(out, tmp_path / "merged")
+    assert (merged / "model.safetensors").is_file()
