@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,29 +161,3 @@ def load_merged(run: str | Path, auto_class: Any, base_model: str | None = None,
 
         model.generation_config = GenerationConfig.from_pretrained(str(run))
     return model
-
-
-def merge(run: str | Path, output: str | Path, base_model: str | None = None) -> Path:
-    """`llmkit merge`: the adapter run's merged model, tokenizer and llmkit settings in a folder
-    that plain transformers (no peft, no llmkit) loads."""
-    from transformers import AutoTokenizer
-
-    from llmkit.predict import run_config
-    from llmkit.report import quiet_libraries
-    from llmkit.tasks import auto_class, get_task
-
-    quiet_libraries()
-    run, output = Path(run), Path(output)
-    if not is_adapter_run(run):
-        raise LlmkitError(f"{run} is not an adapter run (no {ADAPTER_CONFIG}): it is a full "
-                          "model already, loadable as it is")
-    saved = run_config(str(run))
-    if saved is None:
-        raise LlmkitError(f"{run} has no config.yaml: give the run directory llmkit wrote")
-    if output.exists() and any(output.iterdir()):
-        raise LlmkitError(f"--output {output} is not empty; choose another folder")
-    model = load_merged(run, auto_class(get_task(saved.task)), base_model)
-    model.save_pretrained(output)
-    AutoTokenizer.from_pretrained(str(run)).save_pretrained(output)
-    shutil.copyfile(run / "config.yaml", output / "config.yaml")  # the task, for llmkit predict
-    return output

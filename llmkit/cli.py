@@ -211,7 +211,7 @@ def merge(run: Annotated[str, typer.Argument(help="Run directory of finetune --l
           output: Annotated[str, typer.Option("--output", "-o", help="Folder to write.")],
           base_model: BaseModel = None) -> None:
     """Merge a LoRA run into its base model: a full model plain transformers loads."""
-    from llmkit.adapters import merge as merged
+    from llmkit.predict import merge as merged
 
     typer.echo(str(merged(run, output, base_model)))
 

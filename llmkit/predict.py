@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,28 @@ def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def merge(run: str | Path, output: str | Path, base_model: str | None = None) -> Path:
+    """`llmkit merge`: the adapter run's merged model, tokenizer and llmkit settings in a folder
+    that plain transformers (no peft, no llmkit) loads."""
+    from transformers import AutoTokenizer
+
+    from llmkit.adapters import ADAPTER_CONFIG, is_adapter_run, load_merged
+    from llmkit.tasks import auto_class
+
+    quiet_libraries()
+    run, output = Path(run), Path(output)
+    if not is_adapter_run(run):
+        raise LlmkitError(f"{run} is not an adapter run (no {ADAPTER_CONFIG}): it is a full "
+                          "model already, loadable as it is")
+    saved = run_config(str(run))
+    if saved is None:
+        raise LlmkitError(f"{run} has no config.yaml: give the run directory llmkit wrote")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise LlmkitError(f"--output {output} is not an empty folder; choose another one")
+    model = load_merged(run, auto_class(get_task(saved.task)), base_model)
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(str(run)).save_pretrained(output)
+    shutil.copyfile(run / "config.yaml", output / "config.yaml")  # the task, for llmkit predict
+    return output

@@ -18,11 +18,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from llmkit import checkpoint as ckpt
-from llmkit.adapters import four_bit, merge, parameter_counts
+from llmkit.adapters import four_bit, parameter_counts
 from llmkit.config import DataConfig, RunConfig, TrainConfig
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.launch import start_run
+from llmkit.predict import merge
 from llmkit.report import Meter, Reporter, quiet_libraries, throughput
 from llmkit.tasks import check_pairing, get_task, load_model
 from llmkit.tasks.task import Task, loss_of

@@ -12,13 +12,10 @@ import pytest
 import torch
 
 from llmkit import checkpoint
-from llmkit.adapters import merge
-from llmkit.predict import predict
+from llmkit.predict import merge, predict
 from llmkit.tasks import load_config
 from llmkit.train import finetune
 from tests.test_classify import config
-
-pytest.importorskip("peft")
 
 
 def lora(model: Path, data: dict[str, Path], out: Path, **train: object):
@@ -160,3 +157,23 @@ def test_every_task_trains_an_adapter(task: str, tiny_bert: Path, tiny_gpt2: Pat
     assert run_config(str(out)).adapter.lora
     merged = merge(out, tmp_path / "merged")
     assert (merged / "model.safetensors").is_file()
+
+
+def test_two_processes_train_the_same_adapter_as_one(tmp_path: Path,
+                                                     toy: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    from tests.conftest import save_tiny_bert, two_ranks_and_one
+
+    model = save_tiny_bert(tmp_path / "bert", dropout=0.0)  # dropout draws differ per rank
+    common = ["finetune", "classify", "--model", str(model), "--train", str(toy["train"]),
+              "--validation", str(toy["validation"]), "--batch-size", "8", "--epochs", "2",
+              "--lr", "1e-2", "--lora", "--lora-r", "4", "--lora-dropout", "0"]
+    m2, m1 = two_ranks_and_one(common, tmp_path)
+    assert m2["run"]["trainable_parameters"] == m1["run"]["trainable_parameters"]
+    for a, b in zip(m2["history"], m1["history"], strict=True):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+    w2, w1 = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("two", "one"))
+    assert w2.keys() == w1.keys()
+    for key in w1:
+        assert w2[key].allclose(w1[key], rtol=1e-4, atol=1e-5), key

@@ -58,7 +58,8 @@ CASES: list[tuple[list[str], str]] = [
     # finetune: options, recipes, overrides
     ([*FT, "--bogus"], "No such option: --bogus (see llmkit finetune classify --help)"),
     ([*FT, "--doc-stride", "3"], "--doc-stride is an option of llmkit finetune qa"),
-    ([*FT, "-s", "bogus=1"], "bogus: unknown key (known: task, model, output, data, train)"),
+    ([*FT, "-s", "bogus=1"],
+     "bogus: unknown key (known: task, model, output, data, train, adapter)"),
     ([*FT, "-s", "train.epochs=two"], "train.epochs: expected int, got 'two'"),
     ([*FT, "-s", "train.epochs=[1"], "override 'train.epochs=[1': the value is not valid YAML"),
     ([*FT, "-s", "noequals"], "override 'noequals' is not of the form section.key=value"),
@@ -109,6 +110,22 @@ CASES: list[tuple[list[str], str]] = [
     ([*FT[:7], "{file}"], "--output {file} is a file; give a folder for the run"),
     ([*FT[:7], "{notrun}"], "is not empty"),
     ([*FT[:7], "{run}"], "holds a finished run"),
+    # finetune --lora
+    ([*FT, "--lora", "--lora-target-modules", "bogus"], "--lora-target-modules bogus: the model "
+     "has no such linear layer; its linear layers are classifier, dense, key"),
+    ([*FT, "--lora", "--lora-r", "0"], "adapter.lora_r must be at least 1, got 0"),
+    ([*FT, "--lora", "--lora-dropout", "1"], "adapter.lora_dropout must be below 1, got 1"),
+    ([*FT, "--merge"], "--merge applies to adapter runs: add --lora"),
+    ([*FT, "--load-in-4bit"], "--load-in-4bit applies to adapter runs: add --lora"),
+    # merge
+    (["merge", "{run}", "-o", "{tmp}/m"], "{run} is not an adapter run (no adapter_config.json)"),
+    (["merge", "{tmp}/nowhere", "-o", "{tmp}/m"], "is not an adapter run"),
+    (["merge", "{nobase}", "-o", "{tmp}/m"], "{nobase} is an adapter run whose base model "
+     "/gone/base cannot be found; pass --base-model"),
+    (["merge", "{adapter}", "-o", "{file}"], "--output {file} is not an empty folder"),
+    (["merge", "{adapter}"], "Missing option '--output'"),
+    (["predict", "--model", "{nobase}", "-i", "{toy}"], "pass --base-model"),
+    (["generate", "--model", "{nobase}", "-p", "x"], "is a bert encoder: it cannot generate"),
     # finetune qa
     ([*QA, "--doc-stride", "0"], "data.doc_stride must be at least 1"),
     ([*QA, "--doc-stride", "300", "--max-length", "100"],
@@ -242,6 +259,10 @@ CASES: list[tuple[list[str], str]] = [
 ]
 
 
+if not __import__("torch").cuda.is_available():  # where it could run, it is no mistake
+    CASES.append(([*FT, "--lora", "--load-in-4bit"], "--load-in-4bit needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="module")
 def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
           toy_translation: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
@@ -278,6 +299,7 @@ def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
         "toy": str(toy["train"]), "trans": str(toy_translation["train"]),
         "emptydir": str(emptydir), "corrupt": str(corrupt), "pickled": str(pickled),
         "notrun": str(notrun), "run": str(finished_run(tiny_bert, toy, folder / "run")),
+        "adapter": str(finished_run(tiny_bert, toy, folder / "adapter", lora=True)),
         "file": write("file.txt", "a\nb\n"),
         "empty": write("empty.tsv", ""),
         "unknownext": write("data.xyz", "text\tlabel\ngood\t1\n"),
@@ -310,15 +332,22 @@ def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
         "squadpred": write("squadpred.json", '{"1": "ann"}'),
         "otherlabels": write("other.tsv", "text\tlabel\ngood film\tpositive-ish\n"),
     }
-    return paths
+    import shutil
+
+    nobase = shutil.copytree(paths["adapter"], folder / "nobase")
+    adapter = json.loads((nobase / "adapter_config.json").read_text())
+    adapter["base_model_name_or_path"] = "/gone/base"
+    (nobase / "adapter_config.json").write_text(json.dumps(adapter))
+    return {**paths, "nobase": str(nobase)}
 
 
-def finished_run(tiny_bert: Path, toy: dict[str, Path], out: Path) -> Path:
+def finished_run(tiny_bert: Path, toy: dict[str, Path], out: Path, lora: bool = False) -> Path:
     from llmkit.tasks import load_config
     from llmkit.train import finetune
 
     cfg = load_config("classify", None, {"model": str(tiny_bert), "output": str(out),
-                                         "data.train": str(toy["train"]), "train.epochs": 1})
+                                         "data.train": str(toy["train"]), "train.epochs": 1,
+                                         "adapter.lora": lora})
     return finetune(cfg)
 
 
