@@ -1,0 +1,229 @@
+"""LoRA on all-MiniLM-L6-v2 / SST-2: llmkit full fine-tuning, llmkit --lora, and Trainer + peft at
+the same LoRA settings, each in its own process (its own peak RSS), one session.
+
+    python benchmarks/lora.py [--rows 4000] [--epochs 3] [--seeds 42] [--lora-lr 5e-4]
+    python benchmarks/lora.py --gpt2 [--steps 8] [--block 512]   # memory and speed, 124M GPT-2
+
+--gpt2: a random 124M-parameter GPT-2 (12 layers, 768 wide, 50,257-word vocabulary) on
+tinyshakespeare blocks: peak RSS and tokens/s of full fine-tuning, --lora, and --lora with
+gradient checkpointing (few steps: throughput and memory, not quality).
+
+Every run trains on the first N rows of ../shared/data/sst2/train.tsv and scores dev.tsv (872
+rows); LoRA: r 16, alpha 32, dropout 0.05 on every linear layer but the classifier, which
+trains in full (peft's all-linear and SEQ_CLS defaults, in both tools). Prints a table and writes
+benchmarks/out/lora.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+OUT = BENCH / "out"
+TOOLS = ("llmkit full", "llmkit --lora", "Trainer + peft")
+GPT2_RUNS = ("full", "--lora", "--lora --gradient-checkpointing")
+
+
+def gpt2_one(run: str, args: argparse.Namespace) -> None:
+    """One GPT-2 run in this process; prints its figures as JSON."""
+    import torch
+    from causal_lm import DATA as TEXT
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from llmkit.tasks import load_config
+    from llmkit.train import finetune
+
+    folder = OUT / "lora-gpt2"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = TEXT.read_text(encoding="utf-8")
+    size = args.block * 4 * args.batch * args.steps  # ~4 characters a token
+    (folder / "train.txt").write_text(text[:size], encoding="utf-8")
+    (folder / "valid.txt").write_text(text[size:size + 4 * args.block * 4], encoding="utf-8")
+    model = folder / "model"
+    if not (model / "config.json").is_file():
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator([text], trainers.BpeTrainer(
+            vocab_size=8000, special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                            bos_token="<|endoftext|>")
+        torch.manual_seed(0)  # GPT-2's own sizes; the rows past the tokenizer's stay unused
+        GPT2LMHeadModel(GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0)
+                        ).save_pretrained(model)
+        tokenizer.save_pretrained(model)
+    cfg = load_config("generate", None, {
+        "model": str(model), "output": str(folder / "run"), "data.train": str(folder /
+                                                                              "train.txt"),
+        "data.validation": str(folder / "valid.txt"), "data.sample_by": "document",
+        "data.block_size": args.block, "train.epochs": 1, "train.batch_size": args.batch,
+        "train.learning_rate": 5e-4 if "lora" in run else 5e-5, "train.logging_steps": 1,
+        "adapter.lora": "lora" in run,
+        "train.gradient_checkpointing": "checkpointing" in run})
+    out = finetune(cfg, overwrite=True)
+    metrics = json.loads((out / "metrics.json").read_text())["run"]
+    print("RESULT " + json.dumps({
+        "tokens_per_second": metrics["train_tokens_per_second"],
+        "steps": metrics["train_samples"] // args.batch,
+        "trainable": metrics["trainable_parameters"], "total": metrics["total_parameters"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def gpt2(args: argparse.Namespace) -> None:
+    results = {}
+    for run in GPT2_RUNS:
+        child = subprocess.run([sys.executable, __file__, "--gpt2", f"--tool={run}", "--block",
+                                str(args.block), "--batch", str(args.batch), "--steps",
+                                str(args.steps)], capture_output=True, text=True)
+        lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
+        if child.returncode or not lines:
+            raise SystemExit(f"{run} failed:\n{child.stderr[-3000:]}")
+        results[run] = json.loads(lines[-1][7:])
+        print(run, results[run], flush=True)
+    print(f"\n{'':34}{'tokens/s':>10}{'peak RSS MB':>13}{'trainable':>14}")
+    for run, r in results.items():
+        print(f"{run:34}{r['tokens_per_second']:10.0f}{r['peak_rss_mb']:13.0f}"
+              f"{r['trainable']:14,}")
+    (OUT / "lora-gpt2.json").write_text(json.dumps({"args": vars(args), "results": results},
+                                                   indent=1))
+
+
+def run_llmkit(train: Path, dev: Path, args: argparse.Namespace, lora: bool) -> dict:
+    from llmkit.tasks import load_config
+    from llmkit.train import finetune
+
+    out = OUT / f"lora-{'adapter' if lora else 'full'}-run"
+    cfg = load_config("classify", None, {
+        "model": args.model, "output": str(out), "data.train": str(train),
+        "data.validation": str(dev), "data.max_length": 128, "train.epochs": args.epochs,
+        "train.learning_rate": args.lora_lr if lora else args.lr, "train.batch_size": 32,
+        "train.weight_decay": 0.01, "train.seed": args.seed, "adapter.lora": lora})
+    finetune(cfg, overwrite=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    saved = out / ("adapter_model.safetensors" if lora else "model.safetensors")
+    return {"accuracy": metrics["history"][-1]["accuracy"],
+            "samples_per_second": metrics["run"]["train_samples_per_second"],
+            "trainable": metrics["run"]["trainable_parameters"],
+            "saved_mb": saved.stat().st_size / 2**20}
+
+
+def run_trainer_peft(train: Path, dev: Path, args: argparse.Namespace) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    raw = datasets.load_dataset("csv", data_files={"train": str(train), "dev": str(dev)},
+                                delimiter="\t", quoting=3)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = raw.map(lambda b: tokenizer(b["text"], truncation=True, max_length=128),
+                   batched=True, remove_columns=["text"])
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2,
+                                                               dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                             target_modules="all-linear",
+                                             task_type=TaskType.SEQ_CLS))
+    out = OUT / "lora-trainer-run"
+    training = TrainingArguments(
+        output_dir=str(out), num_train_epochs=args.epochs, learning_rate=args.lora_lr,
+        per_device_train_batch_size=32, per_device_eval_batch_size=64, weight_decay=0.01,
+        seed=args.seed, save_strategy="no", eval_strategy="no", report_to=[],
+        logging_steps=50, disable_tqdm=True)
+    trainer = Trainer(model=model, args=training, train_dataset=data["train"],
+                      data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=lambda p: {"accuracy": float(
+                          (p.predictions.argmax(-1) == p.label_ids).mean())})
+    result = trainer.train()
+    accuracy = trainer.evaluate(data["dev"])["eval_accuracy"]
+    model.save_pretrained(out)
+    return {"accuracy": accuracy,
+            "samples_per_second": round(result.metrics["train_samples_per_second"], 2),
+            "trainable": model.get_nb_trainable_parameters()[0],
+            "saved_mb": (out / "adapter_model.safetensors").stat().st_size / 2**20}
+
+
+def one(tool: str, args: argparse.Namespace) -> None:
+    """Run one tool in this process and print its figures as JSON (the child's side)."""
+    from classify import DATA, subset
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    train, dev = subset(args.rows), DATA / "dev.tsv"
+    start = time.perf_counter()
+    result = (run_trainer_peft(train, dev, args) if tool == TOOLS[2]
+              else run_llmkit(train, dev, args, lora=tool == TOOLS[1]))
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=5e-5, help="full fine-tuning")
+    parser.add_argument("--lora-lr", type=float, default=5e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--model", help="all-MiniLM-L6-v2 folder (default: the wheel's)")
+    parser.add_argument("--gpt2", action="store_true", help="the 124M GPT-2 memory run")
+    parser.add_argument("--steps", type=int, default=8, help="--gpt2: optimizer steps")
+    parser.add_argument("--block", type=int, default=512, help="--gpt2: tokens per block")
+    parser.add_argument("--batch", type=int, default=2, help="--gpt2: blocks per batch")
+    parser.add_argument("--tool", choices=TOOLS + GPT2_RUNS, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.gpt2:
+        return gpt2_one(args.tool, args) if args.tool else gpt2(args)
+    if args.model is None:
+        from classify import minilm
+
+        args.model = minilm()
+    if args.tool:
+        return one(args.tool, args)
+    runs: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+    for seed in args.seeds:
+        for tool in TOOLS:  # alternating, each in a fresh process
+            child = subprocess.run(
+                [sys.executable, __file__, f"--tool={tool}", "--seed", str(seed), "--rows",
+                 str(args.rows), "--epochs", str(args.epochs), "--lr", str(args.lr),
+                 "--lora-lr", str(args.lora_lr), "--model", args.model],
+                capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM":
+                                                     "false"})
+            lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
+            if child.returncode or not lines:
+                raise SystemExit(f"{tool} failed:\n{child.stderr[-3000:]}")
+            runs[tool].append(json.loads(lines[-1][7:]))
+            print(tool, seed, runs[tool][-1], flush=True)
+    median = {tool: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+              for tool, rs in runs.items()}
+    print(f"\n{'':16}{'acc (median)':>13}{'acc min-max':>14}{'samples/s':>11}{'peak RSS MB':>12}"
+          f"{'trainable':>11}{'saved MB':>10}")
+    for tool, m in median.items():
+        accs = [r["accuracy"] for r in runs[tool]]
+        print(f"{tool:16}{m['accuracy']:13.4f}{f'{min(accs):.3f}-{max(accs):.3f}':>14}"
+              f"{m['samples_per_second']:11.1f}{m['peak_rss_mb']:12.0f}{m['trainable']:11,.0f}"
+              f"{m['saved_mb']:10.2f}")
+    ratio = median[TOOLS[1]]["samples_per_second"] / median[TOOLS[2]]["samples_per_second"]
+    print(f"samples/s llmkit --lora / Trainer + peft: {ratio:.2f}")
+    (OUT / "lora.json").write_text(json.dumps({"args": vars(args), "runs": runs,
+                                               "median": median, "ratio": ratio}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
