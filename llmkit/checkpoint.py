@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Any
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
+
+    from llmkit.config import TrainConfig
 
 log = logging.getLogger("llmkit")
 STATE_FILE = "llmkit_state.json"
@@ -185,3 +188,62 @@ def prune(out: Path, keep: set[str]) -> None:
     for path in found[:-1]:
         if path.name not in keep:
             shutil.rmtree(path)
+
+
+NEVER = 2**62  # the step of a non-finite loss, while there has been none
+
+
+class Guard:
+    """Non-finite losses and gradient norms.
+
+    With on_nonfinite=stop (the default), the first step that had one is noted on the device (no
+    sync per step) and checked, with one collective, where the loop reports or saves: the run
+    stops before a checkpoint or the final model could hold NaN weights. With skip, the
+    optimizer step of a non-finite gradient norm (the same on every process) is skipped and
+    counted, a sync per step; after `max_nonfinite_steps` skips the run stops."""
+
+    def __init__(self, tc: TrainConfig, state: RunState, out: Path):
+        self.tc, self.state, self.out = tc, state, out
+        self.first: torch.Tensor | None = None
+        # fp16's loss scaler overflows on purpose while it calibrates: its gradient norms say
+        # nothing, and it skips those steps itself
+        self.norms = tc.mixed_precision != "fp16"
+
+    def note(self, value: torch.Tensor, step: int) -> None:
+        import torch
+
+        if self.tc.on_nonfinite == "skip":
+            return  # the gradient norms decide (a loss is one process's; norms are shared)
+        if self.first is None:
+            self.first = torch.full((), NEVER, dtype=torch.long, device=value.device)
+        bad = ~torch.isfinite(value.detach()) & (self.first == NEVER)
+        self.first = torch.where(bad, step, self.first)
+
+    def skip(self, norm: torch.Tensor, step: int) -> bool:
+        import torch
+
+        """skip mode: whether this optimizer step must be left out."""
+        if bool(torch.isfinite(norm)):
+            return False
+        self.state.skipped_steps += 1
+        log.warning("step %d: the gradient norm is %s; step skipped (%d so far)", step,
+                    float(norm), self.state.skipped_steps)
+        if self.state.skipped_steps > self.tc.max_nonfinite_steps:
+            self.stop(step, f"more than {self.tc.max_nonfinite_steps} steps had a non-finite "
+                            "gradient norm")
+        return True
+
+    def check(self, acc: Accelerator) -> None:
+        if self.first is not None:
+            first = int(acc.gather(self.first.reshape(1)).min())
+            if first != NEVER:
+                self.stop(first, "the training loss or gradient norm became NaN or infinite")
+
+    def stop(self, step: int, what: str) -> None:
+        kept = checkpoints(self.out)
+        where = (f"the last checkpoint before it, {kept[-1]}, is kept (--resume continues from "
+                 "it)" if kept else "no checkpoint had been saved yet")
+        raise LlmkitError(f"{what} at step {step}: training stopped, and no weights from then on "
+                          f"were saved; {where}. Try a lower --learning-rate, a warm-up "
+                          "(--warmup-ratio 0.1) or fp32 (--mixed-precision no); "
+                          "-s train.on_nonfinite=skip skips such steps")

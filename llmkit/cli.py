@@ -152,8 +152,9 @@ def generate_text(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON lines to write "
                       "(batch mode).")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they come.")] = False,
-    chat: Annotated[bool, typer.Option("--chat", help="Apply the tokenizer's chat template.")
-                    ] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Chat: the prompt is a user turn (a "
+                    "--input .jsonl may hold 'messages'), in the chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="--chat: a system message first.")] = None,
     batch_size: Annotated[int, typer.Option(help=shown("Prompts per batch.", 16),
                                             show_default=False, min=1)] = 16,
     base_model: BaseModel = None,
@@ -164,7 +165,7 @@ def generate_text(
 
     assert settings is not None
     run(model, prompt, input, output, settings, stream=stream, chat=chat,
-        batch_size=batch_size, base_model=base_model)
+        batch_size=batch_size, base_model=base_model, system=system)
 
 
 @app.command("eval", epilog=examples(evaluate.EXAMPLES))

@@ -66,7 +66,8 @@ def run_prefix(folder: str, config: Any) -> str:
 
 def run(model: str, prompt: str | None, input: str | None, output: Path | None,
         settings: GenerationSettings, stream: bool = False, chat: bool = False,
-        batch_size: int = 16, base_model: str | None = None) -> None:
+        batch_size: int = 16, base_model: str | None = None, system: str | None = None
+        ) -> None:
     """`llmkit generate`: print the output for one prompt (streamed if asked), or generate for
     a file of prompts, printed as JSON lines or written to `output` with a progress bar."""
     if (prompt is None) == (input is None):
@@ -75,16 +76,16 @@ def run(model: str, prompt: str | None, input: str | None, output: Path | None,
                    or settings.stop):
         raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "
                           "--num-beams, --num-return-sequences and --stop")
+    if system is not None and not chat:
+        raise LlmkitError("--system is a message of a conversation: add --chat")
     if output is not None:
         from llmkit.data import check_output_file
 
         check_output_file(output)
-    prompts = [prompt] if prompt is not None else read_prompts(str(input))
+    given = [prompt] if prompt is not None else read_prompts(str(input), chat)
     net, tokenizer = load_generator(model, base_model)
     prefix = run_prefix(model, net.config)  # what a T5 run was trained with ('summarize: ')
-    prompts = [prefix + p for p in prompts]
-    if chat:
-        prompts = [templated(tokenizer, p) for p in prompts]
+    prompts = [templated(tokenizer, p, system) if chat else prefix + p for p in given]
     if stream:
         from transformers import TextStreamer
 
@@ -160,17 +161,20 @@ def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a .txt file (one per line) or .jsonl rows with a `prompt` field."""
+def read_prompts(path: str, chat: bool = False) -> list[Any]:
+    """Prompts from a .txt file (one per line) or .jsonl rows with a `prompt` field; with
+    `chat`, rows may hold `messages` instead: conversations to answer after their last turn."""
     from llmkit.evaluate import read_text
 
     text = read_text(path, "--input")
     if path.endswith(".jsonl"):
         try:
-            prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            key = "messages" if chat and rows and "messages" in rows[0] else "prompt"
+            prompts = [row[key] for row in rows]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise LlmkitError(f"--input {path}: every line must be a JSON object with a "
-                              f"'prompt' field ({err})") from err
+                              f"'prompt' field (or 'messages', with --chat) ({err})") from err
     else:
         prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -178,12 +182,22 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def templated(tokenizer: Any, prompt: str) -> str:
-    """One user turn in the tokenizer's chat template, with the generation prompt."""
+def templated(tokenizer: Any, prompt: str | list[dict[str, Any]], system: str | None = None
+              ) -> str:
+    """A conversation in the tokenizer's chat template, with the generation prompt after it:
+    the prompt as one user turn (after the system message, if any), or a whole conversation."""
+    from llmkit.tasks.chat import check, render
+
     if not getattr(tokenizer, "chat_template", None):
         raise LlmkitError("--chat: this tokenizer has no chat template")
-    return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True))
+    if isinstance(prompt, list):
+        check(prompt, 0)
+        messages = prompt
+    else:
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+    return render(tokenizer, messages, prompt=True)
 
 
 def cut(text: str, stop: tuple[str, ...]) -> str:
@@ -201,14 +215,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
 
     if settings.seed is not None:
         set_seed(settings.seed)
-    kwargs = settings.kwargs()
-    if model.device.type == "cpu" and model.generation_config.cache_implementation is None:
-        # keys and values written into preallocated tensors: the default cache concatenates
-        # (reallocates) them in every layer at every step, which costs the CPU a page fault per
-        # new allocation (first call 31% slower, later ones 5%: benchmarks/RESULTS.md)
-        kwargs["cache_implementation"] = "static"
-    if settings.stop:
-        kwargs |= {"stop_strings": list(settings.stop), "tokenizer": tokenizer}
+    kwargs = decoding(model, tokenizer, settings, templated)
     n = settings.num_return_sequences
     beams = kwargs.get("num_beams") or model.generation_config.num_beams or 1
     if n > 1 and not kwargs["do_sample"] and n > beams:
@@ -241,6 +248,27 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
             if on_batch:
                 on_batch(len(chunk), sum(records[i]["new_tokens"] for i in chunk))
     return records
+
+
+def decoding(model: Any, tokenizer: Any, settings: GenerationSettings, templated: bool
+             ) -> dict[str, Any]:
+    """model.generate's keyword arguments for these settings."""
+    kwargs = settings.kwargs()
+    if model.device.type == "cpu" and model.generation_config.cache_implementation is None:
+        # keys and values written into preallocated tensors: the default cache concatenates
+        # (reallocates) them in every layer at every step, which costs the CPU a page fault per
+        # new allocation (first call 31% slower, later ones 5%: benchmarks/RESULTS.md)
+        kwargs["cache_implementation"] = "static"
+    if settings.stop:
+        kwargs |= {"stop_strings": list(settings.stop), "tokenizer": tokenizer}
+    if templated:  # a reply ends with the template's end of turn
+        from llmkit.tasks.chat import end_of_turn
+
+        ends, turn_end = model.generation_config.eos_token_id, end_of_turn(tokenizer)
+        ends = ends if isinstance(ends, list) else [] if ends is None else [ends]
+        if turn_end is not None and turn_end not in ends:
+            kwargs["eos_token_id"] = [*ends, turn_end]
+    return kwargs
 
 
 def fit_context(encoded: list[list[int]], config: Any, tokenizer: Any

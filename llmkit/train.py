@@ -7,7 +7,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from llmkit import checkpoint as ckpt
 from llmkit.adapters import four_bit, parameter_counts
-from llmkit.config import DataConfig, RunConfig, TrainConfig
+from llmkit.config import DataConfig, RunConfig, TrainConfig, dump_config
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.launch import start_run
@@ -82,15 +82,16 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
         if cfg.adapter.load_in_4bit:
             four_bit()  # and a machine that cannot run 4-bit layers
         train_rows, valid_rows = load_splits(cfg.data, cfg.train.seed)
-        check_columns(train_rows, task.columns(cfg.data, True), "--train")
-        check_columns(valid_rows, task.columns(cfg.data, True), "--validation")
-        train_rows = task.usable(train_rows, cfg.data, True)
-        valid_rows = task.usable(valid_rows, cfg.data, True)
-        model, tokenizer = load_model(task, cfg.model, cfg.data,
+        data = task.detect(train_rows, cfg.data) if task.detect else cfg.data
+        check_columns(train_rows, task.columns(data, True), "--train")
+        check_columns(valid_rows, task.columns(data, True), "--validation")
+        train_rows = task.usable(train_rows, data, True)
+        valid_rows = task.usable(valid_rows, data, True)
+        model, tokenizer = load_model(task, cfg.model, data,
                                       quantized=cfg.adapter.load_in_4bit,
-                                      **task.model_kwargs(train_rows, valid_rows, cfg.data))
-        train_set = task.featurize(train_rows, tokenizer, model.config, cfg.data)
-        eval_set = task.featurize(valid_rows, tokenizer, model.config, cfg.data)
+                                      **task.model_kwargs(train_rows, valid_rows, data))
+        train_set = task.featurize(train_rows, tokenizer, model.config, data)
+        eval_set = task.featurize(valid_rows, tokenizer, model.config, data)
     for module in model.modules():
         # fixed by design (Marian, Pegasus), but loaded as trainable: DDP would wait for their
         # gradients forever
@@ -121,7 +122,7 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     scheduler = accelerator.prepare(make_scheduler(cfg, optimizer, steps_per_epoch,
                                                    accelerator.num_processes))
     return Parts(accelerator, task, model, tokenizer, optimizer, scheduler, train_loader,
-                 eval_loader, eval_features, cfg.data, batches, steps_per_epoch)
+                 eval_loader, eval_features, data, batches, steps_per_epoch)
 
 
 def adapt(model: Any, cfg: RunConfig, accelerator: Accelerator) -> Any:
@@ -176,63 +177,8 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
     return best is None or (value < best if lower_is_better else value > best)
 
 
-NEVER = 2**62  # the step of a non-finite loss, while there has been none
-
-
-class Guard:
-    """Non-finite losses and gradient norms.
-
-    With on_nonfinite=stop (the default), the first step that had one is noted on the device (no
-    sync per step) and checked, with one collective, where the loop reports or saves: the run
-    stops before a checkpoint or the final model could hold NaN weights. With skip, the
-    optimizer step of a non-finite gradient norm (the same on every process) is skipped and
-    counted, a sync per step; after `max_nonfinite_steps` skips the run stops."""
-
-    def __init__(self, tc: TrainConfig, state: ckpt.RunState, out: Path):
-        self.tc, self.state, self.out = tc, state, out
-        self.first: torch.Tensor | None = None
-        # fp16's loss scaler overflows on purpose while it calibrates: its gradient norms say
-        # nothing, and it skips those steps itself
-        self.norms = tc.mixed_precision != "fp16"
-
-    def note(self, value: torch.Tensor, step: int) -> None:
-        if self.tc.on_nonfinite == "skip":
-            return  # the gradient norms decide (a loss is one process's; norms are shared)
-        if self.first is None:
-            self.first = torch.full((), NEVER, dtype=torch.long, device=value.device)
-        bad = ~torch.isfinite(value.detach()) & (self.first == NEVER)
-        self.first = torch.where(bad, step, self.first)
-
-    def skip(self, norm: torch.Tensor, step: int) -> bool:
-        """skip mode: whether this optimizer step must be left out."""
-        if bool(torch.isfinite(norm)):
-            return False
-        self.state.skipped_steps += 1
-        log.warning("step %d: the gradient norm is %s; step skipped (%d so far)", step,
-                    float(norm), self.state.skipped_steps)
-        if self.state.skipped_steps > self.tc.max_nonfinite_steps:
-            self.stop(step, f"more than {self.tc.max_nonfinite_steps} steps had a non-finite "
-                            "gradient norm")
-        return True
-
-    def check(self, acc: Accelerator) -> None:
-        if self.first is not None:
-            first = int(acc.gather(self.first.reshape(1)).min())
-            if first != NEVER:
-                self.stop(first, "the training loss or gradient norm became NaN or infinite")
-
-    def stop(self, step: int, what: str) -> None:
-        kept = ckpt.checkpoints(self.out)
-        where = (f"the last checkpoint before it, {kept[-1]}, is kept (--resume continues from "
-                 "it)" if kept else "no checkpoint had been saved yet")
-        raise LlmkitError(f"{what} at step {step}: training stopped, and no weights from then on "
-                          f"were saved; {where}. Try a lower --learning-rate, a warm-up "
-                          "(--warmup-ratio 0.1) or fp32 (--mixed-precision no); "
-                          "-s train.on_nonfinite=skip skips such steps")
-
-
 def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Reporter,
-                  out: Path, train_loss: float, guard: Guard) -> bool:
+                  out: Path, train_loss: float, guard: ckpt.Guard) -> bool:
     """Evaluate, checkpoint, keep the best; True when early stopping says to stop."""
     guard.check(parts.accelerator)
     metric = cfg.train.metric_for_best or parts.task.default_metric
@@ -274,7 +220,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
     """Run the remaining epochs; returns throughput figures of the training steps."""
     acc, tc, model = parts.accelerator, cfg.train, parts.model
     window, since_eval, total = Meter(), Meter(), Meter()
-    guard = Guard(tc, state, out)
+    guard = ckpt.Guard(tc, state, out)
     evals_before = len(state.history)
     model.train()
     for epoch in range(state.epoch, tc.epochs):
@@ -323,7 +269,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
     return throughput(total.flush(acc), state.history[evals_before:])
 
 
-def optimizer_step(parts: Parts, tc: TrainConfig, guard: Guard, step: int) -> None:
+def optimizer_step(parts: Parts, tc: TrainConfig, guard: ckpt.Guard, step: int) -> None:
     """Clip, then step the optimizer and the schedule (Accelerate makes these no-ops until the
     accumulated gradients sync); under on_nonfinite=skip, a step whose gradient norm is not
     finite is left out."""
@@ -349,6 +295,10 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     out = Path(cfg.output)
     set_seed(cfg.train.seed)
     parts = build(cfg, accelerator)
+    if parts.data != cfg.data:  # columns found in the data: the run directory says which
+        cfg = replace(cfg, data=parts.data)
+        if accelerator.is_main_process:
+            dump_config(cfg, out / "config.yaml")
     state = ckpt.RunState()
     if start:
         state = ckpt.restore(accelerator, out, start, fallback=not resume_from)

@@ -36,18 +36,27 @@ class CausalData(DataConfig):
     prompt_column: str | None = setting(None, "Prompt column of prompt/completion rows (no "
                                         "loss on prompts).")
     completion_column: str | None = setting(None, "Completion column of prompt/completion rows.")
-    empty_rows: BadRows = setting("fail", "fail or skip prompt/completion rows with an empty "
-                                  "completion.")
+    empty_rows: BadRows = setting("fail", "fail or skip rows with an empty completion, and "
+                                  "conversations without an assistant turn.")
+    messages_column: str | None = setting(None, "Column of conversations (lists of {role, "
+                                          "content}); a 'messages' column is found by itself.")
+    chat_template: str | None = setting(None, "Jinja chat template file (replaces the "
+                                        "tokenizer's; saved with the run).")
+    packing: bool = setting(True, "Conversations: place them whole into --block-size blocks; "
+                            "off: one per row, batches padded.")
 
 
 EXAMPLES = """\
 llmkit finetune generate --model gpt2 --train corpus.txt --block-size 512 \\
     --output runs/gpt
 llmkit finetune generate --model gpt2 --train pairs.jsonl \\
-    --prompt-column prompt --completion-column completion --output runs/gpt-sft"""
+    --prompt-column prompt --completion-column completion --output runs/gpt-sft
+llmkit finetune generate --model ./qwen --train chats.jsonl --lora --output runs/chat"""
 
 
 def columns(cfg: CausalData, labelled: bool) -> list[str]:
+    if cfg.messages_column:
+        return [cfg.messages_column]
     if cfg.prompt_column or cfg.completion_column:
         if not (cfg.prompt_column and cfg.completion_column):
             raise LlmkitError("prompt/completion data needs both --prompt-column and "
@@ -59,14 +68,45 @@ def columns(cfg: CausalData, labelled: bool) -> list[str]:
 def clean(rows: Dataset, cfg: CausalData, labelled: bool) -> Dataset:
     from llmkit.data import check_text, empty_rows
 
+    if cfg.messages_column:
+        return rows  # each conversation is checked when it is encoded
     check_text(rows, columns(cfg, labelled))
     if cfg.completion_column:
         return empty_rows(rows, [cfg.completion_column], cfg.empty_rows, "completion")
     return rows  # empty documents (blank lines) hold nothing to learn: left out when packing
 
 
+def detect(rows: Dataset, cfg: CausalData) -> CausalData:
+    """Conversations in a 'messages' column, when no text, prompt or messages column is set
+    and the text column is absent."""
+    from dataclasses import replace
+
+    if (cfg.messages_column or cfg.prompt_column or cfg.text_column in rows.column_names
+            or "messages" not in rows.column_names):
+        return cfg
+    log.info("training on the conversations in column 'messages' (--messages-column)")
+    return replace(cfg, messages_column="messages")
+
+
 def model_kwargs(train: Dataset, valid: Dataset, cfg: CausalData) -> dict[str, Any]:
+    from pathlib import Path
+
+    if cfg.chat_template and not Path(cfg.chat_template).is_file():
+        raise LlmkitError(f"--chat-template {cfg.chat_template}: no such file")
     return {}
+
+
+def prepare(model: Any, tokenizer: PreTrainedTokenizerBase, cfg: CausalData) -> None:
+    """The chat template (saved with the tokenizer), and generation that stops at the end of an
+    assistant turn (saved in generation_config.json, so pipeline() stops there too)."""
+    from llmkit.tasks.chat import end_of_turn, use_template
+
+    use_template(tokenizer, cfg.chat_template, required=bool(cfg.messages_column))
+    turn_end = end_of_turn(tokenizer) if cfg.messages_column else None
+    eos = model.generation_config.eos_token_id
+    ends = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if turn_end is not None and turn_end not in ends:
+        model.generation_config.eos_token_id = [*ends, turn_end]
 
 
 def block_size(cfg: CausalData, config: PretrainedConfig) -> int:
@@ -105,6 +145,16 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     from datasets import Dataset
 
     size = block_size(cfg, config)
+    if cfg.messages_column:
+        from llmkit.tasks.chat import conversations, pack_whole
+
+        encoded = conversations(rows, cfg.messages_column, tokenizer, size,
+                                cfg.empty_rows == "skip")
+        if cfg.packing:
+            return Dataset.from_dict(pack_whole(encoded, size, cfg.separate_documents))
+        return Dataset.from_dict({"input_ids": [e[0] for e in encoded],
+                                  "labels": [e[1] for e in encoded],
+                                  "attention_mask": [[1] * len(e[0]) for e in encoded]})
     if cfg.prompt_column and cfg.completion_column:
         return pairs(rows, tokenizer, cfg, size)
     rows = rows.filter(lambda r: bool(r[cfg.text_column] and r[cfg.text_column].strip()))
@@ -197,5 +247,7 @@ GENERATE = Task(
     eval_step=eval_step,
     score=score,
     present=present,
+    prepare=prepare,
     clean=clean,
+    detect=detect,
 )

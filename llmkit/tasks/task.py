@@ -62,6 +62,9 @@ class Task:
     # Raw rows -> the rows to use, after the column check: text columns must hold text, and
     # labelled rows (training, evaluation) that cannot be learned from are refused or left out
     clean: Callable[[Dataset, Any, bool], Dataset] | None = None
+    # Training rows and the data settings -> the settings with columns the data shows (said in
+    # the log), before the columns are checked; saved with the run
+    detect: Callable[[Dataset, Any], Any] | None = None
 
     @property
     def default_metric(self) -> str:

@@ -1,0 +1,168 @@
+"""Conversations for causal language models: rows of `messages` rendered with the tokenizer's
+chat template, the loss on the assistant turns only, packed whole into blocks."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import LlmkitError
+from llmkit.tasks.task import IGNORE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("llmkit")
+ROLES = ("system", "user", "assistant", "tool")
+SENTINEL = "\x00llmkit\x00"  # a reply no template changes, to find what ends a turn
+
+
+def use_template(tokenizer: PreTrainedTokenizerBase, template: str | None,
+                 required: bool) -> None:
+    """The run's chat template: a --chat-template file replaces the tokenizer's own (and is
+    saved with it); none at all is one line when conversations need one."""
+    if template and Path(template).is_file():
+        tokenizer.chat_template = Path(template).read_text(encoding="utf-8")
+    elif template and (required or not getattr(tokenizer, "chat_template", None)):
+        raise LlmkitError(f"--chat-template {template}: no such file")
+    if required and not getattr(tokenizer, "chat_template", None):
+        raise LlmkitError("the tokenizer has no chat template to render the conversations: "
+                          "give one with --chat-template FILE (a Jinja template)")
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+           prompt: bool = False) -> str:
+    """The template's text of `messages` (with the generation prompt after them if asked)."""
+    from jinja2 import TemplateError
+
+    if not messages and not prompt:
+        return ""
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=prompt))
+    except TemplateError as err:
+        raise LlmkitError(f"the chat template failed to render a conversation: "
+                          f"{str(err).splitlines()[0]}") from err
+
+
+def check(messages: Any, row: int) -> None:
+    """A conversation is a list of {role, content} objects with known roles."""
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages):
+        raise LlmkitError(f"row {row}: messages must be a list of {{\"role\": ..., \"content\": "
+                          f"...}} objects with text content, got {str(messages)[:80]}")
+    unknown = sorted({m["role"] for m in messages} - set(ROLES))
+    if unknown:
+        raise LlmkitError(f"row {row}: unknown role {unknown[0]!r}; the roles are "
+                          f"{', '.join(ROLES)}")
+
+
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+                    text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `text`: each from the end of the generation
+    prompt that opens it (role header excluded) to the end of the turn (its end-of-turn marker
+    included), found by rendering the conversation turn by turn."""
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(tokenizer, messages[:k], True), render(tokenizer,
+                                                                         messages[:k + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise LlmkitError("the chat template does not render a conversation as its turns "
+                              "one after another, so the assistant turns cannot be found; use "
+                              "a template with {% generation %} markers or another template")
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]
+           ) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and its labels: the assistant tokens, IGNORE elsewhere."""
+    template = str(tokenizer.chat_template or "")
+    if "generation %}" in template:  # the template marks the assistant tokens itself
+        out: Any = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True)
+        ids = list(out["input_ids"])
+        return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"],
+                                                         strict=True)]
+    text = render(tokenizer, messages)
+    spans = assistant_spans(tokenizer, messages, text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # a token that reaches into a turn belongs to it: BPE joins the space after a role header
+    # to the first word of the reply
+    labels = [t if any(start < b and end > a for a, b in spans) else IGNORE
+              for t, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    return list(enc["input_ids"]), labels
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token that ends an assistant turn in the template (ChatML's <|im_end|>), when it is
+    one token of the vocabulary: generation stops there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = render(tokenizer, [{"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": SENTINEL}])
+    tail = text.split(SENTINEL, 1)[-1].strip()
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    return ids[0] if ids and tokenizer.convert_ids_to_tokens(ids[0]) == tail.split()[0] \
+        and ids[0] != tokenizer.unk_token_id else None
+
+
+def conversations(rows: Any, column: str, tokenizer: PreTrainedTokenizerBase, size: int,
+                  skip_empty: bool) -> list[tuple[list[int], list[int]]]:
+    """Every conversation encoded, cut to `size` tokens (counted in the log); those without an
+    assistant turn refused or, with `skip_empty`, left out (counted)."""
+    encoded, silent, cut = [], [], 0
+    for row, messages in enumerate(rows[column]):
+        check(messages, row)
+        if not any(m["role"] == "assistant" for m in messages):
+            silent.append(row)
+            continue
+        ids, labels = encode(tokenizer, messages)
+        cut += len(ids) > size
+        encoded.append((ids[:size], labels[:size]))
+    if silent and (not skip_empty or len(silent) == len(rows)):
+        raise LlmkitError(f"{len(silent)} of {len(rows)} conversations have no assistant turn "
+                          f"(first: row {silent[0]}), so nothing to learn; fix the data or pass "
+                          "-s data.empty_rows=skip to leave them out")
+    if silent:
+        log.warning("leaving out %d of %d conversations without an assistant turn",
+                    len(silent), len(rows))
+    if cut:
+        log.warning("%d of %d conversations are longer than --block-size %d tokens: cut there",
+                    cut, len(encoded), size)
+    return encoded
+
+
+def pack_whole(encoded: list[tuple[list[int], list[int]]], size: int, separate: bool
+               ) -> dict[str, list[list[int]]]:
+    """Conversations placed whole into blocks of at most `size` tokens (best fit, longest
+    first); with `separate`, positions restart at each conversation."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    room: list[tuple[int, int]] = []  # (tokens left, block) sorted
+    blocks: list[list[int]] = []
+    for i in order:
+        need = len(encoded[i][0])
+        at = bisect.bisect_left(room, (need, -1))
+        if at == len(room):
+            blocks.append([i])
+            left, chosen = size - need, len(blocks) - 1
+        else:
+            left, chosen = room.pop(at)
+            blocks[chosen].append(i)
+            left -= need
+        bisect.insort(room, (left, chosen))
+    features: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": [],
+                                            "attention_mask": []}
+    for block in blocks:
+        ids = [t for i in block for t in encoded[i][0]]
+        features["input_ids"].append(ids)
+        features["labels"].append([t for i in block for t in encoded[i][1]])
+        restart = [p for i in block for p in range(len(encoded[i][0]))]
+        features["position_ids"].append(restart if separate else list(range(len(ids))))
+        features["attention_mask"].append([1] * len(ids))
+    return features

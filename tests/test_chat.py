@@ -1,0 +1,196 @@
+"""Conversations for `finetune generate`: chat templates, assistant-only loss (two templates),
+packing, evaluation on assistant tokens, `generate --chat`, pipeline chat, bad rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.tasks import load_config
+from llmkit.tasks.chat import encode, end_of_turn, pack_whole
+from llmkit.tasks.task import IGNORE
+from llmkit.train import finetune
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PLAIN = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n\n{% endfor %}"
+         "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
+TALK = [{"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what is the capital of france ?"},
+        {"role": "assistant", "content": "paris is the capital of france ."},
+        {"role": "user", "content": "and the film ?"},
+        {"role": "assistant", "content": "a gripping , funny and moving film"}]
+
+
+@pytest.fixture(scope="module")
+def chat_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT-2 whose tokenizer has ChatML's markers as special tokens and ChatML
+    as its template."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import bpe_tokenizer
+
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.model_max_length = 128
+    folder = tmp_path_factory.mktemp("chat-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                               n_positions=128, bos_token_id=tokenizer.eos_token_id,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("chats")
+    files = {}
+    for split, rows in (("train", 48), ("validation", 8)):
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"messages": TALK}) + "\n"
+                                        for _ in range(rows)))
+    return files
+
+
+def labelled(tokenizer, messages) -> list[str]:
+    """The decoded runs of tokens that carry a loss."""
+    ids, labels = encode(tokenizer, messages)
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize(("template", "turns"), [
+    (CHATML, ["paris is the capital of france .<|im_end|>\n",
+              "a gripping , funny and moving film<|im_end|>\n"]),
+    (PLAIN, [" paris is the capital of france .\n\n",  # BPE joins the space before "p"aris
+             "a gripping , funny and moving film\n\n"])])  # but has no "Ġa" to join
+def test_the_loss_covers_every_assistant_turn_and_nothing_else(chat_gpt2: Path, template: str,
+                                                               turns: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_gpt2)
+    tokenizer.chat_template = template
+    assert labelled(tokenizer, TALK) == turns  # no role header, no user or system text
+
+
+def test_end_of_turn_is_the_template_marker(chat_gpt2: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_gpt2)
+    assert end_of_turn(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer.chat_template = PLAIN  # ends with text, not a token of its own
+    assert end_of_turn(tokenizer) is None
+
+
+def test_packing_places_conversations_whole_and_restarts_positions() -> None:
+    encoded = [([1] * 5, [IGNORE] * 5), ([2] * 3, [2] * 3), ([3] * 4, [3] * 4),
+               ([4] * 2, [IGNORE, 4])]
+    packed = pack_whole(encoded, 8, separate=True)
+    assert sorted(len(b) for b in packed["input_ids"]) == [6, 8]  # 5+3 (best fit), 4+2
+    tokens = sorted(t for b in packed["input_ids"] for t in b)
+    assert tokens == sorted(t for ids, _ in encoded for t in ids)  # every token, once
+    for ids, positions in zip(packed["input_ids"], packed["position_ids"], strict=True):
+        starts = [i for i, p in enumerate(positions) if p == 0]
+        assert len(starts) == 2  # two conversations per block, each from position 0
+        assert all(len(set(ids[a:b])) == 1 for a, b in zip(starts, [*starts[1:], len(ids)],
+                                                                strict=True))
+    joined = pack_whole(encoded, 8, separate=False)
+    assert all(p == list(range(len(p))) for p in joined["position_ids"])
+
+
+def run_chat(model: Path, data: dict[str, Path], out: Path, **extra: object) -> Path:
+    cfg = load_config("generate", {"model": str(model), "output": str(out),
+                                   "data": {"train": str(data["train"]),
+                                            "validation": str(data["validation"]),
+                                            "block_size": 128, **extra},
+                                   "train": {"epochs": 2, "batch_size": 4,
+                                             "learning_rate": 3e-3}})
+    return finetune(cfg)
+
+
+def test_a_chat_run_learns_evaluates_and_chats(chat_gpt2: Path, chats: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    from llmkit.predict import run_config, score
+
+    run = run_chat(chat_gpt2, chats, tmp_path / "run")
+    assert run_config(str(run)).data.messages_column == "messages"  # found, and saved
+    metrics = json.loads((run / "metrics.json").read_text())
+    final = metrics["final"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run)  # the template is saved with it
+    per_talk = sum(label != IGNORE for label in encode(tokenizer, TALK)[1])
+    assert final["eval_tokens"] == 8 * per_talk  # the assistant tokens, and only them
+    assert metrics["history"][-1]["perplexity"] < metrics["history"][0]["perplexity"]
+    again = score(str(run), str(chats["validation"]))  # llmkit eval -m perplexity's path
+    assert again["perplexity"] == pytest.approx(final["perplexity"], rel=1e-4)
+    chat = pipeline("text-generation", model=str(run))
+    reply = chat([{"role": "user", "content": "what is the capital of france ?"}],
+                 max_new_tokens=12, do_sample=False)
+    assert reply[0]["generated_text"][-1]["role"] == "assistant"
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")  # replies stop at the end of the turn
+    assert end in json.loads((run / "generation_config.json").read_text())["eos_token_id"]
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    one = CliRunner().invoke(app, ["generate", "--model", str(run), "--chat", "--system",
+                                   "be brief", "-p", "what is the capital of france ?",
+                                   "--max-new-tokens", "12"])
+    assert one.exit_code == 0, one.output
+    many = CliRunner().invoke(app, ["generate", "--model", str(run), "--chat", "--input",
+                                    str(chats["validation"]), "--max-new-tokens", "4"])
+    assert many.exit_code == 0, many.output
+    records = [json.loads(line) for line in many.output.splitlines() if line.startswith("{")]
+    assert len(records) == 8 and records[0]["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_bad_conversations_are_one_line(chat_gpt2: Path, tiny_gpt2: Path, tmp_path: Path
+                                        ) -> None:
+    def rows(*items: object) -> dict[str, Path]:
+        path = tmp_path / f"rows{len(list(tmp_path.iterdir()))}.jsonl"
+        path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in items))
+        return {"train": path, "validation": path}
+
+    with pytest.raises(LlmkitError, match="row 1: messages must be a list of"):
+        run_chat(chat_gpt2, rows(TALK, "hello", TALK), tmp_path / "a")
+    with pytest.raises(LlmkitError, match="row 0: unknown role 'bot'"):
+        run_chat(chat_gpt2, rows([{"role": "bot", "content": "x"}]), tmp_path / "b")
+    with pytest.raises(LlmkitError, match="1 of 2 conversations have no assistant turn "
+                                          r"\(first: row 1\)"):
+        run_chat(chat_gpt2, rows(TALK, TALK[:2]), tmp_path / "c")
+    with pytest.raises(LlmkitError, match="the tokenizer has no chat template"):
+        run_chat(tiny_gpt2, rows(TALK), tmp_path / "d")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content | nofilter }}{% endfor %}")
+    with pytest.raises(LlmkitError, match="chat template"):
+        run_chat(tiny_gpt2, rows(TALK), tmp_path / "e", chat_template=str(broken))
+
+
+def test_unpacked_conversations_with_lora_score_the_same_tokens(
+        chat_gpt2: Path, chats: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_config("generate", {"model": str(chat_gpt2), "output": str(tmp_path / "run"),
+                                   "data": {"train": str(chats["train"]),
+                                            "validation": str(chats["validation"]),
+                                            "messages_column": "messages", "packing": False},
+                                   "train": {"epochs": 1, "batch_size": 4},
+                                   "adapter": {"lora": True, "lora_r": 2}})
+    run = finetune(cfg)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["final"]["eval_tokens"] == 8 * 39  # as packed: the assistant tokens
+    assert (run / "adapter_model.safetensors").is_file()
