@@ -162,6 +162,14 @@ CASES: list[tuple[list[str], str]] = [
      "rows have an empty completion (first: {{'prompt': 'q', 'completion': ''}})"),
     ([*GE[:5], "{empty}", *GE[6:]], "could not be read as .tsv"),
     ([*GE[:5], "{toy}", *GE[6:], "--text-column", "body"], "no column 'body'"),
+    # finetune generate: conversations
+    ([*GE[:5], "{chatbad}", *GE[6:], "--chat-template", "{template}"],
+     "row 0: messages must be a list of {{\"role\": ..., "),
+    ([*GE[:5], "{chats}", *GE[6:]], "the tokenizer has no chat template to render the "
+     "conversations: give one with --chat-template FILE"),
+    ([*GE[:5], "{chats}", *GE[6:], "--chat-template", "{tmp}/none.jinja"],
+     "--chat-template {tmp}/none.jinja: no such file"),
+    ([*GE, "--messages-column", "talk"], "--train: no column 'talk'"),
     # predict
     (["predict", "--model", "{tmp}/nowhere", "-i", "{toy}"],
      "--model {tmp}/nowhere: no such checkpoint folder"),
@@ -200,6 +208,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*GN, "--seed", "-4"], "--seed must be at least 0, got -4"),
     ([*GN, "--input", "{hyp}"], "give either --prompt or --input"),
     ([*GN, "--chat"], "--chat: this tokenizer has no chat template"),
+    ([*GN, "--system", "be brief"], "--system is a message of a conversation: add --chat"),
     (["generate", "--model", "{tmp}/nowhere", "-p", "x"],
      "--model {tmp}/nowhere: no such checkpoint folder"),
     (["generate", "--model", "{bert}", "-p", "x"],
@@ -325,6 +334,12 @@ def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
         "pairs": write("pairs.jsonl", "".join(json.dumps(
             {"prompt": "q", "completion": "" if i == 2 else "a"}) + "\n" for i in range(8))),
         "labels": write("labels.txt", "pos\nneg\n"),
+        "chatbad": write("chatbad.jsonl", '{"messages": "hello"}\n' * 8),
+        "template": write("plain.jinja", "{% for m in messages %}{{ m['content'] }}\n"
+                          "{% endfor %}"),
+        "chats": write("chats.jsonl", "".join(json.dumps({"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+            + "\n" for _ in range(8))),
         "hyp": write("hyp.txt", "the cat sat\na dog ran\n"),
         "ref": write("ref.txt", "the cat sat\nthe dog ran\n"),
         "short": write("short.txt", "the cat sat\n"),

@@ -42,6 +42,7 @@ def chat_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
                                n_positions=128, bos_token_id=tokenizer.eos_token_id,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # ranks agree
                                eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -194,3 +195,15 @@ def test_unpacked_conversations_with_lora_score_the_same_tokens(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["final"]["eval_tokens"] == 8 * 39  # as packed: the assistant tokens
     assert (run / "adapter_model.safetensors").is_file()
+
+
+def test_two_processes_train_on_conversations_as_one(chat_gpt2: Path, chats: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    from tests.conftest import two_ranks_and_one
+
+    common = ["finetune", "generate", "--model", str(chat_gpt2), "--train", str(chats["train"]),
+              "--validation", str(chats["validation"]), "--block-size", "128", "--batch-size",
+              "2", "--epochs", "1", "--lr", "3e-3"]
+    m2, m1 = two_ranks_and_one(common, tmp_path)
+    assert m2["final"]["eval_tokens"] == m1["final"]["eval_tokens"] == 8 * 39
+    assert m2["final"]["perplexity"] == pytest.approx(m1["final"]["perplexity"], rel=1e-3)
