@@ -252,3 +252,26 @@ def toy_translation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
                                         + "\n" for i, (en, es) in
                                         enumerate(toy_pairs(rows, seed))), encoding="utf-8")
     return files
+
+
+class Killed(Exception):
+    """Stands for a process killed right after a checkpoint was written."""
+
+
+def cut_after_checkpoint(cfg, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `cfg` until the checkpoint of `step` is on disk, then stop it as a kill would."""
+    from llmkit import checkpoint
+    from llmkit.train import finetune
+
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(accelerator, out, state):
+        path = save(accelerator, out, state)
+        if state.global_step == step:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        finetune(cfg)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit import checkpoint
 from llmkit.predict import merge, predict
 from llmkit.tasks import load_config
 from llmkit.train import finetune
+from tests.conftest import cut_after_checkpoint
 from tests.test_classify import config
 
 
@@ -78,22 +78,8 @@ def test_an_interrupted_adapter_run_resumes_to_the_same_adapter(
     from safetensors.torch import load_file
 
     steady = finetune(lora(tiny_bert, toy, tmp_path / "steady", save_steps=5, epochs=2))
-    save = checkpoint.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_die(accelerator, out, state):
-        path = save(accelerator, out, state)
-        if state.global_step == 10:
-            raise Stop
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     cut = lora(tiny_bert, toy, tmp_path / "cut", save_steps=5, epochs=2)
-    with pytest.raises(Stop):
-        finetune(cut)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    cut_after_checkpoint(cut, 10, monkeypatch)
     kept = tmp_path / "cut" / "checkpoints" / "checkpoint-10"
     files = {p.name for p in kept.iterdir()}
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files

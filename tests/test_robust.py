@@ -13,6 +13,7 @@ import torch
 from llmkit import checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.train import finetune, is_better
+from tests.conftest import cut_after_checkpoint
 from tests.test_classify import config
 
 
@@ -102,22 +103,8 @@ def test_resume_falls_back_from_a_damaged_checkpoint(
 
     steady = finetune(config(tiny_bert, toy, tmp_path / "steady", save_steps=4, epochs=1,
                              eval_steps=0, logging_steps=1))
-    save = checkpoint.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_die(accelerator, out, state):
-        path = save(accelerator, out, state)
-        if state.global_step == 8:
-            raise Stop
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     cut = config(tiny_bert, toy, tmp_path / "cut", save_steps=4, epochs=1, logging_steps=1)
-    with pytest.raises(Stop):
-        finetune(cut)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    cut_after_checkpoint(cut, 8, monkeypatch)
     out = tmp_path / "cut"
     damage(out / "checkpoints" / "checkpoint-8", how)
     with (out / "train_log.jsonl").open("a") as log:
