@@ -43,9 +43,9 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretrained ch
                            "task and write a run directory: llmkit finetune TASK --help.")
 recipes_app = typer.Typer(no_args_is_help=True, help="List, show and copy shipped recipes.")
 app.add_typer(finetune_app, name="finetune")
+app.add_typer(recipes_app, name="recipes")
 BaseModel = Annotated[str | None, typer.Option(help="The base model of an adapter (--lora) run, "
                                                "if not the one it was trained from.")]
-app.add_typer(recipes_app, name="recipes")
 
 
 def run_options(
