@@ -240,3 +240,40 @@ def test_max_length_past_the_model_positions_is_capped(tiny_bert: Path, tmp_path
     finetune(cfg)
     assert caplog.text.count("--max-length 1000 is more than the model's context of 128 "
                              "tokens; using 128") == 1
+
+
+@pytest.mark.parametrize(("names", "found"), [
+    (["sentence1", "sentence2", "label", "idx"], ("sentence1", "sentence2")),  # MRPC, RTE
+    (["premise", "hypothesis", "label"], ("premise", "hypothesis")),  # MNLI
+    (["question", "sentence", "label"], ("question", "sentence")),  # QNLI
+    (["question1", "question2", "label"], ("question1", "question2")),  # QQP
+    (["sentence", "label", "idx"], ("sentence", None)),  # SST-2, CoLA
+    (["review", "label"], ("review", None)),  # as run_glue.py: the first columns
+    (["label", "headline", "body"], ("headline", "body")),
+    (["text", "label", "other"], ("text", None)),  # the default is there: nothing to find
+])
+def test_text_columns_are_found_as_run_glue_finds_them(names: list[str],
+                                                       found: tuple[str, str | None]) -> None:
+    from datasets import Dataset
+
+    from llmkit.tasks.classify import detect
+
+    rows = Dataset.from_dict({n: ["a"] for n in names})
+    cfg = detect(rows, ClassifyData())
+    assert (cfg.text_column, cfg.text_pair_column) == found
+    mine = ClassifyData(text_column="review")
+    assert detect(rows, mine) is mine  # a column named on purpose is never replaced
+
+
+def test_a_pair_file_trains_without_column_options(tiny_bert: Path, tmp_path: Path) -> None:
+    from llmkit.predict import run_config
+
+    rows = tmp_path / "pairs.tsv"
+    rows.write_text("sentence1\tsentence2\tlabel\n" + "".join(
+        f"the film is {w}\tthe cast is {w}\t{int(w == 'good')}\n" for w in ["good", "bad"] * 12))
+    run = finetune(load_config("classify", None, {
+        "model": str(tiny_bert), "output": str(tmp_path / "run"), "data.train": str(rows),
+        "train.epochs": 1, "train.batch_size": 8}))
+    saved = run_config(str(run))
+    assert (saved.data.text_column, saved.data.text_pair_column) == ("sentence1", "sentence2")
+    assert len(predict(str(run), str(rows))) == 24

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,8 @@ from llmkit import metrics
 from llmkit.config import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
 from llmkit.tasks.task import Task, capped
+
+log = logging.getLogger("llmkit")
 
 if TYPE_CHECKING:
     import numpy as np
@@ -57,6 +60,30 @@ llmkit finetune classify --model ./minilm --train pairs.tsv \\
 def columns(cfg: ClassifyData, labelled: bool) -> list[str]:
     texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     return texts + ([cfg.label_column] if labelled else [])
+
+
+# the text columns of GLUE-style data, as run_glue.py reads them: pairs first, then one text
+PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"),
+         ("question1", "question2"), ("sentence", None))
+
+
+def detect(rows: Dataset, cfg: ClassifyData) -> ClassifyData:
+    """With the default text column absent: GLUE's column names, else (as run_glue.py) the
+    first one or two columns that are not the label or an id; said in the log."""
+    from dataclasses import replace
+
+    names = rows.column_names
+    if cfg.text_column != "text" or "text" in names or cfg.text_pair_column:
+        return cfg
+    found = next(((a, b) for a, b in PAIRS if a in names and (b is None or b in names)), None)
+    if found is None:
+        others = [n for n in names if n not in (cfg.label_column, "idx", "id")]
+        found = (others[0], others[1] if len(others) > 1 else None) if others else None
+    if found is None:
+        return cfg
+    log.info("text column%s: %s (--text-column%s)", "s" if found[1] else "",
+             " and ".join(c for c in found if c), " / --text-pair-column" if found[1] else "")
+    return replace(cfg, text_column=found[0], text_pair_column=found[1])
 
 
 def clean(rows: Dataset, cfg: ClassifyData, labelled: bool) -> Dataset:
@@ -182,4 +209,5 @@ CLASSIFY = Task(
     score=score,
     present=present,
     clean=clean,
+    detect=detect,
 )
