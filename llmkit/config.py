@@ -58,6 +58,10 @@ class TrainConfig:
     batch_size: int = setting(32, "Rows per batch on each process.", minimum=1)
     eval_batch_size: int = setting(64, "Rows per evaluation batch.", minimum=1)
     gradient_accumulation_steps: int = setting(1, "Batches per optimizer step.", minimum=1)
+    max_steps: int = setting(0, "Stop after N optimizer steps; 0 = --epochs decide (when set, "
+                             "it overrides them).", minimum=0)
+    warmup_steps: int = setting(0, "Warm-up steps; 0 = --warmup-ratio decides (when set, it "
+                                "overrides it).", minimum=0)
     warmup_ratio: float = setting(0.0, "Share of the steps that warm the learning rate up.",
                                   minimum=0.0, below=1.0)
     weight_decay: float = setting(0.0, "AdamW weight decay.", minimum=0.0)

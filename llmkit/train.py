@@ -155,16 +155,25 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def run_length(tc: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """Optimizer steps and epochs of the run: --max-steps when set (as Trainer's), else
+    --epochs."""
+    if tc.max_steps:
+        return tc.max_steps, math.ceil(tc.max_steps / steps_per_epoch)
+    return steps_per_epoch * tc.epochs, tc.epochs
+
+
 def make_scheduler(cfg: RunConfig, optimizer: Any, steps_per_epoch: int, processes: int) -> Any:
     from transformers import get_scheduler
 
     # Accelerate steps a prepared scheduler once per process on each optimizer step. Warm-up
     # steps round up, as Trainer's do: on short runs one step changes the result.
-    steps = steps_per_epoch * cfg.train.epochs
+    steps = run_length(cfg.train, steps_per_epoch)[0]
+    warmup = cfg.train.warmup_steps or math.ceil(cfg.train.warmup_ratio * steps)
     try:
         return get_scheduler(cfg.train.lr_scheduler, optimizer,
-                             num_warmup_steps=math.ceil(cfg.train.warmup_ratio * steps)
-                             * processes, num_training_steps=steps * processes)
+                             num_warmup_steps=warmup * processes,
+                             num_training_steps=steps * processes)
     except ValueError as err:
         raise LlmkitError(f"train.lr_scheduler: {err}".splitlines()[0]) from err
 
@@ -223,7 +232,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
     guard = ckpt.Guard(tc, state, out)
     evals_before = len(state.history)
     model.train()
-    for epoch in range(state.epoch, tc.epochs):
+    for epoch in range(state.epoch, run_length(tc, parts.steps_per_epoch)[1]):
         # Accelerate's loader resets the sampler's epoch from its own pass counter on every
         # pass, which a resumed run has not counted: set both. (Across processes the sampler
         # sits inside a shard that does not forward the epoch.)
@@ -255,9 +264,10 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
             reporter.advance(state.global_step, state.global_step / parts.steps_per_epoch, record)
             if state.step_in_epoch == parts.steps_per_epoch:
                 continue  # the end-of-epoch evaluation and checkpoint follow
-            if tc.eval_steps and state.global_step % tc.eval_steps == 0:
+            last = state.global_step == tc.max_steps  # --max-steps ends inside an epoch
+            if last or (tc.eval_steps and state.global_step % tc.eval_steps == 0):
                 if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"],
-                                 guard):
+                                 guard) or last:
                     return throughput(total.flush(acc), state.history[evals_before:])
             elif tc.save_steps and state.global_step % tc.save_steps == 0:
                 guard.check(acc)
@@ -303,7 +313,7 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     if start:
         state = ckpt.restore(accelerator, out, start, fallback=not resume_from)
         log.info("resuming at step %d (epoch %d)", state.global_step, state.epoch)
-    total_steps = parts.steps_per_epoch * cfg.train.epochs
+    total_steps = run_length(cfg.train, parts.steps_per_epoch)[0]
     # cuDNN attention builds a plan per new sequence length (hundreds of ms) and has a higher
     # host cost per call: with batches padded to their longest row, the other kernels win
     with Reporter(out, accelerator.is_main_process, total_steps, state.global_step) as reporter, \

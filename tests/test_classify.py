@@ -277,3 +277,18 @@ def test_a_pair_file_trains_without_column_options(tiny_bert: Path, tmp_path: Pa
     saved = run_config(str(run))
     assert (saved.data.text_column, saved.data.text_pair_column) == ("sentence1", "sentence2")
     assert len(predict(str(run), str(rows))) == 24
+
+
+def test_max_steps_and_warmup_steps_as_trainer_reads_them(tiny_bert: Path, toy: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """12 steps an epoch, --max-steps 17: the run stops inside its second epoch, evaluates and
+    keeps its model there; --warmup-steps 2 overrides the ratio; the linear decay ends at 17."""
+    out = finetune(config(tiny_bert, toy, tmp_path / "run", max_steps=17, warmup_steps=2,
+                          warmup_ratio=0.5, logging_steps=1, learning_rate=1e-3))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["history"]] == [12, 17]
+    lrs = {r["step"]: r["learning_rate"] for r in map(json.loads, (
+        out / "train_log.jsonl").read_text().splitlines()) if "learning_rate" in r}
+    assert sorted(lrs) == list(range(1, 18))
+    assert lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3 * 7 / 15) and lrs[17] == 0.0
