@@ -130,11 +130,14 @@ def adapter_checkpoints(accelerator: Accelerator) -> None:
 
 def base_of(run: str | Path, base_model: str | None) -> str:
     """The base model of an adapter run: --base-model, else the one it was trained from."""
+    from llmkit.hub import is_local, looks_like_path
+
     if base_model:
+        if looks_like_path(base_model) and not is_local(base_model):
+            raise LlmkitError(f"--base-model {base_model}: no such checkpoint folder")
         return base_model
     saved = json.loads((Path(run) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     base = str(saved.get("base_model_name_or_path") or "")
-    from llmkit.hub import is_local, looks_like_path
 
     if not base or (looks_like_path(base) and not is_local(base)):
         raise LlmkitError(f"{run} is an adapter run whose base model {base or '(unnamed)'} "

@@ -114,6 +114,13 @@ CASES: list[tuple[list[str], str]] = [
     ([*FT, "--lora", "--lora-target-modules", "bogus"], "--lora-target-modules bogus: the model "
      "has no such linear layer; its linear layers are classifier, dense, key"),
     ([*FT, "--lora", "--lora-r", "0"], "adapter.lora_r must be at least 1, got 0"),
+    ([*FT, "--lora", "--lora-alpha", "0"], "adapter.lora_alpha must be above 0, got 0"),
+    ([*FT, "--max-steps", "-1"], "train.max_steps must be at least 0, got -1"),
+    ([*FT, "--warmup-steps", "-5"], "train.warmup_steps must be at least 0, got -5"),
+    ([*FT, "--on-nonfinite", "ignore"], "train.on_nonfinite: expected 'stop' | 'skip'"),
+    ([*FT, "--max-nonfinite-steps", "-1"], "train.max_nonfinite_steps must be at least 0"),
+    (["predict", "--model", "{nobase}", "-i", "{toy}", "--base-model", "{tmp}/gone"],
+     "--base-model {tmp}/gone: no such checkpoint folder"),
     ([*FT, "--lora", "--lora-dropout", "1"], "adapter.lora_dropout must be below 1, got 1"),
     ([*FT, "--merge"], "--merge applies to adapter runs: add --lora"),
     ([*FT, "--load-in-4bit"], "--load-in-4bit applies to adapter runs: add --lora"),
