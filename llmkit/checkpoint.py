@@ -214,16 +214,17 @@ class Guard:
 
         if self.tc.on_nonfinite == "skip":
             return  # the gradient norms decide (a loss is one process's; norms are shared)
+        value = torch.as_tensor(value).detach()  # some distributed clippers return a float
         if self.first is None:
             self.first = torch.full((), NEVER, dtype=torch.long, device=value.device)
-        bad = ~torch.isfinite(value.detach()) & (self.first == NEVER)
+        bad = ~torch.isfinite(value.to(self.first.device)) & (self.first == NEVER)
         self.first = torch.where(bad, step, self.first)
 
     def skip(self, norm: torch.Tensor, step: int) -> bool:
         import torch
 
         """skip mode: whether this optimizer step must be left out."""
-        if bool(torch.isfinite(norm)):
+        if bool(torch.isfinite(torch.as_tensor(norm))):
             return False
         self.state.skipped_steps += 1
         log.warning("step %d: the gradient norm is %s; step skipped (%d so far)", step,
