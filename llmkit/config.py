@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from llmkit.errors import ConfigError, LlmkitError
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
+FileFormat = Literal["csv", "tsv", "json", "jsonl", "parquet", "txt"]
 BadRows = Literal["fail", "skip"]  # rows that cannot be trained on: stop, or leave them out
 
 
@@ -34,11 +35,12 @@ def setting(default: Any, help: str, *aliases: str, minimum: float | None = None
 class DataConfig:
     """Where the rows come from: the data settings every task shares."""
 
-    train: str = setting("", "Training rows: a csv/tsv/json/jsonl/parquet/txt file or a Hub "
-                         "dataset id.")
+    train: str = setting("", "Training rows: a csv/tsv/json/jsonl/parquet/txt file, a glob of "
+                         "them ('data/*.jsonl'), or a Hub dataset id.")
     validation: str | None = setting(None, "Validation rows; without it a seeded slice of "
                                      "--train is held out.")
     dataset_config: str | None = setting(None, "Hub dataset configuration (e.g. sst2 for glue).")
+    format: FileFormat | None = setting(None, "Format of files whose name does not say it.")
     train_split: str = setting("train", "Hub split for --train.")
     validation_split: str = setting("validation", "Hub split for --validation.")
     validation_fraction: float = setting(0.1, "Share of --train held out when there is no "

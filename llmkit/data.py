@@ -36,7 +36,7 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def _json_rows(path: Path) -> Dataset | None:
+def _json_rows(path: Path, suffix: str) -> Dataset | None:
     """Rows of a JSON document that `datasets`' json builder does not read by itself: the
     official nested SQuAD layout (data -> paragraphs -> qas, flattened to the Hub layout: id,
     title, context, question, answers{text, answer_start}) and flat rows under a top-level
@@ -45,7 +45,7 @@ def _json_rows(path: Path) -> Dataset | None:
 
     from datasets import Dataset
 
-    if path.suffix.lower() != ".json":
+    if suffix != ".json":
         return None
     with path.open(encoding="utf-8") as f:
         first = f.readline()
@@ -75,27 +75,30 @@ def _json_rows(path: Path) -> Dataset | None:
         for article in rows for paragraph in article["paragraphs"] for qa in paragraph["qas"]])
 
 
-def _load_file(path: Path, option: str, sample_by: str) -> Dataset:
+def _load_file(path: Path, option: str, sample_by: str, suffix: str | None = None
+               ) -> Dataset:
+    """One file, read by its extension (or `suffix`, from --format)."""
     import datasets
 
-    nested = _json_rows(path)
+    suffix = suffix or path.suffix.lower()
+    nested = _json_rows(path, suffix)
     if nested is not None:
         return nested
 
-    if path.suffix.lower() not in FORMATS:
-        raise LlmkitError(f"{option} {path}: unknown format {path.suffix or '(no extension)'!r}; "
-                          f"use one of {', '.join(FORMATS)}")
-    builder, kwargs = FORMATS[path.suffix.lower()]
+    if suffix not in FORMATS:
+        raise LlmkitError(f"{option} {path}: unknown format {suffix or '(no extension)'!r}; "
+                          f"use one of {', '.join(FORMATS)}, or name it with --format")
+    builder, kwargs = FORMATS[suffix]
     if builder == "text":
         kwargs = {"sample_by": sample_by}
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         cause = err.__cause__ or err
-        raise LlmkitError(f"{option} {path}: could not be read as {path.suffix}: "
+        raise LlmkitError(f"{option} {path}: could not be read as {suffix}: "
                           f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
                           ) from err
-    if path.suffix.lower() == ".tsv" and len(rows) != _count_lines(path) - 1:
+    if suffix == ".tsv" and len(rows) != _count_lines(path) - 1:
         log.warning("%s: read %d rows from %d non-empty lines after the header; check for "
                     "stray tabs or line breaks inside texts", path, len(rows),
                     _count_lines(path) - 1)
@@ -116,13 +119,41 @@ def _load_hub(name: str, split: str, dataset_config: str | None, option: str) ->
         raise LlmkitError(f"{option} {name}: {str(err).splitlines()[0]}") from err
 
 
+def _load_files(pattern: str, option: str, sample_by: str, suffix: str | None) -> Dataset:
+    """Every file a glob matches, in name order, as one split."""
+    import glob
+
+    import datasets
+
+    paths = sorted(p for p in glob.glob(str(Path(pattern).expanduser())) if Path(p).is_file())
+    if not paths:
+        raise LlmkitError(f"{option} {pattern}: no file matches")
+    parts = [_load_file(Path(p), option, sample_by, suffix) for p in paths]
+    odd = next((i for i, part in enumerate(parts)
+                if set(part.column_names) != set(parts[0].column_names)), None)
+    if odd is not None:
+        raise LlmkitError(f"{option} {pattern}: the {len(paths)} files do not hold the same "
+                          f"columns ({paths[0]}: {', '.join(parts[0].column_names)}; "
+                          f"{paths[odd]}: {', '.join(parts[odd].column_names)})")
+    try:
+        rows = datasets.concatenate_datasets(parts)
+    except ValueError as err:  # the same columns, of types that do not agree
+        raise LlmkitError(f"{option} {pattern}: the files do not agree on the columns' "
+                          f"types ({str(err).splitlines()[0][:120]})") from err
+    log.info("%s %s: %d rows from %d files", option, pattern, len(rows), len(paths))
+    return rows
+
+
 def load_split(spec: str, split: str, dataset_config: str | None, option: str,
-               sample_by: str = "line") -> Dataset:
-    """One split from a local file (by extension; a .txt file gives a `text` row per line,
-    paragraph or document) or a Hub dataset id."""
+               sample_by: str = "line", fmt: str | None = None) -> Dataset:
+    """One split from a local file (by extension, or `fmt`; a .txt file gives a `text` row
+    per line, paragraph or document), the files a glob matches, or a Hub dataset id."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        rows = _load_file(path, option, sample_by)
+    suffix = f".{fmt}" if fmt else None
+    if any(c in spec for c in "*?[") and not path.exists():
+        rows = _load_files(spec, option, sample_by, suffix)
+    elif path.is_file():
+        rows = _load_file(path, option, sample_by, suffix)
     elif path.is_dir():
         raise LlmkitError(f"{option} {spec} is a folder; give a file ({', '.join(FORMATS)})")
     elif path.exists():
@@ -187,10 +218,11 @@ def empty_rows(rows: Dataset, columns: list[str], policy: str, what: str) -> Dat
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     """Training and evaluation rows; without a validation set, a seeded slice of train."""
     sample_by = getattr(cfg, "sample_by", "line")  # a setting of the tasks that read .txt
-    train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train", sample_by)
+    train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train", sample_by,
+                       cfg.format)
     if cfg.validation:
         valid = load_split(cfg.validation, cfg.validation_split, cfg.dataset_config,
-                           "--validation", sample_by)
+                           "--validation", sample_by, cfg.format)
     else:
         if len(train) < 2:
             raise LlmkitError("--train holds one row: too few to hold out a validation slice")

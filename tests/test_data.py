@@ -132,3 +132,25 @@ def test_json_files_read_whatever_their_layout(tmp_path: Path) -> None:
             {"text": "Ann", "answer_start": 0}]}]}]}]}))
     rows = load_split(str(nested), "train", None, "--train")
     assert rows[0]["answers"] == {"text": ["Ann"], "answer_start": [0]}
+
+
+def test_a_glob_reads_every_file_it_matches_and_format_names_a_file_type(tmp_path: Path) -> None:
+    import json
+
+    from llmkit.data import load_split
+
+    for i in range(3):
+        (tmp_path / f"part-{i}.jsonl").write_text("".join(
+            json.dumps({"text": f"row {i}.{j}", "label": j % 2}) + "\n" for j in range(4)))
+    rows = load_split(str(tmp_path / "part-*.jsonl"), "train", None, "--train")
+    assert len(rows) == 12 and rows[0]["text"] == "row 0.0" and rows[11]["text"] == "row 2.3"
+    with pytest.raises(LlmkitError, match=r"--train .*nothing-\*.csv: no file matches"):
+        load_split(str(tmp_path / "nothing-*.csv"), "train", None, "--train")
+    (tmp_path / "part-9.jsonl").write_text(json.dumps({"sentence": "x", "label": 0}) + "\n")
+    with pytest.raises(LlmkitError, match="the 4 files do not hold the same columns"):
+        load_split(str(tmp_path / "part-*.jsonl"), "train", None, "--train")
+    plain = tmp_path / "reviews.data"
+    plain.write_text("text\tlabel\ngood film\tpos\nbad film\tneg\n")
+    with pytest.raises(LlmkitError, match="unknown format '.data'; .* or name it with --format"):
+        load_split(str(plain), "train", None, "--train")
+    assert load_split(str(plain), "train", None, "--train", fmt="tsv")["label"] == ["pos", "neg"]
