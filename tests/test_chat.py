@@ -207,3 +207,18 @@ def test_two_processes_train_on_conversations_as_one(chat_gpt2: Path, chats: dic
     m2, m1 = two_ranks_and_one(common, tmp_path)
     assert m2["final"]["eval_tokens"] == m1["final"]["eval_tokens"] == 8 * 39
     assert m2["final"]["perplexity"] == pytest.approx(m1["final"]["perplexity"], rel=1e-3)
+
+
+def test_a_run_keeps_its_template_when_the_file_is_gone(chat_gpt2: Path) -> None:
+    """Evaluating a chat run whose --chat-template file has moved since training uses the
+    template saved with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from llmkit.tasks.chat import use_template
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_gpt2)  # carries ChatML, as a run's does
+    use_template(tokenizer, "/moved/chatml.jinja", required=True)
+    assert tokenizer.chat_template == CHATML
+    tokenizer.chat_template = None
+    with pytest.raises(LlmkitError, match="--chat-template /moved/chatml.jinja: no such file"):
+        use_template(tokenizer, "/moved/chatml.jinja", required=True)

@@ -22,10 +22,12 @@ SENTINEL = "\x00llmkit\x00"  # a reply no template changes, to find what ends a 
 def use_template(tokenizer: PreTrainedTokenizerBase, template: str | None,
                  required: bool) -> None:
     """The run's chat template: a --chat-template file replaces the tokenizer's own (and is
-    saved with it); none at all is one line when conversations need one."""
+    saved with it); none at all is one line when conversations need one. A run directory's
+    tokenizer carries the template already, so a file moved since training is not needed
+    (training refuses a missing file before this: see causal_lm.model_kwargs)."""
     if template and Path(template).is_file():
         tokenizer.chat_template = Path(template).read_text(encoding="utf-8")
-    elif template and (required or not getattr(tokenizer, "chat_template", None)):
+    elif template and not getattr(tokenizer, "chat_template", None):
         raise LlmkitError(f"--chat-template {template}: no such file")
     if required and not getattr(tokenizer, "chat_template", None):
         raise LlmkitError("the tokenizer has no chat template to render the conversations: "
