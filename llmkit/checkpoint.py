@@ -193,6 +193,11 @@ def prune(out: Path, keep: set[str]) -> None:
 NEVER = 2**62  # the step of a non-finite loss, while there has been none
 
 
+def plain_tensor(value: Any) -> Any:
+    """A sharded (FSDP2) gradient norm as the whole value every process agrees on."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 class Guard:
     """Non-finite losses and gradient norms.
 
@@ -214,16 +219,17 @@ class Guard:
 
         if self.tc.on_nonfinite == "skip":
             return  # the gradient norms decide (a loss is one process's; norms are shared)
-        value = torch.as_tensor(value).detach()  # some distributed clippers return a float
+        value = torch.as_tensor(plain_tensor(value)).detach()  # some clippers return a float
         if self.first is None:
             self.first = torch.full((), NEVER, dtype=torch.long, device=value.device)
         bad = ~torch.isfinite(value.to(self.first.device)) & (self.first == NEVER)
         self.first = torch.where(bad, step, self.first)
 
     def skip(self, norm: torch.Tensor, step: int) -> bool:
+        """skip mode: whether this optimizer step must be left out."""
         import torch
 
-        """skip mode: whether this optimizer step must be left out."""
+        norm = plain_tensor(norm)
         if bool(torch.isfinite(torch.as_tensor(norm))):
             return False
         self.state.skipped_steps += 1

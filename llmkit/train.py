@@ -110,8 +110,8 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     eval_loader = DataLoader(eval_features, collate_fn=collate, pin_memory=pin,
                              batch_size=cfg.train.eval_batch_size, generator=torch.Generator())
     # the fused AdamW (one kernel for all parameters, as Trainer's default) needs the
-    # parameters on their device first
-    fused = accelerator.device.type in ("cuda", "cpu")
+    # parameters on their device first; FSDP swaps them for sharded ones after
+    fused = accelerator.device.type in ("cuda", "cpu") and not sharded(accelerator)
     if not cfg.adapter.load_in_4bit:  # 4-bit layers are placed when loaded
         model.to(accelerator.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
@@ -332,10 +332,12 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
     if state.best_checkpoint and state.best_checkpoint != f"checkpoint-{state.global_step}":
         acc.load_state(str(out / "checkpoints" / state.best_checkpoint))
     acc.wait_for_everyone()
+    # FSDP and DeepSpeed hold shards: every process takes part in gathering the whole weights
+    whole = acc.get_state_dict(parts.model) if sharded(acc) else None
     if acc.is_main_process:
         model = acc.unwrap_model(parts.model)
         try:
-            model.save_pretrained(out)  # an adapter run: peft's adapter files
+            model.save_pretrained(out, state_dict=whole)  # an adapter run: peft's adapter files
             parts.tokenizer.save_pretrained(out)
             if cfg.adapter.lora:  # the run's labels and generation settings, to load it back
                 base = model.get_base_model()
@@ -352,9 +354,26 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
                            "num_processes": acc.num_processes,
                            "global_batch_size": cfg.train.batch_size * acc.num_processes
                            * cfg.train.gradient_accumulation_steps,
-                           "device": str(acc.device), "mixed_precision": acc.mixed_precision}}
+                           "device": str(acc.device), "mixed_precision": acc.mixed_precision,
+                           **peak_memory(acc.device)}}
         (out / ckpt.FINISHED_MARK).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
         ckpt.remove_checkpoints(out)
         if cfg.adapter.merge:
             log.info("merged model: %s", merge(out, out / "merged"))
     acc.wait_for_everyone()
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak memory: resident set (the CPU's), and the GPU's allocations."""
+    import resource
+
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
