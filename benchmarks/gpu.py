@@ -125,15 +125,17 @@ def runs(args: argparse.Namespace, m: dict[str, Path], d: dict[str, Path]) -> di
 def measure(name: str, task: str, overrides: dict, args: argparse.Namespace) -> dict:
     import torch
 
+    from llmkit.preflight import plan
     from llmkit.tasks import load_config
     from llmkit.train import finetune
 
+    out = args.out / "runs" / name.replace(" ", "-").replace("+", "-")
+    estimate = plan(load_config(task, None, {**overrides, "output": str(out)}))
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    out = args.out / "runs" / name.replace(" ", "-").replace("+", "-")
     start = time.perf_counter()
     finetune(load_config(task, None, {**overrides, "output": str(out)}), overwrite=True)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -144,7 +146,9 @@ def measure(name: str, task: str, overrides: dict, args: argparse.Namespace) -> 
             **{k: run.get(k) for k in ("train_samples_per_second", "train_tokens_per_second",
                                        "peak_gpu_memory_mb", "peak_rss_mb",
                                        "trainable_parameters", "total_parameters")},
-            "eval_loss": final.get("eval_loss"), "train_loss": final.get("train_loss")}
+            "eval_loss": final.get("eval_loss"), "train_loss": final.get("train_loss"),
+            "estimated_peak_memory_mb": estimate["estimated_peak_memory_mb"],
+            "memory_parts_mb": estimate["memory_parts_mb"]}
 
 
 def cli(*argv: str) -> dict:
@@ -181,6 +185,10 @@ def adapter_uses(results: dict, d: dict[str, Path], args: argparse.Namespace) ->
     if generated and "output" in generated:
         found["generate"] = cli("generate", "--model", generated["output"], "--prompt",
                                 "ROMEO:", "--max-new-tokens", "16")
+    found["dry_run"] = cli("finetune", "classify", "--model", str(args.out / "bert"), "--train",
+                           str(d["sst2-train"]), "--validation", str(d["sst2-dev"]),
+                           "--output", str(args.out / "dry"), "--lora", "--load-in-4bit",
+                           "--mixed-precision", "bf16", "--dry-run=measure")
     return found
 
 
@@ -255,6 +263,22 @@ def fsdp_child(args: argparse.Namespace) -> None:
     found["same_keys"] = a.keys() == b.keys()
     found["max_abs_weight_difference"] = max(float((a[k].float() - b[k].float()).abs().max())
                                              for k in a)
+    try:  # tied input and output embeddings (GPT-2) under FSDP
+        causal = args.out / "fsdp" / "causal"
+        d = args.out / "data"
+        finetune(load_config("generate", None, {
+            "model": str(args.out / "gpt2"), "output": str(causal), "data.train": str(
+                d / "lm-train.txt"), "data.validation": str(d / "lm-valid.txt"),
+            "data.block_size": 256, "train.batch_size": 8, "train.max_steps": 20,
+            "train.save_steps": 10, "train.mixed_precision": "bf16"}), overwrite=True)
+        from transformers import AutoModelForCausalLM
+
+        found["causal"] = {"final": json.loads((causal / "metrics.json").read_text())["final"],
+                           "loads_in_transformers": type(
+                               AutoModelForCausalLM.from_pretrained(causal)).__name__}
+    except Exception as err:
+        found["causal"] = {"error": f"{type(err).__name__}: {err}",
+                           "trace": traceback.format_exc()[-2000:]}
     print("RESULT " + json.dumps(found, default=str), flush=True)
     del torch
 
@@ -297,14 +321,15 @@ def main() -> None:
                              "trace": traceback.format_exc()[-2500:]}
         print(label, json.dumps(report[label], default=str)[:3000], flush=True)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"\n{'run':28}{'samples/s':>11}{'tokens/s':>11}{'peak GPU MB':>13}{'eval loss':>11}")
+    print(f"\n{'run':28}{'samples/s':>11}{'tokens/s':>11}{'peak GPU MB':>13}{'eval loss':>11}"
+          f"{'estimate MB':>13}")
     for name, r in results.items():
         if "error" in r:
             print(f"{name:28} error: {r['error'][:80]}")
             continue
         print(f"{name:28}{r['train_samples_per_second'] or 0:11.1f}"
               f"{r['train_tokens_per_second'] or 0:11.0f}{r['peak_gpu_memory_mb'] or 0:13.0f}"
-              f"{r['eval_loss'] or 0:11.3f}")
+              f"{r['eval_loss'] or 0:11.3f}{r['estimated_peak_memory_mb']:13.0f}")
 
 
 def versions() -> dict[str, str]:

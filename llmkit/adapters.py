@@ -89,7 +89,10 @@ def four_bit() -> dict[str, Any]:
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute), "dtype": compute,
+        bnb_4bit_compute_dtype=compute,
+        # heads stay whole: a new one trains in full, and the output layer keeps its precision
+        # (transformers' own guess misses a classifier whose last parameter is its bias)
+        llm_int8_skip_modules=[*HEADS, "lm_head", "embed_out"]), "dtype": compute,
         "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 

@@ -8,7 +8,6 @@ Heavy libraries (torch, transformers, datasets) are imported inside commands: `-
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, fields
@@ -61,6 +60,11 @@ def run_options(
                            "folder.", rich_help_panel="Run")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in "
                          "--output.", rich_help_panel="Run")] = False,
+    dry_run: Annotated[str | None, typer.Option("--dry-run", is_flag=False, flag_value="plan",
+                       help="Print rows, token lengths, steps, parameters and peak memory; no "
+                       "training, nothing written. =measure: time a few steps too.",
+                       rich_help_panel="Run")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="--dry-run: one JSON object.")] = False,
 ) -> None:
     """The options of every finetune command that are not config values."""
 
@@ -73,13 +77,18 @@ def finetune_command(task: Task) -> Callable[..., None]:
               dotted.rpartition(".")[0])
               or ("Data" if f.name in shared else f"{task.name} data") for dotted, f, _ in found]
     made, paths, names = options_of(found, panels)
-    OPTIONS[task.name] = names | {"--recipe", "--set", "--resume", "--resume-from", "--overwrite"}
+    OPTIONS[task.name] = names | {"--recipe", "--set", "--resume", "--resume-from", "--overwrite",
+                                  "--dry-run", "--json"}
     PATHS[task.name] = {dotted.rpartition(".")[2]: dotted for dotted, _ in paths.values()}
 
     def command(**given: Any) -> None:
         run = {p.name: given.pop(p.name) for p in parameters(run_options)}
         cfg = load_config(task.name, run["recipe"], chosen(given, paths), run["overrides"])
-        train(cfg, run["resume"], run["resume_from"], run["overwrite"])
+        if run["dry_run"] is None:
+            return train(cfg, run["resume"], run["resume_from"], run["overwrite"])
+        from llmkit.preflight import report
+
+        typer.echo(report(cfg, run["dry_run"], run["as_json"]))
 
     order = ["Run", "run", "Data", "Training", "Adapters", f"{task.name} data"]
     params: list[tuple[str, Any]] = sorted([*made, *(("run", p) for p in parameters(run_options))],
@@ -102,8 +111,8 @@ def train(cfg: Any, resume: bool, resume_from: str | None, overwrite: bool) -> N
 
 for _task in map(get_task, task_names()):
     finetune_app.command(_task.name, help=f"Fine-tune on {_task.summary}.",
-                         short_help=_task.summary, epilog=examples(_task.examples)
-                         )(finetune_command(_task))
+                         short_help=_task.summary, epilog=examples(_task.examples))(
+        finetune_command(_task))
 
 
 @app.command(epilog=examples("llmkit predict --model runs/sst2 --input new.csv --output p.jsonl\n"
@@ -238,16 +247,9 @@ def recipes_copy(name: Annotated[str, typer.Argument(help="Recipe name.")],
                  dest: Annotated[Path, typer.Argument(help="File or folder to copy it to.")]
                  ) -> None:
     """Copy a shipped recipe to edit it."""
-    from llmkit.config import find_recipe
+    from llmkit.config import copy_recipe
 
-    source = find_recipe(name)
-    target = dest / source.name if dest.is_dir() else dest
-    if target.exists():
-        raise LlmkitError(f"{target} exists; choose another destination")
-    if not target.parent.is_dir():
-        raise LlmkitError(f"{target.parent} is not a folder; create it first")
-    shutil.copyfile(source, target)
-    typer.echo(str(target))
+    typer.echo(str(copy_recipe(name, dest)))
 
 
 def show_version(value: bool) -> None:

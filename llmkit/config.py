@@ -372,3 +372,17 @@ def schema(settings: type[DataConfig]) -> list[tuple[str, Any, Any]]:
     names = [dotted.rsplit(".", 1)[-1] for dotted, _, _ in found]
     assert len(names) == len(set(names)), f"config field names are not unique: {names}"
     return found
+
+
+def copy_recipe(name: str, dest: Path) -> Path:
+    """A shipped recipe copied to a file, or into a folder, to edit it."""
+    import shutil
+
+    source = find_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise LlmkitError(f"{target} exists; choose another destination")
+    if not target.parent.is_dir():
+        raise LlmkitError(f"{target.parent} is not a folder; create it first")
+    shutil.copyfile(source, target)
+    return target

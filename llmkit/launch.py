@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -37,6 +38,21 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
     out = Path(cfg.output)
     start = ckpt.resume_point(out, resume, resume_from, overwrite)
     wipe = ckpt.check_output(out, start is not None, overwrite)
+    accelerator = start_accelerator(cfg)
+    if accelerator.is_main_process:
+        if wipe:
+            ckpt.clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        saved = out / "config.yaml"
+        if start and saved.is_file():
+            warn_config_changes(saved, cfg)
+        dump_config(cfg, saved)
+    accelerator.wait_for_everyone()
+    return accelerator, start
+
+
+def start_accelerator(cfg: RunConfig) -> Accelerator:
+    """Accelerate over the processes the launcher started (one, or many on CPUs over gloo)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     problem = gpu_shortage(launched)
     if problem:
@@ -57,16 +73,7 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
         raise LlmkitError(f"the launcher started {launched} processes but Accelerate joined "
                           f"{accelerator.num_processes}; each would train alone and they would "
                           "overwrite each other's files")
-    if accelerator.is_main_process:
-        if wipe:
-            ckpt.clear_output(out)
-        out.mkdir(parents=True, exist_ok=True)
-        saved = out / "config.yaml"
-        if start and saved.is_file():
-            warn_config_changes(saved, cfg)
-        dump_config(cfg, saved)
-    accelerator.wait_for_everyone()
-    return accelerator, start
+    return accelerator
 
 
 def warn_config_changes(saved: Path, cfg: RunConfig) -> None:
@@ -77,3 +84,20 @@ def warn_config_changes(saved: Path, cfg: RunConfig) -> None:
     if changed:
         log.warning("resuming with settings that differ from the interrupted run: %s",
                     ", ".join(changed))
+
+
+def fsdp_units(accelerator: Accelerator, model: Any) -> None:
+    """Accelerate's FSDP2 makes the transformer blocks units (the model's _no_split_modules),
+    then the input embeddings one more: where the blocks name a module holding the embeddings
+    (BERT's BertEmbeddings) their weight is sharded twice and torch fails deep inside. Such a
+    block is left out of the units; an explicit --fsdp_transformer_layer_cls_to_wrap is kept."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or getattr(plugin, "fsdp_version", 1) != 2 \
+            or plugin.transformer_cls_names_to_wrap:
+        return
+    embeddings = model.get_input_embeddings()
+    holders = {type(m).__name__ for m in model.modules()
+               if any(child is embeddings for child in m.modules())}
+    blocks = list(getattr(model, "_no_split_modules", None) or [])
+    if holders & set(blocks):
+        plugin.transformer_cls_names_to_wrap = [b for b in blocks if b not in holders]

@@ -22,7 +22,7 @@ from llmkit.adapters import four_bit, parameter_counts
 from llmkit.config import DataConfig, RunConfig, TrainConfig, dump_config
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
-from llmkit.launch import start_run
+from llmkit.launch import fsdp_units, start_run
 from llmkit.predict import merge
 from llmkit.report import Meter, Reporter, quiet_libraries, throughput
 from llmkit.tasks import check_pairing, get_task, load_model
@@ -49,6 +49,7 @@ class Parts:
     data: DataConfig
     batches: LengthGroupedBatches
     steps_per_epoch: int  # optimizer steps per epoch on each process
+    rows: tuple[int, int]  # training and validation rows, before tokenization
 
 
 def evaluate(parts: Parts) -> dict[str, float]:
@@ -116,13 +117,15 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
         model.to(accelerator.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
                                   lr=cfg.train.learning_rate, fused=fused)
+    fsdp_units(accelerator, model)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, optimizer, train_loader, eval_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
     scheduler = accelerator.prepare(make_scheduler(cfg, optimizer, steps_per_epoch,
                                                    accelerator.num_processes))
     return Parts(accelerator, task, model, tokenizer, optimizer, scheduler, train_loader,
-                 eval_loader, eval_features, data, batches, steps_per_epoch)
+                 eval_loader, eval_features, data, batches, steps_per_epoch,
+                 (len(train_rows), len(valid_rows)))
 
 
 def adapt(model: Any, cfg: RunConfig, accelerator: Accelerator) -> Any:
