@@ -193,94 +193,89 @@ def adapter_uses(results: dict, d: dict[str, Path], args: argparse.Namespace) ->
 
 
 def fsdp(args: argparse.Namespace, m: dict[str, Path], d: dict[str, Path]) -> dict:
-    """Training under `accelerate launch --use_fsdp` (FSDP2, one process): a run, and a run cut
-    after its second checkpoint and resumed, compared weight by weight."""
+    """Training under `accelerate launch --use_fsdp` (FSDP2, one process), each phase its own
+    launch as a user runs them: a run; a run cut after its second checkpoint, then resumed,
+    compared weight by weight with the first; a GPT-2 run (tied embeddings)."""
     if args.smoke:
         return {"skipped": "Accelerate refuses FSDP without a GPU"}
+    from safetensors.torch import load_file
+
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
               "--use_fsdp", "--fsdp_version", "2", "--mixed_precision", "bf16",
               "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
               "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
-    child = subprocess.run([*launch, __file__, "--fsdp-child", "--out", str(args.out),
-                            "--data", str(args.data)], capture_output=True, text=True,
-                           timeout=300)
-    lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
-    return (json.loads(lines[-1][7:]) if lines else
-            {"rc": child.returncode, "stderr": child.stderr[-4000:]})
+    found: dict = {}
+    for phase in ("steady", "cut", "resume", "causal"):
+        child = subprocess.run([*launch, __file__, "--fsdp-child", phase, "--out",
+                                str(args.out), "--data", str(args.data)], capture_output=True,
+                               text=True, timeout=300)
+        lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
+        found[phase] = (json.loads(lines[-1][7:]) if lines else
+                        {"rc": child.returncode, "stderr": child.stderr[-3000:]})
+        print("fsdp", phase, json.dumps(found[phase])[:1500], flush=True)
+    runs = [args.out / "fsdp" / n / "model.safetensors" for n in ("steady", "cut")]
+    if all(r.is_file() for r in runs):
+        a, b = (load_file(r) for r in runs)
+        found["same_keys"] = a.keys() == b.keys()
+        found["max_abs_weight_difference"] = max(
+            float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return found
 
 
 def fsdp_child(args: argparse.Namespace) -> None:
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForSequenceClassification
+    """One phase of the FSDP check, in a process of its own."""
+    import transformers
 
     from llmkit import checkpoint
     from llmkit.tasks import load_config
     from llmkit.train import finetune
 
-    found: dict = {}
-    small = args.out / "bert-small"
+    small, d, phase = args.out / "bert-small", args.out / "data", args.fsdp_child
     if not small.is_dir():
         from precision import build_model
 
         build_model(small, 4, 256)
-    d = args.out / "data"
     rows = len((d / "sst2-train.tsv").read_text().splitlines()) - 1
     every = max(2, rows // 32 // 3)  # three checkpoints an epoch; the run is cut at the second
-    base = {"model": str(small), "data.train": str(d / "sst2-train.tsv"),
+    name = {"resume": "cut"}.get(phase, phase)
+    out = args.out / "fsdp" / name
+    if phase == "causal":
+        cfg = load_config("generate", None, {
+            "model": str(args.out / "gpt2"), "output": str(out),
+            "data.train": str(d / "lm-train.txt"), "data.validation": str(d / "lm-valid.txt"),
+            "data.block_size": 256, "train.batch_size": 8, "train.max_steps": 20,
+            "train.save_steps": 10, "train.mixed_precision": "bf16"})
+    else:
+        cfg = load_config("classify", None, {
+            "model": str(small), "output": str(out), "data.train": str(d / "sst2-train.tsv"),
             "data.validation": str(d / "sst2-dev.tsv"), "data.max_length": 64,
             "train.batch_size": 32, "train.epochs": 2, "train.save_steps": every,
-            "train.logging_steps": 20, "train.mixed_precision": "bf16"}
-    for name in ("steady", "cut"):
-        out = args.out / "fsdp" / name
-        cfg = load_config("classify", None, {**base, "output": str(out)})
-        if name == "cut":
-            save = checkpoint.save_checkpoint
+            "train.logging_steps": 20, "train.mixed_precision": "bf16"})
+    found: dict = {}
+    if phase == "cut":
+        save = checkpoint.save_checkpoint
 
-            def save_then_die(accelerator, out, state, save=save):
-                path = save(accelerator, out, state)
-                if state.global_step == 2 * every:
-                    raise KeyboardInterrupt
-                return path
+        def save_then_die(accelerator, out, state):
+            path = save(accelerator, out, state)
+            if state.global_step == 2 * every:
+                raise KeyboardInterrupt
+            return path
 
-            checkpoint.save_checkpoint = save_then_die
-            try:
-                finetune(cfg, overwrite=True)
-            except KeyboardInterrupt:
-                found["cut_checkpoints"] = [p.name for p in checkpoint.checkpoints(out)]
-                found["checkpoint_files"] = sorted(
-                    str(p.relative_to(out)) for p in (out / "checkpoints").rglob("*")
-                    if p.is_file())[:30]
-            checkpoint.save_checkpoint = save
-            finetune(cfg, resume=True)
-        else:
+        checkpoint.save_checkpoint = save_then_die
+        try:
             finetune(cfg, overwrite=True)
+        except KeyboardInterrupt:
+            found["checkpoints"] = [p.name for p in checkpoint.checkpoints(out)]
+            found["files"] = sorted(str(p.relative_to(out / "checkpoints"))
+                                    for p in (out / "checkpoints").rglob("*") if p.is_file())
+    else:
+        finetune(cfg, resume=phase == "resume", overwrite=phase != "resume")
         metrics = json.loads((out / "metrics.json").read_text())
-        found[name] = {"final": metrics["final"], "run": metrics["run"]}
-        plain = AutoModelForSequenceClassification.from_pretrained(out)
-        found[name]["loads_in_transformers"] = type(plain).__name__
-    a, b = (load_file(args.out / "fsdp" / n / "model.safetensors") for n in ("steady", "cut"))
-    found["same_keys"] = a.keys() == b.keys()
-    found["max_abs_weight_difference"] = max(float((a[k].float() - b[k].float()).abs().max())
-                                             for k in a)
-    try:  # tied input and output embeddings (GPT-2) under FSDP
-        causal = args.out / "fsdp" / "causal"
-        d = args.out / "data"
-        finetune(load_config("generate", None, {
-            "model": str(args.out / "gpt2"), "output": str(causal), "data.train": str(
-                d / "lm-train.txt"), "data.validation": str(d / "lm-valid.txt"),
-            "data.block_size": 256, "train.batch_size": 8, "train.max_steps": 20,
-            "train.save_steps": 10, "train.mixed_precision": "bf16"}), overwrite=True)
-        from transformers import AutoModelForCausalLM
-
-        found["causal"] = {"final": json.loads((causal / "metrics.json").read_text())["final"],
-                           "loads_in_transformers": type(
-                               AutoModelForCausalLM.from_pretrained(causal)).__name__}
-    except Exception as err:
-        found["causal"] = {"error": f"{type(err).__name__}: {err}",
-                           "trace": traceback.format_exc()[-2000:]}
+        auto = (transformers.AutoModelForCausalLM if phase == "causal"
+                else transformers.AutoModelForSequenceClassification)
+        found = {"final": metrics["final"], "run": metrics["run"],
+                 "loads_in_transformers": type(auto.from_pretrained(out)).__name__}
     print("RESULT " + json.dumps(found, default=str), flush=True)
-    del torch
 
 
 def main() -> None:
@@ -288,8 +283,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=BENCH.parent.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=BENCH / "out" / "gpu")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--only", help="run only the measured runs whose name holds this")
-    parser.add_argument("--fsdp-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", help="run only the measured runs whose name holds one of these "
+                        "(comma-separated)")
+    parser.add_argument("--fsdp-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out.resolve()
     if args.fsdp_child:
@@ -302,7 +298,7 @@ def main() -> None:
     m, d = models(args), data(args)
     results: dict[str, dict] = {}
     for name, (task, overrides) in runs(args, m, d).items():
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only.split(",")):
             continue
         try:
             results[name] = measure(name, task, overrides, args)

@@ -234,6 +234,8 @@ def plan(cfg: RunConfig, mode: str = "plan") -> dict[str, Any]:
     found.update(estimate(parts, cfg))
     if mode == "measure":
         found.update(measure(parts, cfg, 3, total_steps))
+    accelerator.free_memory()  # a run after it in the same process (the API) starts clean
+    del parts
     return found
 
 
