@@ -158,6 +158,8 @@ def load_merged(run: str | Path, auto_class: Any, base_model: str | None = None,
 
     peft = peft_module()
     config = load_pretrained(AutoConfig, str(run))
+    if "quantization_config" not in kwargs:
+        unquantized(config)  # a QLoRA run's adapter merges into the full-precision base
     base = load_pretrained(auto_class, base_of(run, base_model), config=config,
                            ignore_mismatched_sizes=True, **kwargs)
     model = peft.PeftModel.from_pretrained(base, str(run)).merge_and_unload()
@@ -167,3 +169,12 @@ def load_merged(run: str | Path, auto_class: Any, base_model: str | None = None,
 
         model.generation_config = GenerationConfig.from_pretrained(str(run))
     return model
+
+
+def unquantized(config: Any) -> Any:
+    """A config without the 4-bit loading settings a QLoRA base carried in training: the run's
+    adapter is applied to (and merged into) the base at full precision, on any machine."""
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if key in config.__dict__:
+            delattr(config, key)
+    return config

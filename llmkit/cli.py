@@ -60,10 +60,11 @@ def run_options(
                            "folder.", rich_help_panel="Run")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in "
                          "--output.", rich_help_panel="Run")] = False,
-    dry_run: Annotated[str | None, typer.Option("--dry-run", is_flag=False, flag_value="plan",
-                       help="Print rows, token lengths, steps, parameters and peak memory; no "
-                       "training, nothing written. =measure: time a few steps too.",
-                       rich_help_panel="Run")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print rows, token lengths, steps, "
+                       "parameters and peak memory; no training, nothing written.",
+                       rich_help_panel="Run")] = False,
+    measure: Annotated[bool, typer.Option("--measure", help="--dry-run: time a few real steps "
+                       "too (also --dry-run=measure).", rich_help_panel="Run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="--dry-run: one JSON object.")] = False,
 ) -> None:
     """The options of every finetune command that are not config values."""
@@ -78,17 +79,17 @@ def finetune_command(task: Task) -> Callable[..., None]:
               or ("Data" if f.name in shared else f"{task.name} data") for dotted, f, _ in found]
     made, paths, names = options_of(found, panels)
     OPTIONS[task.name] = names | {"--recipe", "--set", "--resume", "--resume-from", "--overwrite",
-                                  "--dry-run", "--json"}
+                                  "--dry-run", "--measure", "--json"}
     PATHS[task.name] = {dotted.rpartition(".")[2]: dotted for dotted, _ in paths.values()}
 
     def command(**given: Any) -> None:
         run = {p.name: given.pop(p.name) for p in parameters(run_options)}
         cfg = load_config(task.name, run["recipe"], chosen(given, paths), run["overrides"])
-        if run["dry_run"] is None:
+        if not run["dry_run"]:
             return train(cfg, run["resume"], run["resume_from"], run["overwrite"])
         from llmkit.preflight import report
 
-        typer.echo(report(cfg, run["dry_run"], run["as_json"]))
+        typer.echo(report(cfg, "measure" if run["measure"] else "plan", run["as_json"]))
 
     order = ["Run", "run", "Data", "Training", "Adapters", f"{task.name} data"]
     params: list[tuple[str, Any]] = sorted([*made, *(("run", p) for p in parameters(run_options))],
@@ -277,10 +278,13 @@ def main() -> None:
 
     setup_logging()
     try:
-        problem = finetune_problem(sys.argv[1:])
+        argv = [{"--dry-run=measure": "--measure", "--dry-run=plan": "--dry-run"}.get(a, a)
+                for a in sys.argv[1:]]
+        argv += ["--dry-run"] if "--dry-run=measure" in sys.argv else []
+        problem = finetune_problem(argv)
         if problem:
             raise LlmkitError(problem)
-        code = app(prog_name="llmkit", standalone_mode=False)
+        code = app(args=argv, prog_name="llmkit", standalone_mode=False)
     except NoArgsIsHelpError:
         code = 2  # the help is printed already
     except Exception as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from llmkit import checkpoint as ckpt
-from llmkit.adapters import four_bit, parameter_counts
+from llmkit.adapters import four_bit, parameter_counts, unquantized
 from llmkit.config import DataConfig, RunConfig, TrainConfig, dump_config
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
 from llmkit.errors import LlmkitError
@@ -344,7 +345,7 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
             parts.tokenizer.save_pretrained(out)
             if cfg.adapter.lora:  # the run's labels and generation settings, to load it back
                 base = model.get_base_model()
-                base.config.save_pretrained(out)
+                unquantized(copy.deepcopy(base.config)).save_pretrained(out)
                 if base.can_generate():
                     base.generation_config.save_pretrained(out)
         except Exception as err:  # the checkpoints are kept: --resume saves again

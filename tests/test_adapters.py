@@ -72,6 +72,25 @@ def test_merged_model_answers_as_the_adapter_run_without_peft(
     assert [r["score"] for r in plain] == pytest.approx([r["score"] for r in ours[:5]], abs=1e-5)
 
 
+def test_a_qlora_run_is_predicted_and_merged_at_full_precision(
+        adapter_run: Path, toy: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    # a run trained on a 4-bit base whose config still held the bitsandbytes settings (as
+    # runs made before they were dropped on save): loading it must not quantize the base
+    run = tmp_path / "qlora-run"
+    shutil.copytree(adapter_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4"}
+    (run / "config.json").write_text(json.dumps(config))
+    assert predict(str(run), str(toy["validation"])) == predict(str(adapter_run),
+                                                                 str(toy["validation"]))
+    merged = merge(run, tmp_path / "merged")
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in json.loads((adapter_run / "config.json").read_text())
+
+
 def test_an_interrupted_adapter_run_resumes_to_the_same_adapter(
         tiny_bert: Path, toy: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

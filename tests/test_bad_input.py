@@ -272,6 +272,7 @@ CASES: list[tuple[list[str], str]] = [
      "{tmp}/no/dir is not a folder; create it first"),
     (["recipes", "copy", "classify-sst2", "{file}"], "{file} exists; choose another destination"),
     (["nonsense"], "No such command 'nonsense'. (see llmkit --help)"),
+    ([*FT, "--dry-run=soon"], "Option '--dry-run' does not take a value"),
 ]
 
 
