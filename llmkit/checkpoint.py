@@ -182,12 +182,16 @@ def read_state(checkpoint: Path) -> RunState:
     return RunState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
 
 
-def prune(out: Path, keep: set[str]) -> None:
-    """Drop all checkpoints but the latest and those named in `keep` (the best one)."""
-    found = checkpoints(out)
-    for path in found[:-1]:
-        if path.name not in keep:
-            shutil.rmtree(path)
+def prune(out: Path, best: str | None, limit: int) -> None:
+    """Keep the newest `limit` checkpoints and the best one (0: keep all). The newest is always
+    kept (--resume starts there), so a limit of 1 with an older best keeps two, as Trainer's."""
+    names = [p.name for p in checkpoints(out)]
+    keep = set(names[-limit:]) if limit else set(names)
+    if best in names and best not in keep and limit > 1:
+        keep.discard(names[-limit])  # the oldest of the newest makes room for the best
+    for name in names:
+        if name not in keep and name != best:
+            shutil.rmtree(out / "checkpoints" / name)
 
 
 NEVER = 2**62  # the step of a non-finite loss, while there has been none

@@ -81,6 +81,10 @@ class TrainConfig:
     eval_steps: int = setting(0, "Also evaluate and checkpoint every N steps; 0 = each epoch "
                               "only.", minimum=0)
     save_steps: int = setting(0, "Also checkpoint every N steps.", minimum=0)
+    save_total_limit: int = setting(2, "Checkpoints kept at most: the newest and the best "
+                                    "(which is always kept); 0 = all.", minimum=0)
+    keep_checkpoints: bool = setting(False, "Keep the checkpoints after a finished run (they "
+                                     "hold optimizer states: several times the model).")
     logging_steps: int = setting(10, "Log loss and speed every N steps.", minimum=1)
     metric_for_best: str | None = setting(None, "Keep the checkpoint best at this metric "
                                           "(default: the task's).")

@@ -220,7 +220,7 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
     record["save_seconds"] = round(time.perf_counter() - began, 3)  # after: not in the saved copy
     reporter.evaluation(record)
     if parts.accelerator.is_main_process:
-        ckpt.prune(out, {state.best_checkpoint or ""})
+        ckpt.prune(out, state.best_checkpoint, cfg.train.save_total_limit)
     patience = cfg.train.early_stopping_patience
     if patience and state.bad_evals >= patience:
         reporter.say(f"early stopping: no better {metric} in {patience} evaluations")
@@ -276,6 +276,8 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
             elif tc.save_steps and state.global_step % tc.save_steps == 0:
                 guard.check(acc)
                 ckpt.save_checkpoint(acc, out, state)
+                if acc.is_main_process:
+                    ckpt.prune(out, state.best_checkpoint, tc.save_total_limit)
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"],
                          guard):
@@ -361,7 +363,8 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
                            "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                            **peak_memory(acc.device)}}
         (out / ckpt.FINISHED_MARK).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-        ckpt.remove_checkpoints(out)
+        if not cfg.train.keep_checkpoints:
+            ckpt.remove_checkpoints(out)
         if cfg.adapter.merge:
             log.info("merged model: %s", merge(out, out / "merged"))
     acc.wait_for_everyone()

@@ -175,3 +175,39 @@ def test_a_full_disk_keeps_earlier_checkpoints_and_resume_is_exact(
     a, b = (load_file(d / "model.safetensors") for d in (steady, disk / "run"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize(("limit", "best", "kept"), [
+    (2, "checkpoint-10", ["checkpoint-10", "checkpoint-25"]),
+    (2, "checkpoint-25", ["checkpoint-20", "checkpoint-25"]),
+    (3, "checkpoint-5", ["checkpoint-5", "checkpoint-20", "checkpoint-25"]),
+    (1, "checkpoint-5", ["checkpoint-5", "checkpoint-25"]),  # the newest stays: resume
+    (1, None, ["checkpoint-25"]),
+    (0, "checkpoint-5", [f"checkpoint-{s}" for s in (5, 10, 15, 20, 25)]),
+])
+def test_save_total_limit_keeps_the_newest_and_the_best(tmp_path: Path, limit: int,
+                                                        best: str | None, kept: list[str]
+                                                        ) -> None:
+    from llmkit import checkpoint
+
+    for step in (5, 10, 15, 20, 25):
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / checkpoint.STATE_FILE).write_text("{}")
+    checkpoint.prune(tmp_path, best, limit)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == kept
+
+
+def test_a_finished_run_keeps_its_checkpoints_when_asked(tiny_bert: Path, toy: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    from llmkit import checkpoint
+    from llmkit.tasks import load_config
+    from llmkit.train import finetune
+
+    out = finetune(load_config("classify", None, {
+        "model": str(tiny_bert), "output": str(tmp_path / "run"), "data.train": str(toy["train"]),
+        "data.validation": str(toy["validation"]), "train.batch_size": 8, "train.epochs": 2,
+        "train.save_steps": 2, "train.save_total_limit": 3, "train.keep_checkpoints": True}))
+    best = json.loads((out / "metrics.json").read_text())["final"]["step"]
+    kept = [p.name for p in checkpoint.checkpoints(out)]
+    assert len(kept) <= 3 and f"checkpoint-{best}" in kept
