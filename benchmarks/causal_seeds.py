@@ -42,11 +42,14 @@ def runclm_blocks(tok, path: Path) -> torch.Tensor:
 
 def llmkit_batches(tok, train: Path, seed: int) -> list[torch.Tensor]:
     """llmkit's packed blocks (the text as one document) in its sampler's order for `seed`."""
+    from datasets import Dataset
+
     from llmkit.data import LengthGroupedBatches
     from llmkit.tasks.causal_lm import pack
 
     ids = tok(train.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    blocks = torch.tensor(pack([ids], BLOCK, tok.eos_token_id, False)["input_ids"])
+    blocks = torch.tensor(pack(Dataset.from_dict({"ids": [ids]}), BLOCK, tok.eos_token_id,
+                               False)["input_ids"])
     return [blocks[b] for b in LengthGroupedBatches([BLOCK] * len(blocks), BATCH, seed, True)]
 
 

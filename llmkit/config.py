@@ -47,6 +47,8 @@ class DataConfig:
                                          "--validation.", above=0.0, below=1.0)
     max_train_samples: int | None = setting(None, "Use only the first N training rows.",
                                             minimum=1)
+    preprocessing_workers: int = setting(1, "Processes that tokenize (datasets' num_proc).",
+                                         minimum=1)
     max_eval_samples: int | None = setting(None, "Use only the first N validation rows.",
                                            "--eval-max-samples", minimum=1)
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from llmkit.config import DataConfig
 
 log = logging.getLogger("llmkit")
+FEATURES_VERSION = 1  # raise when a task's features change shape: old cache files go unused
 
 # Text files keep every byte: no quote handling in TSV (texts in the wild hold raw quotes), and
 # no "NA"/"null" strings turned into missing values.
@@ -245,7 +246,7 @@ class LengthGroupedBatches:
     data. The order depends only on (seed, epoch), so a resumed run sees the same batches.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool = True):
+    def __init__(self, lengths: Any, batch_size: int, seed: int, group: bool = True):
         self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
         self.epoch = 0
 
@@ -274,5 +275,31 @@ class LengthGroupedBatches:
 
 def by_length(features: Dataset) -> list[int]:
     """Row order, longest first: evaluation batches with the least padding."""
-    lengths = [len(ids) for ids in features["input_ids"]]
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    import numpy as np
+
+    return np.argsort(-lengths(features), kind="stable").tolist()
+
+
+def lengths(features: Dataset, column: str = "input_ids") -> Any:
+    """Each row's token count, read from the Arrow column (no Python list per row)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(features.with_format("arrow")[column]).to_numpy()
+
+
+def workers(cfg: DataConfig) -> int | None:
+    """datasets' num_proc for tokenizing: --preprocessing-workers, None for one process."""
+    count = getattr(cfg, "preprocessing_workers", 1)
+    return count if count > 1 else None
+
+
+def fingerprint(rows: Dataset, tokenizer: Any, *settings: Any) -> str:
+    """The cache key of tokenized rows: the rows, the tokenizer's own definition and the
+    settings that shape the features, so a rerun, --resume or a second process reuses the
+    cache file of datasets.map, and a changed tokenizer or setting does not."""
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = (backend.to_str() if backend is not None
+                  else sorted(tokenizer.get_vocab().items()))
+    return Hasher.hash((rows._fingerprint, definition, FEATURES_VERSION, settings))

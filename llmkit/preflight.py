@@ -41,12 +41,12 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def percentiles(lengths: list[int], cap: int | None) -> dict[str, Any]:
+def percentiles(counts: Any, cap: int | None) -> dict[str, Any]:
     import numpy as np
 
-    if not lengths:
+    if not len(counts):
         return {}
-    values = np.asarray(lengths)
+    values = np.asarray(counts)
     found: dict[str, Any] = {f"p{q}": int(np.percentile(values, q)) for q in (50, 90, 99)}
     found["max"] = int(values.max())
     if cap:
@@ -57,6 +57,7 @@ def percentiles(lengths: list[int], cap: int | None) -> dict[str, Any]:
 def token_lengths(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
     """Token-length percentiles per split (source and target for seq2seq), and the share of rows
     at the length cap."""
+    from llmkit.data import lengths
     from llmkit.tasks.task import capped
 
     model = parts.accelerator.unwrap_model(parts.model)
@@ -68,11 +69,10 @@ def token_lengths(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for split, features in (("train", parts.train_loader.dataset),
                             ("validation", parts.eval_features)):
-        found[split] = {"tokens": percentiles([len(x) for x in features["input_ids"]], cap)}
+        found[split] = {"tokens": percentiles(lengths(features), cap)}
         if "labels" in features.column_names and parts.task.name in ("translate", "summarize"):
             target = getattr(data, "max_target_length", None)
-            found[split]["target_tokens"] = percentiles(
-                [len(x) for x in features["labels"]], target)
+            found[split]["target_tokens"] = percentiles(lengths(features, "labels"), target)
     return found
 
 
@@ -107,11 +107,12 @@ class Saved:
 
 
 def worst_batch(parts: Parts, rows: int) -> dict[str, torch.Tensor]:
-    features = parts.train_loader.dataset
-    lengths = [len(x) for x in features["input_ids"]]
-    longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:rows]
     from accelerate.utils import send_to_device
 
+    from llmkit.data import by_length
+
+    features = parts.train_loader.dataset
+    longest = by_length(features)[:rows]
     batch = parts.task.collator(parts.tokenizer)([features[i] for i in longest])
     return send_to_device(dict(batch), parts.accelerator.device)
 

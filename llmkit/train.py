@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from llmkit import checkpoint as ckpt
 from llmkit.adapters import four_bit, parameter_counts, unquantized
 from llmkit.config import DataConfig, RunConfig, TrainConfig, dump_config
-from llmkit.data import LengthGroupedBatches, by_length, check_columns, load_splits
+from llmkit.data import LengthGroupedBatches, by_length, check_columns, lengths, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.launch import fsdp_units, start_run
 from llmkit.predict import merge
@@ -101,7 +101,7 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
             module.requires_grad_(False)
     model = adapt(model, cfg, accelerator)
     collate = task.collator(tokenizer)
-    batches = LengthGroupedBatches([len(x) for x in train_set["input_ids"]],
+    batches = LengthGroupedBatches(lengths(train_set),
                                    cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length)
     # Own generators keep loader start-up from drawing on the global RNG that dropout uses,
     # so a resumed run replays the same random numbers as an uninterrupted one.

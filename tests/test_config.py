@@ -97,6 +97,7 @@ def test_saved_config_holds_the_task_settings_only(tmp_path: Path) -> None:
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]
     assert set(data) == {"train", "validation", "dataset_config", "format", "train_split",
                          "validation_split", "validation_fraction", "max_train_samples",
+                         "preprocessing_workers",
                          "max_eval_samples", "text_column", "text_pair_column", "label_column",
                          "max_length", "positive_label", "empty_rows"}
     assert load_config("classify", str(tmp_path / "config.yaml")) == cfg

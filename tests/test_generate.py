@@ -36,7 +36,9 @@ i loved every minute
 
 
 def test_pack_keeps_every_token_once_and_drops_only_the_tail() -> None:
-    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    from datasets import Dataset
+
+    docs = Dataset.from_dict({"ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]})
     packed = pack(docs, 4, eos=0, separate=True)
     assert packed["input_ids"] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
     assert packed["labels"] == packed["input_ids"]  # the model shifts labels itself
@@ -44,7 +46,7 @@ def test_pack_keeps_every_token_once_and_drops_only_the_tail() -> None:
     assert packed["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
     five = pack(docs, 5, eos=0, separate=False)
     assert [t for b in five["input_ids"] for t in b] == [1, 2, 3, 0, 4, 5, 0, 6, 7, 8]
-    assert "position_ids" not in five
+    assert "position_ids" not in five.column_names
     with pytest.raises(LlmkitError, match="fewer than one block of 64"):
         pack(docs, 64, eos=0, separate=False)
 
@@ -55,8 +57,11 @@ def test_separate_documents_keep_attention_inside_documents(tiny_gpt2: Path) -> 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     a, b = (tokenizer(t)["input_ids"] for t in ("the quick brown fox", "great good bad"))
-    packed = pack([a, b], len(a) + len(b) + 2, tokenizer.eos_token_id, separate=True)
-    batch = collator(tokenizer)([{k: v[0] for k, v in packed.items()}])
+    from datasets import Dataset
+
+    packed = pack(Dataset.from_dict({"ids": [a, b]}), len(a) + len(b) + 2,
+                  tokenizer.eos_token_id, separate=True)
+    batch = collator(tokenizer)([packed[0]])
     with torch.inference_mode():
         together = model(**batch).logits[0, len(a) + 1:]
         alone = model(input_ids=torch.tensor([[*b, tokenizer.eos_token_id]])).logits[0]
@@ -382,3 +387,34 @@ def test_tanh_gelus_train_as_one_kernel_with_the_same_outputs(tiny_gpt2: Path) -
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(model.eval()(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+def test_tokenized_text_is_cached_and_workers_give_the_same_blocks(
+        tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmkit.data import load_split, workers
+    from llmkit.tasks import get_task, load_config
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"document {i} says {'more ' * (i % 7)}\n\n" for i in range(400)))
+    tokenizer, config = AutoTokenizer.from_pretrained(tiny_gpt2), AutoConfig.from_pretrained(
+        tiny_gpt2)
+    featurize = get_task("generate").featurize
+    calls = []
+    encode = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__",
+                        lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    found = []
+    for count in (1, 1, 2):
+        before = len(calls)
+        cfg = load_config("generate", None, {
+            "model": str(tiny_gpt2), "output": str(tmp_path / "o"), "data.train": str(text),
+            "data.block_size": 32, "data.preprocessing_workers": count}).data
+        assert workers(cfg) == (None if count == 1 else 2)
+        found.append(featurize(load_split(str(text), "train", None, "--train", "paragraph"),
+                               tokenizer, config, cfg))
+        if count == 1 and before:
+            assert len(calls) == before  # the rerun read datasets' cache file
+    assert calls
+    assert found[0]["input_ids"] == found[1]["input_ids"] == found[2]["input_ids"]

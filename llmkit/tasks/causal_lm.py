@@ -114,30 +114,52 @@ def block_size(cfg: CausalData, config: PretrainedConfig) -> int:
     return capped(cfg.block_size, "--block-size", config)
 
 
-def pack(documents: list[list[int]], size: int, eos: int, separate: bool) -> dict[str, Any]:
-    """Documents joined with EOS and cut into full blocks; only the last partial block is
-    dropped. With `separate`, position ids restart at every document (and block) start, which
-    keeps attention inside documents (transformers reads packed sequences from them)."""
+def pack(tokens: Dataset, size: int, eos: int, separate: bool) -> Dataset:
+    """Documents (the `ids` column) joined with EOS and cut into full blocks; only the last
+    partial block is dropped. With `separate`, position ids restart at every document (and
+    block) start, which keeps attention inside documents (transformers reads packed sequences
+    from them). Built as Arrow arrays from the tokenized Arrow column: 4 bytes a token, never a
+    Python list per token."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset
 
-    ids = np.fromiter((t for doc in documents for t in [*doc, eos]), dtype=np.int64)
+    column = tokens.with_format("arrow")["ids"]
+    lengths = pc.list_value_length(column).to_numpy().astype(np.int64) + 1  # each with its EOS
+    ends = np.cumsum(lengths)
+    ids = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+    at = 0
+    for chunk in column.chunks:  # a cache file's record batches: small temporaries each
+        values = chunk.flatten().to_numpy(zero_copy_only=False)
+        counts = pc.list_value_length(chunk).to_numpy()
+        part = np.full(len(values) + len(counts), eos, dtype=np.int32)
+        text = np.ones(len(part), dtype=bool)
+        text[np.cumsum(counts + 1) - 1] = False
+        part[text] = values
+        ids[at:at + len(part)] = part
+        at += len(part)
     blocks = len(ids) // size
     if blocks == 0:
         raise LlmkitError(f"the text holds {len(ids)} tokens: fewer than one block of "
                           f"{size}; lower --block-size")
     ids = ids[: blocks * size]
-    features: dict[str, Any] = {"input_ids": ids.reshape(blocks, size).tolist()}
-    features["labels"] = features["input_ids"]
+    block_ids = pa.FixedSizeListArray.from_arrays(  # over the numpy buffer, not a copy
+        pa.Array.from_buffers(pa.int32(), len(ids), [None, pa.py_buffer(ids)]), size)
+    features = {"input_ids": block_ids, "labels": block_ids}
     if separate:
-        lengths = np.fromiter((len(doc) + 1 for doc in documents), dtype=np.int64)
         starts = np.zeros(len(ids) + size, dtype=bool)
-        starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
+        starts[np.concatenate([[0], ends[:-1]])] = True
         starts = starts[: len(ids)]
         starts[::size] = True
-        index = np.arange(len(ids))
+        index = np.arange(len(ids), dtype=np.int32)
         positions = index - np.maximum.accumulate(np.where(starts, index, 0))
-        features["position_ids"] = positions.reshape(blocks, size).tolist()
-    return features
+        features["position_ids"] = pa.FixedSizeListArray.from_arrays(pa.array(positions), size)
+    from datasets.fingerprint import Hasher
+
+    # a fingerprint of the inputs: without one datasets hashes every block (memory and time)
+    return Dataset(pa.table(features), fingerprint=Hasher.hash(
+        (tokens._fingerprint, size, eos, separate, "pack")))
 
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
@@ -157,15 +179,24 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
                                   "attention_mask": [[1] * len(e[0]) for e in encoded]})
     if cfg.prompt_column and cfg.completion_column:
         return pairs(rows, tokenizer, cfg, size)
-    rows = rows.filter(lambda r: bool(r[cfg.text_column] and r[cfg.text_column].strip()))
-    if len(rows) == 0:
+    column = cfg.text_column
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:  # empty documents left out
+        texts = [t for t in batch[column] if t and t.strip()]
+        return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
+
+    from datasets import Features, Sequence, Value
+
+    from llmkit.data import fingerprint, workers
+
+    tokens = rows.map(encode, batched=True, remove_columns=rows.column_names,
+                      features=Features({"ids": Sequence(Value("int32"))}),
+                      num_proc=workers(cfg), desc="tokenizing",
+                      new_fingerprint=fingerprint(rows, tokenizer, "causal", column))
+    if len(tokens) == 0:
         raise LlmkitError(f"no documents: every {cfg.text_column!r} row is empty after "
                           f"splitting the text by {cfg.sample_by} (--sample-by)")
-    tokens = rows.map(lambda b: {"ids": tokenizer(b[cfg.text_column],
-                                                  add_special_tokens=False)["input_ids"]},
-                      batched=True, remove_columns=rows.column_names, desc="tokenizing")
-    return Dataset.from_dict(pack(tokens["ids"], size, tokenizer.eos_token_id,
-                                  cfg.separate_documents))
+    return pack(tokens, size, tokenizer.eos_token_id, cfg.separate_documents)
 
 
 def pairs(rows: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: CausalData, size: int

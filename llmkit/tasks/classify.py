@@ -146,8 +146,10 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
             features["labels"] = labels if class_label else [label2id[str(v)] for v in labels]
         return features
 
+    from llmkit.data import workers
+
     return rows.map(encode, batched=True, remove_columns=rows.column_names,
-                    desc="tokenizing")
+                    num_proc=workers(cfg), desc="tokenizing")
 
 
 def collator(tokenizer: PreTrainedTokenizerBase) -> Any:

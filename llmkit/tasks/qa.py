@@ -163,8 +163,10 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
 
     if "id" not in rows.column_names:
         rows = rows.add_column("id", [str(i) for i in range(len(rows))])
+    from llmkit.data import workers
+
     return rows.map(encode, batched=True, remove_columns=rows.column_names,
-                    desc="tokenizing")
+                    num_proc=workers(cfg), desc="tokenizing")
 
 
 def locate(answers: dict[str, list[Any]], offsets: list[Any]) -> tuple[int, int]:
