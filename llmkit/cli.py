@@ -227,6 +227,18 @@ def merge(run: Annotated[str, typer.Argument(help="Run directory of finetune --l
     typer.echo(str(merged(run, output, base_model)))
 
 
+@app.command(epilog=examples("llmkit plot runs/sst2\nllmkit plot runs/a runs/b -o compare.png"))
+def plot(runs: Annotated[list[Path], typer.Argument(help="Finished run directories.")],
+         output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG to write "
+                           "(default: RUN/curves.png, or curves.png for several runs).")] = None
+         ) -> None:
+    """Draw training loss, learning rate and every evaluation metric of runs, on one figure."""
+    from llmkit.card import draw
+
+    default = runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png")
+    typer.echo(str(draw(runs, output or default)))
+
+
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List shipped recipes and the command that runs each."""

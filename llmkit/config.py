@@ -97,6 +97,9 @@ class TrainConfig:
                                        "skipped steps.", minimum=0)
     early_stopping_patience: int = setting(0, "Stop after N evaluations without improvement; "
                                            "0 = never.", minimum=0)
+    report_to: tuple[str, ...] = setting((), "Log to trackers: tensorboard (under the run "
+                                         "directory), wandb, mlflow, trackio, all (those "
+                                         "installed) or none; repeatable.")
 
 
 @dataclass(frozen=True)

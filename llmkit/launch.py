@@ -64,6 +64,8 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
     try:
         # Accelerate runs several CPU processes (over gloo) only when told it is on CPU.
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                  log_with=trackers(cfg.train.report_to) or None,
+                                  project_dir=cfg.output,
                                   gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
                                   cpu=launched > 1 and not torch.accelerator.is_available(),
                                   dataloader_config=DataLoaderConfiguration(non_blocking=True))
@@ -101,3 +103,41 @@ def fsdp_units(accelerator: Accelerator, model: Any) -> None:
     blocks = list(getattr(model, "_no_split_modules", None) or [])
     if holders & set(blocks):
         plugin.transformer_cls_names_to_wrap = [b for b in blocks if b not in holders]
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def trackers(names: tuple[str, ...]) -> list[str]:
+    """The trackers --report-to names, each installed (Accelerate skips a missing one
+    silently); `all`: those installed."""
+    from accelerate.tracking import get_available_trackers
+
+    asked = [n.lower() for n in names if n.lower() != "none"]
+    unknown = [n for n in asked if n not in (*TRACKERS, "all")]
+    if unknown:
+        raise LlmkitError(f"--report-to {unknown[0]}: no such tracker; use "
+                          f"{', '.join(TRACKERS)}, all or none")
+    installed = {str(t) for t in get_available_trackers()} & set(TRACKERS)
+    if "all" in asked:
+        return sorted(installed)
+    missing = [n for n in asked if n not in installed]
+    if missing:
+        raise LlmkitError(f"--report-to {missing[0]}: its package is not installed: "
+                          f"pip install {missing[0]}")
+    return list(dict.fromkeys(asked))
+
+
+def start_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
+    """Trackers get the resolved config as hyper-parameters (scalars: lists as text)."""
+    if accelerator.log_with:
+        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                  for k, v in flatten(to_dict(cfg)).items()}
+        accelerator.init_trackers("tensorboard", config=values)
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    """FSDP or DeepSpeed: weights held in shards across processes."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)

@@ -46,11 +46,12 @@ def as_option(f: Any, tp: Any, panel: str) -> list[tuple[inspect.Parameter, str,
     short = [a for a in f.metadata.get("aliases", ()) if not a.startswith("--")]
     if aliases:
         text += f" [dim](also {', '.join(aliases)})[/]"
+    repeated = get_origin(kind) is tuple
     kind = {Literal: str, tuple: list[str]}.get(get_origin(kind), kind)
     made = []
     for i, names in enumerate([[decl, *short], *([a] for a in aliases)]):
         option = typer.Option(*names, help=text, show_default=False, rich_help_panel=panel,
-                              hidden=i > 0)
+                              hidden=i > 0, metavar="<str>" if repeated else None)
         made.append((inspect.Parameter(f"{'no_' if flip else ''}{f.name}{'_' * i}",
                                        inspect.Parameter.KEYWORD_ONLY, default=None,
                                        annotation=Annotated[kind | None, option]),

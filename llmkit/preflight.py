@@ -197,7 +197,7 @@ def measure(parts: Parts, cfg: RunConfig, steps: int, total_steps: int) -> dict[
     per_step = sum(times[1:]) / len(times[1:])
     found: dict[str, Any] = {"measured_steps": steps, "seconds_per_step": round(per_step, 4),
                              "estimated_train_seconds": round(per_step * total_steps, 1)}
-    from llmkit.train import peak_memory
+    from llmkit.report import peak_memory
 
     found.update(peak_memory(acc.device))
     return found

@@ -95,13 +95,14 @@ def parsed(line: str) -> dict[str, Any] | None:
 class Reporter:
     """Progress bar and log file of one run; silent on every process but the main one."""
 
-    def __init__(self, out: Path, enabled: bool, total_steps: int, resumed_step: int):
+    def __init__(self, out: Path, enabled: bool, total_steps: int, resumed_step: int,
+                 window: int = 1):
         self.enabled = enabled
         self.log_path = out / LOG_FILE
-        self.progress = Progress(
+        self.progress = Progress(  # the loss: the mean over the last logging window
             TextColumn("ep {task.fields[epoch]}"), BarColumn(bar_width=10), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} "
-                       "{task.fields[speed]} samples/s"),
+            TextColumn(f"loss({window} step{'s' if window > 1 else ''}) {{task.fields[loss]}} "
+                       "lr {task.fields[lr]} {task.fields[speed]} samples/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(compact=True),
             console=console, disable=not enabled)
         self.bar = self.progress.add_task("train", total=total_steps, completed=resumed_step,
@@ -146,6 +147,12 @@ class Reporter:
         if self.enabled:
             console.print(metrics_table(history, f"evaluations (kept: {best})"))
 
+    def done(self, history: list[dict[str, Any]], best: str, metric: str, seconds: float
+             ) -> None:
+        kept = next(r for r in history if f"checkpoint-{r['step']}" == best)
+        self.say(f"best {metric} [bold]{format_value(kept[metric])}[/] at step {kept['step']}; "
+                 f"{seconds:.0f} s in all; the model is in {self.log_path.parent}")
+
     def say(self, message: str) -> None:
         if self.enabled:
             self.progress.console.print(message)
@@ -188,3 +195,40 @@ def throughput(total: dict[str, float], evals: list[dict[str, Any]]) -> dict[str
     return {"train_seconds": round(seconds, 2), "train_samples": total["samples"],
             "train_samples_per_second": round(total["samples"] / seconds, 2),
             "train_tokens_per_second": round(total["tokens"] / seconds, 1)}
+
+
+def track(accelerator: Accelerator, prefix: str, record: dict[str, Any]) -> None:
+    """A log record's numbers to the trackers (--report-to), against the global step."""
+    if accelerator.trackers:
+        accelerator.log({f"{prefix}/{k}": v for k, v in record.items() if k != "step"
+                         and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                        step=record["step"])
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak memory: resident set (the CPU's), and the GPU's allocations."""
+    import resource
+
+    import torch
+
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def header(parts: Any, cfg: Any, total_steps: int) -> list[str]:
+    """What the run is about to do, before its first step."""
+    from llmkit.adapters import parameter_counts
+
+    acc, counts = parts.accelerator, parameter_counts(parts.model)
+    features = len(parts.train_loader.dataset)
+    return [f"llmkit finetune {cfg.task}: {parts.rows[0]:,} training rows"
+            + (f" ({features:,} features)" if features != parts.rows[0] else "")
+            + f", {parts.rows[1]:,} validation",
+            f"steps: {parts.steps_per_epoch:,} per epoch, {total_steps:,} in all; batch "
+            f"{cfg.train.batch_size} x {acc.num_processes} process(es) x "
+            f"{cfg.train.gradient_accumulation_steps} accumulation",
+            f"parameters: {counts['total_parameters']:,} ({counts['trainable_parameters']:,} "
+            f"trainable); device {acc.device} x {acc.num_processes}; precision "
+            f"{acc.mixed_precision}; output {cfg.output}"]

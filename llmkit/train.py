@@ -18,14 +18,23 @@ from accelerate.utils import set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
+from llmkit import card
 from llmkit import checkpoint as ckpt
 from llmkit.adapters import four_bit, parameter_counts, unquantized
 from llmkit.config import DataConfig, RunConfig, TrainConfig, dump_config
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, lengths, load_splits
 from llmkit.errors import LlmkitError
-from llmkit.launch import fsdp_units, start_run
+from llmkit.launch import fsdp_units, sharded, start_run, start_trackers
 from llmkit.predict import merge
-from llmkit.report import Meter, Reporter, quiet_libraries, throughput
+from llmkit.report import (
+    Meter,
+    Reporter,
+    header,
+    peak_memory,
+    quiet_libraries,
+    throughput,
+    track,
+)
 from llmkit.tasks import check_pairing, get_task, load_model
 from llmkit.tasks.task import Task, loss_of
 
@@ -219,6 +228,7 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
     ckpt.save_checkpoint(parts.accelerator, out, state)
     record["save_seconds"] = round(time.perf_counter() - began, 3)  # after: not in the saved copy
     reporter.evaluation(record)
+    track(parts.accelerator, "eval", record)
     if parts.accelerator.is_main_process:
         ckpt.prune(out, state.best_checkpoint, cfg.train.save_total_limit)
     patience = cfg.train.early_stopping_patience
@@ -259,12 +269,8 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
                 continue
             state.global_step += 1
             state.step_in_epoch += 1
-            record = None
-            if state.global_step % tc.logging_steps == 0:
-                guard.check(acc)
-                record = {"step": state.global_step, "epoch": round(
-                    state.global_step / parts.steps_per_epoch, 3),
-                    "learning_rate": parts.scheduler.get_last_lr()[0], **window.flush(acc)}
+            record = logged(parts, state, window, guard) \
+                if state.global_step % tc.logging_steps == 0 else None
             reporter.advance(state.global_step, state.global_step / parts.steps_per_epoch, record)
             if state.step_in_epoch == parts.steps_per_epoch:
                 continue  # the end-of-epoch evaluation and checkpoint follow
@@ -283,6 +289,18 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
                          guard):
             break
     return throughput(total.flush(acc), state.history[evals_before:])
+
+
+def logged(parts: Parts, state: ckpt.RunState, window: Meter, guard: ckpt.Guard
+           ) -> dict[str, Any]:
+    """The training record of a logging step, also sent to the trackers."""
+    guard.check(parts.accelerator)
+    record = {"step": state.global_step, "epoch": round(state.global_step
+                                                        / parts.steps_per_epoch, 3),
+              "learning_rate": parts.scheduler.get_last_lr()[0],
+              **window.flush(parts.accelerator)}
+    track(parts.accelerator, "train", record)
+    return record
 
 
 def optimizer_step(parts: Parts, tc: TrainConfig, guard: ckpt.Guard, step: int) -> None:
@@ -307,6 +325,7 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
              overwrite: bool = False) -> Path:
     """Fine-tune `cfg.model` on `cfg.task`; returns the run directory."""
     quiet_libraries()
+    started = time.time()
     accelerator, start = start_run(cfg, resume, resume_from, overwrite)
     out = Path(cfg.output)
     set_seed(cfg.train.seed)
@@ -315,6 +334,7 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
         cfg = replace(cfg, data=parts.data)
         if accelerator.is_main_process:
             dump_config(cfg, out / "config.yaml")
+    start_trackers(accelerator, cfg)
     state = ckpt.RunState()
     if start:
         state = ckpt.restore(accelerator, out, start, fallback=not resume_from)
@@ -322,18 +342,24 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     total_steps = run_length(cfg.train, parts.steps_per_epoch)[0]
     # cuDNN attention builds a plan per new sequence length (hundreds of ms) and has a higher
     # host cost per call: with batches padded to their longest row, the other kernels win
-    with Reporter(out, accelerator.is_main_process, total_steps, state.global_step) as reporter, \
-            sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                         SDPBackend.MATH]):
+    reporter = Reporter(out, accelerator.is_main_process, total_steps, state.global_step,
+                        cfg.train.logging_steps)
+    reporter.say("\n".join(header(parts, cfg, total_steps)))
+    with reporter, sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                SDPBackend.MATH]):
         speed = train_loop(parts, cfg, state, reporter, out)
     reporter.summary(state.history, state.best_checkpoint or "")
-    save_run(parts, cfg, state, out, speed)
+    save_run(parts, cfg, state, out, speed, started)
+    accelerator.end_training()  # trackers flush and close
+    reporter.done(state.history, state.best_checkpoint or "", cfg.train.metric_for_best
+                  or parts.task.default_metric, time.time() - started)
     return out
 
 
 def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
-             speed: dict[str, float]) -> None:
-    """The best weights and tokenizer via save_pretrained, then metrics.json, which marks done."""
+             speed: dict[str, float], started: float) -> None:
+    """The best weights and tokenizer via save_pretrained, then metrics.json, which marks done;
+    then the curves, the model card and the manifest."""
     acc = parts.accelerator
     if state.best_checkpoint and state.best_checkpoint != f"checkpoint-{state.global_step}":
         acc.load_state(str(out / "checkpoints" / state.best_checkpoint))
@@ -365,22 +391,8 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
         (out / ckpt.FINISHED_MARK).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
         if not cfg.train.keep_checkpoints:
             ckpt.remove_checkpoints(out)
+        card.write(out, cfg, started, time.time())
         if cfg.adapter.merge:
             log.info("merged model: %s", merge(out, out / "merged"))
     acc.wait_for_everyone()
 
-
-def sharded(accelerator: Accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """This process's peak memory: resident set (the CPU's), and the GPU's allocations."""
-    import resource
-
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if device.type == "cuda":
-        peak["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return peak
