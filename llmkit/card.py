@@ -242,3 +242,34 @@ def write(out: Path, cfg: Any, started: float, ended: float) -> None:
     (out / "manifest.json").write_text(json.dumps(made, indent=1), encoding="utf-8")
     model_card(out, cfg, metrics, made)
     draw([out], out / "curves.png")
+
+
+def push(run: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a finished run to the Hub as one commit (the model, tokenizer, model card,
+    curves and manifest; not checkpoints or tracker logs): all of it, or nothing."""
+    import os
+
+    from llmkit.hub import hub_offline
+
+    folder = Path(run)
+    if not folder.is_dir():
+        raise LlmkitError(f"{run}: no such run directory")
+    finished(folder)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if hub_offline():
+        raise LlmkitError(f"cannot reach the Hugging Face Hub ({endpoint}): nothing was "
+                          "uploaded; push again once it can be reached")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                   ignore_patterns=["checkpoints/*", "tensorboard/*", "merged/*"],
+                                   commit_message=f"llmkit run {folder.name}")
+    except Exception as err:  # network, token, permission: the commit was not made
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise LlmkitError(f"push to {repo_id} failed ({type(err).__name__}: {first}); the "
+                          f"run was not uploaded (log in with `hf auth login` or set HF_TOKEN "
+                          f"if the Hub asks for a token)") from err
+    return str(getattr(commit, "commit_url", None) or f"{endpoint}/{repo_id}")

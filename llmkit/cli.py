@@ -239,6 +239,17 @@ def plot(runs: Annotated[list[Path], typer.Argument(help="Finished run directori
     typer.echo(str(draw(runs, output or default)))
 
 
+@app.command(epilog=examples("llmkit push runs/sst2 --repo-id me/minilm-sst2 --private"))
+def push(run: Annotated[str, typer.Argument(help="A finished run directory.")],
+         repo_id: Annotated[str, typer.Option(help="Hub repository: USER/NAME.")],
+         private: Annotated[bool, typer.Option("--private", help="Create it private.")] = False
+         ) -> None:
+    """Upload a finished run to the Hugging Face Hub (one commit: all of it or nothing)."""
+    from llmkit.card import push as upload
+
+    typer.echo(upload(run, repo_id, private))
+
+
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List shipped recipes and the command that runs each."""

@@ -95,3 +95,4 @@ def load_pretrained(auto_class: Any, name: str, **kwargs: Any) -> Any:
         reason = " ".join(str(err).split())[:200]
         raise LlmkitError(f"--model {name}: its weights cannot be read ({reason}); the file "
                           "is damaged or incomplete: save or download it again") from err
+

@@ -273,6 +273,10 @@ CASES: list[tuple[list[str], str]] = [
     (["recipes", "copy", "classify-sst2", "{file}"], "{file} exists; choose another destination"),
     (["nonsense"], "No such command 'nonsense'. (see llmkit --help)"),
     ([*FT, "--dry-run=soon"], "Option '--dry-run' does not take a value"),
+    ([*FT, "--report-to", "tensorbored"], "--report-to tensorbored: no such tracker"),
+    (["push", "{tmp}", "--repo-id", "me/run"], "is not a finished run (no metrics.json)"),
+    (["push", "{tmp}/nothing", "--repo-id", "me/run"], "{tmp}/nothing: no such run directory"),
+    (["plot", "{tmp}"], "is not a finished run (no metrics.json)"),
 ]
 
 

@@ -74,4 +74,4 @@ def test_modules_and_functions_stay_small() -> None:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
                 assert length <= 55, f"{path.name}: {node.name} has {length} lines"
-    assert len((PACKAGE / "cli.py").read_text().splitlines()) <= 310  # nine commands
+    assert len((PACKAGE / "cli.py").read_text().splitlines()) <= 325  # ten commands

@@ -101,3 +101,22 @@ def test_curves_are_drawn_and_runs_compared(tracked: Path, tmp_path: Path) -> No
         from llmkit.card import draw
 
         draw([tmp_path], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"HF_HUB_OFFLINE": "1"}, "cannot reach the Hugging Face Hub"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_not_a_token", "HF_HUB_OFFLINE": "0"},
+     "push to me/run failed (ConnectError"),
+])
+def test_push_without_the_hub_is_one_line(tracked: Path, env: dict[str, str], message: str
+                                          ) -> None:
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "llmkit", "push", str(tracked), "--repo-id",
+                             "me/run"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **env})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
