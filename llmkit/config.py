@@ -39,6 +39,8 @@ class DataConfig:
                          "them ('data/*.jsonl'), or a Hub dataset id.")
     validation: str | None = setting(None, "Validation rows; without it a seeded slice of "
                                      "--train is held out.")
+    test: str | None = setting(None, "Rows to predict with the final model after training: "
+                               "test_predictions.jsonl, and test metrics when labelled.")
     dataset_config: str | None = setting(None, "Hub dataset configuration (e.g. sst2 for glue).")
     format: FileFormat | None = setting(None, "Format of files whose name does not say it.")
     train_split: str = setting("train", "Hub split for --train.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import fields, replace
 from pathlib import Path
@@ -14,6 +15,8 @@ from llmkit.errors import LlmkitError
 from llmkit.report import quiet_libraries
 from llmkit.tasks import get_task, load_config, load_model
 from llmkit.tasks.task import Task, loss_of
+
+log = logging.getLogger("llmkit")
 
 
 def run_config(model: str) -> RunConfig | None:
@@ -163,3 +166,26 @@ def merge(run: str | Path, output: str | Path, base_model: str | None = None) ->
     AutoTokenizer.from_pretrained(str(run)).save_pretrained(output)
     shutil.copyfile(run / "config.yaml", output / "config.yaml")  # the task, for llmkit predict
     return output
+
+
+def test(run: Path, spec: str) -> dict[str, Any]:
+    """--test: the finished run predicts `spec` (test_predictions.jsonl) and, where the rows
+    carry labels, scores it; the metrics go into metrics.json under "test"."""
+    cfg = run_config(str(run))
+    assert cfg is not None
+    task = get_task(cfg.task)
+    rows = load_split(spec, "test", cfg.data.dataset_config, "--test",
+                      getattr(cfg.data, "sample_by", "line"))
+    found: dict[str, Any] = {}
+    if cfg.task != "generate":  # a language model's rows are text to score, not to label
+        predict(str(run), spec, str(run / "test_predictions.jsonl"))
+        found["predictions"] = "test_predictions.jsonl"
+    if all(c in rows.column_names for c in task.columns(cfg.data, True)):
+        found.update(score(str(run), spec, split="test"))
+    metrics_path = run / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics["test"] = found
+    metrics_path.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    log.info("--test %s: %s", spec, ", ".join(f"{k} {v:.4f}" for k, v in found.items()
+                                                 if isinstance(v, float)) or "predicted")
+    return found

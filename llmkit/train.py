@@ -25,7 +25,7 @@ from llmkit.config import DataConfig, RunConfig, TrainConfig, dump_config
 from llmkit.data import LengthGroupedBatches, by_length, check_columns, lengths, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.launch import fsdp_units, sharded, start_run, start_trackers
-from llmkit.predict import merge
+from llmkit.predict import merge, test
 from llmkit.report import (
     Meter,
     Reporter,
@@ -350,6 +350,8 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
         speed = train_loop(parts, cfg, state, reporter, out)
     reporter.summary(state.history, state.best_checkpoint or "")
     save_run(parts, cfg, state, out, speed, started)
+    if cfg.data.test and accelerator.is_main_process:
+        test(out, cfg.data.test)
     accelerator.end_training()  # trackers flush and close
     reporter.done(state.history, state.best_checkpoint or "", cfg.train.metric_for_best
                   or parts.task.default_metric, time.time() - started)

@@ -120,3 +120,22 @@ def test_push_without_the_hub_is_one_line(tracked: Path, env: dict[str, str], me
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_test_file_is_predicted_and_scored_after_training(tiny_bert: Path,
+                                                            toy: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    from llmkit.predict import predict, score
+
+    out = finetune(load_config("classify", None, settings(
+        tiny_bert, toy, tmp_path / "run", **{"data.test": str(toy["validation"]),
+                                             "train.epochs": 1})))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] == pytest.approx(
+        score(str(out), str(toy["validation"]))["accuracy"])
+    written = [json.loads(x) for x in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert written == predict(str(out), str(toy["validation"]))
+    with pytest.raises(LlmkitError, match="--test nowhere/test.tsv: no such file"):
+        finetune(load_config("classify", None, settings(
+            tiny_bert, toy, tmp_path / "other", **{"data.test": "nowhere/test.tsv"})))
+    assert not (tmp_path / "other").exists()  # refused before any work
