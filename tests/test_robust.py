@@ -211,3 +211,40 @@ def test_a_finished_run_keeps_its_checkpoints_when_asked(tiny_bert: Path, toy: d
     best = json.loads((out / "metrics.json").read_text())["final"]["step"]
     kept = [p.name for p in checkpoint.checkpoints(out)]
     assert len(kept) <= 3 and f"checkpoint-{best}" in kept
+
+
+def test_fsdp2_units_leave_out_a_block_that_holds_the_embeddings() -> None:
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    from llmkit.launch import fsdp_units
+
+    def units(model, given=None, version=2):
+        plugin = SimpleNamespace(fsdp_version=version, transformer_cls_names_to_wrap=given)
+        fsdp_units(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), model)
+        return plugin.transformer_cls_names_to_wrap
+
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=37))
+    assert units(bert) == ["BertLayer"]  # Accelerate would shard the word embeddings twice
+    assert units(bert, ["BertEmbeddings", "BertLayer"]) == ["BertEmbeddings", "BertLayer"]
+    assert units(bert, version=1) is None
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2))
+    assert units(gpt2) is None  # its blocks hold no embeddings: Accelerate's own choice stands
+    assert fsdp_units(SimpleNamespace(state=SimpleNamespace()), gpt2) is None  # no FSDP
+
+
+def test_a_sharded_gradient_norm_is_judged_whole(tmp_path: Path) -> None:
+    from llmkit.config import TrainConfig
+
+    class Sharded:  # FSDP2's clipper returns a DTensor: each process holds a piece
+        def full_tensor(self) -> torch.Tensor:
+            return torch.tensor(float("inf"))
+
+    guard = checkpoint.Guard(TrainConfig(), checkpoint.RunState(), tmp_path)
+    guard.note(torch.tensor(1.0), 2)
+    guard.note(Sharded(), 3)  # type: ignore[arg-type]
+    assert guard.first is not None and int(guard.first) == 3
+    skipping = checkpoint.Guard(TrainConfig(on_nonfinite="skip"), checkpoint.RunState(), tmp_path)
+    assert skipping.skip(Sharded(), 4)  # type: ignore[arg-type]
