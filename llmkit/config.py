@@ -43,6 +43,7 @@ class DataConfig:
                                "test_predictions.jsonl, and test metrics when labelled.")
     dataset_config: str | None = setting(None, "Hub dataset configuration (e.g. sst2 for glue).")
     format: FileFormat | None = setting(None, "Format of files whose name does not say it.")
+    json_field: str | None = setting(None, "JSON files: read the rows under this top-level key.")
     train_split: str = setting("train", "Hub split for --train.")
     validation_split: str = setting("validation", "Hub split for --validation.")
     validation_fraction: float = setting(0.1, "Share of --train held out when there is no "

@@ -76,13 +76,14 @@ def _json_rows(path: Path, suffix: str) -> Dataset | None:
         for article in rows for paragraph in article["paragraphs"] for qa in paragraph["qas"]])
 
 
-def _load_file(path: Path, option: str, sample_by: str, suffix: str | None = None
-               ) -> Dataset:
-    """One file, read by its extension (or `suffix`, from --format)."""
+def _load_file(path: Path, option: str, sample_by: str, suffix: str | None = None,
+               field: str | None = None) -> Dataset:
+    """One file, read by its extension (or `suffix`, from --format); JSON rows under a
+    top-level `field` (--json-field) when given."""
     import datasets
 
     suffix = suffix or path.suffix.lower()
-    nested = _json_rows(path, suffix)
+    nested = None if field else _json_rows(path, suffix)
     if nested is not None:
         return nested
 
@@ -90,12 +91,18 @@ def _load_file(path: Path, option: str, sample_by: str, suffix: str | None = Non
         raise LlmkitError(f"{option} {path}: unknown format {suffix or '(no extension)'!r}; "
                           f"use one of {', '.join(FORMATS)}, or name it with --format")
     builder, kwargs = FORMATS[suffix]
-    if builder == "text":
-        kwargs = {"sample_by": sample_by}
+    if field and builder != "json":
+        raise LlmkitError(f"{option} {path}: --json-field {field} reads JSON files, and this "
+                          f"one is {suffix}")
+    kwargs = {"sample_by": sample_by} if builder == "text" else {
+        **kwargs, **({"field": field} if field else {})}
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         cause = err.__cause__ or err
+        if field and isinstance(cause, KeyError):
+            raise LlmkitError(f"{option} {path}: no top-level key {field!r} (--json-field)"
+                              ) from err
         raise LlmkitError(f"{option} {path}: could not be read as {suffix}: "
                           f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
                           ) from err
@@ -120,7 +127,8 @@ def _load_hub(name: str, split: str, dataset_config: str | None, option: str) ->
         raise LlmkitError(f"{option} {name}: {str(err).splitlines()[0]}") from err
 
 
-def _load_files(pattern: str, option: str, sample_by: str, suffix: str | None) -> Dataset:
+def _load_files(pattern: str, option: str, sample_by: str, suffix: str | None,
+                field: str | None = None) -> Dataset:
     """Every file a glob matches, in name order, as one split."""
     import glob
 
@@ -129,7 +137,7 @@ def _load_files(pattern: str, option: str, sample_by: str, suffix: str | None) -
     paths = sorted(p for p in glob.glob(str(Path(pattern).expanduser())) if Path(p).is_file())
     if not paths:
         raise LlmkitError(f"{option} {pattern}: no file matches")
-    parts = [_load_file(Path(p), option, sample_by, suffix) for p in paths]
+    parts = [_load_file(Path(p), option, sample_by, suffix, field) for p in paths]
     odd = next((i for i, part in enumerate(parts)
                 if set(part.column_names) != set(parts[0].column_names)), None)
     if odd is not None:
@@ -146,15 +154,16 @@ def _load_files(pattern: str, option: str, sample_by: str, suffix: str | None) -
 
 
 def load_split(spec: str, split: str, dataset_config: str | None, option: str,
-               sample_by: str = "line", fmt: str | None = None) -> Dataset:
+               sample_by: str = "line", fmt: str | None = None, field: str | None = None
+               ) -> Dataset:
     """One split from a local file (by extension, or `fmt`; a .txt file gives a `text` row
     per line, paragraph or document), the files a glob matches, or a Hub dataset id."""
     path = Path(spec).expanduser()
     suffix = f".{fmt}" if fmt else None
     if any(c in spec for c in "*?[") and not path.exists():
-        rows = _load_files(spec, option, sample_by, suffix)
+        rows = _load_files(spec, option, sample_by, suffix, field)
     elif path.is_file():
-        rows = _load_file(path, option, sample_by, suffix)
+        rows = _load_file(path, option, sample_by, suffix, field)
     elif path.is_dir():
         raise LlmkitError(f"{option} {spec} is a folder; give a file ({', '.join(FORMATS)})")
     elif path.exists():
@@ -220,10 +229,10 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     """Training and evaluation rows; without a validation set, a seeded slice of train."""
     sample_by = getattr(cfg, "sample_by", "line")  # a setting of the tasks that read .txt
     train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train", sample_by,
-                       cfg.format)
+                       cfg.format, cfg.json_field)
     if cfg.validation:
         valid = load_split(cfg.validation, cfg.validation_split, cfg.dataset_config,
-                           "--validation", sample_by, cfg.format)
+                           "--validation", sample_by, cfg.format, cfg.json_field)
     else:
         if len(train) < 2:
             raise LlmkitError("--train holds one row: too few to hold out a validation slice")

@@ -175,7 +175,8 @@ def test(run: Path, spec: str) -> dict[str, Any]:
     assert cfg is not None
     task = get_task(cfg.task)
     rows = load_split(spec, "test", cfg.data.dataset_config, "--test",
-                      getattr(cfg.data, "sample_by", "line"))
+                      getattr(cfg.data, "sample_by", "line"), cfg.data.format,
+                      cfg.data.json_field)
     found: dict[str, Any] = {}
     if cfg.task != "generate":  # a language model's rows are text to score, not to label
         predict(str(run), spec, str(run / "test_predictions.jsonl"))

@@ -95,7 +95,8 @@ def test_saved_config_holds_the_task_settings_only(tmp_path: Path) -> None:
     cfg = load_config("classify", None, BASE)
     dump_config(cfg, tmp_path / "config.yaml")
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]
-    assert set(data) == {"train", "validation", "test", "dataset_config", "format", "train_split",
+    assert set(data) == {"train", "validation", "test", "dataset_config", "format", "json_field",
+                         "train_split",
                          "validation_split", "validation_fraction", "max_train_samples",
                          "preprocessing_workers",
                          "max_eval_samples", "text_column", "text_pair_column", "label_column",

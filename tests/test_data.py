@@ -134,6 +134,22 @@ def test_json_files_read_whatever_their_layout(tmp_path: Path) -> None:
     assert rows[0]["answers"] == {"text": ["Ann"], "answer_start": [0]}
 
 
+def test_json_field_reads_rows_under_any_top_level_key(tmp_path: Path) -> None:
+    doc = tmp_path / "export.json"
+    doc.write_text(json.dumps({"meta": {"n": 2}, "examples": ROWS}, indent=1))
+    rows = load_split(str(doc), "train", None, "--train", field="examples")
+    assert rows["text"] == [r["text"] for r in ROWS]
+    train, valid = load_splits(DataConfig(train=str(doc), validation=str(doc),
+                                          json_field="examples"), 0)
+    assert len(train) == len(valid) == len(ROWS)
+    with pytest.raises(LlmkitError, match="no top-level key 'rows' \\(--json-field\\)"):
+        load_split(str(doc), "train", None, "--train", field="rows")
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\nhi,1\n")
+    with pytest.raises(LlmkitError, match="--json-field examples reads JSON files"):
+        load_split(str(table), "train", None, "--train", field="examples")
+
+
 def test_a_glob_reads_every_file_it_matches_and_format_names_a_file_type(tmp_path: Path) -> None:
     import json
 
