@@ -53,6 +53,26 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return train, valid, model
 
 
+def save_gpt2(folder: Path, text: str, **shape: int) -> Path:
+    """A random GPT-2 (its own sizes unless `shape` says otherwise; 1,024 positions) with a
+    byte-level BPE of 8,000 words trained on `text`: the other benchmarks' causal model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=8000, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)  # with GPT-2's own vocabulary the rows past the tokenizer's stay unused
+    GPT2LMHeadModel(GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0, **shape)
+                    ).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                            bos_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
 def run_llmkit(train: Path, valid: Path, model: Path, args: argparse.Namespace) -> dict:
     from llmkit.tasks import load_config
     from llmkit.train import finetune

@@ -29,30 +29,15 @@ sys.path.insert(0, str(BENCH))
 
 
 def models(args: argparse.Namespace) -> dict[str, Path]:
-    import torch
+    from causal_lm import save_gpt2
     from precision import build_model
     from seq2seq import save_model
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers import models as bpe
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     small = args.smoke
     found = {"bert": args.out / "bert", "gpt2": args.out / "gpt2", "marian": args.out / "marian"}
     build_model(found["bert"], 2 if small else 12, 64 if small else 768)
     text = (args.data / "tinyshakespeare/input.txt").read_text(encoding="utf-8")
-    tok = Tokenizer(bpe.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=8000, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    shape = dict(n_layer=2, n_embd=64, n_head=2) if small else {}
-    GPT2LMHeadModel(GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0, **shape)
-                    ).save_pretrained(found["gpt2"])
-    tokenizer.save_pretrained(found["gpt2"])
+    save_gpt2(found["gpt2"], text, **(dict(n_layer=2, n_embd=64, n_head=2) if small else {}))
     pairs = [json.loads(x)["translation"] for x in
              (args.data / "bible-en-es/old-testament.jsonl").read_text().splitlines()[:4000]]
     marian = argparse.Namespace(vocab=8000, width=64 if small else 512, layers=2 if small else 6)

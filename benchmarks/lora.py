@@ -35,10 +35,8 @@ GPT2_RUNS = ("full", "--lora", "--lora --gradient-checkpointing")
 
 def gpt2_one(run: str, args: argparse.Namespace) -> None:
     """One GPT-2 run in this process; prints its figures as JSON."""
-    import torch
     from causal_lm import DATA as TEXT
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from causal_lm import save_gpt2
 
     from llmkit.tasks import load_config
     from llmkit.train import finetune
@@ -51,18 +49,7 @@ def gpt2_one(run: str, args: argparse.Namespace) -> None:
     (folder / "valid.txt").write_text(text[size:size + 4 * args.block * 4], encoding="utf-8")
     model = folder / "model"
     if not (model / "config.json").is_file():
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator([text], trainers.BpeTrainer(
-            vocab_size=8000, special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                            bos_token="<|endoftext|>")
-        torch.manual_seed(0)  # GPT-2's own sizes; the rows past the tokenizer's stay unused
-        GPT2LMHeadModel(GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0)
-                        ).save_pretrained(model)
-        tokenizer.save_pretrained(model)
+        save_gpt2(model, text)
     cfg = load_config("generate", None, {
         "model": str(model), "output": str(folder / "run"), "data.train": str(folder /
                                                                               "train.txt"),

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
 DATA = BENCH.parent.parent / "shared" / "data" / "debian-descriptions" / "descriptions.jsonl"
 OUT = BENCH / "out" / "prepare"
 
@@ -39,21 +40,10 @@ def corpus(mb: int) -> Path:
 def model() -> Path:
     folder = OUT / "model"
     if not (folder / "config.json").is_file():
-        import torch
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+        from causal_lm import save_gpt2
 
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator([corpus(10).read_text(encoding="utf-8")], trainers.BpeTrainer(
-            vocab_size=8000, special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                bos_token="<|endoftext|>").save_pretrained(folder)
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(vocab_size=8000, n_layer=1, n_embd=64, n_head=1,
-                                   n_positions=1024)).save_pretrained(folder)
+        save_gpt2(folder, corpus(10).read_text(encoding="utf-8"), vocab_size=8000, n_layer=1,
+                  n_embd=64, n_head=1)
     return folder
 
 
