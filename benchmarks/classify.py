@@ -34,7 +34,7 @@ def minilm() -> str:
 def subset(rows: int) -> Path:
     """The first `rows` rows of train.tsv, as a file both tools read."""
     lines = (DATA / "train.tsv").read_text(encoding="utf-8").splitlines()
-    path = OUT / f"sst2-train-{rows}.tsv"
+    path = OUT / f"{DATA.name}-train-{rows}.tsv"
     path.write_text("\n".join(lines[: rows + 1]) + "\n", encoding="utf-8")
     return path
 
@@ -48,7 +48,8 @@ def run_llmkit(train: Path, args: argparse.Namespace) -> dict[str, float]:
         "data.validation": str(DATA / "dev.tsv"), "data.max_length": args.max_length,
         "train.epochs": args.epochs, "train.learning_rate": args.lr,
         "train.batch_size": args.batch_size, "train.weight_decay": 0.01, "train.seed": args.seed,
-        "train.mixed_precision": args.mixed_precision})
+        "train.mixed_precision": args.mixed_precision,
+        "train.group_by_length": not args.no_group_by_length})
     start = time.perf_counter()
     out = finetune(cfg, overwrite=True)
     wall = time.perf_counter() - start
@@ -75,7 +76,9 @@ def run_trainer(train: Path, args: argparse.Namespace) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = raw.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
                    batched=True, remove_columns=["text"])
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2,
+    names = sorted(set(data["train"]["label"]))  # banking77's are strings: ids as llmkit sorts
+    data = data.map(lambda b: {"label": [names.index(x) for x in b["label"]]}, batched=True)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(names),
                                                                dtype=torch.float32)
     training = TrainingArguments(
         output_dir=str(OUT / "trainer-run"), num_train_epochs=args.epochs,
@@ -94,6 +97,24 @@ def run_trainer(train: Path, args: argparse.Namespace) -> dict[str, float]:
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
+def seed_run(args: argparse.Namespace, trainer: bool) -> dict:
+    """One tool's run for benchmarks/seeds.py: accuracy after the last epoch (llmkit's best
+    epoch beside it)."""
+    global DATA
+    DATA = args.data or DATA
+    args.model = args.model or minilm()
+    OUT.mkdir(parents=True, exist_ok=True)
+    train = subset(args.rows)
+    if trainer:
+        result = run_trainer(train, args)
+        return {"accuracy": result["accuracy_last_epoch"],
+                "train_samples_per_second": result["train_samples_per_second"]}
+    result = run_llmkit(train, args)
+    return {"accuracy": result["accuracy_last_epoch"],
+            "best_epoch_accuracy": result["accuracy_best_epoch"],
+            "train_samples_per_second": result["train_samples_per_second"]}
+
+
 def parser() -> argparse.ArgumentParser:
     """The settings (run.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,6 +127,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--model", help="all-MiniLM-L6-v2 folder (default: the wheel's)")
     parser.add_argument("--data", type=Path, help="folder with sst2 train.tsv and dev.tsv")
+    parser.add_argument("--no-group-by-length", action="store_true", help="llmkit's option")
     return parser
 
 

@@ -1,12 +1,16 @@
-"""all-MiniLM-L6-v2 on the SQuAD 2.0 sample: llmkit vs Trainer with run_qa.py's recipe logic.
+"""all-MiniLM-L6-v2 on debian-qa: llmkit vs Trainer with run_qa.py's recipe logic.
 
-    python benchmarks/qa.py [--epochs 3]
+    python benchmarks/qa.py [--questions 1200] [--epochs 2] [--seed 42]
+    python benchmarks/qa.py --train ../shared/data/squad2-sample/small.json --dev ''   # older
 
-Both use the same held-out 20% of ../shared/data/squad2-sample/small.json (llmkit's seeded
-split), the same windows (max length 256, stride 64) and hyper-parameters. The Trainer side
-follows run_qa.py as documented: windows padded to max length, CLS for answers outside a
-window, Trainer.predict, then n-best post-processing across windows with the minimum null score
-and a null-score threshold. Both are scored with the official SQuAD v2.0 definitions.
+Both train on the first N questions of ../shared/data/debian-qa/train.json and score dev.json
+(600 questions; with --dev '' llmkit's seeded 20% of --train), with the same windows (max
+length 256, stride 128: llmkit's defaults) and hyper-parameters (2 epochs, lr 1e-4, batch 32:
+the settings of issue 23; everything else at each tool's default). The Trainer side follows
+run_qa.py as documented: windows padded to max length, CLS for answers outside a window,
+Trainer.predict, then n-best post-processing across windows with the minimum null score and a
+null-score threshold. Both are scored with the official SQuAD v2.0 definitions.
+benchmarks/seeds.py runs this over seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "squad2-sample" / "small.json"
+DATA = ROOT.parent / "shared" / "data" / "debian-qa"
 OUT = ROOT / "benchmarks" / "out" / "qa"
 
 
@@ -34,10 +38,11 @@ def run_llmkit(args: argparse.Namespace) -> dict:
     from llmkit.train import finetune
 
     cfg = load_config("qa", None, {
-        "model": minilm(), "output": str(OUT / "llmkit-run"), "data.train": str(DATA),
-        "data.validation_fraction": 0.2, "data.max_length": args.max_length,
-        "data.doc_stride": args.stride, "train.epochs": args.epochs,
-        "train.batch_size": args.batch_size, "train.learning_rate": args.lr})
+        **data_settings(args), "model": minilm(), "output": str(OUT / "llmkit-run"),
+        "data.max_length": args.max_length, "data.doc_stride": args.stride,
+        "train.epochs": args.epochs, "train.batch_size": args.batch_size,
+        "train.learning_rate": args.lr, "train.seed": args.seed,
+        "train.group_by_length": not args.no_group_by_length})
     start = time.perf_counter()
     out = finetune(cfg, overwrite=True)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -46,6 +51,13 @@ def run_llmkit(args: argparse.Namespace) -> dict:
             "best_epoch_f1": metrics["final"]["f1"],
             "train_samples_per_second": metrics["run"]["train_samples_per_second"],
             "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def data_settings(args: argparse.Namespace) -> dict:
+    """The rows both tools read: --train (its first --questions), --dev or 20% of --train."""
+    held_out = {"data.validation": str(args.dev)} if args.dev else {
+        "data.validation_fraction": 0.2}
+    return {"data.train": str(args.train), "data.max_train_samples": args.questions, **held_out}
 
 
 def run_trainer(args: argparse.Namespace) -> dict:
@@ -58,11 +70,12 @@ def run_trainer(args: argparse.Namespace) -> dict:
     )
 
     from llmkit import metrics
-    from llmkit.config import DataConfig
+    from llmkit.tasks import load_config
     from llmkit.data import load_splits
 
     start = time.perf_counter()
-    train, valid = load_splits(DataConfig(train=str(DATA), validation_fraction=0.2), seed=42)
+    cfg = load_config("qa", None, {**data_settings(args), "model": "-", "output": "-"})
+    train, valid = load_splits(cfg.data, seed=42)
     tokenizer = AutoTokenizer.from_pretrained(minilm())
 
     def windows(batch: dict) -> dict:
@@ -105,7 +118,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
     training = TrainingArguments(
         output_dir=str(OUT / "trainer-run"), num_train_epochs=args.epochs,
         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, seed=42, save_strategy="no", eval_strategy="no",
+        per_device_eval_batch_size=64, seed=args.seed, save_strategy="no", eval_strategy="no",
         report_to=[], disable_tqdm=True)
     trainer = Trainer(model=AutoModelForQuestionAnswering.from_pretrained(minilm()),
                       args=training, train_dataset=train_set,
@@ -149,23 +162,45 @@ def postprocess(examples, features, start_logits, end_logits, n_best: int,
     return predictions
 
 
-def main() -> None:
+def seed_run(args: argparse.Namespace, trainer: bool) -> dict:
+    """One tool's run for benchmarks/seeds.py: scores after the last epoch (llmkit's best
+    epoch beside it)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = run_trainer(args) if trainer else run_llmkit(args)
+    extra = {} if trainer else {"best_epoch_f1": result["best_epoch_f1"]}
+    return {**result["last_epoch"], **extra,
+            "train_samples_per_second": result["train_samples_per_second"]}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The settings (seeds.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--train", type=Path, default=DATA / "train.json")
+    parser.add_argument("--dev", default=str(DATA / "dev.json"),
+                        help="'' holds out 20%% of --train (llmkit's seeded split)")
+    parser.add_argument("--questions", type=int, default=1200)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--stride", type=int, default=64)
+    parser.add_argument("--stride", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--no-group-by-length", action="store_true", help="llmkit's option")
     parser.add_argument("--skip-llmkit", action="store_true")
-    args = parser.parse_args()
-    if not DATA.is_file():
-        raise SystemExit(f"{DATA} is absent: the shared data folder must sit beside the checkout")
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if not args.train.is_file():
+        raise SystemExit(f"{args.train} is absent: the shared data folder must sit beside the "
+                         "checkout")
     OUT.mkdir(parents=True, exist_ok=True)
     results = {} if args.skip_llmkit else {"llmkit": run_llmkit(args)}
     results["Trainer + run_qa logic"] = run_trainer(args)
     print(json.dumps(results, indent=1))
     (OUT.parent / "qa.json").write_text(json.dumps({"args": vars(args), "results": results},
-                                                   indent=1))
+                                                   indent=1, default=str))
 
 
 if __name__ == "__main__":
