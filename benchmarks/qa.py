@@ -70,8 +70,8 @@ def run_trainer(args: argparse.Namespace) -> dict:
     )
 
     from llmkit import metrics
-    from llmkit.tasks import load_config
     from llmkit.data import load_splits
+    from llmkit.tasks import load_config
 
     start = time.perf_counter()
     cfg = load_config("qa", None, {**data_settings(args), "model": "-", "output": "-"})
