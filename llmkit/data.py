@@ -247,12 +247,18 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     return train, valid
 
 
+MEGABATCH, MIN_MEGABATCHES = 50, 4  # batches per mega-batch at most; mega-batches per epoch
+
+
 class LengthGroupedBatches:
     """Batch sampler: a seeded random order per epoch, rows of similar length batched together.
 
     Rows are shuffled, cut into mega-batches of 50 batches, sorted by length inside each, split
     into batches, and the batches shuffled: little padding, and still a random walk over the
-    data. The order depends only on (seed, epoch), so a resumed run sees the same batches.
+    data. An epoch holds at least `MIN_MEGABATCHES` mega-batches (Trainer's rule): were the
+    whole set one mega-batch, every epoch would bring nearly the same batches, each of one
+    length (on debian-qa, of one question type). The order depends only on (seed, epoch), so a
+    resumed run sees the same batches.
     """
 
     def __init__(self, lengths: Any, batch_size: int, seed: int, group: bool = True):
@@ -271,7 +277,8 @@ class LengthGroupedBatches:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
         if self.group:
-            mega = self.batch_size * 50
+            mega = self.batch_size * max(1, min(MEGABATCH, len(order) // (
+                self.batch_size * MIN_MEGABATCHES)))
             lengths = np.asarray(self.lengths)
             order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
                                     for chunk in np.split(order, range(mega, len(order), mega))])

@@ -115,6 +115,20 @@ def test_length_grouped_batches_cover_each_row_once_and_group_lengths() -> None:
     assert sorted(i for b in plain for i in b) == list(range(1000))
 
 
+def test_length_grouping_of_a_small_set_still_draws_new_batches_each_epoch() -> None:
+    """38 batches are fewer than one 50-batch mega-batch: sorting the whole set would give the
+    same batches (one length each) every epoch. At least 4 mega-batches keep them drawn anew."""
+    lengths = list(range(1200))  # every length once: a whole-set sort repeats batches exactly
+
+    def pairs(epoch: int) -> set[tuple[int, int]]:
+        sampler = LengthGroupedBatches(lengths, 32, seed=0)
+        sampler.set_epoch(epoch)
+        return {(a, b) for batch in sampler for a in batch for b in batch if a < b}
+
+    first, second = pairs(0), pairs(1)
+    assert len(first & second) < 0.3 * len(first)
+
+
 def test_json_files_read_whatever_their_layout(tmp_path: Path) -> None:
     """JSON Lines named .json (transformers' wmt16/xsum fixtures), run_qa.py's rows under a
     top-level "data" key, and the official nested SQuAD file minified on one line."""
