@@ -33,10 +33,30 @@ class ScoreOptions:
     tokenize: str | None = setting(None, "BLEU tokenizer (sacrebleu's: 13a, intl, char, zh, "
                                    "none, ...).")
     lowercase: bool = setting(False, "Case-insensitive BLEU.", "-lc")
+    smooth_method: Literal["exp", "floor", "add-k", "none"] = setting(
+        "exp", "BLEU smoothing, as sacrebleu's --smooth-method.")
+    smooth_value: float | None = setting(None, "Value for floor (default 0.1) or add-k "
+                                         "(default 1) smoothing.", minimum=0.0)
+    max_ngram_order: int = setting(4, "BLEU's largest n-gram.", minimum=1)
+    chrf_char_order: int = setting(6, "chrF character n-gram order.", minimum=1)
     chrf_word_order: int = setting(0, "chrF word n-gram order; 2 = chrF++.", minimum=0)
+    chrf_beta: int = setting(2, "chrF's recall weight beta.", minimum=0)
+    chrf_whitespace: bool = setting(False, "chrF: keep white space in character n-grams.")
+    chrf_eps_smoothing: bool = setting(False, "chrF: epsilon smoothing (chrF++.py, NLTK, "
+                                       "Moses) instead of effective order.")
     chrf_lowercase: bool = setting(False, "Case-insensitive chrF.")
     ter_case_sensitive: bool = setting(False, "Case-sensitive TER (sacrebleu's TER ignores "
                                        "case by default).")
+    ter_normalized: bool = setting(False, "TER: basic normalization and tokenization.")
+    ter_no_punct: bool = setting(False, "TER: remove punctuation.")
+    ter_asian_support: bool = setting(False, "TER: treat Asian characters specially.")
+    sentence_level: bool = setting(False, "Also score each line on its own (sacrebleu -sl; "
+                                   "sentence BLEU with effective order).", "-sl")
+    no_stemmer: bool = setting(False, "ROUGE without Porter stemming (rouge-score's "
+                               "use_stemmer=False).")
+    aggregate: Literal["mean", "bootstrap"] = setting(
+        "mean", "ROUGE over lines: the mean, or rouge-score's bootstrap median with its 95% "
+        "interval (1,000 resamples, seeded).")
     confidence: bool = setting(False, "95% bootstrap interval for BLEU/chrF/TER (sacrebleu's, "
                                "seeded by SACREBLEU_SEED).")
     bootstrap_samples: int = setting(1000, "Resamples for --confidence and --baseline.",
@@ -244,6 +264,10 @@ def score_files(names: list[str], predictions: str, references: list[str],
         if len(baseline) != len(hypotheses):
             raise LlmkitError(f"--baseline {options['baseline']} has {len(baseline)} lines but "
                               f"--predictions has {len(hypotheses)}")
+    if options.get("sentence_level") and (baseline is not None or options.get("confidence")
+                                          or set(line_metrics) - set(SACREBLEU)):
+        raise LlmkitError("--sentence-level scores BLEU, chrF and TER line by line, without "
+                          "--confidence or --baseline (as sacrebleu -sl)")
     for name in line_metrics:
         if baseline is not None and name != "rouge":
             score = (sacrebleu_score(name, hypotheses, refs, options) if name in SACREBLEU
@@ -253,7 +277,8 @@ def score_files(names: list[str], predictions: str, references: list[str],
         elif name in SACREBLEU:
             scores.append(sacrebleu_score(name, hypotheses, refs, options))
         elif name == "rouge":
-            scores.extend(rouge_scores(hypotheses, refs))
+            scores.extend(rouge_scores(hypotheses, refs, not options.get("no_stemmer"),
+                                       options.get("aggregate") or "mean"))
         elif name not in BUILTIN:
             scores.extend(catalogue_scores(name, hypotheses, refs[0]))
         else:
@@ -330,5 +355,10 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
         if "confidence_interval" in score.details:
             value += (f" (μ = {score.details['confidence_mean']:.{places}f} ± "
                       f"{score.details['confidence_interval']:.{places}f})")
+        if "low" in score.details:
+            value += f" ({score.details['low']:.{places}f}-{score.details['high']:.{places}f})"
         table.add_row(score.metric, value, score.signature)
     Console().print(table)
+    for score in scores:
+        for line, value in enumerate(score.details.get("sentences", []), 1):
+            print(f"{score.metric}\t{line}\t{value:.{score.decimals if width is None else width}f}")

@@ -135,70 +135,113 @@ class Score:
     metric: str
     value: float
     signature: str
-    details: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     decimals: int = 1  # printed by default: 1 on a 0-100 scale (as sacrebleu), 4 on 0-1
 
 
 def sacrebleu_metric(name: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """A sacrebleu metric object with the CLI's options, and those options."""
+    """A sacrebleu metric object with the CLI's options (its defaults where not given), and
+    those options. Sentence-level BLEU uses effective order, as `sacrebleu -sl` does."""
     from sacrebleu.metrics import BLEU, CHRF, TER
 
+    def given(key: str, default: Any) -> Any:
+        value = options.get(key)
+        return default if value is None else value
+
     if name == "bleu":
-        kwargs = {"lowercase": options.get("lowercase", False),
-                  "tokenize": options.get("tokenize")}
+        kwargs = {"lowercase": given("lowercase", False), "tokenize": options.get("tokenize"),
+                  "smooth_method": given("smooth_method", "exp"),
+                  "smooth_value": options.get("smooth_value"),
+                  "max_ngram_order": given("max_ngram_order", 4),
+                  "effective_order": bool(options.get("sentence_level"))}
         return BLEU(**kwargs), kwargs
     if name == "chrf":
-        kwargs = {"word_order": options.get("chrf_word_order", 0),
-                  "lowercase": options.get("chrf_lowercase", False)}
+        kwargs = {"char_order": given("chrf_char_order", 6),
+                  "word_order": given("chrf_word_order", 0), "beta": given("chrf_beta", 2),
+                  "lowercase": given("chrf_lowercase", False),
+                  "whitespace": given("chrf_whitespace", False),
+                  "eps_smoothing": given("chrf_eps_smoothing", False)}
         return CHRF(**kwargs), kwargs
     # sacrebleu's TER ignores case unless asked
-    kwargs = {"case_sensitive": options.get("ter_case_sensitive", False)}
+    kwargs = {"normalized": given("ter_normalized", False),
+              "no_punct": given("ter_no_punct", False),
+              "asian_support": given("ter_asian_support", False),
+              "case_sensitive": given("ter_case_sensitive", False)}
     return TER(**kwargs), kwargs
 
 
 def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]],
                     options: dict[str, Any]) -> Score:
-    scorer, kwargs = sacrebleu_metric(name, options)
+    """The corpus score; with `sentence_level`, each line's score as well (`sentences`, as
+    `sacrebleu -sl` prints them)."""
+    scorer, kwargs = sacrebleu_metric(name, options | {"sentence_level": False})
     samples = options.get("bootstrap_samples", 0) if options.get("confidence") else 0
     # sacrebleu's own bootstrap: seeded by SACREBLEU_SEED (default 12345), so repeatable
     result = scorer.corpus_score(hypotheses, references, n_bootstrap=max(samples, 1))
-    details: dict[str, float] = {}
+    details: dict[str, Any] = {}
     if samples > 1:
         details = {"confidence_mean": result._mean, "confidence_interval": result._ci,
                    "bootstrap_samples": samples}
     if name == "bleu":
         details |= {"bp": result.bp, "sys_len": result.sys_len, "ref_len": result.ref_len,
                    **{f"precision_{n + 1}": p for n, p in enumerate(result.precisions)}}
+    if options.get("sentence_level"):
+        by_line, _ = sacrebleu_metric(name, options)
+        details["sentences"] = [by_line.sentence_score(h, list(refs)).score
+                                for h, *refs in zip(hypotheses, *references, strict=True)]
     return Score(name, float(result.score), str(scorer.get_signature()), details, kwargs)
 
 
 def split_sentences(text: str) -> str:
-    """One sentence per line, for ROUGE-Lsum (which reads sentences from newlines); a
-    punctuation rule, since nltk's sentence splitter needs data that is not there offline."""
+    """One sentence per line, for ROUGE-Lsum (which reads sentences from newlines). The rule:
+    a sentence ends at white space after `.`, `!` or `?`, so "Dr. No" and "the U.S. Army" are
+    split too; nltk's splitter (what rouge-score's `split_summaries` uses) needs data that is
+    not there offline. Text already on several lines is taken as split."""
+    if "\n" in text.strip():
+        return text.strip()
     return "\n".join(s for s in SENTENCE_END.split(text.strip()) if s)
 
 
-def rouge_scores(predictions: list[str], references: list[str] | list[list[str]]
-                 ) -> list[Score]:
-    """Mean ROUGE-1/2/L/Lsum F-measure (x100) with stemming, from `rouge_score` itself. With
-    several reference lists (one per reference set), each prediction scores the best of its
-    references, as rouge-score's `score_multi` does."""
+ROUGE_SEED = 12345  # the bootstrap's resamples, as sacrebleu's default SACREBLEU_SEED
+
+
+def rouge_scores(predictions: list[str], references: list[str] | list[list[str]],
+                 stemmer: bool = True, aggregate: str = "mean") -> list[Score]:
+    """ROUGE-1/2/L/Lsum F-measure (x100) from `rouge_score` itself, with Porter stemming unless
+    told not to: the mean over predictions, or (`bootstrap`) the median of rouge-score's
+    BootstrapAggregator (1,000 resamples, seeded) with its 95% interval, as rouge-score's CLI and
+    the evaluate library report. With several reference lists (one per reference set), each
+    prediction scores the best of its references, as rouge-score's `score_multi` does."""
     from importlib.metadata import version
 
-    from rouge_score import rouge_scorer
+    import numpy as np
+    from rouge_score import rouge_scorer, scoring
 
     sets = references if references and isinstance(references[0], list) else [references]
     types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-    scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(types, use_stemmer=stemmer)
     totals = dict.fromkeys(types, 0.0)
+    bootstrap = scoring.BootstrapAggregator()
     for i, prediction in enumerate(predictions):
         targets = [split_sentences(str(refs[i])) for refs in sets]
         scores = scorer.score_multi(targets, split_sentences(prediction))
+        bootstrap.add_scores(scores)
         for key in types:
             totals[key] += scores[key].fmeasure
     signature = f"rouge-score {version('rouge-score')}"
-    settings = {"use_stemmer": True, "lsum_sentences": "split after . ! ?", "aggregate": "mean",
-                "references": len(sets)}
-    return [Score(key, 100.0 * total / len(predictions), signature, {}, settings)
-            for key, total in totals.items()]
+    settings = {"use_stemmer": stemmer, "lsum_sentences": "split after . ! ?",
+                "aggregate": aggregate, "references": len(sets)}
+    if aggregate == "mean":
+        return [Score(key, 100.0 * total / len(predictions), signature, {}, settings)
+                for key, total in totals.items()]
+    state = np.random.get_state()  # rouge-score resamples with numpy's global generator
+    np.random.seed(ROUGE_SEED)
+    try:
+        result = bootstrap.aggregate()
+    finally:
+        np.random.set_state(state)
+    return [Score(key, 100.0 * result[key].mid.fmeasure, signature,
+                  {"low": 100.0 * result[key].low.fmeasure,
+                   "high": 100.0 * result[key].high.fmeasure, "bootstrap_samples": 1000},
+                  settings | {"seed": ROUGE_SEED}) for key in types]

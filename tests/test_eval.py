@@ -67,6 +67,13 @@ def sacrebleu_cli(hyp: Path, refs: list[Path], *args: str) -> list[str]:
     {"metric": "ter"},
     {"metric": "ter", "ter_case_sensitive": True},
     {"metric": "chrf", "chrf_lowercase": True},
+    {"metric": "bleu", "smooth_method": "floor", "smooth_value": 0.3},
+    {"metric": "bleu", "smooth_method": "add-k"},
+    {"metric": "bleu", "smooth_method": "none"},
+    {"metric": "chrf", "chrf_char_order": 4, "chrf_beta": 1, "chrf_whitespace": True},
+    {"metric": "chrf", "chrf_eps_smoothing": True},
+    {"metric": "ter", "ter_normalized": True, "ter_no_punct": True},
+    {"metric": "ter", "ter_asian_support": True},
 ])
 @pytest.mark.parametrize("nrefs", [1, 2])
 def test_sacrebleu_metrics_equal_its_cli(system: dict[str, Path], args: dict, nrefs: int
@@ -77,15 +84,26 @@ def test_sacrebleu_metrics_equal_its_cli(system: dict[str, Path], args: dict, nr
         cli += ["--tokenize", args["tokenize"]]
     if args.get("lowercase"):
         cli += ["-lc"]
-    if args.get("ter_case_sensitive"):
-        cli += ["--ter-case-sensitive"]
-    if args.get("chrf_lowercase"):
-        cli += ["--chrf-lowercase"]
-    if "chrf_word_order" in args:
-        cli += ["--chrf-word-order", str(args["chrf_word_order"])]
+    for key, value in args.items():  # the options named as sacrebleu's CLI names them
+        if key not in ("metric", "tokenize", "lowercase"):
+            flag = "--" + key.replace("_", "-")
+            cli += [flag] if value is True else [flag, str(value)]
     [score] = score_files([args["metric"]], str(system["hyp"]), [str(r) for r in refs], args)
     assert f"{score.value:.4f}" == str(sacrebleu_cli(system["hyp"], refs, *cli)[0])
     assert f"nrefs:{nrefs}" in score.signature
+
+
+@pytest.mark.parametrize("metric", ["bleu", "chrf", "ter"])
+def test_sentence_level_scores_equal_sacrebleu_sl(system: dict[str, Path], metric: str) -> None:
+    refs = [system["ref"], system["ref2"]]
+    [score] = score_files([metric], str(system["hyp"]), [str(r) for r in refs],
+                          {"sentence_level": True})
+    lines = subprocess.run([sys.executable, "-m", "sacrebleu", *map(str, refs), "-i",
+                            str(system["hyp"]), "-m", metric, "-sl", "-b", "-w", "4"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert [f"{v:.4f}" for v in score.details["sentences"]] == lines
+    # the corpus score stays sacrebleu's corpus score (no effective order)
+    assert f"{score.value:.4f}" == str(sacrebleu_cli(system["hyp"], refs, "-m", metric)[0])
 
 
 def test_bootstrap_confidence_equals_sacrebleu_and_repeats(system: dict[str, Path]) -> None:
@@ -164,6 +182,36 @@ def test_rouge_equals_rouge_score_called_directly(system: dict[str, Path]) -> No
         assert got[key] == pytest.approx(value, abs=1e-9)
     # one sentence per line: Lsum equals L
     assert got["rougeLsum"] == pytest.approx(got["rougeL"], abs=1e-9)
+
+
+def test_rouge_without_stemmer_and_bootstrap_equal_rouge_score(system: dict[str, Path]
+                                                               ) -> None:
+    import numpy as np
+    from rouge_score import rouge_scorer, scoring
+
+    from llmkit.metrics import ROUGE_SEED
+
+    hyps = system["hyp"].read_text().splitlines()
+    refs = system["ref"].read_text().splitlines()
+    types = ["rouge1", "rouge2", "rougeL"]
+    scorer = rouge_scorer.RougeScorer(types, use_stemmer=False)
+    aggregator = scoring.BootstrapAggregator()
+    for h, r in zip(hyps, refs, strict=True):
+        aggregator.add_scores(scorer.score(r, h))
+    np.random.seed(ROUGE_SEED)
+    expected = aggregator.aggregate()
+    options = {"no_stemmer": True, "aggregate": "bootstrap"}
+    got = {s.metric: s for s in score_files(["rouge"], str(system["hyp"]), [str(system["ref"])],
+                                            options)}
+    for key in types:
+        assert got[key].value == pytest.approx(100 * expected[key].mid.fmeasure, abs=1e-9)
+        assert got[key].details["low"] == pytest.approx(100 * expected[key].low.fmeasure)
+        assert got[key].details["high"] == pytest.approx(100 * expected[key].high.fmeasure)
+    again = score_files(["rouge"], str(system["hyp"]), [str(system["ref"])], options)
+    assert [s.details for s in again] == [s.details for s in got.values()]  # seeded
+    stemmed = {s.metric: s.value for s in score_files(["rouge"], str(system["hyp"]),
+                                                      [str(system["ref"])])}
+    assert stemmed["rouge1"] != got["rouge1"].value
 
 
 def test_rouge_lsum_splits_sentences() -> None:
@@ -350,3 +398,17 @@ def test_cli_prints_label_metrics_with_four_decimals_and_chrf_confidence_json(
     assert result.exit_code == 0, result.output
     details = json.loads(result.output)["scores"][0]["details"]
     assert details["confidence_interval"] > 0
+
+
+def test_cli_sentence_level_lines_and_its_limits(tmp_path: Path) -> None:
+    (tmp_path / "h.txt").write_text("the cat sat on the mat\nhello there\n")
+    (tmp_path / "r.txt").write_text("the cat sat on a mat\nhello there friend\n")
+    files = ["-p", str(tmp_path / "h.txt"), "-r", str(tmp_path / "r.txt")]
+    result = runner.invoke(app, ["eval", "-m", "bleu", "-sl", "--smooth-method", "floor", *files])
+    assert result.exit_code == 0, result.output
+    per_line = [line.split("\t") for line in result.output.splitlines() if "\t" in line]
+    assert [row[:2] for row in per_line] == [["bleu", "1"], ["bleu", "2"]]
+    refused = runner.invoke(app, ["eval", "-m", "bleu", "-sl", "--confidence", *files])
+    assert refused.exit_code == 1 and "--sentence-level" in str(refused.exception)
+    refused = runner.invoke(app, ["eval", "-m", "rouge", "-sl", *files])
+    assert refused.exit_code == 1 and "BLEU, chrF and TER" in str(refused.exception)
