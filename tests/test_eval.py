@@ -93,6 +93,17 @@ def test_sacrebleu_metrics_equal_its_cli(system: dict[str, Path], args: dict, nr
     assert f"nrefs:{nrefs}" in score.signature
 
 
+def test_max_ngram_order_equals_sacrebleu_bleu(system: dict[str, Path]) -> None:
+    from sacrebleu.metrics import BLEU  # the CLI has no flag for it: its Python API
+
+    hyps = system["hyp"].read_text().splitlines()
+    refs = system["ref"].read_text().splitlines()
+    [score] = score_files(["bleu"], str(system["hyp"]), [str(system["ref"])],
+                          {"max_ngram_order": 2})
+    assert score.value == BLEU(max_ngram_order=2).corpus_score(hyps, [refs]).score
+    assert "precision_3" not in score.details
+
+
 @pytest.mark.parametrize("metric", ["bleu", "chrf", "ter"])
 def test_sentence_level_scores_equal_sacrebleu_sl(system: dict[str, Path], metric: str) -> None:
     refs = [system["ref"], system["ref2"]]
