@@ -182,7 +182,8 @@ def generate_text(
 @with_settings(ScoreOptions, "Scoring")
 def eval_files(
     metric: Annotated[list[str], typer.Option("--metric", "-m", help="bleu, chrf, ter, rouge, "
-                      "accuracy, f1, exact_match, squad, squad_v2 (repeatable).")],
+                      "accuracy, f1, exact_match, squad, squad_v2 (repeatable); with --model, "
+                      "its task's: perplexity, word_perplexity, bits_per_byte, ...")],
     predictions: Annotated[str | None, typer.Option("--predictions", "-p", help="One "
                            "prediction per line (squad: JSON id -> answer).")] = None,
     references: Annotated[list[str] | None, typer.Option("--references", "-r", help="One "

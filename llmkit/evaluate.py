@@ -15,6 +15,10 @@ from llmkit.errors import LlmkitError
 from llmkit.metrics import SACREBLEU, Score, rouge_scores, sacrebleu_metric, sacrebleu_score
 
 LABELS = ("accuracy", "f1", "exact_match")
+ROLLING = ("word_perplexity", "byte_perplexity", "bits_per_byte")  # lm-evaluation-harness's
+DECIMALS = {"byte_perplexity": 4, "bits_per_byte": 4, "eval_tokens": 0}
+ROLLING_SIGNATURE = ("each document from its first token, windows of {window} tokens moved "
+                     "{stride}")
 
 
 EXAMPLES = """\
@@ -52,6 +56,9 @@ class ScoreOptions:
     ter_asian_support: bool = setting(False, "TER: treat Asian characters specially.")
     sentence_level: bool = setting(False, "Also score each line on its own (sacrebleu -sl; "
                                    "sentence BLEU with effective order).", "-sl")
+    stride: int | None = setting(None, "Perplexity of a --model: score each document in "
+                                 "windows of the block size moved N tokens (transformers' "
+                                 "sliding window); see -m word_perplexity.", minimum=1)
     no_stemmer: bool = setting(False, "ROUGE without Porter stemming (rouge-score's "
                                "use_stemmer=False).")
     aggregate: Literal["mean", "bootstrap"] = setting(
@@ -203,9 +210,10 @@ def check_metrics(names: list[str]) -> None:
     unknown = [n for n in names if n not in BUILTIN]
     if not unknown:
         return
-    if "perplexity" in unknown:
-        raise LlmkitError("-m perplexity scores a model, not files: give --model RUN (or a "
-                          "checkpoint with --task generate) and --data FILE")
+    model_only = [n for n in unknown if n in ("perplexity", *ROLLING)]
+    if model_only:
+        raise LlmkitError(f"-m {model_only[0]} scores a model, not files: give --model RUN (or "
+                          "a checkpoint with --task generate) and --data FILE")
     listed = f"the built-in metrics are {', '.join(BUILTIN)}"
     if importlib.util.find_spec("evaluate") is None:
         raise LlmkitError(f"unknown metric {', '.join(map(repr, unknown))}; {listed} (other "
@@ -287,14 +295,28 @@ def score_files(names: list[str], predictions: str, references: list[str],
 
 
 def score_model(names: list[str], model: str, data: str | None, task: str | None, split: str,
-                columns: dict[str, Any], base_model: str | None = None) -> list[Score]:
-    """Predict with a model on labelled rows, then report the requested metrics of its task."""
-    from llmkit.predict import run_config, score
+                columns: dict[str, Any], base_model: str | None = None,
+                stride: int | None = None) -> list[Score]:
+    """Predict with a model on labelled rows, then report the requested metrics of its task.
+    Perplexity in sliding windows where --stride or a per-word/byte metric asks for it."""
+    from llmkit.predict import rolling_score, run_config, score
 
     if data is None:
         raise LlmkitError("--model needs --data: the labelled rows to score it on")
+    if stride is not None or set(names) & set(ROLLING):
+        other = [n for n in names if n not in ("perplexity", "eval_tokens", *ROLLING)]
+        if other:
+            raise LlmkitError(f"-m {other[0]} does not come with --stride: score it in a "
+                              "separate llmkit eval")
+        result = rolling_score(model, data, task, split, stride, columns=columns,
+                               base_model=base_model)
+        return [Score(n, float(result[n]), ROLLING_SIGNATURE.format(**result), {},
+                      {"data": data, "eval_tokens": result["eval_tokens"]},
+                      decimals=DECIMALS.get(n, 2)) for n in dict.fromkeys([*names, "eval_tokens"])]
     result = score(model, data, task, split, columns=columns, base_model=base_model)
     values = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    if "perplexity" in names and "eval_tokens" in values:  # the count it is the mean over
+        names = list(dict.fromkeys([*names, "eval_tokens"]))
     missing = [n for n in names if n not in values]
     if missing:
         name = task or getattr(run_config(model), "task", "this")
@@ -304,7 +326,7 @@ def score_model(names: list[str], model: str, data: str | None, task: str | None
     fractions = ("accuracy", "macro_f1", "binary_f1", "eval_loss")  # 0-1 scale: 4 decimals
     # sacrebleu's signature where the task scored with it (translate), else llmkit's own
     return [Score(n, float(values[n]), str(result.get(f"{n}_signature", "llmkit")), {}, settings,
-                  decimals=4 if n in fractions else 1) for n in names]
+                  decimals=4 if n in fractions else DECIMALS.get(n, 1)) for n in names]
 
 
 def report(names: list[str], predictions: str | None, references: list[str] | None,
@@ -326,7 +348,8 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
         raise LlmkitError(f"--tokenize {options['tokenize']}: sacrebleu's tokenizers are "
                           f"{', '.join(tokenizers)}")
     if model is not None:
-        scores = score_model(names, model, data, task, split, columns, base_model)
+        scores = score_model(names, model, data, task, split, columns, base_model,
+                             options.get("stride"))
         payload: dict[str, Any] = {"model": model, "data": data}
     elif predictions is None or not references:
         raise LlmkitError("give --predictions and --references, or --model and --data")
@@ -341,6 +364,11 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
     if as_json:
         print(text)
         return
+    show(scores, width)
+
+
+def show(scores: list[Score], width: int | None) -> None:
+    """The scores as a table, then any per-line scores (--sentence-level)."""
     from rich.console import Console
     from rich.table import Table
 

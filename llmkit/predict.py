@@ -137,6 +137,34 @@ def score(model: str, data_spec: str, task: str | None = None, split: str = "val
     return {**loss_of(arrays), **result}
 
 
+def rolling_score(model: str, data_spec: str, task: str | None, split: str, stride: int | None,
+                  batch_size: int = 64, columns: dict[str, Any] | None = None,
+                  base_model: str | None = None) -> dict[str, Any]:
+    """A language model's perplexity of each document of `data_spec` in sliding windows of its
+    block size moved `stride` tokens (default: the block size), with word and byte perplexity
+    and bits per byte (causal_lm.rolling)."""
+    import torch
+
+    from llmkit.tasks.causal_lm import block_size, rolling
+
+    spec, data, net, tokenizer = prepare(model, task, columns, base_model)
+    if spec.name != "generate" or getattr(data, "messages_column", None) or getattr(
+            data, "prompt_column", None):
+        raise LlmkitError("--stride, word_perplexity, byte_perplexity and bits_per_byte score "
+                          "plain text with a language model (a generate run, or --task generate)")
+    length = block_size(data, net.config)  # type: ignore[arg-type]
+    if stride is not None and stride > length:
+        raise LlmkitError(f"--stride {stride} is longer than the window ({length} tokens, "
+                          "--block-size clamped to the model's context): at most that")
+    rows = load_split(data_spec, split, data.dataset_config, "--data",
+                      getattr(data, "sample_by", "line"))
+    column = getattr(data, "text_column", "text")
+    check_columns(rows, [column], "--data")
+    net.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    result = rolling(net, tokenizer, rows[column], length, stride or length, batch_size)
+    return {**result, "window": length, "stride": stride or length}
+
+
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for record in records:

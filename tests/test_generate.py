@@ -418,3 +418,60 @@ def test_tokenized_text_is_cached_and_workers_give_the_same_blocks(
             assert len(calls) == before  # the rerun read datasets' cache file
     assert calls
     assert found[0]["input_ids"] == found[1]["input_ids"] == found[2]["input_ids"]
+
+
+def lm_eval_rolling(tokens: list[int], prefix: int, length: int) -> list[tuple[list, list]]:
+    """lm-evaluation-harness's get_rolling_token_windows with context_len=1, restated."""
+    windows = [([prefix, *tokens[:length - 1]], tokens[:length])]
+    predicted = min(length, len(tokens))
+    while predicted < len(tokens):
+        count = min(len(tokens) - predicted, length)
+        end = predicted + count
+        windows.append((tokens[max(0, end - length - 1):end - 1], tokens[end - count:end]))
+        predicted += count
+    return windows
+
+
+def test_rolling_perplexity_equals_lm_eval_and_a_token_by_token_loop(
+        lm_run: Path, corpus: dict[str, Path]) -> None:
+    """-m word_perplexity (stride = the block) scores documents as lm-evaluation-harness's
+    loglikelihood_rolling does; --stride 1 gives every token its full window of context."""
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(lm_run).eval()
+    tokenizer = AutoTokenizer.from_pretrained(lm_run)
+    docs = [p for p in corpus["validation"].read_text().split("\n\n") if p.strip()]
+    eos = tokenizer.eos_token_id  # the tiny tokenizer has no BOS: EOS is the prefix
+
+    def logprob(context: list[int], targets: list[int]) -> float:
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([context])).logits[0, -len(targets):]
+        return float(torch.log_softmax(logits.double(), -1)[range(len(targets)), targets].sum())
+
+    rolling = by_token = 0.0
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        rolling += sum(logprob(c, t) for c, t in lm_eval_rolling(ids, eos, 16))
+        full = [eos, *ids]
+        by_token += sum(logprob(full[max(0, e - 16):e], [full[e]]) for e in range(1, len(full)))
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    size = sum(len(d.encode()) for d in docs)
+    base = ["eval", "--model", str(lm_run), "--data", str(corpus["validation"]), "--json"]
+    result = runner.invoke(app, [*base, "-m", "perplexity", "-m", "word_perplexity", "-m",
+                                 "byte_perplexity", "-m", "bits_per_byte"])
+    assert result.exit_code == 0, result.output
+    scores = {s["metric"]: s["value"] for s in json.loads(result.output)["scores"]}
+    assert scores["word_perplexity"] == pytest.approx(math.exp(-rolling / words), rel=1e-5)
+    assert scores["byte_perplexity"] == pytest.approx(math.exp(-rolling / size), rel=1e-5)
+    assert scores["bits_per_byte"] == pytest.approx(-rolling / size / math.log(2), rel=1e-5)
+    tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)
+    assert scores["eval_tokens"] == tokens
+    assert scores["perplexity"] == pytest.approx(math.exp(-rolling / tokens), rel=1e-5)
+    result = runner.invoke(app, [*base, "-m", "perplexity", "--stride", "1"])
+    scores = {s["metric"]: s["value"] for s in json.loads(result.output)["scores"]}
+    assert scores["perplexity"] == pytest.approx(math.exp(-by_token / tokens), rel=1e-5)
+    too_long = runner.invoke(app, [*base, "-m", "perplexity", "--stride", "17"])
+    assert too_long.exit_code == 1 and "longer than the window (16 tokens" in str(
+        too_long.exception)
