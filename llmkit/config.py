@@ -96,8 +96,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = setting(
         "stop", "A NaN or infinite loss: stop the run (the last checkpoint kept), or skip the "
         "step.")
-    max_nonfinite_steps: int = setting(10, "With on_nonfinite skip: stop after this many "
-                                       "skipped steps.", minimum=0)
+    max_nonfinite_steps: int = setting(10, "on_nonfinite skip: stop after N skips.", minimum=0)
     early_stopping_patience: int = setting(0, "Stop after N evaluations without improvement; "
                                            "0 = never.", minimum=0)
     report_to: tuple[str, ...] = setting((), "Log to trackers: tensorboard (under the run "
@@ -129,6 +128,11 @@ class RunConfig:
     task: str = ""
     model: str = setting("", "Hub id or local checkpoint folder.", "-m")
     output: str = setting("", "Run directory to write.", "-o")
+    tokenizer: str | None = setting(None, "Tokenizer folder or Hub id, if not --model's.")
+    config_overrides: str | None = setting(None, "Model config changes, 'n_layer=4,n_embd=256' "
+                                           "(run_clm.py's --config_overrides).")
+    from_scratch: bool = setting(False, "Random weights from --model's config: train a new "
+                                 "model (with --config-overrides) instead of fine-tuning.")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -334,10 +338,6 @@ def resolve(task: str, settings: type[DataConfig], raw: dict[str, Any],
     return cfg
 
 
-def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
 def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"seed": 1}} -> {"train.seed": 1}: the override paths."""
     flat: dict[str, Any] = {}
@@ -352,7 +352,7 @@ def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def dump_config(cfg: RunConfig, path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), encoding="utf-8")
 
 
 def shipped_recipes() -> dict[str, Path]:

@@ -56,25 +56,27 @@ def offline_hint(what: str, name: str, option: str) -> str:
             "instead")
 
 
-def check_model_source(name: str) -> None:
-    """Fail early, in one line, on a model that is neither a checkpoint folder nor a Hub id."""
+def check_model_source(name: str, option: str = "--model") -> None:
+    """Fail early, in one line, on a model (or --tokenizer) that is neither a folder nor a Hub
+    id; a model folder needs its config.json."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if option == "--model" and not (path / "config.json").is_file():
             raise LlmkitError(f"{name} is not a model checkpoint: it has no config.json; "
                               "point --model at a folder written by save_pretrained or a Hub id")
         return
     if path.exists():
-        raise LlmkitError(f"--model {name} is a file; give the folder that holds config.json "
-                          "and the weights")
+        raise LlmkitError(f"{option} {name} is a file; give the folder that holds "
+                          f"{'config.json and the weights' if option == '--model' else 'it'}")
     if looks_like_path(name):
-        raise LlmkitError(f"--model {name}: no such checkpoint folder")
+        raise LlmkitError(f"{option} {name}: no such "
+                          f"{'checkpoint folder' if option == '--model' else 'folder'}")
     hub_offline()
 
 
-def load_pretrained(auto_class: Any, name: str, **kwargs: Any) -> Any:
+def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwargs: Any) -> Any:
     """`auto_class.from_pretrained(name)` with the Hub's failures turned into one clear line."""
-    check_model_source(name)
+    check_model_source(name, option)
     import pickle
 
     from safetensors import SafetensorError
@@ -83,7 +85,7 @@ def load_pretrained(auto_class: Any, name: str, **kwargs: Any) -> Any:
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as err:
         if not is_local(name) and hub_offline():
-            raise LlmkitError(offline_hint("model", name, "--model")) from err
+            raise LlmkitError(offline_hint(option.strip("-"), name, option)) from err
         raise LlmkitError(f"could not load {name!r}: {err}".replace("\n", " ")) from err
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the file
         raise LlmkitError(f"--model {name}: its pickled weights (.bin) hold more than tensors "

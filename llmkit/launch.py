@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
 
 from llmkit import checkpoint as ckpt
-from llmkit.config import RunConfig, dump_config, flatten, to_dict
+from llmkit.config import RunConfig, dump_config, flatten
 from llmkit.errors import LlmkitError
 from llmkit.hub import looks_like_path
 
@@ -86,7 +87,7 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
 def warn_config_changes(saved: Path, cfg: RunConfig) -> None:
     import yaml
 
-    before, now = flatten(yaml.safe_load(saved.read_text(encoding="utf-8"))), flatten(to_dict(cfg))
+    before, now = flatten(yaml.safe_load(saved.read_text(encoding="utf-8"))), flatten(asdict(cfg))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         log.warning("resuming with settings that differ from the interrupted run: %s",
@@ -137,7 +138,7 @@ def start_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
     """Trackers get the resolved config as hyper-parameters (scalars: lists as text)."""
     if accelerator.log_with:
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                  for k, v in flatten(to_dict(cfg)).items()}
+                  for k, v in flatten(asdict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=values)
 
 

@@ -98,9 +98,8 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
         check_columns(valid_rows, task.columns(data, True), "--validation")
         train_rows = task.usable(train_rows, data, True)
         valid_rows = task.usable(valid_rows, data, True)
-        model, tokenizer = load_model(task, cfg.model, data,
-                                      quantized=cfg.adapter.load_in_4bit,
-                                      **task.model_kwargs(train_rows, valid_rows, data))
+        model, tokenizer = load_model(task, cfg.model, data, quantized=cfg.adapter.load_in_4bit,
+                                      run=cfg, **task.model_kwargs(train_rows, valid_rows, data))
         train_set = task.featurize(train_rows, tokenizer, model.config, data)
         eval_set = task.featurize(valid_rows, tokenizer, model.config, data)
     for module in model.modules():

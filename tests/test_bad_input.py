@@ -59,7 +59,8 @@ CASES: list[tuple[list[str], str]] = [
     ([*FT, "--bogus"], "No such option: --bogus (see llmkit finetune classify --help)"),
     ([*FT, "--doc-stride", "3"], "--doc-stride is an option of llmkit finetune qa"),
     ([*FT, "-s", "bogus=1"],
-     "bogus: unknown key (known: task, model, output, data, train, adapter)"),
+     "bogus: unknown key (known: task, model, output, tokenizer, config_overrides, "
+     "from_scratch, data, train, adapter)"),
     ([*FT, "-s", "train.epochs=two"], "train.epochs: expected int, got 'two'"),
     ([*FT, "-s", "train.epochs=[1"], "override 'train.epochs=[1': the value is not valid YAML"),
     ([*FT, "-s", "noequals"], "override 'noequals' is not of the form section.key=value"),

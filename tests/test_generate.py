@@ -475,3 +475,42 @@ def test_rolling_perplexity_equals_lm_eval_and_a_token_by_token_loop(
     too_long = runner.invoke(app, [*base, "-m", "perplexity", "--stride", "17"])
     assert too_long.exit_code == 1 and "longer than the window (16 tokens" in str(
         too_long.exception)
+
+
+def test_from_scratch_with_config_overrides_and_another_tokenizer(
+        tiny_gpt2: Path, corpus: dict[str, Path], tmp_path: Path) -> None:
+    """run_clm.py's --config_overrides and training from a config without its weights, and
+    --tokenizer: a larger vocabulary grows the embeddings; the run loads in plain transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import bpe_tokenizer
+
+    tokenizer = bpe_tokenizer(vocab_size=340)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    base = ["finetune", "generate", "--model", str(tiny_gpt2), "--train", str(corpus["train"]),
+            "--validation", str(corpus["validation"]), "--block-size", "16", "--epochs", "1"]
+    result = runner.invoke(app, [*base, "--output", str(tmp_path / "new"), "--from-scratch",
+                                 "--config-overrides", "n_layer=1,n_embd=16,resid_pdrop=0.0",
+                                 "--tokenizer", str(tmp_path / "tok")])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "new")
+    assert (model.config.n_layer, model.config.n_embd, model.config.resid_pdrop) == (1, 16, 0.0)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == len(
+        AutoTokenizer.from_pretrained(tmp_path / "new"))
+    # pretrained weights with a shape-keeping override: loaded as they were, dropout changed
+    result = runner.invoke(app, [*base, "--output", str(tmp_path / "tuned"), "--lr", "0",
+                                 "--config-overrides", "resid_pdrop=0.0"])
+    assert result.exit_code == 0, result.output
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    start = load_file(tiny_gpt2 / "model.safetensors")
+    torch.testing.assert_close(tuned["transformer.h.0.mlp.c_fc.weight"],
+                               start["transformer.h.0.mlp.c_fc.weight"])
+    for overrides, message in (
+            ("n_embd=16", "changes the shape of pretrained weights (transformer.h.0."),
+            ("n_layers=1", "key n_layers isn't in the original config dict"),
+            ("n_layer", "expected key=value pairs separated by commas"),
+            ("n_layer=one", "invalid literal for int()")):
+        refused = runner.invoke(app, [*base, "--output", str(tmp_path / "x"),
+                                      "--config-overrides", overrides])
+        assert refused.exit_code == 1 and message in str(refused.exception), overrides

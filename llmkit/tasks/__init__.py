@@ -124,27 +124,50 @@ def fuse_gelu(model: Any) -> None:
                 setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
 
 
-def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
-               quantized: bool = False, base_model: str | None = None,
-               **config_kwargs: Any) -> tuple[Any, Any]:
-    """Model and tokenizer of a checkpoint for `task`, fitted to the data settings; a missing
-    head is added (and logged) to train, and refused when the model must be `trained`
-    (prediction and evaluation would answer from random weights). An adapter run comes back
-    merged into its base (`base_model` overrides the one it names); `quantized`: 4-bit base."""
-    from transformers import AutoConfig, AutoTokenizer
+def model_config(name: str, overrides: str | None, **config_kwargs: Any) -> PretrainedConfig:
+    """The checkpoint's config with the task's settings and --config-overrides applied
+    (transformers' `update_from_string`, as run_clm.py applies them)."""
+    from transformers import AutoConfig
 
-    from llmkit.adapters import four_bit, is_adapter_run, load_merged
     from llmkit.hub import load_pretrained
 
     config = load_pretrained(AutoConfig, name, **config_kwargs)
     for key, value in config_kwargs.items():  # transformers 5 drops keys it does not know
         if getattr(config, key, None) is None:
             setattr(config, key, value)
+    if overrides:
+        if any("=" not in part for part in overrides.split(",")):
+            raise LlmkitError(f"--config-overrides {overrides!r}: expected key=value pairs "
+                              "separated by commas, e.g. n_layer=4,n_embd=256")
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as err:
+            raise LlmkitError(f"--config-overrides {overrides!r}: {err} (the keys of "
+                              f"{config.model_type}'s config.json can be changed)") from None
+    return config
+
+
+def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
+               quantized: bool = False, base_model: str | None = None,
+               run: RunConfig | None = None, **config_kwargs: Any) -> tuple[Any, Any]:
+    """Model and tokenizer of a checkpoint for `task`, fitted to the data settings; a missing
+    head is added (and logged) to train, and refused when the model must be `trained`
+    (prediction and evaluation would answer from random weights). An adapter run comes back
+    merged into its base (`base_model` overrides the one it names); `quantized`: 4-bit base.
+    A training `run` may name another tokenizer, config overrides, or random weights."""
+    from transformers import AutoTokenizer
+
+    from llmkit.adapters import four_bit, is_adapter_run, load_merged
+    from llmkit.hub import load_pretrained
+
+    config = model_config(name, run.config_overrides if run else None, **config_kwargs)
     check_pairing(task, config, name)
-    tokenizer = load_pretrained(AutoTokenizer, name)
+    source = (run.tokenizer if run else None) or name
+    tokenizer = load_pretrained(AutoTokenizer, source, "--tokenizer" if source != name else
+                                "--model")
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # transformers 5 builds an
         # empty tokenizer when the files are missing
-        raise LlmkitError(f"{name} has no tokenizer files (tokenizer.json, vocab files); save "
+        raise LlmkitError(f"{source} has no tokenizer files (tokenizer.json, vocab files); save "
                           "the tokenizer into the same folder with tokenizer.save_pretrained")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-style vocabularies have no pad token
@@ -153,13 +176,39 @@ def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
     # fp32 weights whatever the checkpoint holds (transformers 5 keeps a bf16 checkpoint in
     # bf16): the optimizer needs fp32 master weights; --mixed-precision computes in bf16/fp16
     weights = four_bit() if quantized else {"dtype": torch.float32}
-    if is_adapter_run(name):  # its heads come with the adapter
-        model, new = load_merged(name, auto_class(task), base_model, **weights), []
+    new: list[str] = []
+    if run and run.from_scratch:
+        model = auto_class(task).from_config(config, dtype=torch.float32)
+        log.info("--from-scratch: %s from %s's config with random weights (%s parameters)",
+                 type(model).__name__, name, f"{model.num_parameters():,}")
+    elif is_adapter_run(name):  # its heads come with the adapter
+        model = load_merged(name, auto_class(task), base_model, **weights)
     else:
         model, info = load_pretrained(auto_class(task), name, config=config, **weights,
                                       ignore_mismatched_sizes=True, output_loading_info=True)
         new = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
                                                      for k in info["mismatched_keys"])
+        check_reshaped(info["mismatched_keys"], run)
+    finish(model, tokenizer, task, data, name, new, trained)
+    return model, tokenizer
+
+
+def check_reshaped(mismatched: list[Any], run: RunConfig | None) -> None:
+    """--config-overrides that change the shape of pretrained weights would leave them random
+    without a word: refused (task heads are new anyway)."""
+    from llmkit.adapters import HEADS
+
+    body = [k[0] if isinstance(k, tuple) else k for k in mismatched]
+    body = [k for k in body if not set(k.split(".")) & {*HEADS, "lm_head"}]
+    if run and run.config_overrides and body:
+        raise LlmkitError(f"--config-overrides {run.config_overrides!r} changes the shape of "
+                          f"pretrained weights ({', '.join(body[:3])}): add --from-scratch to "
+                          "train a new model of that shape, or leave those keys alone")
+
+
+def finish(model: Any, tokenizer: Any, task: Task, data: DataConfig, name: str, new: list[str],
+           trained: bool) -> None:
+    """Refuse or log new head weights; fit the embeddings and pad id to the tokenizer."""
     if new and trained:
         raise LlmkitError(f"{name} has no trained {task.name} head ({', '.join(new[:3])} "
                           f"{'...' if len(new) > 3 else 'are'} missing): fine-tune it first "
@@ -167,9 +216,13 @@ def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
     if new:
         log.info("%s has no trained %s head: new weights (%s) start from random values",
                  name, task.name, ", ".join(new[:6]) + (" ..." if len(new) > 6 else ""))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # a --tokenizer with more tokens (run_clm.py does the same)
+        log.info("the tokenizer has %d tokens, the embeddings %d rows: resizing them",
+                 len(tokenizer), rows)
+        model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     fuse_gelu(model)
     if task.prepare is not None:
         task.prepare(model, tokenizer, data)
-    return model, tokenizer
