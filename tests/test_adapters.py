@@ -72,6 +72,34 @@ def test_merged_model_answers_as_the_adapter_run_without_peft(
     assert [r["score"] for r in plain] == pytest.approx([r["score"] for r in ours[:5]], abs=1e-5)
 
 
+def test_peft_auto_class_loads_a_three_label_adapter_run_with_its_labels(
+        tiny_bert: Path, tmp_path: Path) -> None:
+    """peft's AutoPeftModel builds the base with the base's own labels (2): the run's
+    config.json supplies the label count and names, as the README shows."""
+    import random
+
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoConfig, AutoTokenizer
+
+    rng = random.Random(0)
+    colours = {"red": "warm", "blue": "cold", "green": "calm"}
+    rows = [f"{c} {rng.choice(['day', 'sky'])}\t{colours[c]}"
+            for c in rng.choices(list(colours), k=48)]
+    data = tmp_path / "rows.tsv"
+    data.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    run = finetune(lora(tiny_bert, {"train": data, "validation": data}, tmp_path / "run"))
+    labels = AutoConfig.from_pretrained(run)
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        run, num_labels=labels.num_labels, id2label=labels.id2label, label2id=labels.label2id)
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    texts = [r.split("\t")[0] for r in rows[:6]]
+    with torch.inference_mode():
+        ids = model.eval()(**tokenizer(texts, return_tensors="pt", padding=True)).logits
+    ours = predict(str(run), str(data))[:6]
+    assert [model.config.id2label[int(i)] for i in ids.argmax(-1)] == [r["label"] for r in ours]
+    assert sorted(model.config.id2label.values()) == ["calm", "cold", "warm"]
+
+
 def test_a_qlora_run_is_predicted_and_merged_at_full_precision(
         adapter_run: Path, toy: dict[str, Path], tmp_path: Path) -> None:
     import shutil
