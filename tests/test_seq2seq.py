@@ -83,6 +83,33 @@ def test_labels_are_masked_and_long_targets_counted(tiny_seq2seq, caplog):
     assert batch["input_ids"][0, -1].item() == tokenizer.pad_token_id
 
 
+def test_features_are_cached_and_workers_give_the_same(tiny_seq2seq, toy_translation,
+                                                       monkeypatch):
+    """Features in datasets' Arrow cache: a second featurize of the same file reads it back
+    (no tokenizer call); two tokenizing processes give the same features and row numbers."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmkit.data import load_split
+
+    folder = tiny_seq2seq("marian")
+    tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+    calls = []
+    encode = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__",
+                        lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    found = []
+    for workers in (1, 1, 2):
+        before = len(calls)
+        cfg = TranslateData(source_lang="en", target_lang="es", preprocessing_workers=workers)
+        split = load_split(str(toy_translation["train"]), "train", None, "--train")
+        found.append(get_task("translate").featurize(split, tokenizer, config, cfg))
+        if len(found) == 2:
+            assert len(calls) == before  # the rerun read datasets' cache file
+    assert calls and found[0]["row"] == list(range(len(found[0])))
+    for key in ("input_ids", "labels", "row", "reference"):
+        assert found[0][key] == found[1][key] == found[2][key]
+
+
 @pytest.mark.parametrize("family", ["marian", "t5", "bart"])
 def test_eval_step_loss_is_the_models_own(family, tiny_seq2seq, monkeypatch):
     """Per-example sums over tokens from eval_step, pooled, give the loss the model computes

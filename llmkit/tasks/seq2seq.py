@@ -14,6 +14,8 @@ from llmkit.metrics import rouge_scores, sacrebleu_score
 from llmkit.tasks.task import IGNORE, Task, capped, perplexity, sliced_losses
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
     import torch
     from datasets import Dataset
@@ -142,30 +144,35 @@ def language_key(lang: str, present: list[str], side: str) -> str:
                       f"{', '.join(sorted(present)) or 'none'}")
 
 
-def texts(kind: Kind, rows: Dataset, cfg: Any) -> tuple[list[str], list[str] | None]:
-    """Source texts and, when the rows have them, target texts."""
+def picker(kind: Kind, rows: Dataset, cfg: Any
+           ) -> tuple[Callable[[dict[str, list[Any]]], tuple[list[str], list[str] | None]], bool]:
+    """Where a batch's source and (when the rows have them) target texts are, and whether
+    they have them: columns, or the language keys of {lang: text} pairs."""
+    names = rows.column_names
     if kind == "summarize":
-        targets = rows[cfg.summary_column] if cfg.summary_column in rows.column_names else None
-        return list(rows[cfg.text_column]), targets
+        text, summary = cfg.text_column, cfg.summary_column
+        return lambda b: (b[text], b[summary] if summary in b else None), summary in names
     if not cfg.translation_column:
-        targets = rows[cfg.target_lang] if cfg.target_lang in rows.column_names else None
-        return list(rows[cfg.source_lang]), targets
-    pairs = rows[cfg.translation_column]
-    present = sorted({key for pair in pairs[:1000] for key in pair if pair[key] is not None})
+        source_lang, target_lang = cfg.source_lang, cfg.target_lang
+        return (lambda b: (b[source_lang], b[target_lang] if target_lang in b else None),
+                target_lang in names)
+    column = cfg.translation_column
+    pairs = rows.select(range(min(1000, len(rows))))[column]
+    present = sorted({key for pair in pairs for key in pair if pair[key] is not None})
     source = language_key(str(cfg.source_lang), present, "source")
-    sources = [pair[source] for pair in pairs]
     try:
-        target = language_key(str(cfg.target_lang), present, "target")
+        target: str | None = language_key(str(cfg.target_lang), present, "target")
     except LlmkitError:
         if len(present) > 1:
             raise
-        return sources, None  # unlabelled rows: source texts only
-    return sources, [pair[target] for pair in pairs]
+        target = None  # unlabelled rows: source texts only
+    return (lambda b: ([p[source] for p in b[column]],
+                       [p[target] for p in b[column]] if target else None)), target is not None
 
 
 def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, target: bool
-           ) -> tuple[list[list[int]], int]:
-    """Token ids truncated to `limit` (special tokens kept), and how many were cut."""
+           ) -> tuple[list[list[int]], list[bool]]:
+    """Token ids truncated to `limit` (special tokens kept), and which were cut."""
     key = "text_target" if target else "text"
     ids = tokenizer(**{key: texts})["input_ids"]
     long = [i for i, row in enumerate(ids) if len(row) > limit]
@@ -174,42 +181,70 @@ def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, tar
                         max_length=limit)["input_ids"]
         for i, row in zip(long, cut, strict=True):
             ids[i] = row
-    return ids, len(long)
+    cut = set(long)
+    return ids, [i in cut for i in range(len(texts))]
 
 
 def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
               config: PretrainedConfig, cfg: Any) -> Dataset:
     """Source ids (prefixed for T5) and label ids; labelled rows keep the reference text and
-    every feature its row number, for scoring and for writing predictions in row order."""
-    from datasets import Dataset
+    every feature its row number, for scoring and for writing predictions in row order. In
+    datasets' Arrow cache (int32), so a rerun or --resume reads them back."""
+    from datasets import Features, Sequence, Value
 
-    sources, targets = texts(kind, rows, cfg)
-    keep = [i for i, s in enumerate(sources) if s and s.strip()
-            and (targets is None or (targets[i] and targets[i].strip()))]
-    if len(keep) < len(sources):
-        empty = len(sources) - len(keep)
-        if cfg.empty_rows == "fail" or not keep:
-            raise LlmkitError(f"{empty} of {len(sources)} rows have an empty source or target; "
-                              "fix the data or pass -s data.empty_rows=skip to leave them out")
-        log.warning("leaving out %d of %d rows with an empty source or target", empty,
-                    len(sources))
+    from llmkit.data import fingerprint, workers
+
+    pick, labelled = picker(kind, rows, cfg)
     prefix = source_prefix(kind, cfg, config)
     longest = capped(cfg.max_length, "--max-length", config, tokenizer)
-    ids, cut_sources = encode([prefix + sources[i] for i in keep], tokenizer, longest, False)
-    features: dict[str, Any] = {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids],
-                                "row": keep}
-    if cut_sources:
-        log.info("%d of %d sources are longer than --max-length %d tokens: truncated",
-                 cut_sources, len(keep), longest)
-    if targets is not None:
-        references = [targets[i] for i in keep]
-        limit = capped(cfg.max_target_length, "--max-target-length", config, tokenizer)
-        features["labels"], cut = encode(references, tokenizer, limit, True)
-        features["reference"] = references
+    limit = capped(cfg.max_target_length, "--max-target-length", config, tokenizer)
+    ids = Sequence(Value("int32"))
+    schema = {"input_ids": ids, "attention_mask": Sequence(Value("int8")), "row": Value("int64"),
+              "cut_source": Value("bool")}
+    if labelled:
+        schema |= {"labels": ids, "reference": Value("string"), "cut_target": Value("bool")}
+
+    def encode_batch(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
+        sources, targets = pick(batch)
+        keep = [i for i, s in enumerate(sources) if s and s.strip()
+                and (targets is None or (targets[i] and targets[i].strip()))]
+        encoded, cut = encode([prefix + sources[i] for i in keep], tokenizer, longest, False)
+        out: dict[str, Any] = {"input_ids": encoded, "attention_mask": [[1] * len(r) for r in
+                                                                        encoded],
+                               "row": [indices[i] for i in keep], "cut_source": cut}
+        if labelled and targets is not None:
+            out["reference"] = [targets[i] for i in keep]
+            out["labels"], out["cut_target"] = encode(out["reference"], tokenizer, limit, True)
+        return out
+
+    settings = (kind, prefix, longest, limit, labelled, getattr(tokenizer, "src_lang", None),
+                getattr(tokenizer, "tgt_lang", None), columns(kind, cfg, labelled))
+    features = rows.map(encode_batch, batched=True, with_indices=True,
+                        remove_columns=rows.column_names, features=Features(schema),
+                        num_proc=workers(cfg), desc="tokenizing",
+                        new_fingerprint=fingerprint(rows, tokenizer, "seq2seq", *settings))
+    report(features, len(rows), cfg, longest, limit)
+    return features.remove_columns([c for c in ("cut_source", "cut_target")
+                                    if c in features.column_names])
+
+
+def report(features: Dataset, total: int, cfg: Any, longest: int, limit: int) -> None:
+    """Rows left out as empty (refused unless empty_rows is skip) and truncation, in the log."""
+    import pyarrow.compute as pc
+
+    empty = total - len(features)
+    if empty:
+        if cfg.empty_rows == "fail" or not len(features):
+            raise LlmkitError(f"{empty} of {total} rows have an empty source or target; "
+                              "fix the data or pass -s data.empty_rows=skip to leave them out")
+        log.warning("leaving out %d of %d rows with an empty source or target", empty, total)
+    for column, what, cap, option in (("cut_source", "sources", longest, "--max-length"),
+                                      ("cut_target", "targets", limit, "--max-target-length")):
+        cut = (pc.sum(features.with_format("arrow")[column]).as_py() or 0
+               if column in features.column_names else 0)
         if cut:
-            log.info("%d of %d targets are longer than --max-target-length %d tokens: "
-                     "truncated", cut, len(keep), limit)
-    return Dataset.from_dict(features)
+            log.info("%d of %d %s are longer than %s %d tokens: truncated", cut, len(features),
+                     what, option, cap)
 
 
 def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
