@@ -11,7 +11,7 @@ Each run is its own process (nothing carried over between seeds) and appends one
 benchmarks/out/seeds.jsonl with the task, kind, seed, settings, the commit and the score.
 Tasks: qa (debian-qa, F1; windows of at most 160 tokens, which no question + context reaches
 (138 at most): the same windows as the default 256, less padding for Trainer), sst2 and
-banking77 (classify, accuracy).
+banking77 (classify, accuracy), translate (seq2seq.py, eval loss; BLEU and chrF beside it).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ TASKS = {
     "banking77": ("classify", ["--data", str(SHARED / "banking77"), "--rows", "3000",
                                "--epochs", "5", "--lr", "2e-4", "--max-length", "64"],
                   "accuracy"),
+    # a random 2+2-layer 128-wide Marian from scratch, 4,000 Bible verses (seq2seq.py's logic)
+    "translate": ("seq2seq", ["translate", "--train-rows", "4000", "--dev-rows", "200",
+                              "--epochs", "3", "--width", "128", "--layers", "2", "--vocab",
+                              "4000", "--max-new-tokens", "48"], "eval_loss"),
 }
 
 

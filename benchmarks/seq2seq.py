@@ -241,6 +241,21 @@ def eval_trainer(run: Path, dev: Path, args: argparse.Namespace) -> dict:
             "wall_seconds": round(time.perf_counter() - start, 2), "predictions": hypotheses}
 
 
+def seed_run(args: argparse.Namespace, trainer: bool) -> dict:
+    """One tool's translate run for benchmarks/seeds.py (same data split and initial model for
+    every seed; the seed sets the data order and dropout): eval loss, BLEU and chrF of the dev
+    verses after the last epoch."""
+    folder = OUT / "seq2seq-seeds"
+    train, dev = split_rows(DATA / "bible-en-es" / "old-testament.jsonl", args.dev_rows,
+                            args.train_rows, folder)
+    rows = [json.loads(line)["translation"] for line in train.read_text().splitlines()]
+    model = save_model([r["en"] for r in rows] + [r["es"] for r in rows], "marian", args,
+                       folder / "model")
+    result = (run_trainer(model, train, dev, args) if trainer
+              else run_llmkit("translate", model, train, dev, args, folder / "llmkit-run"))
+    return {k: result[k] for k in ("eval_loss", "bleu", "chrf", "train_samples_per_second")}
+
+
 def parser() -> argparse.ArgumentParser:
     """The settings (run.py reads the defaults from here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
