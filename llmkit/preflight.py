@@ -9,9 +9,12 @@ adapters as the run has them, counts every tensor autograd keeps for backward (e
 once, parameters left out). Checkpointed blocks keep only their inputs; the one block recomputed
 during backward is counted from a one-row forward without checkpointing, scaled to the batch.
 On a CPU, the figure is the process's resident memory (libraries and data, measured before
-that forward) plus the rest; on a GPU, what PyTorch allocates on the device. Not counted:
-evaluation (its batches are not kept for backward, but a large --eval-batch-size can peak above
-training) and, on a CPU, what the allocator holds on to between steps of varying shapes.
+that forward) plus the rest; on a GPU, what PyTorch allocates on the device. Evaluation can peak
+above training (--eval-batch-size rows at once, a language model's logits over its vocabulary):
+one evaluation step of the longest validation rows is measured (the peak of allocations on a
+GPU, of resident memory on Linux), and the estimate is the larger of the two phases, evaluation
+holding the weights and optimizer states (gradients are freed after each step). Not counted:
+on a CPU, what the allocator holds on to between steps of varying shapes.
 """
 
 from __future__ import annotations
@@ -147,6 +150,49 @@ def activations(parts: Parts, cfg: RunConfig) -> tuple[int, int]:
     return total, saved.largest
 
 
+def resident_peak_reset() -> bool:
+    """Reset this process's peak resident size (Linux's VmHWM); False where it cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def resident_peak_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(x for x in status if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def evaluation(parts: Parts, cfg: RunConfig) -> float | None:
+    """MB one evaluation step of the longest --eval-batch-size validation rows adds at its peak
+    (None where a CPU's peak resident size cannot be reset)."""
+    from accelerate.utils import send_to_device
+
+    acc = parts.accelerator
+    plain = acc.unwrap_model(parts.model)
+    features = parts.eval_features  # longest first
+    rows = [features[i] for i in range(min(cfg.train.eval_batch_size, len(features)))]
+    batch = send_to_device(dict(parts.task.collator(parts.tokenizer)(rows)), acc.device)
+    gpu = acc.device.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / MB
+    elif not resident_peak_reset():
+        return None
+    else:
+        before = rss_mb()
+    plain.eval()
+    with torch.inference_mode(), acc.autocast():
+        parts.task.eval_step(plain, batch)
+    plain.train()
+    after = torch.cuda.max_memory_allocated() / MB if gpu else resident_peak_mb()
+    return max(0.0, after - before)
+
+
 def estimate(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
     """Peak memory per device, by part, in MB."""
     acc, model = parts.accelerator, parts.model
@@ -161,12 +207,15 @@ def estimate(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
     parts_mb = {"weights": weights / MB, "gradients": trainable * 4 / MB,
                 "optimizer_states": 2 * trainable * 4 / MB, "activations": kept / MB,
                 "backward_start": largest / MB}
-    if gpu:
-        peak = sum(parts_mb.values())
-    else:  # safetensors weights are mapped from the file: resident once training touches them
-        parts_mb["process_before_training"] = before
-        peak = sum(parts_mb.values())
-    return {"estimated_peak_memory_mb": round(peak, 1),
+    if not gpu:  # safetensors weights are mapped from the file: resident once training
+        parts_mb["process_before_training"] = before  # touches them
+    training = sum(parts_mb.values())
+    transient = evaluation(parts, cfg)
+    parts_mb["evaluation_step"] = transient or 0.0
+    evaluating = training - parts_mb["gradients"] - parts_mb["activations"] - parts_mb[
+        "backward_start"] + parts_mb["evaluation_step"]
+    return {"estimated_peak_memory_mb": round(max(training, evaluating), 1),
+            "peak_phase": "evaluation" if evaluating > training else "training",
             "memory_parts_mb": {k: round(v, 1) for k, v in parts_mb.items()},
             "memory_kind": "GPU allocations" if gpu else "resident set (RSS)"}
 
@@ -266,7 +315,7 @@ def describe(found: dict[str, Any]) -> list[str]:
               f"{found['mixed_precision']}"
               f"{', gradient checkpointing' if found['gradient_checkpointing'] else ''}",
               f"peak memory      ~{found['estimated_peak_memory_mb']:,.0f} MB per device "
-              f"({found['memory_kind']}): " + ", ".join(
+              f"({found['memory_kind']}, in {found['peak_phase']}): " + ", ".join(
                   f"{k.replace('_', ' ')} {v:,.0f}" for k, v in found["memory_parts_mb"].items())]
     if "seconds_per_step" in found:
         eta = found["estimated_train_seconds"]

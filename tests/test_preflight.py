@@ -56,4 +56,11 @@ def test_checkpointing_and_adapters_shrink_the_estimate(tiny_gpt2: Path, tmp_pat
     assert adapter["trainable_parameters"] < full["trainable_parameters"] / 2
     assert parts[2]["optimizer_states"] < parts[0]["optimizer_states"] / 2
     assert adapter["seconds_per_step"] > 0 and adapter["estimated_train_seconds"] > 0
+    for found, part in zip((full, checkpointed, adapter), parts, strict=True):
+        training = sum(v for k, v in part.items() if k != "evaluation_step")
+        evaluating = training - part["gradients"] - part["activations"] - part[
+            "backward_start"] + part["evaluation_step"]  # gradients are freed by then
+        assert found["estimated_peak_memory_mb"] == round(max(training, evaluating), 1) or abs(
+            found["estimated_peak_memory_mb"] - max(training, evaluating)) < 0.5
+        assert found["peak_phase"] == ("evaluation" if evaluating > training else "training")
     assert not (tmp_path / "o").exists()
