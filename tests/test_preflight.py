@@ -60,7 +60,7 @@ def test_checkpointing_and_adapters_shrink_the_estimate(tiny_gpt2: Path, tmp_pat
         training = sum(v for k, v in part.items() if k != "evaluation_step")
         evaluating = training - part["gradients"] - part["activations"] - part[
             "backward_start"] + part["evaluation_step"]  # gradients are freed by then
-        assert found["estimated_peak_memory_mb"] == round(max(training, evaluating), 1) or abs(
-            found["estimated_peak_memory_mb"] - max(training, evaluating)) < 0.5
+        # the parts are rounded to 0.1 MB each
+        assert abs(found["estimated_peak_memory_mb"] - max(training, evaluating)) < 0.5
         assert found["peak_phase"] == ("evaluation" if evaluating > training else "training")
     assert not (tmp_path / "o").exists()
