@@ -275,3 +275,13 @@ def cut_after_checkpoint(cfg, step: int, monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(Killed):
         finetune(cfg)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+
+
+def count_calls(cls: type, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at every call of instances of `cls` (a tokenizer class): tells
+    whether a featurize read datasets' cache instead of tokenizing."""
+    calls: list[int] = []
+    original = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda self, *a, **k: calls.append(1) or original(
+        self, *a, **k))
+    return calls

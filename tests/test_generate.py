@@ -21,7 +21,7 @@ from llmkit.generate import GenerationSettings, generate, load_generator, read_p
 from llmkit.tasks import get_task, load_config
 from llmkit.tasks.causal_lm import CausalData, block_size, collator, featurize, pack
 from llmkit.train import finetune
-from tests.conftest import save_tiny_bert, two_ranks_and_one
+from tests.conftest import count_calls, save_tiny_bert, two_ranks_and_one
 
 runner = CliRunner()
 TEXT = """the quick brown fox jumps over the lazy dog
@@ -401,10 +401,7 @@ def test_tokenized_text_is_cached_and_workers_give_the_same_blocks(
     tokenizer, config = AutoTokenizer.from_pretrained(tiny_gpt2), AutoConfig.from_pretrained(
         tiny_gpt2)
     featurize = get_task("generate").featurize
-    calls = []
-    encode = type(tokenizer).__call__
-    monkeypatch.setattr(type(tokenizer), "__call__",
-                        lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    calls = count_calls(type(tokenizer), monkeypatch)
     found = []
     for count in (1, 1, 2):
         before = len(calls)

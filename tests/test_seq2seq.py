@@ -16,7 +16,7 @@ from llmkit.cli import app
 from llmkit.errors import LlmkitError
 from llmkit.tasks import get_task
 from llmkit.tasks.seq2seq import SummarizeData, TranslateData
-from tests.conftest import save_tiny_seq2seq, toy_pairs, two_ranks_and_one
+from tests.conftest import count_calls, save_tiny_seq2seq, toy_pairs, two_ranks_and_one
 
 TRANSLATE = ["finetune", "translate", "--source-lang", "en", "--target-lang", "es",
              "--epochs", "2", "--batch-size", "8", "--max-new-tokens", "12", "--lr", "1e-3"]
@@ -93,10 +93,7 @@ def test_features_are_cached_and_workers_give_the_same(tiny_seq2seq, toy_transla
 
     folder = tiny_seq2seq("marian")
     tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
-    calls = []
-    encode = type(tokenizer).__call__
-    monkeypatch.setattr(type(tokenizer), "__call__",
-                        lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    calls = count_calls(type(tokenizer), monkeypatch)
     found = []
     for workers in (1, 1, 2):
         before = len(calls)
