@@ -97,9 +97,12 @@ def test_end_of_turn_is_the_template_marker(chat_gpt2: Path) -> None:
 
 
 def test_packing_places_conversations_whole_and_restarts_positions() -> None:
+    from datasets import Dataset
+
     encoded = [([1] * 5, [IGNORE] * 5), ([2] * 3, [2] * 3), ([3] * 4, [3] * 4),
                ([4] * 2, [IGNORE, 4])]
-    packed = pack_whole(encoded, 8, separate=True)
+    rows = Dataset.from_dict({"ids": [e[0] for e in encoded], "labels": [e[1] for e in encoded]})
+    packed = pack_whole(rows, 8, separate=True)[:]
     assert sorted(len(b) for b in packed["input_ids"]) == [6, 8]  # 5+3 (best fit), 4+2
     tokens = sorted(t for b in packed["input_ids"] for t in b)
     assert tokens == sorted(t for ids, _ in encoded for t in ids)  # every token, once
@@ -108,8 +111,13 @@ def test_packing_places_conversations_whole_and_restarts_positions() -> None:
         assert len(starts) == 2  # two conversations per block, each from position 0
         assert all(len(set(ids[a:b])) == 1 for a, b in zip(starts, [*starts[1:], len(ids)],
                                                                 strict=True))
-    joined = pack_whole(encoded, 8, separate=False)
+    blocks = zip(packed["input_ids"], packed["labels"], strict=True)
+    pairs = [pair for ids, labels in blocks for pair in zip(ids, labels, strict=True)]
+    assert all(label in (IGNORE, t) for t, label in pairs)  # labels beside their own ids
+    assert sum(label != IGNORE for _, label in pairs) == 3 + 4 + 1
+    joined = pack_whole(rows, 8, separate=False)[:]
     assert all(p == list(range(len(p))) for p in joined["position_ids"])
+    assert all(m == [1] * len(m) for m in joined["attention_mask"])
 
 
 def run_chat(model: Path, data: dict[str, Path], out: Path, **extra: object) -> Path:
@@ -222,3 +230,37 @@ def test_a_run_keeps_its_template_when_the_file_is_gone(chat_gpt2: Path) -> None
     tokenizer.chat_template = None
     with pytest.raises(LlmkitError, match="--chat-template /moved/chatml.jinja: no such file"):
         use_template(tokenizer, "/moved/chatml.jinja", required=True)
+
+
+def test_conversations_are_cached_and_skipped_rows_counted(
+        chat_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Encoded conversations sit in datasets' Arrow cache: a second featurize reads them back
+    (no tokenizer call), with the same blocks; empty_rows=skip leaves out and counts."""
+    import logging
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmkit.data import load_split
+    from llmkit.tasks import get_task
+    from tests.conftest import count_calls
+
+    path = tmp_path / "talks.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [TALK, TALK[:2]] * 6))
+    tokenizer, config = AutoTokenizer.from_pretrained(chat_gpt2), AutoConfig.from_pretrained(
+        chat_gpt2)
+    cfg = load_config("generate", {"model": str(chat_gpt2), "output": "o",
+                                   "data": {"train": str(path), "block_size": 128,
+                                            "messages_column": "messages",
+                                            "empty_rows": "skip"}}).data
+    calls = count_calls(type(tokenizer), monkeypatch)
+    found = []
+    with caplog.at_level(logging.WARNING, logger="llmkit"):
+        for _ in range(2):
+            before = len(calls)
+            found.append(get_task("generate").featurize(
+                load_split(str(path), "train", None, "--train"), tokenizer, config, cfg))
+    assert calls and len(calls) == before  # the second read the cache
+    assert found[0]["input_ids"] == found[1]["input_ids"]
+    assert "leaving out 6 of 12 conversations without an assistant turn" in caplog.text
+    assert sum(len(b) for b in found[0]["input_ids"]) == 6 * len(encode(tokenizer, TALK)[0])

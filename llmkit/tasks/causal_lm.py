@@ -166,19 +166,17 @@ def pack(tokens: Dataset, size: int, eos: int, separate: bool) -> Dataset:
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
               cfg: CausalData) -> Dataset:
-    from datasets import Dataset
 
     size = block_size(cfg, config)
     if cfg.messages_column:
-        from llmkit.tasks.chat import conversations, pack_whole
+        from llmkit.data import workers
+        from llmkit.tasks.chat import conversations, one_per_row, pack_whole
 
         encoded = conversations(rows, cfg.messages_column, tokenizer, size,
-                                cfg.empty_rows == "skip")
+                                cfg.empty_rows == "skip", workers(cfg))
         if cfg.packing:
-            return Dataset.from_dict(pack_whole(encoded, size, cfg.separate_documents))
-        return Dataset.from_dict({"input_ids": [e[0] for e in encoded],
-                                  "labels": [e[1] for e in encoded],
-                                  "attention_mask": [[1] * len(e[0]) for e in encoded]})
+            return pack_whole(encoded, size, cfg.separate_documents)
+        return one_per_row(encoded)
     if cfg.prompt_column and cfg.completion_column:
         return pairs(rows, tokenizer, cfg, size)
     column = cfg.text_column

@@ -115,40 +115,81 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def conversations(rows: Any, column: str, tokenizer: PreTrainedTokenizerBase, size: int,
-                  skip_empty: bool) -> list[tuple[list[int], list[int]]]:
-    """Every conversation encoded, cut to `size` tokens (counted in the log); those without an
-    assistant turn refused or, with `skip_empty`, left out (counted)."""
-    encoded, silent, cut = [], [], 0
-    for row, messages in enumerate(rows[column]):
-        check(messages, row)
-        if not any(m["role"] == "assistant" for m in messages):
-            silent.append(row)
-            continue
-        ids, labels = encode(tokenizer, messages)
-        cut += len(ids) > size
-        encoded.append((ids[:size], labels[:size]))
-    if silent and (not skip_empty or len(silent) == len(rows)):
-        raise LlmkitError(f"{len(silent)} of {len(rows)} conversations have no assistant turn "
-                          f"(first: row {silent[0]}), so nothing to learn; fix the data or pass "
-                          "-s data.empty_rows=skip to leave them out")
-    if silent:
+                  skip_empty: bool, workers: int | None = None) -> Any:
+    """Every conversation encoded (`ids`, `labels`, int32, in datasets' Arrow cache: a rerun
+    reads them back), cut to `size` tokens (counted in the log); those without an assistant
+    turn refused or, with `skip_empty`, left out (counted)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import Features, Sequence, Value
+
+    from llmkit.data import fingerprint
+
+    def encode_batch(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"ids": [], "labels": [], "silent": [], "cut": []}
+        for row, messages in zip(indices, batch[column], strict=True):
+            check(messages, row)
+            silent = not any(m["role"] == "assistant" for m in messages)
+            ids, labels = ([], []) if silent else encode(tokenizer, messages)
+            for key, value in (("ids", ids[:size]), ("labels", labels[:size]),
+                               ("silent", silent), ("cut", len(ids) > size)):
+                out[key].append(value)
+        return out
+
+    tokens = Sequence(Value("int32"))
+    encoded = rows.map(encode_batch, batched=True, with_indices=True,
+                       remove_columns=rows.column_names, num_proc=workers, desc="tokenizing",
+                       features=Features({"ids": tokens, "labels": tokens,
+                                          "silent": Value("bool"), "cut": Value("bool")}),
+                       new_fingerprint=fingerprint(rows, tokenizer, "chat", column, size,
+                                                   str(tokenizer.chat_template)))
+    flags = encoded.with_format("arrow")
+    silent = flags["silent"].to_numpy(zero_copy_only=False)
+    if silent.any() and (not skip_empty or silent.all()):
+        raise LlmkitError(f"{int(silent.sum())} of {len(rows)} conversations have no assistant "
+                          f"turn (first: row {int(np.argmax(silent))}), so nothing to learn; fix "
+                          "the data or pass -s data.empty_rows=skip to leave them out")
+    if silent.any():
         log.warning("leaving out %d of %d conversations without an assistant turn",
-                    len(silent), len(rows))
+                    int(silent.sum()), len(rows))
+        encoded = encoded.select(np.flatnonzero(~silent))
+    cut = pc.sum(flags["cut"]).as_py() or 0
     if cut:
         log.warning("%d of %d conversations are longer than --block-size %d tokens: cut there",
                     cut, len(encoded), size)
-    return encoded
+    return encoded.remove_columns(["silent", "cut"])
 
 
-def pack_whole(encoded: list[tuple[list[int], list[int]]], size: int, separate: bool
-               ) -> dict[str, list[list[int]]]:
-    """Conversations placed whole into blocks of at most `size` tokens (best fit, longest
-    first); with `separate`, positions restart at each conversation."""
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+def one_per_row(encoded: Any) -> Any:
+    """Conversations as rows of their own (no packing): ids, labels and an attention mask."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.fingerprint import Hasher
+
+    table = encoded.with_format("arrow")[:]
+    ids = table["ids"].combine_chunks()
+    mask = pa.ListArray.from_arrays(ids.offsets, pa.array(np.ones(len(ids.values), np.int8)))
+    return Dataset(pa.table({"input_ids": ids, "labels": table["labels"], "attention_mask": mask}),
+                   fingerprint=Hasher.hash((encoded._fingerprint, "one per row")))
+
+
+def pack_whole(encoded: Any, size: int, separate: bool) -> Any:
+    """Conversations (`ids`, `labels` of a dataset) placed whole into blocks of at most `size`
+    tokens (best fit, longest first); with `separate`, positions restart at each conversation.
+    Built as Arrow arrays: 4 bytes a token."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset
+    from datasets.fingerprint import Hasher
+
+    table = encoded.with_format("arrow")[:]
+    lengths = pc.list_value_length(table["ids"]).to_numpy()
     room: list[tuple[int, int]] = []  # (tokens left, block) sorted
     blocks: list[list[int]] = []
-    for i in order:
-        need = len(encoded[i][0])
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        need = int(lengths[i])
         at = bisect.bisect_left(room, (need, -1))
         if at == len(room):
             blocks.append([i])
@@ -158,13 +199,18 @@ def pack_whole(encoded: list[tuple[list[int], list[int]]], size: int, separate: 
             blocks[chosen].append(i)
             left -= need
         bisect.insort(room, (left, chosen))
-    features: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": [],
-                                            "attention_mask": []}
-    for block in blocks:
-        ids = [t for i in block for t in encoded[i][0]]
-        features["input_ids"].append(ids)
-        features["labels"].append([t for i in block for t in encoded[i][1]])
-        restart = [p for i in block for p in range(len(encoded[i][0]))]
-        features["position_ids"].append(restart if separate else list(range(len(ids))))
-        features["attention_mask"].append([1] * len(ids))
-    return features
+    order = np.array([i for block in blocks for i in block], dtype=np.int64)
+    sizes = lengths[order]
+    block_sizes = np.array([int(lengths[b].sum()) for b in blocks], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(block_sizes)]).astype(np.int32))
+    ids, labels = (pc.list_flatten(table[key].take(order)).combine_chunks()
+                   for key in ("ids", "labels"))
+    starts = np.repeat(np.cumsum(sizes) - sizes if separate
+                       else np.cumsum(block_sizes) - block_sizes,
+                       sizes if separate else block_sizes)
+    positions = np.arange(len(ids), dtype=np.int64) - starts
+    features = {"input_ids": ids, "labels": labels, "position_ids": pa.array(
+        positions.astype(np.int32)), "attention_mask": pa.array(np.ones(len(ids), np.int8))}
+    return Dataset(pa.table({k: pa.ListArray.from_arrays(offsets, v)
+                             for k, v in features.items()}),
+                   fingerprint=Hasher.hash((encoded._fingerprint, size, separate, "pack")))
