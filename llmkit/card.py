@@ -188,7 +188,7 @@ def model_card(out: Path, cfg: Any, metrics: dict[str, Any], made: dict[str, Any
     scored = metric_names([[final]])
     data = ModelCardData(
         library_name="peft" if cfg.adapter.lora else "transformers", pipeline_tag=pipeline,
-        base_model=cfg.model if is_hub_id(cfg.model) else None,
+        base_model=cfg.model if is_hub_id(cfg.model) and not cfg.from_scratch else None,
         tags=["llmkit", cfg.task, *(["lora"] if cfg.adapter.lora else [])],
         datasets=hub_data or None, model_name=Path(cfg.output).name,
         eval_results=[EvalResult(task_type=pipeline, dataset_type=hub_data[-1] if hub_data
@@ -207,8 +207,10 @@ def model_card(out: Path, cfg: Any, metrics: dict[str, Any], made: dict[str, Any
         settings["LoRA"] = f"r {cfg.adapter.lora_r}, alpha {cfg.adapter.lora_alpha}, " \
                            f"dropout {cfg.adapter.lora_dropout}"
     lines = [f"# {Path(cfg.output).name}", "",
-             f"`{cfg.model}` fine-tuned with llmkit for "
-             f"{pipeline} (`llmkit finetune {cfg.task}`).", "", "## Data", "",
+             (f"A new model of `{cfg.model}`'s architecture (random weights, config "
+              f"changes: {cfg.config_overrides or 'none'})" if cfg.from_scratch else
+              f"`{cfg.model}` fine-tuned") + f" with llmkit for {pipeline} (`llmkit finetune "
+             f"{cfg.task}`).", "", "## Data", "",
              f"- training: `{cfg.data.train}`",
              f"- validation: `{cfg.data.validation or 'a held-out slice of the training rows'}`",
              "", "## Training", "", "| setting | value |", "|---|---|",

@@ -495,6 +495,8 @@ def test_from_scratch_with_config_overrides_and_another_tokenizer(
     assert (model.config.n_layer, model.config.n_embd, model.config.resid_pdrop) == (1, 16, 0.0)
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == len(
         AutoTokenizer.from_pretrained(tmp_path / "new"))
+    card = (tmp_path / "new" / "README.md").read_text()
+    assert "A new model of" in card and "n_layer=1,n_embd=16" in card
     # pretrained weights with a shape-keeping override: loaded as they were, dropout changed
     result = runner.invoke(app, [*base, "--output", str(tmp_path / "tuned"), "--lr", "0",
                                  "--config-overrides", "resid_pdrop=0.0"])
@@ -504,7 +506,7 @@ def test_from_scratch_with_config_overrides_and_another_tokenizer(
     torch.testing.assert_close(tuned["transformer.h.0.mlp.c_fc.weight"],
                                start["transformer.h.0.mlp.c_fc.weight"])
     for overrides, message in (
-            ("n_embd=16", "changes the shape of pretrained weights (transformer.h.0."),
+            ("n_embd=16", "changes the shape of pretrained weights (transformer.h.0.attn"),
             ("n_layers=1", "key n_layers isn't in the original config dict"),
             ("n_layer", "expected key=value pairs separated by commas"),
             ("n_layer=one", "invalid literal for int()")):

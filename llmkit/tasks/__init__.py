@@ -199,7 +199,7 @@ def check_reshaped(mismatched: list[Any], run: RunConfig | None) -> None:
     from llmkit.adapters import HEADS
 
     body = [k[0] if isinstance(k, tuple) else k for k in mismatched]
-    body = [k for k in body if not set(k.split(".")) & {*HEADS, "lm_head"}]
+    body = sorted(k for k in body if not set(k.split(".")) & {*HEADS, "lm_head"})
     if run and run.config_overrides and body:
         raise LlmkitError(f"--config-overrides {run.config_overrides!r} changes the shape of "
                           f"pretrained weights ({', '.join(body[:3])}): add --from-scratch to "
