@@ -173,6 +173,8 @@ def picker(kind: Kind, rows: Dataset, cfg: Any
 def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, target: bool
            ) -> tuple[list[list[int]], list[bool]]:
     """Token ids truncated to `limit` (special tokens kept), and which were cut."""
+    if not texts:  # a batch of empty rows only
+        return [], []
     key = "text_target" if target else "text"
     ids = tokenizer(**{key: texts})["input_ids"]
     long = [i for i, row in enumerate(ids) if len(row) > limit]
