@@ -75,7 +75,7 @@ def options(task: str, args: argparse.Namespace) -> dict:
     return {"train.epochs": args.epochs, "train.batch_size": args.batch_size,
             "train.eval_batch_size": args.batch_size, "train.learning_rate": args.lr,
             "train.warmup_ratio": 0.1, "train.weight_decay": 0.01, "train.logging_steps": 50,
-            "train.seed": args.seed,
+            "train.seed": args.seed, "train.group_by_length": not args.no_group_by_length,
             "data.max_length": 128 if task == "translate" else 256,
             "data.max_target_length": 128 if task == "translate" else 48,
             "data.max_new_tokens": args.max_new_tokens, "data.num_beams": 1}
@@ -271,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--no-group-by-length", action="store_true", help="llmkit's option")
     return parser
 
 
