@@ -353,6 +353,8 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
         payload: dict[str, Any] = {"model": model, "data": data}
     elif predictions is None or not references:
         raise LlmkitError("give --predictions and --references, or --model and --data")
+    elif options.get("stride"):
+        raise LlmkitError("--stride scores a language model (--model and --data), not files")
     else:
         scores = score_files(names, predictions, references, options)
         payload = {"predictions": predictions, "references": references}

@@ -423,3 +423,6 @@ def test_cli_sentence_level_lines_and_its_limits(tmp_path: Path) -> None:
     assert refused.exit_code == 1 and "--sentence-level" in str(refused.exception)
     refused = runner.invoke(app, ["eval", "-m", "rouge", "-sl", *files])
     assert refused.exit_code == 1 and "BLEU, chrF and TER" in str(refused.exception)
+    refused = runner.invoke(app, ["eval", "-m", "bleu", "--stride", "8", *files])
+    assert refused.exit_code == 1 and "--stride scores a language model" in str(
+        refused.exception)
