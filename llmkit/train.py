@@ -339,8 +339,7 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
         state = ckpt.restore(accelerator, out, start, fallback=not resume_from)
         log.info("resuming at step %d (epoch %d)", state.global_step, state.epoch)
     total_steps = run_length(cfg.train, parts.steps_per_epoch)[0]
-    # cuDNN attention builds a plan per new sequence length (hundreds of ms) and has a higher
-    # host cost per call: with batches padded to their longest row, the other kernels win
+    # cuDNN attention plans each new sequence length (slow with padded-per-batch rows)
     reporter = Reporter(out, accelerator.is_main_process, total_steps, state.global_step,
                         cfg.train.logging_steps)
     reporter.say("\n".join(header(parts, cfg, total_steps)))
@@ -351,7 +350,8 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     save_run(parts, cfg, state, out, speed, started)
     if cfg.data.test and accelerator.is_main_process:
         test(out, cfg.data.test)
-    accelerator.end_training()  # trackers flush and close
+    for tracker in accelerator.trackers:  # flush and close; not end_training, whose
+        tracker.finish()  # destroy_process_group with DDP alive can deadlock gloo's teardown
     reporter.done(state.history, state.best_checkpoint or "", cfg.train.metric_for_best
                   or parts.task.default_metric, time.time() - started)
     return out
