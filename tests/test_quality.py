@@ -61,3 +61,17 @@ def test_sst2_subset(minilm: str, tmp_path: Path) -> None:
     metrics = json.loads((finetune(cfg) / "metrics.json").read_text())
     assert metrics["final"]["eval_samples"] == 872
     assert metrics["final"]["accuracy"] >= 0.78, metrics["history"]
+
+
+def test_debian_qa_learns_at_the_defaults(minilm: str, tmp_path: Path) -> None:
+    """Issue 23's setting: 1,200 debian-qa questions, 2 epochs, lr 1e-4, batch 32, the rest at
+    llmkit's defaults (length grouping included). Over seeds 42-46 dev F1 ran 92.7-99.2
+    (Trainer + run_qa.py: 75.1-99.2); before the grouping fix one seed fell to 83.4."""
+    data = needs_shared("debian-qa")
+    cfg = load_config("qa", None, {
+        "model": minilm, "output": str(tmp_path / "run"), "data.train": str(data / "train.json"),
+        "data.validation": str(data / "dev.json"), "data.max_train_samples": 1200,
+        "train.epochs": 2, "train.learning_rate": 1e-4, "train.batch_size": 32,
+        "train.seed": 43})  # the seed that fell to 83.4 before
+    metrics = json.loads((finetune(cfg) / "metrics.json").read_text())
+    assert metrics["history"][-1]["f1"] >= 88, metrics["history"]
