@@ -125,6 +125,8 @@ CASES: list[tuple[list[str], str]] = [
     ([*FT, "--lora", "--lora-dropout", "1"], "adapter.lora_dropout must be below 1, got 1"),
     ([*FT, "--merge"], "--merge applies to adapter runs: add --lora"),
     ([*FT, "--load-in-4bit"], "--load-in-4bit applies to adapter runs: add --lora"),
+    ([*FT, "--lora", "--from-scratch"], "--from-scratch trains every weight of a new model and "
+     "--lora freezes the base model's: drop one of them"),
     # merge
     (["merge", "{run}", "-o", "{tmp}/m"], "{run} is not an adapter run (no adapter_config.json)"),
     (["merge", "{tmp}/nowhere", "-o", "{tmp}/m"], "is not an adapter run"),

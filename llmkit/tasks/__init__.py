@@ -64,6 +64,9 @@ def load_config(task: str, recipe: str | dict[str, Any] | None = None,
                   if given]
     if needs_lora and not adapter.lora:
         raise LlmkitError(f"{', '.join(needs_lora)} applies to adapter runs: add --lora")
+    if adapter.lora and cfg.from_scratch:  # adapters over a frozen random base learn nothing
+        raise LlmkitError("--from-scratch trains every weight of a new model and --lora freezes "
+                          "the base model's: drop one of them")
     from transformers import SchedulerType
 
     schedules = [s.value for s in SchedulerType]
