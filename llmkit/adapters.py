@@ -8,12 +8,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from llmkit.config import AdapterConfig
+    from llmkit.config import AdapterConfig, RunConfig
 
 log = logging.getLogger("llmkit")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,6 +69,99 @@ def wrap(model: Any, task: str, settings: AdapterConfig) -> Any:
              "every linear layer" if targets == "all-linear" else ", ".join(targets),
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return wrapped
+
+
+class DropLinear(torch.autograd.Function):
+    """`linear(dropout(x), weight)` keeping `x` (shared with the other layers that read it) and
+    the mask at one bit per element for backward, instead of the dropped copy and a byte mask."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.rand(x.shape, device=x.device) >= p
+        ctx.p, ctx.shape = p, x.shape
+        ctx.save_for_backward(x, weight, pack_bits(keep))
+        return torch.nn.functional.linear((x * keep).mul_(1 / (1 - p)), weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, packed = ctx.saved_tensors
+        # in the order and precision autocast's own backward of this forward would use
+        scale = unpack_bits(packed, ctx.shape).to(x.dtype) / (1 - ctx.p)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.to(grad.dtype)).to(x.dtype) * scale
+        if ctx.needs_input_grad[1]:
+            dropped = (x * scale).to(grad.dtype).reshape(-1, x.shape[-1])
+            grad_weight = (grad.reshape(-1, grad.shape[-1]).T @ dropped).to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
+BITS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    return (flat * torch.tensor(BITS, dtype=torch.uint8, device=mask.device)).sum(
+        -1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    bits = packed.unsqueeze(-1) & torch.tensor(BITS, dtype=torch.uint8, device=packed.device)
+    return bits.ne(0).reshape(-1)[:shape.numel()].view(shape)
+
+
+class DroppedInput(torch.nn.Linear):
+    """A LoRA `lora_A` that applies peft's dropout to its input itself, through `DropLinear`."""
+
+    def __init__(self, linear: torch.nn.Linear, p: float):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features, self.p = linear.in_features, linear.out_features, p
+        self.weight, self.bias = linear.weight, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            return DropLinear.apply(x, self.weight, self.p)
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def adapt(model: Any, cfg: RunConfig, accelerator: Accelerator) -> Any:
+    """Gradient checkpointing, and LoRA adapters when asked (their checkpoints hold the
+    adapter only)."""
+    if cfg.train.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if not cfg.adapter.lora:
+        return model
+    if cfg.adapter.load_in_4bit:
+        model = peft_module().prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # the frozen embeddings give checkpointed blocks
+        # inputs without gradients, and the adapters inside them would get none
+    adapter_checkpoints(accelerator)
+    model = wrap(model, cfg.task, cfg.adapter)
+    if not cfg.train.gradient_checkpointing:  # which recomputes the whole layer anyway
+        lean_dropout(model)
+    return model
+
+
+def lean_dropout(model: Any) -> None:
+    """Activation memory of a LoRA run no higher than full fine-tuning's. peft drops out each
+    adapted layer's input and its `lora_A` keeps that dropped copy (and the mask) for backward:
+    one per layer, three where query, key and value read one input, which full fine-tuning keeps
+    once (all-MiniLM-L6-v2, batch 32 x 64: 668 MB saved against 483). `DroppedInput` keeps the
+    input alone and the mask in bits, and draws it faster than torch's dropout on the CPU;
+    the same dropout, under the same state keys (checkpoints and adapters are peft's)."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict) or not hasattr(module, "lora_A"):
+            continue
+        for name, dropout in dropouts.items():
+            linear = module.lora_A[name]
+            if (isinstance(dropout, torch.nn.Dropout) and dropout.p > 0
+                    and type(linear) is torch.nn.Linear and linear.bias is None):
+                module.lora_A[name] = DroppedInput(linear, dropout.p)
+                dropouts[name] = torch.nn.Identity()
 
 
 def four_bit() -> dict[str, Any]:

@@ -82,7 +82,7 @@ class TrainConfig:
                                               "CPUs).")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward "
                                            "pass: less memory, more compute.")
-    group_by_length: bool = setting(True, "Batch rows of similar length together.")
+    group_by_length: bool = setting(True, "Batch rows of similar length (seq2seq: in each batch).")
     eval_steps: int = setting(0, "Also evaluate and checkpoint every N steps; 0 = each epoch "
                               "only.", minimum=0)
     save_steps: int = setting(0, "Also checkpoint every N steps.", minimum=0)

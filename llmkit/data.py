@@ -15,7 +15,7 @@ from llmkit.hub import hub_offline, looks_like_path, offline_hint
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from llmkit.config import DataConfig
+    from llmkit.config import DataConfig, TrainConfig
 
 log = logging.getLogger("llmkit")
 FEATURES_VERSION = 1  # raise when a task's features change shape: old cache files go unused
@@ -248,45 +248,68 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
 
 
 MEGABATCH, MIN_MEGABATCHES = 50, 4  # batches per mega-batch at most; mega-batches per epoch
+MICRO_BATCHES, MICRO_ROWS = 4, 8  # inside grouping: micro-batches per batch at most; rows each
+
+
+def micro_batches(tc: TrainConfig, inside: bool) -> int:
+    """How many length-sorted micro-batches each batch runs in, for a task that groups rows by
+    length inside each batch (`Task.group_inside`): 1 where grouping is off or batches are small."""
+    return max(1, min(MICRO_BATCHES, tc.batch_size // MICRO_ROWS)) \
+        if inside and tc.group_by_length else 1
 
 
 class LengthGroupedBatches:
     """Batch sampler: a seeded random order per epoch, rows of similar length batched together.
 
-    Rows are shuffled, cut into mega-batches of 50 batches, sorted by length inside each, split
-    into batches, and the batches shuffled: little padding, and still a random walk over the
-    data. An epoch holds at least `MIN_MEGABATCHES` mega-batches (Trainer's rule): were the
-    whole set one mega-batch, every epoch would bring nearly the same batches, each of one
-    length (on debian-qa, of one question type). The order depends only on (seed, epoch), so a
-    resumed run sees the same batches.
+    Across batches (`group`): rows are shuffled, cut into mega-batches of 50 batches, sorted by
+    length inside each, split into batches, and the batches shuffled: little padding, and still
+    a random walk over the data. An epoch holds at least `MIN_MEGABATCHES` mega-batches
+    (Trainer's rule): were the whole set one mega-batch, every epoch would bring nearly the same
+    batches, each of one length (on debian-qa, of one question type).
+
+    Inside batches (`split` > 1): each batch is as random as without grouping, and is yielded as
+    `split` micro-batches of its rows sorted by length, for gradient accumulation to add up: the
+    optimizer steps on the same random batches, and the micro-batches pad little. Batches of
+    one length band each hold a sequence-to-sequence model trained from scratch on its
+    plateau (benchmarks/RESULTS.md, the seed study), which this keeps.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches.
     """
 
-    def __init__(self, lengths: Any, batch_size: int, seed: int, group: bool = True):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+    def __init__(self, lengths: Any, batch_size: int, seed: int, group: bool = True,
+                 split: int = 1):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group, self.split = group and split == 1, split
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        full, last = divmod(len(self.lengths), self.batch_size)
+        return full * self.split + min(self.split, last)
 
     def __iter__(self) -> Iterator[list[int]]:
         import numpy as np
 
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
+        lengths = np.asarray(self.lengths)
         if self.group:
             mega = self.batch_size * max(1, min(MEGABATCH, len(order) // (
                 self.batch_size * MIN_MEGABATCHES)))
-            lengths = np.asarray(self.lengths)
             order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
                                     for chunk in np.split(order, range(mega, len(order), mega))])
-        batches = [order[i:i + self.batch_size].tolist()
-                   for i in range(0, len(order), self.batch_size)]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.group:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        yield from batches
+        for batch in batches:
+            if self.split > 1:
+                batch = batch[np.argsort(-lengths[batch], kind="stable")]
+                yield from (part.tolist() for part in np.array_split(
+                    batch, min(self.split, len(batch))))
+            else:
+                yield batch.tolist()
 
 
 def by_length(features: Dataset) -> list[int]:

@@ -124,7 +124,8 @@ def activations(parts: Parts, cfg: RunConfig) -> tuple[int, int]:
     """Bytes kept for backward by one forward of the worst batch, and the largest tensor."""
     acc, model = parts.accelerator, parts.model
     plain = acc.unwrap_model(model)
-    batch = worst_batch(parts, cfg.train.batch_size)
+    # a batch run in micro-batches keeps one micro-batch's activations at a time
+    batch = worst_batch(parts, -(-cfg.train.batch_size // parts.batches.split))
     blocks = [m for m in plain.modules()
               if type(m).__name__ in (getattr(plain, "_no_split_modules", None) or [])]
     inputs: list[int] = []  # checkpointed blocks keep their inputs outside autograd's view
@@ -231,7 +232,7 @@ def measure(parts: Parts, cfg: RunConfig, steps: int, total_steps: int) -> dict[
     loader = iter(parts.train_loader)
     for step in range(1, steps + 2):
         start = time.perf_counter()
-        for _ in range(tc.gradient_accumulation_steps):
+        for _ in range(acc.gradient_accumulation_steps):
             batch = next(loader, None)
             if batch is None:
                 loader = iter(parts.train_loader)

@@ -20,9 +20,16 @@ from torch.utils.data import DataLoader
 
 from llmkit import card
 from llmkit import checkpoint as ckpt
-from llmkit.adapters import four_bit, parameter_counts, unquantized
+from llmkit.adapters import adapt, four_bit, parameter_counts, unquantized
 from llmkit.config import DataConfig, RunConfig, TrainConfig, dump_config
-from llmkit.data import LengthGroupedBatches, by_length, check_columns, lengths, load_splits
+from llmkit.data import (
+    LengthGroupedBatches,
+    by_length,
+    check_columns,
+    lengths,
+    load_splits,
+    micro_batches,
+)
 from llmkit.errors import LlmkitError
 from llmkit.launch import fsdp_units, sharded, start_run, start_trackers
 from llmkit.predict import merge, test
@@ -109,8 +116,9 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
             module.requires_grad_(False)
     model = adapt(model, cfg, accelerator)
     collate = task.collator(tokenizer)
-    batches = LengthGroupedBatches(lengths(train_set),
-                                   cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length)
+    batches = LengthGroupedBatches(lengths(train_set), cfg.train.batch_size, cfg.train.seed,
+                                   cfg.train.group_by_length and not task.group_inside,
+                                   micro_batches(cfg.train, task.group_inside))
     # Own generators keep loader start-up from drawing on the global RNG that dropout uses,
     # so a resumed run replays the same random numbers as an uninterrupted one.
     pin = torch.cuda.is_available()  # page-locked batches copy to the GPU without a sync
@@ -129,31 +137,12 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     fsdp_units(accelerator, model)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, optimizer, train_loader, eval_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
     scheduler = accelerator.prepare(make_scheduler(cfg, optimizer, steps_per_epoch,
                                                    accelerator.num_processes))
     return Parts(accelerator, task, model, tokenizer, optimizer, scheduler, train_loader,
                  eval_loader, eval_features, data, batches, steps_per_epoch,
                  (len(train_rows), len(valid_rows)))
-
-
-def adapt(model: Any, cfg: RunConfig, accelerator: Accelerator) -> Any:
-    """Gradient checkpointing, and LoRA adapters when asked (their checkpoints hold the
-    adapter only)."""
-    if cfg.train.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    if not cfg.adapter.lora:
-        return model
-    from llmkit import adapters
-
-    if cfg.adapter.load_in_4bit:
-        model = adapters.peft_module().prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    elif cfg.train.gradient_checkpointing:
-        model.enable_input_require_grads()  # the frozen embeddings give checkpointed blocks
-        # inputs without gradients, and the adapters inside them would get none
-    adapters.adapter_checkpoints(accelerator)
-    return adapters.wrap(model, cfg.task, cfg.adapter)
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -251,7 +240,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
         # sits inside a shard that does not forward the epoch.)
         parts.train_loader.set_epoch(epoch)
         parts.batches.set_epoch(epoch)
-        skip = state.step_in_epoch * tc.gradient_accumulation_steps
+        skip = state.step_in_epoch * acc.gradient_accumulation_steps
         loader = acc.skip_first_batches(parts.train_loader, skip) if skip else parts.train_loader
         for batch in loader:
             with acc.accumulate(model):

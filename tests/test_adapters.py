@@ -161,6 +161,62 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tiny_gpt2:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_dropout_is_dropout_then_linear(autocast: bool) -> None:
+    from llmkit.adapters import DropLinear
+
+    x = torch.randn(3, 5, 7, requires_grad=True)  # 105 elements: the bits end mid-byte
+    weight = torch.randn(4, 7, requires_grad=True)
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if lean:
+                out = DropLinear.apply(x, weight, 0.3)
+            else:
+                keep = torch.rand(x.shape) >= 0.3
+                out = torch.nn.functional.linear(x * keep / 0.7, weight)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), x.grad, weight.grad))
+        x.grad = weight.grad = None
+    for reference, lean in zip(*results, strict=True):
+        assert lean.dtype == reference.dtype
+        torch.testing.assert_close(lean, reference)
+    dropped = DropLinear.apply(torch.ones(20000, 1), torch.ones(1, 1), 0.3) == 0
+    assert 0.28 < dropped.float().mean() < 0.32
+
+
+def test_lean_dropout_keeps_less_for_backward_and_peft_s_keys(tiny_bert: Path) -> None:
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from llmkit.adapters import lean_dropout, wrap
+    from llmkit.config import AdapterConfig
+
+    model = wrap(AutoModelForSequenceClassification.from_pretrained(tiny_bert), "classify",
+                 AdapterConfig(lora=True, lora_r=4, lora_dropout=0.1))
+    lean = copy.deepcopy(model)
+    lean_dropout(lean)
+    assert lean.state_dict().keys() == model.state_dict().keys()
+    ids = torch.randint(5, 90, (4, 16))
+    kept = []
+    for m in (model, lean):
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        m.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(input_ids=ids).logits.sum().backward()
+        kept.append(sum(storages.values()))
+        m.eval()
+    assert kept[1] < 0.9 * kept[0]
+    torch.testing.assert_close(lean(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("task", ["qa", "translate", "generate"])
 def test_every_task_trains_an_adapter(task: str, tiny_bert: Path, tiny_gpt2: Path,
                                       tiny_seq2seq, toy_translation: dict[str, Path],

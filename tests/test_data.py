@@ -129,6 +129,32 @@ def test_length_grouping_of_a_small_set_still_draws_new_batches_each_epoch() -> 
     assert len(first & second) < 0.3 * len(first)
 
 
+def test_grouping_inside_batches_keeps_the_random_batches_in_sorted_micro_batches() -> None:
+    """Seq2seq's grouping: the rows of each optimizer step are the ungrouped sampler's batch,
+    yielded as 4 micro-batches, longest first; 1,000 rows in batches of 16 end with 8 rows."""
+    import random
+
+    from llmkit.config import TrainConfig
+    from llmkit.data import micro_batches
+
+    lengths = [random.Random(i).randint(1, 500) for i in range(1000)]
+    plain = list(LengthGroupedBatches(lengths, 16, seed=0, group=False))
+    inside = LengthGroupedBatches(lengths, 16, seed=0, group=False, split=4)
+    micro = list(inside)
+    assert len(micro) == len(inside) == 62 * 4 + 4
+    steps = [micro[i:i + 4] for i in range(0, len(micro), 4)]
+    assert [sorted(i for m in step for i in m) for step in steps] == [sorted(b) for b in plain]
+    assert all(len(m) == 4 for m in micro[:-4]) and [len(m) for m in micro[-4:]] == [2] * 4
+    order = [lengths[i] for step in steps for m in step for i in m]
+    assert all(max(order[i:i + 16]) == order[i] for i in range(0, 992, 16))  # longest first
+    padded = sum(len(m) * max(lengths[i] for i in m) for m in micro)
+    assert padded < 0.7 * sum(len(b) * max(lengths[i] for i in b) for b in plain)
+    for size, split in ((32, 4), (64, 4), (16, 2), (12, 1), (8, 1)):
+        assert micro_batches(TrainConfig(batch_size=size), True) == split
+    assert micro_batches(TrainConfig(batch_size=32), False) == 1
+    assert micro_batches(TrainConfig(batch_size=32, group_by_length=False), True) == 1
+
+
 def test_json_files_read_whatever_their_layout(tmp_path: Path) -> None:
     """JSON Lines named .json (transformers' wmt16/xsum fixtures), run_qa.py's rows under a
     top-level "data" key, and the official nested SQuAD file minified on one line."""

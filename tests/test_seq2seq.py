@@ -336,3 +336,47 @@ def test_multilingual_codes_set_tokenizer_languages_and_forced_bos(tiny_seq2seq)
     model = AutoModelForSeq2SeqLM.from_pretrained(folder)
     get_task("translate").prepare(model, plain, cfg)
     assert model.generation_config.forced_bos_token_id is None
+
+
+def test_grouped_batches_of_16_run_in_two_micro_batches_and_resume_exactly(
+        tiny_seq2seq, toy_translation, tmp_path, monkeypatch):
+    """translate groups inside each batch: 64 rows in batches of 16 are 4 optimizer steps an
+    epoch of 2 sorted micro-batches each; a run cut mid-epoch resumes to the same weights."""
+    import functools
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import MarianMTModel
+
+    from llmkit.tasks import load_config
+    from llmkit.train import finetune
+    from tests.conftest import cut_after_checkpoint
+
+    def config(out: Path):
+        return load_config("translate", None, {
+            "model": str(tiny_seq2seq("marian")), "output": str(out),
+            "data.train": str(toy_translation["train"]),
+            "data.validation": str(toy_translation["validation"]), "data.source_lang": "en",
+            "data.target_lang": "es", "data.max_new_tokens": 4, "train.batch_size": 16,
+            "train.epochs": 2, "train.save_steps": 3, "train.learning_rate": 1e-3})
+
+    forward, rows = MarianMTModel.forward, []
+
+    @functools.wraps(forward)  # generate reads the signature
+    def counted(self, **inputs):
+        if self.training:
+            rows.append(len(inputs["input_ids"]))
+        return forward(self, **inputs)
+
+    monkeypatch.setattr(MarianMTModel, "forward", counted)
+    steady = finetune(config(tmp_path / "steady"))
+    monkeypatch.setattr(MarianMTModel, "forward", forward)
+    assert rows == [8] * 16  # 2 epochs x 4 steps x 2 micro-batches of 8 rows
+    history = json.loads((steady / "metrics.json").read_text())["history"]
+    assert [r["step"] for r in history] == [4, 8]
+    cut = config(tmp_path / "cut")
+    cut_after_checkpoint(cut, 3, monkeypatch)
+    finetune(cut, resume=True)
+    a, b = (load_file(d / "model.safetensors") for d in (steady, tmp_path / "cut"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

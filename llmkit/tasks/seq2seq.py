@@ -332,7 +332,7 @@ def task(kind: Kind, summary: str, metrics: tuple[str, ...], settings: type[Seq2
                 model_kwargs=model_kwargs, featurize=partial(featurize, kind),
                 collator=collator, eval_step=eval_step, score=partial(score, kind),
                 present=partial(present, kind), prepare=partial(prepare, kind),
-                clean=partial(clean, kind))
+                clean=partial(clean, kind), group_inside=True)
 
 
 TRANSLATE = task("translate", "translation with a seq2seq model (Marian, T5, mBART); BLEU",

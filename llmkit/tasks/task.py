@@ -65,6 +65,8 @@ class Task:
     # Training rows and the data settings -> the settings with columns the data shows (said in
     # the log), before the columns are checked; saved with the run
     detect: Callable[[Dataset, Any], Any] | None = None
+    # --group-by-length inside each batch (sorted micro-batches) rather than across batches
+    group_inside: bool = False
 
     @property
     def default_metric(self) -> str:
