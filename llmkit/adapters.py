@@ -40,7 +40,6 @@ def peft_module() -> Any:
 
 def linear_names(model: Any) -> list[str]:
     """The names (last part) of the model's linear layers, as --lora-target-modules takes them."""
-    import torch
     from transformers.pytorch_utils import Conv1D
 
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
@@ -169,8 +168,6 @@ def four_bit() -> dict[str, Any]:
     machine cannot run it."""
     import importlib.util
     import os
-
-    import torch
 
     if not torch.cuda.is_available():
         raise LlmkitError("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit layers run "
