@@ -95,18 +95,19 @@ class DropLinear(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-BITS = (1, 2, 4, 8, 16, 32, 64, 128)
+def bit_values(device: torch.device) -> torch.Tensor:
+    """1, 2, 4, ..., 128 as bytes, made on the device (no copy from the host per call)."""
+    return torch.pow(2, torch.arange(8, device=device)).to(torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.reshape(-1).to(torch.uint8)
     flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
-    return (flat * torch.tensor(BITS, dtype=torch.uint8, device=mask.device)).sum(
-        -1, dtype=torch.uint8)
+    return (flat * bit_values(mask.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    bits = packed.unsqueeze(-1) & torch.tensor(BITS, dtype=torch.uint8, device=packed.device)
+    bits = packed.unsqueeze(-1) & bit_values(packed.device)
     return bits.ne(0).reshape(-1)[:shape.numel()].view(shape)
 
 
