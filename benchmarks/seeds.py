@@ -11,7 +11,8 @@ Each run is its own process (nothing carried over between seeds) and appends one
 benchmarks/out/seeds.jsonl with the task, kind, seed, settings, the commit and the score.
 Tasks: qa (debian-qa, F1; windows of at most 160 tokens, which no question + context reaches
 (138 at most): the same windows as the default 256, less padding for Trainer), sst2 and
-banking77 (classify, accuracy), translate (seq2seq.py, eval loss; BLEU and chrF beside it).
+banking77 (classify, accuracy), translate and summarize (seq2seq.py, eval loss; BLEU and chrF,
+or ROUGE, beside it).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ TASKS = {
     "translate": ("seq2seq", ["translate", "--train-rows", "4000", "--dev-rows", "200",
                               "--epochs", "3", "--width", "128", "--layers", "2", "--vocab",
                               "4000", "--max-new-tokens", "48"], "eval_loss"),
+    # a random 2+2-layer 128-wide BART from scratch, 4,000 Debian descriptions -> synopsis
+    "summarize": ("seq2seq", ["summarize", "--train-rows", "4000", "--dev-rows", "200",
+                              "--epochs", "3", "--width", "128", "--layers", "2", "--vocab",
+                              "4000", "--max-new-tokens", "32"], "eval_loss"),
 }
 
 

@@ -3,7 +3,7 @@ Seq2SeqTrainer at its defaults, same model, data and settings, in one session; a
 summarization run (llmkit, BART-shaped) on Debian package descriptions.
 
     python benchmarks/seq2seq.py translate [--train-rows 16000] [--epochs 2]
-    python benchmarks/seq2seq.py summarize [--train-rows 4000]
+    python benchmarks/seq2seq.py summarize [--train-rows 4000] [--skip-trainer]
 
 Translation: ../shared/data/bible-en-es/old-testament.jsonl, a seeded 500-verse dev slice held
 out, a shared 8k BPE vocabulary trained on the training verses. Both tools train the same
@@ -103,9 +103,11 @@ def run_llmkit(task: str, model: Path, train: Path, dev: Path, args: argparse.Na
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
-def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace) -> dict:
-    """run_translation.py's preprocessing and Seq2SeqTrainer at its defaults (random order,
-    the stock collator), then predict(predict_with_generate=True) on the dev verses."""
+def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace,
+                task: str = "translate") -> dict:
+    """run_translation.py's (run_summarization.py's) preprocessing and Seq2SeqTrainer at its
+    defaults (random order, the stock collator), then predict(predict_with_generate=True) on the
+    dev rows: BLEU and chrF, or ROUGE (rouge-score, as llmkit scores it)."""
     import datasets
     from transformers import (
         AutoModelForSeq2SeqLM,
@@ -116,22 +118,29 @@ def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace) -
     )
 
     from llmkit.evaluate import sacrebleu_score
+    from llmkit.metrics import rouge_scores
 
     start = time.perf_counter()
     raw = datasets.load_dataset("json", data_files={"train": str(train), "dev": str(dev)})
     tokenizer = AutoTokenizer.from_pretrained(model)
-    settings = options("translate", args)
+    settings = options(task, args)
+
+    def pairs(batch: dict) -> tuple[list[str], list[str]]:
+        if task == "translate":
+            return [p["en"] for p in batch["translation"]], [p["es"] for p in batch["translation"]]
+        return batch["document"], batch["summary"]
 
     def encode(batch: dict) -> dict:
-        sources = [p["en"] for p in batch["translation"]]
-        targets = [p["es"] for p in batch["translation"]]
-        return tokenizer(sources, text_target=targets, max_length=settings["data.max_length"],
-                         truncation=True)
+        sources, targets = pairs(batch)
+        features = tokenizer(sources, max_length=settings["data.max_length"], truncation=True)
+        features["labels"] = tokenizer(text_target=targets, truncation=True,
+                                       max_length=settings["data.max_target_length"])["input_ids"]
+        return features
 
     features = raw.map(encode, batched=True, remove_columns=raw["train"].column_names)
     net = AutoModelForSeq2SeqLM.from_pretrained(model)
     training = Seq2SeqTrainingArguments(
-        output_dir=str(OUT / "translate-trainer"), num_train_epochs=args.epochs,
+        output_dir=str(OUT / f"{task}-trainer"), num_train_epochs=args.epochs,
         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, warmup_steps=0.1, weight_decay=0.01,
         seed=args.seed, save_strategy="no", eval_strategy="no", report_to=[], logging_steps=50,
@@ -143,17 +152,40 @@ def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace) -
     began = time.perf_counter()
     predicted = trainer.predict(features["dev"], max_new_tokens=args.max_new_tokens,
                                 num_beams=1)
+    exact = token_mean_loss(net, features["dev"], DataCollatorForSeq2Seq(tokenizer, model=net),
+                            args.batch_size)
     eval_seconds = time.perf_counter() - began
     ids = predicted.predictions
     ids[ids < 0] = tokenizer.pad_token_id
     hypotheses = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    references = [[p["es"] for p in raw["dev"]["translation"]]]
-    return {"bleu": sacrebleu_score("bleu", hypotheses, references, {}).value,
-            "chrf": sacrebleu_score("chrf", hypotheses, references, {}).value,
-            "eval_loss": predicted.metrics["test_loss"],
+    references = pairs(raw["dev"][:])[1]
+    scores = ({"bleu": sacrebleu_score("bleu", hypotheses, [references], {}).value,
+               "chrf": sacrebleu_score("chrf", hypotheses, [references], {}).value}
+              if task == "translate"
+              else {s.metric: s.value for s in rouge_scores(hypotheses, references)})
+    return {**scores, "eval_loss": exact, "trainer_eval_loss": predicted.metrics["test_loss"],
             "train_samples_per_second": round(result.metrics["train_samples_per_second"], 2),
             "eval_seconds": round(eval_seconds, 2),
             "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def token_mean_loss(net: Any, features: Any, collate: Any, batch_size: int) -> float:
+    """The dev set's cross-entropy summed over its target tokens over their count: llmkit's
+    eval_loss. (Trainer's own averages each batch's token mean over the rows, which differs.)"""
+    import torch.nn.functional as F
+
+    net.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            batch = collate([features[i] for i in range(start, min(start + batch_size,
+                                                                    len(features)))])
+            logits = net(**batch).logits.float()
+            labels = batch["labels"]
+            total += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                           ignore_index=-100, reduction="sum"))
+            count += int((labels != -100).sum())
+    return total / count
 
 
 def import_libraries() -> None:
@@ -241,19 +273,34 @@ def eval_trainer(run: Path, dev: Path, args: argparse.Namespace) -> dict:
             "wall_seconds": round(time.perf_counter() - start, 2), "predictions": hypotheses}
 
 
+def prepare(args: argparse.Namespace, folder: Path) -> tuple[Path, Path, Path]:
+    """The task's train and dev files (a seeded split) and a random model of its family with a
+    BPE vocabulary trained on the training rows' both sides."""
+    if args.task == "translate":
+        train, dev = split_rows(DATA / "bible-en-es" / "old-testament.jsonl", args.dev_rows,
+                                args.train_rows, folder)
+        rows = [json.loads(line)["translation"] for line in train.read_text().splitlines()]
+        texts = [r["en"] for r in rows] + [r["es"] for r in rows]
+    else:
+        train, dev = split_rows(DATA / "debian-descriptions" / "descriptions.jsonl",
+                                args.dev_rows, args.train_rows, folder)
+        rows = [json.loads(line) for line in train.read_text().splitlines()]
+        texts = [r["document"] for r in rows] + [r["summary"] for r in rows]
+    family = "marian" if args.task == "translate" else "bart"
+    return train, dev, save_model(texts, family, args, folder / "model")
+
+
 def seed_run(args: argparse.Namespace, trainer: bool) -> dict:
-    """One tool's translate run for benchmarks/seeds.py (same data split and initial model for
-    every seed; the seed sets the data order and dropout): eval loss, BLEU and chrF of the dev
-    verses after the last epoch."""
-    folder = OUT / "seq2seq-seeds"
-    train, dev = split_rows(DATA / "bible-en-es" / "old-testament.jsonl", args.dev_rows,
-                            args.train_rows, folder)
-    rows = [json.loads(line)["translation"] for line in train.read_text().splitlines()]
-    model = save_model([r["en"] for r in rows] + [r["es"] for r in rows], "marian", args,
-                       folder / "model")
-    result = (run_trainer(model, train, dev, args) if trainer
-              else run_llmkit("translate", model, train, dev, args, folder / "llmkit-run"))
-    return {k: result[k] for k in ("eval_loss", "bleu", "chrf", "train_samples_per_second")}
+    """One tool's run for benchmarks/seeds.py (same data split and initial model for every seed;
+    the seed sets the data order and dropout): eval loss, and BLEU and chrF or ROUGE, of the dev
+    rows after the last epoch."""
+    folder = OUT / f"seq2seq-seeds-{args.task}"
+    train, dev, model = prepare(args, folder)
+    result = (run_trainer(model, train, dev, args, args.task) if trainer
+              else run_llmkit(args.task, model, train, dev, args, folder / "llmkit-run"))
+    keep = ("eval_loss", "trainer_eval_loss", "bleu", "chrf", "rouge1", "rouge2", "rougeL",
+            "train_samples_per_second")
+    return {k: result[k] for k in keep if k in result}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -278,24 +325,11 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    folder = OUT / f"seq2seq-{args.task}"
-    if args.task == "translate":
-        train, dev = split_rows(DATA / "bible-en-es" / "old-testament.jsonl", args.dev_rows,
-                                args.train_rows, folder)
-        rows = [json.loads(line)["translation"] for line in train.read_text().splitlines()]
-        texts = [r["en"] for r in rows] + [r["es"] for r in rows]
-        family = "marian"
-    else:
-        train, dev = split_rows(DATA / "debian-descriptions" / "descriptions.jsonl",
-                                args.dev_rows, args.train_rows, folder)
-        rows = [json.loads(line) for line in train.read_text().splitlines()]
-        texts = [r["document"] for r in rows] + [r["summary"] for r in rows]
-        family = "bart"
-    model = save_model(texts, family, args, folder / "model")
+    train, dev, model = prepare(args, OUT / f"seq2seq-{args.task}")
     results = {"settings": vars(args), "threads": torch.get_num_threads(),
                "llmkit": run_llmkit(args.task, model, train, dev, args)}
-    if args.task == "translate" and not args.skip_trainer:
-        results["Seq2SeqTrainer"] = run_trainer(model, train, dev, args)
+    if not args.skip_trainer:
+        results["Seq2SeqTrainer"] = run_trainer(model, train, dev, args, args.task)
         a, b = results["llmkit"], results["Seq2SeqTrainer"]
         results["ratio"] = {
             "train_samples_per_second": round(a["train_samples_per_second"]

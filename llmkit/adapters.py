@@ -117,7 +117,8 @@ class DroppedInput(torch.nn.Linear):
     def __init__(self, linear: torch.nn.Linear, p: float):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features, self.p = linear.in_features, linear.out_features, p
-        self.weight, self.bias = linear.weight, None
+        self.weight = linear.weight
+        self.register_parameter("bias", None)  # peft's lora_A has none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -267,9 +267,10 @@ class LengthGroupedBatches:
     (Trainer's rule): were the whole set one mega-batch, every epoch would bring nearly the same
     batches, each of one length (on debian-qa, of one question type).
 
-    Inside batches (`split` > 1): each batch is as random as without grouping, and is yielded as
-    `split` micro-batches of its rows sorted by length, for gradient accumulation to add up: the
-    optimizer steps on the same random batches, and the micro-batches pad little. Batches of
+    Inside batches (`split` > 1): each batch is as random as without grouping, and is yielded
+    with its rows sorted by length, for `MicroBatches` to pad and run in `split` parts whose
+    gradients add up to the batch's: the optimizer steps on the same random batches, and the
+    micro-batches pad little. Batches of
     one length band each hold a sequence-to-sequence model trained from scratch on its
     plateau (benchmarks/RESULTS.md, the seed study), which this keeps.
 
@@ -286,8 +287,7 @@ class LengthGroupedBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        full, last = divmod(len(self.lengths), self.batch_size)
-        return full * self.split + min(self.split, last)
+        return -(-len(self.lengths) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         import numpy as np
@@ -304,12 +304,29 @@ class LengthGroupedBatches:
         if self.group:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         for batch in batches:
-            if self.split > 1:
-                batch = batch[np.argsort(-lengths[batch], kind="stable")]
-                yield from (part.tolist() for part in np.array_split(
-                    batch, min(self.split, len(batch))))
-            else:
-                yield batch.tolist()
+            yield (batch[np.argsort(-lengths[batch], kind="stable")] if self.split > 1
+                   else batch).tolist()
+
+
+class MicroBatches:
+    """Collates a batch of rows sorted by length as `split` micro-batches, each padded to its own
+    longest row, with each one's share of the batch's loss: its target tokens (labels other than
+    -100) over the batch's, so that the shares of the micro-batches' token-mean losses add up
+    to the token mean of the whole batch padded at once (`tasks.task.forward_backward`)."""
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]]], Any], split: int):
+        self.collate, self.split = collate, split
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Any:
+        import numpy as np
+
+        if self.split == 1:
+            return self.collate(rows)
+        parts = [self.collate([rows[i] for i in chunk])
+                 for chunk in np.array_split(np.arange(len(rows)), min(self.split, len(rows)))]
+        counts = [(part["labels"] != -100).sum() for part in parts]
+        total = max(sum(counts), 1)
+        return {"micro_batches": parts, "shares": [count / total for count in counts]}
 
 
 def by_length(features: Dataset) -> list[int]:

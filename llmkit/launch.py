@@ -72,7 +72,7 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                   log_with=trackers(cfg.train.report_to) or None,
                                   project_dir=cfg.output,
-                                  gradient_accumulation_steps=accumulation(cfg),
+                                  gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
                                   cpu=launched > 1 and not torch.accelerator.is_available(),
                                   dataloader_config=DataLoaderConfiguration(non_blocking=True))
     except ValueError as err:
@@ -82,15 +82,6 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
                           f"{accelerator.num_processes}; each would train alone and they would "
                           "overwrite each other's files")
     return accelerator
-
-
-def accumulation(cfg: RunConfig) -> int:
-    """Forward passes per optimizer step: the batches to accumulate, each in its micro-batches."""
-    from llmkit.data import micro_batches
-    from llmkit.tasks import get_task
-
-    return cfg.train.gradient_accumulation_steps * micro_batches(
-        cfg.train, get_task(cfg.task).group_inside)
 
 
 def warn_config_changes(saved: Path, cfg: RunConfig) -> None:

@@ -224,6 +224,7 @@ def estimate(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
 def measure(parts: Parts, cfg: RunConfig, steps: int, total_steps: int) -> dict[str, Any]:
     """Time a few real optimizer steps (the first one, warm-up, left out of the time)."""
     from llmkit import checkpoint as ckpt
+    from llmkit.tasks.task import forward_backward
     from llmkit.train import optimizer_step
 
     acc, model, tc = parts.accelerator, parts.model, cfg.train
@@ -238,8 +239,7 @@ def measure(parts: Parts, cfg: RunConfig, steps: int, total_steps: int) -> dict[
                 loader = iter(parts.train_loader)
                 batch = next(loader)
             with acc.accumulate(model):
-                loss = model(**batch).loss
-                acc.backward(loss)
+                forward_backward(acc, model, batch)
                 optimizer_step(parts, tc, guard, step)
         if acc.device.type == "cuda":
             torch.cuda.synchronize()

@@ -170,10 +170,11 @@ class Meter:
     def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], processes: int) -> None:
         self.loss = self.loss + loss.detach().float()
         self.batches += 1
-        self.samples += batch["input_ids"].shape[0] * processes
-        mask = batch.get("attention_mask")  # summed on the device: an int() here would sync
-        self.tokens = self.tokens + (mask.sum() if mask is not None
-                                     else batch["input_ids"].numel()) * processes
+        for part in batch.get("micro_batches", [batch]):
+            self.samples += part["input_ids"].shape[0] * processes
+            mask = part.get("attention_mask")  # summed on the device: an int() here would sync
+            self.tokens = self.tokens + (mask.sum() if mask is not None
+                                         else part["input_ids"].numel()) * processes
 
     def flush(self, accelerator: Accelerator) -> dict[str, float]:
         import torch

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
@@ -24,6 +24,7 @@ from llmkit.adapters import adapt, four_bit, parameter_counts, unquantized
 from llmkit.config import DataConfig, RunConfig, TrainConfig, dump_config
 from llmkit.data import (
     LengthGroupedBatches,
+    MicroBatches,
     by_length,
     check_columns,
     lengths,
@@ -43,7 +44,7 @@ from llmkit.report import (
     track,
 )
 from llmkit.tasks import check_pairing, get_task, load_model
-from llmkit.tasks.task import Task, loss_of
+from llmkit.tasks.task import Task, forward_backward, loss_of
 
 log = logging.getLogger("llmkit")
 # the best evaluation's predictions: QA id -> answer text as JSON; generated texts one per line
@@ -116,13 +117,16 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
             module.requires_grad_(False)
     model = adapt(model, cfg, accelerator)
     collate = task.collator(tokenizer)
+    # DeepSpeed's engine counts its own accumulation steps: one backward per batch there
+    inside = task.group_inside and accelerator.distributed_type != DistributedType.DEEPSPEED
     batches = LengthGroupedBatches(lengths(train_set), cfg.train.batch_size, cfg.train.seed,
                                    cfg.train.group_by_length and not task.group_inside,
-                                   micro_batches(cfg.train, task.group_inside))
+                                   micro_batches(cfg.train, inside))
     # Own generators keep loader start-up from drawing on the global RNG that dropout uses,
     # so a resumed run replays the same random numbers as an uninterrupted one.
     pin = torch.cuda.is_available()  # page-locked batches copy to the GPU without a sync
-    train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
+    train_loader = DataLoader(train_set, batch_sampler=batches,
+                              collate_fn=MicroBatches(collate, batches.split),
                               generator=torch.Generator(), pin_memory=pin)
     eval_features = eval_set.select(by_length(eval_set))
     eval_loader = DataLoader(eval_features, collate_fn=collate, pin_memory=pin,
@@ -244,10 +248,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
         loader = acc.skip_first_batches(parts.train_loader, skip) if skip else parts.train_loader
         for batch in loader:
             with acc.accumulate(model):
-                loss = model(**batch).loss
-                acc.backward(loss)
-                # drop the graph now: kept alive into the next forward it holds hundreds of MB
-                loss = loss.detach()
+                loss = forward_backward(acc, model, batch)
                 step = state.global_step + 1
                 guard.note(loss, step)
                 optimizer_step(parts, tc, guard, step)

@@ -130,25 +130,38 @@ def test_length_grouping_of_a_small_set_still_draws_new_batches_each_epoch() -> 
 
 
 def test_grouping_inside_batches_keeps_the_random_batches_in_sorted_micro_batches() -> None:
-    """Seq2seq's grouping: the rows of each optimizer step are the ungrouped sampler's batch,
-    yielded as 4 micro-batches, longest first; 1,000 rows in batches of 16 end with 8 rows."""
+    """Seq2seq's grouping: each batch holds the rows of the ungrouped sampler's batch, longest
+    first, and is collated as 4 micro-batches, each padded to its own longest row, with shares
+    of the loss by target tokens that add up to 1; 1,000 rows in batches of 16 end with 8."""
     import random
 
+    import torch
+
     from llmkit.config import TrainConfig
-    from llmkit.data import micro_batches
+    from llmkit.data import MicroBatches, micro_batches
 
     lengths = [random.Random(i).randint(1, 500) for i in range(1000)]
     plain = list(LengthGroupedBatches(lengths, 16, seed=0, group=False))
     inside = LengthGroupedBatches(lengths, 16, seed=0, group=False, split=4)
-    micro = list(inside)
-    assert len(micro) == len(inside) == 62 * 4 + 4
-    steps = [micro[i:i + 4] for i in range(0, len(micro), 4)]
-    assert [sorted(i for m in step for i in m) for step in steps] == [sorted(b) for b in plain]
-    assert all(len(m) == 4 for m in micro[:-4]) and [len(m) for m in micro[-4:]] == [2] * 4
-    order = [lengths[i] for step in steps for m in step for i in m]
-    assert all(max(order[i:i + 16]) == order[i] for i in range(0, 992, 16))  # longest first
-    padded = sum(len(m) * max(lengths[i] for i in m) for m in micro)
+    sorted_batches = list(inside)
+    assert len(sorted_batches) == len(inside) == len(plain) == 63
+    assert [sorted(b) for b in sorted_batches] == [sorted(b) for b in plain]
+    assert all([lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+               for b in sorted_batches)
+
+    def collate(rows: list[dict]) -> dict:
+        width = max(r["n"] for r in rows)
+        return {"labels": torch.tensor([[1] * r["n"] + [-100] * (width - r["n"]) for r in rows])}
+
+    micro = [MicroBatches(collate, 4)([{"n": lengths[i]} for i in b]) for b in sorted_batches]
+    assert [len(m["micro_batches"]) for m in micro] == [4] * 63
+    assert [len(p["labels"]) for p in micro[-1]["micro_batches"]] == [2] * 4
+    first = micro[0]
+    tokens = [int((p["labels"] != -100).sum()) for p in first["micro_batches"]]
+    assert [float(s) for s in first["shares"]] == pytest.approx([t / sum(tokens) for t in tokens])
+    padded = sum(p["labels"].numel() for m in micro for p in m["micro_batches"])
     assert padded < 0.7 * sum(len(b) * max(lengths[i] for i in b) for b in plain)
+    assert MicroBatches(collate, 1)([{"n": 3}])["labels"].shape == (1, 3)  # split 1: as is
     for size, split in ((32, 4), (64, 4), (16, 2), (12, 1), (8, 1)):
         assert micro_batches(TrainConfig(batch_size=size), True) == split
     assert micro_batches(TrainConfig(batch_size=32), False) == 1

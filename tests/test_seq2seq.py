@@ -302,10 +302,12 @@ def test_wrong_model_for_the_task(family, task, fits, tiny_seq2seq, tiny_bert, t
 
 
 def test_two_processes_match_one_with_accumulation(toy_translation, tmp_path):
+    """Batches of 16 each run in 2 sorted micro-batches (synced after the second) on each of
+    2 ranks, as 1 process accumulating 2 batches."""
     model = save_tiny_seq2seq(tmp_path / "marian", "marian", dropout=0.0)  # draws differ per rank
     args = [*TRANSLATE, "--model", str(model), "--train",
             str(toy_translation["train"]), "--validation", str(toy_translation["validation"]),
-            "--batch-size", "4", "--eval-batch-size", "5", "-s", "train.seed=3"]
+            "--batch-size", "16", "--eval-batch-size", "5", "-s", "train.seed=3"]
     two, one = two_ranks_and_one(args, tmp_path)
     for a, b in zip(two["history"], one["history"], strict=True):
         assert a["step"] == b["step"] and a["eval_samples"] == b["eval_samples"] == 12
@@ -336,6 +338,38 @@ def test_multilingual_codes_set_tokenizer_languages_and_forced_bos(tiny_seq2seq)
     model = AutoModelForSeq2SeqLM.from_pretrained(folder)
     get_task("translate").prepare(model, plain, cfg)
     assert model.generation_config.forced_bos_token_id is None
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_batch(tiny_seq2seq):
+    """A batch run as 4 length-sorted micro-batches, each loss weighted by its share of the
+    target tokens, gives the loss and the gradients of the same rows padded into one batch."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from llmkit.data import MicroBatches, by_length
+    from llmkit.tasks.task import forward_backward
+
+    folder = tiny_seq2seq("marian")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()  # no dropout: same function
+    task = get_task("translate")
+    features = task.featurize(rows(toy_pairs(16, seed=3)), tokenizer, model.config,
+                              TranslateData(source_lang="en", target_lang="es"))
+    batch = [features[i] for i in by_length(features)]
+    grads = []
+    for collated in (task.collator(tokenizer)(batch), MicroBatches(task.collator(tokenizer), 4)(
+            batch)):
+        model.zero_grad()
+        loss = forward_backward(Accelerator(cpu=True), model, collated)
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}))
+    micro = MicroBatches(task.collator(tokenizer), 4)(batch)["micro_batches"]
+    assert len({p["labels"].shape[1] for p in micro}) > 1  # the parts padded differently
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grad, grads[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_grouped_batches_of_16_run_in_two_micro_batches_and_resume_exactly(

@@ -1,8 +1,10 @@
-"""The task record: what one task needs from the shared machinery, and the loss conventions
-every task's evaluation follows (per-example loss sums and counts)."""
+"""The task record: what one task needs from the shared machinery, the loss conventions
+every task's evaluation follows (per-example loss sums and counts), and the training step's
+loss and gradients of a batch."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from accelerate import Accelerator
     from datasets import Dataset
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -147,3 +150,24 @@ def perplexity(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
     tokens = float(gathered["loss_count"].sum())
     mean = float(gathered["loss_sum"].sum()) / tokens
     return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": int(tokens)}
+
+
+def forward_backward(acc: Accelerator, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The batch's loss and its gradients; a batch in micro-batches (`data.MicroBatches`) runs
+    each, its loss weighted by its share, the gradients synced across processes after the last.
+    Returns the loss, detached: the graph kept alive into the next forward holds hundreds of MB."""
+    import torch
+
+    if "micro_batches" not in batch:
+        loss = model(**batch).loss
+        acc.backward(loss)
+        return loss.detach()
+    total = torch.zeros((), device=acc.device)
+    parts = batch["micro_batches"]
+    for i, (part, share) in enumerate(zip(parts, batch["shares"], strict=True)):
+        quiet = acc.sync_gradients and i < len(parts) - 1  # else accumulate() decided
+        with acc.no_sync(model) if quiet else contextlib.nullcontext():
+            loss = model(**part).loss * share
+            acc.backward(loss)
+        total += loss.detach()
+    return total
