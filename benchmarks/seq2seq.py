@@ -1,6 +1,6 @@
-"""A small random-initialised Marian on the Bible (en -> es): llmkit vs transformers'
-Seq2SeqTrainer at its defaults, same model, data and settings, in one session; and a
-summarization run (llmkit, BART-shaped) on Debian package descriptions.
+"""A small random-initialised Marian on the Bible (en -> es), or a BART-shaped model on Debian
+package descriptions (summarize): llmkit vs transformers' Seq2SeqTrainer at its defaults, same
+model, data and settings, in one session.
 
     python benchmarks/seq2seq.py translate [--train-rows 16000] [--epochs 2]
     python benchmarks/seq2seq.py summarize [--train-rows 4000] [--skip-trainer]
