@@ -301,6 +301,66 @@ def test_wrong_model_for_the_task(family, task, fits, tiny_seq2seq, tiny_bert, t
     assert f"it fits: {fits}" in str(result.exception)
 
 
+def test_the_loop_trains_as_seq2seq_trainer_on_the_same_batches(toy_translation, tmp_path):
+    """Dropout off and Seq2SeqTrainer given llmkit's batches in llmkit's order: after 2 epochs
+    (warm-up and linear schedule, AdamW's decay groups, clipping, an evaluation and a
+    checkpoint between the epochs) both models give the same validation loss."""
+    import torch
+    import torch.nn.functional as F
+    from datasets import load_dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+    )
+
+    from llmkit.data import LengthGroupedBatches, lengths
+    from llmkit.tasks import load_config
+    from llmkit.train import finetune
+
+    model = save_tiny_seq2seq(tmp_path / "bart", "bart", dropout=0.0)
+    data = TranslateData(source_lang="en", target_lang="es")
+    out = finetune(load_config("translate", None, {
+        "model": str(model), "output": str(tmp_path / "run"),
+        "data.train": str(toy_translation["train"]),
+        "data.validation": str(toy_translation["validation"]), "data.source_lang": "en",
+        "data.target_lang": "es", "data.max_new_tokens": 2, "train.epochs": 2,
+        "train.batch_size": 8, "train.learning_rate": 1e-3, "train.warmup_ratio": 0.1,
+        "train.weight_decay": 0.01, "train.seed": 3, "train.group_by_length": False}))
+    expected = json.loads((out / "metrics.json").read_text())["history"][-1]["eval_loss"]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForSeq2SeqLM.from_pretrained(model)
+    task = get_task("translate")
+    train, valid = (task.featurize(load_dataset("json", data_files=str(toy_translation[s]),
+                                                split="train"), tokenizer, net.config, data)
+                    .select_columns(["input_ids", "attention_mask", "labels"])
+                    for s in ("train", "validation"))
+    batches = LengthGroupedBatches(lengths(train), 8, seed=3, group=False)
+    order = []
+    for epoch in (0, 1):
+        batches.set_epoch(epoch)
+        order += [i for batch in batches for i in batch]
+
+    class InOrder(Seq2SeqTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    collate = DataCollatorForSeq2Seq(tokenizer, model=net)
+    InOrder(model=net, train_dataset=train.select(order), data_collator=collate,
+            args=Seq2SeqTrainingArguments(
+                output_dir=str(tmp_path / "trainer"), num_train_epochs=1, learning_rate=1e-3,
+                per_device_train_batch_size=8, warmup_steps=0.1, weight_decay=0.01,
+                save_strategy="no", report_to=[], disable_tqdm=True)).train()
+    batch = collate([valid[i] for i in range(len(valid))])
+    with torch.inference_mode():
+        logits = net.eval()(**batch).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
 def test_two_processes_match_one_with_accumulation(toy_translation, tmp_path):
     """Batches of 16 each run in 2 sorted micro-batches (synced after the second) on each of
     2 ranks, as 1 process accumulating 2 batches."""
