@@ -270,9 +270,9 @@ class LengthGroupedBatches:
     Inside batches (`split` > 1): each batch is as random as without grouping, and is yielded
     with its rows sorted by length, for `MicroBatches` to pad and run in `split` parts whose
     gradients add up to the batch's: the optimizer steps on the same random batches, and the
-    micro-batches pad little. Batches of
-    one length band each hold a sequence-to-sequence model trained from scratch on its
-    plateau (benchmarks/RESULTS.md, the seed study), which this keeps.
+    micro-batches pad little. Batches of one length band each hold a sequence-to-sequence model
+    trained from scratch on its plateau (benchmarks/RESULTS.md, the seed study), which this
+    keeps.
 
     The order depends only on (seed, epoch), so a resumed run sees the same batches.
     """
