@@ -74,8 +74,8 @@ def save_gpt2(folder: Path, text: str, **shape: int) -> Path:
 
 
 def run_llmkit(train: Path, valid: Path, model: Path, args: argparse.Namespace) -> dict:
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     cfg = load_config("generate", None, {
         "model": str(model), "output": str(OUT / "llmkit-run"), "data.train": str(train),

@@ -44,7 +44,7 @@ def llmkit_batches(tok, train: Path, seed: int) -> list[torch.Tensor]:
     """llmkit's packed blocks (the text as one document) in its sampler's order for `seed`."""
     from datasets import Dataset
 
-    from llmkit.data import LengthGroupedBatches
+    from llmkit.data.batches import LengthGroupedBatches
     from llmkit.tasks.causal_lm import pack
 
     ids = tok(train.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]

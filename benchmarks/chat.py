@@ -82,8 +82,8 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def run_llmkit(args: argparse.Namespace) -> tuple[Path, dict]:
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     cfg = load_config("generate", None, {
         "model": str(OUT / "model"), "output": str(OUT / "llmkit-run"),
@@ -122,13 +122,13 @@ def run_trl(args: argparse.Namespace) -> tuple[Path, dict]:
 
 
 def one(tool: str, args: argparse.Namespace) -> None:
-    from llmkit.predict import score
+    from llmkit.inference.predict import score
 
     start = time.perf_counter()
     out, result = run_trl(args) if tool == TOOLS[1] else run_llmkit(args)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    scored = score(str(out), str(OUT / "dev.jsonl"), task="generate",
+    scored = score(str(out), str(OUT / "dev.jsonl"), task_name="generate",
                    columns={"messages_column": "messages"})  # the same measure for both
     result |= {"assistant_loss": math.log(scored["perplexity"]),
                "eval_tokens": scored["eval_tokens"]}

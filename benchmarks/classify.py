@@ -42,8 +42,8 @@ def subset(rows: int) -> Path:
 
 
 def run_llmkit(train: Path, args: argparse.Namespace) -> dict[str, float]:
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     cfg = load_config("classify", None, {
         "model": args.model, "output": str(OUT / "llmkit-run"), "data.train": str(train),

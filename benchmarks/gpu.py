@@ -110,9 +110,9 @@ def runs(args: argparse.Namespace, m: dict[str, Path], d: dict[str, Path]) -> di
 def measure(name: str, task: str, overrides: dict, args: argparse.Namespace) -> dict:
     import torch
 
-    from llmkit.preflight import plan
+    from llmkit.run.finetune import finetune
+    from llmkit.run.preflight import plan
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     out = args.out / "runs" / name.replace(" ", "-").replace("+", "-")
     estimate = plan(load_config(task, None, {**overrides, "output": str(out)}))
@@ -211,9 +211,9 @@ def fsdp_child(args: argparse.Namespace) -> None:
     """One phase of the FSDP check, in a process of its own."""
     import transformers
 
-    from llmkit import checkpoint
+    from llmkit.run import checkpoint
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     small, d, phase = args.out / "bert-small", args.out / "data", args.fsdp_child
     if not small.is_dir():

@@ -38,8 +38,8 @@ def gpt2_one(run: str, args: argparse.Namespace) -> None:
     from causal_lm import DATA as TEXT
     from causal_lm import save_gpt2
 
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     folder = OUT / "lora-gpt2"
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,8 +87,8 @@ def gpt2(args: argparse.Namespace) -> None:
 
 
 def run_llmkit(train: Path, dev: Path, args: argparse.Namespace, lora: bool) -> dict:
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     out = OUT / f"lora-{'adapter' if lora else 'full'}-run"
     cfg = load_config("classify", None, {

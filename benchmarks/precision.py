@@ -54,8 +54,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     OUT.mkdir(parents=True, exist_ok=True)
     model = build_model(OUT / "model", args.layers, args.hidden)

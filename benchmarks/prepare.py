@@ -71,7 +71,7 @@ def one(mb: int, args: argparse.Namespace, tool: str) -> None:
     else:
         from transformers import AutoConfig, AutoTokenizer
 
-        from llmkit.data import load_splits
+        from llmkit.data.read import load_splits
         from llmkit.tasks import get_task, load_config
 
         cfg = load_config("generate", None, {

@@ -34,8 +34,8 @@ def minilm() -> str:
 
 
 def run_llmkit(args: argparse.Namespace) -> dict:
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     cfg = load_config("qa", None, {
         **data_settings(args), "model": minilm(), "output": str(OUT / "llmkit-run"),
@@ -69,8 +69,8 @@ def run_trainer(args: argparse.Namespace) -> dict:
         default_data_collator,
     )
 
-    from llmkit import metrics
-    from llmkit.data import load_splits
+    from llmkit.data.read import load_splits
+    from llmkit.scoring import metrics
     from llmkit.tasks import load_config
 
     start = time.perf_counter()

@@ -136,7 +136,8 @@ def generation(llmkit: bool, folder: Path, valid: Path) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.generate import GenerationSettings, generate, load_generator
+    from llmkit.inference.generate import GenerationSettings, generate
+    from llmkit.models import load_generator
 
     prompts = [line for line in valid.read_text().splitlines() if line.strip()][:PROMPTS]
     if llmkit:

@@ -83,8 +83,8 @@ def options(task: str, args: argparse.Namespace) -> dict:
 
 def run_llmkit(task: str, model: Path, train: Path, dev: Path, args: argparse.Namespace,
                output: Path | None = None) -> dict:
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     extra = ({"data.source_lang": "en", "data.target_lang": "es"} if task == "translate"
              else {"data.text_column": "document"})
@@ -117,8 +117,7 @@ def run_trainer(model: Path, train: Path, dev: Path, args: argparse.Namespace,
         Seq2SeqTrainingArguments,
     )
 
-    from llmkit.evaluate import sacrebleu_score
-    from llmkit.metrics import rouge_scores
+    from llmkit.scoring.metrics import rouge_scores, sacrebleu_score
 
     start = time.perf_counter()
     raw = datasets.load_dataset("json", data_files={"train": str(train), "dev": str(dev)})
@@ -201,8 +200,8 @@ def import_libraries() -> None:
 def eval_llmkit(run: Path, dev: Path, args: argparse.Namespace) -> dict:
     """`llmkit eval --model RUN --data dev.jsonl`'s path: the run's settings (greedy, at most
     --max-new-tokens), batches of --batch-size sorted by length, loss and generation."""
-    from llmkit.data import load_split
-    from llmkit.predict import outputs, prepare
+    from llmkit.data.read import load_split
+    from llmkit.inference.predict import outputs, prepare
 
     import_libraries()
     start = time.perf_counter()
@@ -243,7 +242,7 @@ def eval_trainer(run: Path, dev: Path, args: argparse.Namespace) -> dict:
         Seq2SeqTrainingArguments,
     )
 
-    from llmkit.evaluate import sacrebleu_score
+    from llmkit.scoring.metrics import sacrebleu_score
 
     import_libraries()
     start = time.perf_counter()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llmkit.config import RunConfig
+from llmkit.config.schema import RunConfig
 from llmkit.errors import ConfigError, LlmkitError
 
 __all__ = ["ConfigError", "LlmkitError", "RunConfig", "finetune", "load_config"]
@@ -28,7 +28,7 @@ def load_config(task: str, recipe: str | dict[str, Any] | None = None,
 
 
 def finetune(cfg: RunConfig, **kwargs: Any) -> Path:
-    """Fine-tune per `cfg` and return the run directory (see llmkit.train.finetune)."""
-    from llmkit.train import finetune as run
+    """Fine-tune per `cfg` and return the run directory (see llmkit.run.finetune.finetune)."""
+    from llmkit.run.finetune import finetune as run
 
     return run(cfg, **kwargs)

@@ -1,15 +1,21 @@
-"""Checkpoints from a local folder or the Hugging Face Hub, with errors that say what to do."""
+"""Where checkpoints and datasets come from: a local folder or the Hugging Face Hub, reachable or
+not, with errors that say what to do; and the libraries kept quiet while they load."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import warnings
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from llmkit.errors import LlmkitError
+
+if TYPE_CHECKING:
+    pass
 
 
 @cache
@@ -74,27 +80,22 @@ def check_model_source(name: str, option: str = "--model") -> None:
     hub_offline()
 
 
-def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwargs: Any) -> Any:
-    """`auto_class.from_pretrained(name)` with the Hub's failures turned into one clear line."""
-    check_model_source(name, option)
-    import pickle
+def quiet_libraries() -> None:
+    """Our progress bar and log lines replace the libraries' own bars and load reports."""
+    import sys
 
-    from safetensors import SafetensorError
+    import transformers
 
-    try:
-        return auto_class.from_pretrained(name, **kwargs)
-    except OSError as err:
-        if not is_local(name) and hub_offline():
-            raise LlmkitError(offline_hint(option.strip("-"), name, option)) from err
-        raise LlmkitError(f"could not load {name!r}: {err}".replace("\n", " ")) from err
-    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the file
-        raise LlmkitError(f"--model {name}: its pickled weights (.bin) hold more than tensors "
-                          "and were refused, as loading them could run code; if you trust the "
-                          "file, convert it to safetensors where you made it") from err
-    except (SafetensorError, EOFError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
-            raise  # not a damaged .bin (out of memory, ...)
-        reason = " ".join(str(err).split())[:200]
-        raise LlmkitError(f"--model {name}: its weights cannot be read ({reason}); the file "
-                          "is damaged or incomplete: save or download it again") from err
-
+    # datasets (0.5 s and ~150 MB with pandas and pyarrow) is imported only by the commands
+    # that read data; it reads this variable when it is
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    transformers.utils.logging.disable_progress_bar()
+    # peft calls transformers APIs that transformers has deprecated: nothing for users to change
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*v6")
+    transformers.utils.logging.set_verbosity_error()
+    # "Removed shared tensor lm_head.weight while saving" at every checkpoint of a model with
+    # tied embeddings: expected, and resuming restores the tie (also when called as a library)
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)

@@ -260,8 +260,8 @@ class Killed(Exception):
 
 def cut_after_checkpoint(cfg, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run `cfg` until the checkpoint of `step` is on disk, then stop it as a kill would."""
-    from llmkit import checkpoint
-    from llmkit.train import finetune
+    from llmkit.run import checkpoint
+    from llmkit.run.finetune import finetune
 
     save = checkpoint.save_checkpoint
 

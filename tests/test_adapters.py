@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.predict import merge, predict
+from llmkit.inference.predict import merge, predict
+from llmkit.run.finetune import finetune
 from llmkit.tasks import load_config
-from llmkit.train import finetune
 from tests.conftest import cut_after_checkpoint
 from tests.test_classify import config
 
@@ -140,8 +140,8 @@ def test_an_interrupted_adapter_run_resumes_to_the_same_adapter(
 def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tiny_gpt2: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from llmkit.adapters import wrap
-    from llmkit.config import AdapterConfig
+    from llmkit.config.schema import AdapterConfig
+    from llmkit.run.adapters import wrap
 
     grads = []
     for checkpointing in (False, True):
@@ -163,7 +163,7 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(tiny_gpt2:
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_lean_dropout_is_dropout_then_linear(autocast: bool) -> None:
-    from llmkit.adapters import DropLinear
+    from llmkit.run.adapters import DropLinear
 
     x = torch.randn(3, 5, 7, requires_grad=True)  # 105 elements: the bits end mid-byte
     weight = torch.randn(4, 7, requires_grad=True)
@@ -191,8 +191,8 @@ def test_lean_dropout_keeps_less_for_backward_and_peft_s_keys(tiny_bert: Path) -
 
     from transformers import AutoModelForSequenceClassification
 
-    from llmkit.adapters import lean_dropout, wrap
-    from llmkit.config import AdapterConfig
+    from llmkit.config.schema import AdapterConfig
+    from llmkit.run.adapters import lean_dropout, wrap
 
     model = wrap(AutoModelForSequenceClassification.from_pretrained(tiny_bert), "classify",
                  AdapterConfig(lora=True, lora_r=4, lora_dropout=0.1))
@@ -221,7 +221,7 @@ def test_lean_dropout_keeps_less_for_backward_and_peft_s_keys(tiny_bert: Path) -
 def test_every_task_trains_an_adapter(task: str, tiny_bert: Path, tiny_gpt2: Path,
                                       tiny_seq2seq, toy_translation: dict[str, Path],
                                       tmp_path: Path) -> None:
-    from llmkit.predict import run_config
+    from llmkit.inference.predict import run_config
 
     data = tmp_path / "rows.jsonl"
     if task == "qa":

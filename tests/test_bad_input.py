@@ -372,8 +372,8 @@ def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
 
 
 def finished_run(tiny_bert: Path, toy: dict[str, Path], out: Path, lora: bool = False) -> Path:
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     cfg = load_config("classify", None, {"model": str(tiny_bert), "output": str(out),
                                          "data.train": str(toy["train"]), "train.epochs": 1,

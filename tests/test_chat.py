@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.run.finetune import finetune
 from llmkit.tasks import load_config
 from llmkit.tasks.chat import encode, end_of_turn, pack_whole
 from llmkit.tasks.task import IGNORE
-from llmkit.train import finetune
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -134,7 +134,7 @@ def test_a_chat_run_learns_evaluates_and_chats(chat_gpt2: Path, chats: dict[str,
                                                tmp_path: Path) -> None:
     from transformers import pipeline
 
-    from llmkit.predict import run_config, score
+    from llmkit.inference.predict import run_config, score
 
     run = run_chat(chat_gpt2, chats, tmp_path / "run")
     assert run_config(str(run)).data.messages_column == "messages"  # found, and saved
@@ -241,7 +241,7 @@ def test_conversations_are_cached_and_skipped_rows_counted(
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmkit.data import load_split
+    from llmkit.data.read import load_split
     from llmkit.tasks import get_task
     from tests.conftest import count_calls
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.predict import predict
+from llmkit.inference.predict import predict
+from llmkit.run.finetune import finetune
 from llmkit.tasks import load_config
 from llmkit.tasks.classify import ClassifyData
-from llmkit.train import finetune
 
 
 def config(model: Path, data: dict[str, Path], out: Path, **train: object):
@@ -98,7 +98,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_bert: Path, toy: dict[
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
 
-    from llmkit import checkpoint
+    from llmkit.run import checkpoint
 
     steady = finetune(config(tiny_bert, toy, tmp_path / "steady", save_steps=5, epochs=2,
                                logging_steps=1))
@@ -184,7 +184,7 @@ def test_eval_steps_and_early_stopping(tiny_bert: Path, toy: dict[str, Path], tm
 
 
 def test_eval_model_mode_reproduces_the_run_metrics(run: Path, toy: dict[str, Path]) -> None:
-    from llmkit.evaluate import score_model
+    from llmkit.inference.scores import score_model
 
     metrics = json.loads((run / "metrics.json").read_text())["final"]
     accuracy, f1 = score_model(["accuracy", "macro_f1"], str(run), str(toy["validation"]), None,
@@ -201,7 +201,8 @@ def test_bf16_checkpoint_trains_with_fp32_weights(toy: dict[str, Path], tmp_path
     from safetensors import safe_open
     from transformers import AutoModel
 
-    from llmkit.tasks import get_task, load_model
+    from llmkit.models import load_model
+    from llmkit.tasks import get_task
     from tests.conftest import save_tiny_bert
 
     folder = save_tiny_bert(tmp_path / "bert")
@@ -266,7 +267,7 @@ def test_text_columns_are_found_as_run_glue_finds_them(names: list[str],
 
 
 def test_a_pair_file_trains_without_column_options(tiny_bert: Path, tmp_path: Path) -> None:
-    from llmkit.predict import run_config
+    from llmkit.inference.predict import run_config
 
     rows = tmp_path / "pairs.tsv"
     rows.write_text("sentence1\tsentence2\tlabel\n" + "".join(

@@ -72,7 +72,7 @@ def test_finetune_problems_are_one_line(args: list[str], expected: str) -> None:
 
 def test_aliases_and_flipped_flags_set_the_config(monkeypatch, tmp_path: Path) -> None:
     seen = {}
-    monkeypatch.setattr("llmkit.cli.train", lambda cfg, *rest: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr("llmkit.cli.finetune.train", lambda cfg, *rest: seen.setdefault("cfg", cfg))
     result = runner.invoke(app, ["finetune", "translate", "--model", "m", "--train", "t.jsonl",
                                  "--output", "o", "--lr", "3e-4", "--max-source-length", "64",
                                  "--no-group-by-length", "--source-lang", "en",
@@ -187,7 +187,7 @@ def test_more_processes_than_gpus_is_one_clear_error(tmp_path: Path, monkeypatch
     import torch
 
     from llmkit.errors import LlmkitError
-    from llmkit.launch import gpu_shortage, start_run
+    from llmkit.run.launch import gpu_shortage, start_run
     from llmkit.tasks import load_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -213,7 +213,7 @@ def test_when_one_rank_fails_each_rank_says_one_line(tmp_path: Path, tiny_bert: 
     that another process stopped; no worker prints a traceback (torchrun's own report stays)."""
     script = tmp_path / "fail_rank_1.py"
     script.write_text(
-        "import os, sys\nfrom llmkit import report\nadd, seen = report.Meter.add, [0]\n"
+        "import os, sys\nfrom llmkit.run import report\nadd, seen = report.Meter.add, [0]\n"
         "def failing(self, *a):\n    seen[0] += 1\n"
         "    if os.environ['RANK'] == '1' and seen[0] == 9:\n"
         "        raise RuntimeError('disk on fire')\n    return add(self, *a)\n"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.config import RunConfig, dump_config, parse_override, schema, shipped_recipes
+from llmkit.config.recipes import dump_config, parse_override, shipped_recipes
+from llmkit.config.schema import RunConfig, schema
 from llmkit.errors import ConfigError, LlmkitError
 from llmkit.tasks import get_task, load_config, task_names
 
@@ -159,7 +160,7 @@ def test_warmup_steps_round_up_as_trainer_does(steps: int, processes: int) -> No
     import torch
     from transformers import TrainingArguments
 
-    from llmkit.train import make_scheduler
+    from llmkit.run.build import make_scheduler
 
     cfg = load_config("classify", None, {"model": "m", "data.train": "t.csv", "output": "o",
                                          "train.warmup_ratio": 0.05, "train.epochs": 1})
@@ -181,7 +182,7 @@ def test_a_run_saved_with_every_tasks_keys_still_loads(tmp_path: Path) -> None:
     """llmkit 0.1 saved all five tasks' data keys in every run's config.yaml."""
     import yaml
 
-    from llmkit.predict import run_config
+    from llmkit.inference.predict import run_config
 
     old = {"task": "classify", "model": "m", "output": "o",
            "data": {"train": "t.csv", "text_column": "sentence", "doc_stride": 128,

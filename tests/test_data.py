@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.config import DataConfig
-from llmkit.data import LengthGroupedBatches, check_columns, load_split, load_splits
+from llmkit.config.schema import DataConfig
+from llmkit.data.batches import LengthGroupedBatches
+from llmkit.data.read import check_columns, load_split, load_splits
 from llmkit.errors import LlmkitError
 
 ROWS = [{"text": 'he said "hi', "label": "a"}, {"text": "NA", "label": "b"},
@@ -137,8 +138,8 @@ def test_grouping_inside_batches_keeps_the_random_batches_in_sorted_micro_batche
 
     import torch
 
-    from llmkit.config import TrainConfig
-    from llmkit.data import MicroBatches, micro_batches
+    from llmkit.config.schema import TrainConfig
+    from llmkit.data.batches import MicroBatches, micro_batches
 
     lengths = [random.Random(i).randint(1, 500) for i in range(1000)]
     plain = list(LengthGroupedBatches(lengths, 16, seed=0, group=False))
@@ -206,7 +207,7 @@ def test_json_field_reads_rows_under_any_top_level_key(tmp_path: Path) -> None:
 def test_a_glob_reads_every_file_it_matches_and_format_names_a_file_type(tmp_path: Path) -> None:
     import json
 
-    from llmkit.data import load_split
+    from llmkit.data.read import load_split
 
     for i in range(3):
         (tmp_path / f"part-{i}.jsonl").write_text("".join(

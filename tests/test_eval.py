@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.errors import LlmkitError
-from llmkit.evaluate import score_files
-from llmkit.metrics import normalize_answer, squad
+from llmkit.scoring.files import score_files
+from llmkit.scoring.metrics import normalize_answer, squad
 from tests.conftest import EXAMPLES, needs_shared
 
 runner = CliRunner()
@@ -200,7 +200,7 @@ def test_rouge_without_stemmer_and_bootstrap_equal_rouge_score(system: dict[str,
     import numpy as np
     from rouge_score import rouge_scorer, scoring
 
-    from llmkit.metrics import ROUGE_SEED
+    from llmkit.scoring.metrics import ROUGE_SEED
 
     hyps = system["hyp"].read_text().splitlines()
     refs = system["ref"].read_text().splitlines()
@@ -228,7 +228,7 @@ def test_rouge_without_stemmer_and_bootstrap_equal_rouge_score(system: dict[str,
 def test_rouge_lsum_splits_sentences() -> None:
     from rouge_score import rouge_scorer
 
-    from llmkit.metrics import rouge_scores, split_sentences
+    from llmkit.scoring.metrics import rouge_scores, split_sentences
 
     hyp, ref = "The cat sat. It was happy! Then it left.", "A cat sat down. Then it left happy."
     scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
@@ -331,7 +331,7 @@ def test_catalogue_metric_offline_says_so(tmp_path: Path, monkeypatch: pytest.Mo
 def test_label_f1_equals_scikit_learn(tmp_path: Path) -> None:
     from sklearn.metrics import f1_score
 
-    from llmkit.metrics import f1
+    from llmkit.scoring.metrics import f1
 
     rng = random.Random(3)
     refs = [rng.choice(["pos", "neg", "mixed"]) for _ in range(200)]
@@ -371,7 +371,7 @@ def test_rouge_with_several_references_takes_the_best(system: dict[str, Path]) -
 
 def official_v1(dataset: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float]:
     """The official SQuAD v1.1 evaluate() loop: a missing prediction scores 0."""
-    from llmkit.metrics import squad_exact, squad_f1
+    from llmkit.scoring.metrics import squad_exact, squad_f1
 
     exact = f1 = 0.0
     for qid, golds in dataset.items():

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.errors import LlmkitError
-from llmkit.generate import GenerationSettings, generate, load_generator, read_prompts
+from llmkit.inference.generate import GenerationSettings, generate, read_prompts
+from llmkit.models import load_generator
+from llmkit.run.finetune import finetune
 from llmkit.tasks import get_task, load_config
 from llmkit.tasks.causal_lm import CausalData, block_size, collator, featurize, pack
-from llmkit.train import finetune
 from tests.conftest import count_calls, save_tiny_bert, two_ranks_and_one
 
 runner = CliRunner()
@@ -315,7 +316,7 @@ def test_two_process_language_model_run(tiny_gpt2: Path, corpus: dict[str, Path]
 def test_chat_template(tiny_gpt2: Path) -> None:
     from transformers import AutoTokenizer
 
-    from llmkit.generate import templated as chat
+    from llmkit.inference.generate import templated as chat
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     with pytest.raises(LlmkitError, match="no chat template"):
@@ -332,7 +333,7 @@ def test_language_model_resumes_to_the_same_weights(tiny_gpt2: Path, corpus: dic
     keeping the best checkpoint must still restore both."""
     from safetensors.torch import load_file
 
-    from llmkit import checkpoint
+    from llmkit.run import checkpoint
 
     def cfg(name: str):
         base = lm_config(tiny_gpt2, corpus, tmp_path / name)
@@ -373,7 +374,8 @@ def test_tanh_gelus_train_as_one_kernel_with_the_same_outputs(tiny_gpt2: Path) -
     from transformers import AutoModelForCausalLM
     from transformers.activations import ACT2CLS
 
-    from llmkit.tasks import get_task, load_model
+    from llmkit.models import load_model
+    from llmkit.tasks import get_task
 
     cfg = load_config("generate", None, {"model": str(tiny_gpt2), "data.train": "x.txt",
                                          "output": "unused"})
@@ -393,7 +395,8 @@ def test_tokenized_text_is_cached_and_workers_give_the_same_blocks(
         tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmkit.data import load_split, workers
+    from llmkit.data.features import workers
+    from llmkit.data.read import load_split
     from llmkit.tasks import get_task, load_config
 
     text = tmp_path / "corpus.txt"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmkit.metrics import accuracy, f1
+from llmkit.scoring.metrics import accuracy, f1
 
 PRED = [0, 1, 1, 2, 2, 2, 0]
 REF = [0, 1, 2, 2, 2, 0, 1]

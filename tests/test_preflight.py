@@ -8,9 +8,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.preflight import plan
+from llmkit.run.finetune import finetune
+from llmkit.run.preflight import plan
 from llmkit.tasks import load_config
-from llmkit.train import finetune
 
 runner = CliRunner()
 

@@ -12,10 +12,10 @@ import pytest
 from datasets import Dataset
 
 from llmkit.errors import LlmkitError
-from llmkit.predict import predict
+from llmkit.inference.predict import predict
+from llmkit.run.finetune import finetune
 from llmkit.tasks import load_config
 from llmkit.tasks.qa import CANDIDATES, QAData, answers, featurize
-from llmkit.train import finetune
 
 FILLER = "the quick brown fox jumps over the lazy dog . "
 CONTEXT = FILLER * 6 + "paris is the capital of france . " + FILLER * 6 + "great good"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from llmkit.run.finetune import finetune
 from llmkit.tasks import load_config
-from llmkit.train import finetune
 from tests.conftest import needs_shared
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_quick_start_recipe_learns_the_sample_reviews(minilm: str, tmp_path: Pat
 def test_lora_learns_the_sample_reviews_and_merges(minilm: str, tmp_path: Path) -> None:
     """LoRA on the real encoder: the quick start's accuracy with a 2.6 MB adapter; the merged
     model answers the same."""
-    from llmkit.predict import merge, predict
+    from llmkit.inference.predict import merge, predict
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config("classify", None, {

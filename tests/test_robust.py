@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit import checkpoint
 from llmkit.errors import LlmkitError
-from llmkit.train import finetune, is_better
+from llmkit.run import checkpoint
+from llmkit.run.finetune import finetune
+from llmkit.run.loop import is_better
 from tests.conftest import cut_after_checkpoint
 from tests.test_classify import config
 
@@ -188,7 +189,7 @@ def test_a_full_disk_keeps_earlier_checkpoints_and_resume_is_exact(
 def test_save_total_limit_keeps_the_newest_and_the_best(tmp_path: Path, limit: int,
                                                         best: str | None, kept: list[str]
                                                         ) -> None:
-    from llmkit import checkpoint
+    from llmkit.run import checkpoint
 
     for step in (5, 10, 15, 20, 25):
         folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
@@ -200,9 +201,9 @@ def test_save_total_limit_keeps_the_newest_and_the_best(tmp_path: Path, limit: i
 
 def test_a_finished_run_keeps_its_checkpoints_when_asked(tiny_bert: Path, toy: dict[str, Path],
                                                          tmp_path: Path) -> None:
-    from llmkit import checkpoint
+    from llmkit.run import checkpoint
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     out = finetune(load_config("classify", None, {
         "model": str(tiny_bert), "output": str(tmp_path / "run"), "data.train": str(toy["train"]),
@@ -218,7 +219,7 @@ def test_fsdp2_units_leave_out_a_block_that_holds_the_embeddings() -> None:
 
     from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-    from llmkit.launch import fsdp_units
+    from llmkit.run.launch import fsdp_units
 
     def units(model, given=None, version=2):
         plugin = SimpleNamespace(fsdp_version=version, transformer_cls_names_to_wrap=given)
@@ -236,7 +237,7 @@ def test_fsdp2_units_leave_out_a_block_that_holds_the_embeddings() -> None:
 
 
 def test_a_sharded_gradient_norm_is_judged_whole(tmp_path: Path) -> None:
-    from llmkit.config import TrainConfig
+    from llmkit.config.schema import TrainConfig
 
     class Sharded:  # FSDP2's clipper returns a DTensor: each process holds a piece
         def full_tensor(self) -> torch.Tensor:

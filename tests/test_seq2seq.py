@@ -89,7 +89,7 @@ def test_features_are_cached_and_workers_give_the_same(tiny_seq2seq, toy_transla
     (no tokenizer call); two tokenizing processes give the same features and row numbers."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmkit.data import load_split
+    from llmkit.data.read import load_split
 
     folder = tiny_seq2seq("marian")
     tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
@@ -236,7 +236,7 @@ def test_eval_predict_and_generate_on_a_translate_run(marian_run, toy_translatio
 def test_summarize_t5_rouge_equals_rouge_score(tiny_seq2seq, tmp_path):
     from rouge_score import rouge_scorer
 
-    from llmkit.metrics import split_sentences
+    from llmkit.scoring.metrics import split_sentences
 
     docs = [{"document": f"{en}. {es}. the end.", "summary": en} for en, es in toy_pairs(48, 3)]
     for name, part in (("train", docs[:36]), ("dev", docs[36:])):
@@ -263,7 +263,7 @@ def test_summarize_t5_rouge_equals_rouge_score(tiny_seq2seq, tmp_path):
     assert generated.stdout.strip() == predicted[0]
     from transformers import AutoConfig
 
-    from llmkit.generate import run_prefix
+    from llmkit.inference.generate import run_prefix
 
     assert run_prefix(str(out), AutoConfig.from_pretrained(out)) == "summarize: "
 
@@ -317,9 +317,10 @@ def test_the_loop_trains_as_seq2seq_trainer_on_the_same_batches(toy_translation,
         Seq2SeqTrainingArguments,
     )
 
-    from llmkit.data import LengthGroupedBatches, lengths
+    from llmkit.data.batches import LengthGroupedBatches
+    from llmkit.data.features import lengths
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
 
     model = save_tiny_seq2seq(tmp_path / "bart", "bart", dropout=0.0)
     data = TranslateData(source_lang="en", target_lang="es")
@@ -407,7 +408,8 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(tiny_seq2seq):
     from accelerate import Accelerator
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from llmkit.data import MicroBatches, by_length
+    from llmkit.data.batches import MicroBatches
+    from llmkit.data.features import by_length
     from llmkit.tasks.task import forward_backward
 
     folder = tiny_seq2seq("marian")
@@ -442,8 +444,8 @@ def test_grouped_batches_of_16_run_in_two_micro_batches_and_resume_exactly(
     from safetensors.torch import load_file
     from transformers import MarianMTModel
 
+    from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
-    from llmkit.train import finetune
     from tests.conftest import cut_after_checkpoint
 
     def config(out: Path):

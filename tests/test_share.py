@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from llmkit.errors import LlmkitError
+from llmkit.run.finetune import finetune
 from llmkit.tasks import load_config
-from llmkit.train import finetune
 
 
 def settings(tiny_bert: Path, toy: dict[str, Path], out: Path, **extra: object) -> dict:
@@ -98,7 +98,7 @@ def test_curves_are_drawn_and_runs_compared(tracked: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "both.png").size[0] > 800
     with pytest.raises(LlmkitError, match="is not a finished run"):
-        from llmkit.card import draw
+        from llmkit.run.card import draw
 
         draw([tmp_path], tmp_path / "x.png")
 
@@ -125,7 +125,7 @@ def test_push_without_the_hub_is_one_line(tracked: Path, env: dict[str, str], me
 def test_a_test_file_is_predicted_and_scored_after_training(tiny_bert: Path,
                                                             toy: dict[str, Path],
                                                             tmp_path: Path) -> None:
-    from llmkit.predict import predict, score
+    from llmkit.inference.predict import predict, score
 
     out = finetune(load_config("classify", None, settings(
         tiny_bert, toy, tmp_path / "run", **{"data.test": str(toy["validation"]),

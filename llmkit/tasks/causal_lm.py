@@ -6,12 +6,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from llmkit.config import BadRows, DataConfig, setting
+from llmkit.config.schema import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
 from llmkit.tasks.task import IGNORE, Task, capped, perplexity, sliced_losses
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
 
     import numpy as np
     import torch
@@ -46,8 +45,6 @@ class CausalData(DataConfig):
                                         "tokenizer's; saved with the run).")
     packing: bool = setting(True, "Conversations: place them whole into --block-size blocks; "
                             "off: one per row, batches padded.")
-
-
 EXAMPLES = """\
 llmkit finetune generate --model gpt2 --train corpus.txt --block-size 512 \\
     --output runs/gpt
@@ -68,7 +65,7 @@ def columns(cfg: CausalData, labelled: bool) -> list[str]:
 
 
 def clean(rows: Dataset, cfg: CausalData, labelled: bool) -> Dataset:
-    from llmkit.data import check_text, empty_rows
+    from llmkit.data.read import check_text, empty_rows
 
     if cfg.messages_column:
         return rows  # each conversation is checked when it is encoded
@@ -169,7 +166,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
 
     size = block_size(cfg, config)
     if cfg.messages_column:
-        from llmkit.data import workers
+        from llmkit.data.features import workers
         from llmkit.tasks.chat import conversations, one_per_row, pack_whole
 
         encoded = conversations(rows, cfg.messages_column, tokenizer, size,
@@ -187,7 +184,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
 
     from datasets import Features, Sequence, Value
 
-    from llmkit.data import fingerprint, workers
+    from llmkit.data.features import fingerprint, workers
 
     tokens = rows.map(encode, batched=True, remove_columns=rows.column_names,
                       features=Features({"ids": Sequence(Value("int32"))}),
@@ -259,75 +256,9 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: CausalData,
     return perplexity(gathered)
 
 
-def windows(ids: list[int], length: int, stride: int) -> Iterator[tuple[list[int], list[int]]]:
-    """Sliding windows over one document's tokens `ids` (their first, the prefix token, is
-    context only): each window is at most `length` input tokens and their next tokens as
-    targets, the targets already scored masked, so every token is scored once, with up to
-    `length` tokens of context. `stride` = `length` is lm-evaluation-harness's rolling
-    loglikelihood (disjoint windows); a shorter one is the sliding window of transformers'
-    perplexity guide."""
-    done = 0  # targets are ids[1:], scored up to index `done`
-    while done < len(ids) - 1:
-        end = min(done + stride, len(ids) - 1)
-        start = max(0, end - length)
-        targets = ids[start + 1:end + 1]
-        yield ids[start:end], [IGNORE] * (done - start) + targets[done - start:]
-        done = end
-
-
-def rolling(model: Any, tokenizer: PreTrainedTokenizerBase, texts: list[str], length: int,
-            stride: int, batch_size: int) -> dict[str, Any]:
-    """Perplexity of whole documents, each scored from its first token (after the BOS, or EOS,
-    token as lm-evaluation-harness prefixes it) in `windows`; with lm-evaluation-harness's word
-    perplexity, byte perplexity and bits per byte (words: `re.split(r"\\s+", text)`; bytes:
-    UTF-8)."""
-    import math
-    import re
-    from functools import partial
-
-    import torch
-
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else \
-        tokenizer.eos_token_id
-    texts = [t for t in texts if t and t.strip()]  # blank lines or paragraphs: no document
-    if not texts:
-        raise LlmkitError("--data holds no text to score")
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    rows = sorted((w for ids in encoded for w in windows([prefix, *ids], length, stride)),
-                  key=lambda w: -len(w[0]))
-    device = next(model.parameters()).device
-    total = 0.0
-
-    def logits(inputs: torch.Tensor, mask: torch.Tensor, rows: slice) -> torch.Tensor:
-        return model(input_ids=inputs[rows], attention_mask=mask[rows], use_cache=False).logits
-
-    with torch.inference_mode():
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i:i + batch_size]
-            longest = len(batch[0][0])
-            inputs = torch.tensor([x + [prefix] * (longest - len(x)) for x, _ in batch])
-            labels = torch.tensor([y + [IGNORE] * (longest - len(y)) for _, y in batch])
-            mask = (torch.arange(longest) < torch.tensor([[len(x)] for x, _ in batch])).long()
-            inputs, labels, mask = inputs.to(device), labels.to(device), mask.to(device)
-            losses = sliced_losses(partial(logits, inputs, mask), labels, model.config)
-            total += float(losses["loss_sum"].double().sum())
-    tokens = sum(len(ids) for ids in encoded)
-    words = sum(len(re.split(r"\s+", t)) for t in texts)
-    size = sum(len(t.encode("utf-8")) for t in texts)
-
-    def bounded(x: float) -> float:
-        return math.exp(x) if x < 700 else math.inf
-
-    return {"perplexity": bounded(total / tokens), "word_perplexity": bounded(total / words),
-            "byte_perplexity": bounded(total / size), "bits_per_byte": total / size / math.log(2),
-            "eval_tokens": tokens, "words": words, "bytes": size, "windows": len(rows)}
-
-
 def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: CausalData,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     raise LlmkitError("a language model has no labels to predict: use llmkit generate")
-
-
 GENERATE = Task(
     name="generate",
     summary="causal language modelling with a decoder (GPT-2 style)",

@@ -123,7 +123,7 @@ def conversations(rows: Any, column: str, tokenizer: PreTrainedTokenizerBase, si
     import pyarrow.compute as pc
     from datasets import Features, Sequence, Value
 
-    from llmkit.data import fingerprint
+    from llmkit.data.features import fingerprint
 
     def encode_batch(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"ids": [], "labels": [], "silent": [], "cut": []}

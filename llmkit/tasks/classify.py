@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmkit import metrics
-from llmkit.config import BadRows, DataConfig, setting
+from llmkit.config.schema import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
+from llmkit.scoring import metrics
 from llmkit.tasks.task import Task, capped
 
 log = logging.getLogger("llmkit")
@@ -87,7 +87,7 @@ def detect(rows: Dataset, cfg: ClassifyData) -> ClassifyData:
 
 
 def clean(rows: Dataset, cfg: ClassifyData, labelled: bool) -> Dataset:
-    from llmkit.data import check_text, empty_rows
+    from llmkit.data.read import check_text, empty_rows
 
     texts = columns(cfg, False)
     check_text(rows, texts)
@@ -146,7 +146,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
             features["labels"] = labels if class_label else [label2id[str(v)] for v in labels]
         return features
 
-    from llmkit.data import workers
+    from llmkit.data.features import workers
 
     return rows.map(encode, batched=True, remove_columns=rows.column_names,
                     num_proc=workers(cfg), desc="tokenizing")

@@ -7,9 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmkit import metrics
-from llmkit.config import BadRows, DataConfig, setting
+from llmkit.config.schema import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
+from llmkit.scoring import metrics
 from llmkit.tasks.task import Task, capped, warn_once
 
 if TYPE_CHECKING:
@@ -23,8 +23,6 @@ CANDIDATES = 20  # start and end candidates kept per window (the most --n-best c
 BROKEN_TOKENIZERS = ("0.23.1", "0.23.2")  # huggingface/tokenizers#2091: no overflow windows
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions",
               "end_positions")
-
-
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ def columns(cfg: QAData, labelled: bool) -> list[str]:
 
 
 def clean(rows: Dataset, cfg: QAData, labelled: bool) -> Dataset:
-    from llmkit.data import check_text
+    from llmkit.data.read import check_text
 
     check_text(rows, [cfg.question_column, cfg.context_column])
     return rows  # answers are checked against the contexts when featurized (bad_answers)
@@ -120,14 +118,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
         raise LlmkitError("question answering needs a fast tokenizer (its offsets locate the "
                           "answers); this checkpoint only has a slow one")
     check_tokenizers()
-    longest, stride = capped(cfg.max_length, "--max-length", config, tokenizer), cfg.doc_stride
-    if stride >= longest and longest < cfg.max_length:  # the context is shorter than asked
-        stride = longest // 2
-        warn_once(config, "--doc-stride %d does not fit the model's context: using %d",
-                  cfg.doc_stride, stride)
-    if stride >= longest:
-        raise LlmkitError(f"data.doc_stride ({stride}) must be smaller than "
-                          f"data.max_length ({longest})")
+    longest, stride = window(cfg, config, tokenizer)
     labelled = cfg.answers_column in rows.column_names
     if labelled:
         rows = check_answers(rows, cfg)
@@ -163,10 +154,24 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
 
     if "id" not in rows.column_names:
         rows = rows.add_column("id", [str(i) for i in range(len(rows))])
-    from llmkit.data import workers
+    from llmkit.data.features import workers
 
     return rows.map(encode, batched=True, remove_columns=rows.column_names,
                     num_proc=workers(cfg), desc="tokenizing")
+
+
+def window(cfg: QAData, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+           ) -> tuple[int, int]:
+    """Tokens per window and the overlap of consecutive windows, within the model's context."""
+    longest, stride = capped(cfg.max_length, "--max-length", config, tokenizer), cfg.doc_stride
+    if stride >= longest and longest < cfg.max_length:  # the context is shorter than asked
+        stride = longest // 2
+        warn_once(config, "--doc-stride %d does not fit the model's context: using %d",
+                  cfg.doc_stride, stride)
+    if stride >= longest:
+        raise LlmkitError(f"data.doc_stride ({stride}) must be smaller than "
+                          f"data.max_length ({longest})")
+    return longest, stride
 
 
 def locate(answers: dict[str, list[Any]], offsets: list[Any]) -> tuple[int, int]:

@@ -4,13 +4,18 @@ reading different columns, evaluated by generating and scoring with sacrebleu or
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from llmkit.config import BadRows, DataConfig, setting
 from llmkit.errors import LlmkitError
-from llmkit.metrics import rouge_scores, sacrebleu_score
+from llmkit.scoring.metrics import rouge_scores, sacrebleu_score
+from llmkit.tasks.seq2seq_settings import (
+    Kind,
+    Seq2SeqData,
+    SummarizeData,
+    TranslateData,
+    source_prefix,
+)
 from llmkit.tasks.task import IGNORE, Task, capped, perplexity, sliced_losses
 
 if TYPE_CHECKING:
@@ -22,51 +27,9 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger("llmkit")
-Kind = Literal["translate", "summarize"]
+
+
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
-LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish",
-             "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "ru": "Russian",
-             "zh": "Chinese", "ja": "Japanese", "cs": "Czech", "fi": "Finnish", "tr": "Turkish"}
-
-
-
-
-@dataclass(frozen=True)
-class Seq2SeqData(DataConfig):
-    """Source and target lengths, and evaluation by generation."""
-
-    max_length: int = setting(256, "Truncate sources to this many tokens; batches are padded "
-                              "only to their longest row.", "--max-source-length", minimum=1)
-    max_target_length: int = setting(128, "Truncate targets to this many tokens (counted in "
-                                     "the log).", minimum=1)
-    source_prefix: str | None = setting(None, "Text put before every source; T5 checkpoints "
-                                        "default to theirs ('summarize: ').")
-    empty_rows: BadRows = setting("fail", "fail or skip rows with an empty source or target.")
-    num_beams: int | None = setting(None, "Beams when evaluating by generation (default: the "
-                                    "checkpoint's, else 1).", minimum=1)
-    max_new_tokens: int | None = setting(None, "Tokens generated at most per evaluation row "
-                                         "(default: --max-target-length).", minimum=1)
-
-
-@dataclass(frozen=True)
-class TranslateData(Seq2SeqData):
-    """Which languages, and where the pairs are."""
-
-    source_lang: str | None = setting(None, "Source language key of the data (en; mBART/NLLB "
-                                      "codes such as en_XX work too).")
-    target_lang: str | None = setting(None, "Target language key of the data.")
-    translation_column: str = setting("translation", "Column of {lang: text} pairs; '' reads "
-                                      "one column per language.")
-
-
-@dataclass(frozen=True)
-class SummarizeData(Seq2SeqData):
-    """Which columns hold the documents and their summaries."""
-
-    text_column: str = setting("text", "Column with the document.")
-    summary_column: str = setting("summary", "Column with the summary.")
-
-
 TRANSLATE_EXAMPLES = """\
 llmkit finetune translate --model Helsinki-NLP/opus-mt-en-ro \\
     --train wmt16 --dataset-config ro-en --source-lang en --target-lang ro \\
@@ -80,7 +43,7 @@ llmkit finetune summarize --model t5-small --train xsum \\
 
 
 def clean(kind: Kind, rows: Dataset, cfg: Any, labelled: bool) -> Dataset:
-    from llmkit.data import check_text
+    from llmkit.data.read import check_text
 
     if kind == "summarize" or not cfg.translation_column:  # {lang: text} pairs are checked
         check_text(rows, columns(kind, cfg, labelled))    # when their texts are taken
@@ -100,19 +63,6 @@ def columns(kind: Kind, cfg: Any, labelled: bool) -> list[str]:
 
 def model_kwargs(train: Dataset, valid: Dataset, cfg: Any) -> dict[str, Any]:
     return {}
-
-
-def source_prefix(kind: Kind, cfg: Any, config: PretrainedConfig) -> str:
-    """The prefix T5 checkpoints were trained with, unless data.source_prefix says otherwise."""
-    if cfg.source_prefix is not None:
-        return cfg.source_prefix
-    if config.model_type != "t5":
-        return ""
-    if kind == "summarize":
-        return "summarize: "
-    source, target = (LANGUAGES.get(str(lang), str(lang)) for lang in (cfg.source_lang,
-                                                                        cfg.target_lang))
-    return f"translate {source} to {target}: "
 
 
 def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, cfg: Any) -> None:
@@ -194,7 +144,7 @@ def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
     datasets' Arrow cache (int32), so a rerun or --resume reads them back."""
     from datasets import Features, Sequence, Value
 
-    from llmkit.data import fingerprint, workers
+    from llmkit.data.features import fingerprint, workers
 
     pick, labelled = picker(kind, rows, cfg)
     prefix = source_prefix(kind, cfg, config)
@@ -333,8 +283,6 @@ def task(kind: Kind, summary: str, metrics: tuple[str, ...], settings: type[Seq2
                 collator=collator, eval_step=eval_step, score=partial(score, kind),
                 present=partial(present, kind), prepare=partial(prepare, kind),
                 clean=partial(clean, kind), group_inside=True)
-
-
 TRANSLATE = task("translate", "translation with a seq2seq model (Marian, T5, mBART); BLEU",
                  ("bleu", "chrf"), TranslateData, TRANSLATE_EXAMPLES)
 SUMMARIZE = task("summarize", "summarization with a seq2seq model (T5, BART); ROUGE",

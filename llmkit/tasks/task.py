@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from llmkit.config import DataConfig
+    from llmkit.config.schema import DataConfig
 
 IGNORE = -100  # label of tokens the loss skips (padding, prompts)
 # Logit elements one evaluation forward may hold (1 GiB in fp32; the cross-entropy holds a
@@ -145,11 +145,11 @@ def sliced_losses(logits_of: Callable[[slice], torch.Tensor], labels: torch.Tens
 
 def perplexity(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
     """exp(token-weighted mean loss over every predicted token), and that token count."""
-    import math
+    from llmkit.scoring.metrics import perplexity_of
 
     tokens = float(gathered["loss_count"].sum())
     mean = float(gathered["loss_sum"].sum()) / tokens
-    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": int(tokens)}
+    return {"perplexity": perplexity_of(mean), "eval_tokens": int(tokens)}
 
 
 def forward_backward(acc: Accelerator, model: Any, batch: dict[str, Any]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 import typer
 from rich.markup import escape
 
-from llmkit.config import check_settings
+from llmkit.config.check import check_settings
 
 
 def shown(help: str, default: Any) -> str:
@@ -59,6 +59,8 @@ def as_option(f: Any, tp: Any, panel: str) -> list[tuple[inspect.Parameter, str,
     return made
 
 
+BaseModel = Annotated[str | None, typer.Option(help="The base model of an adapter (--lora) run, "
+                                               "if not the one it was trained from.")]
 Paths = dict[str, tuple[str, bool]]  # parameter -> (config path or field, flag flips it)
 OPTIONS: dict[str, set[str]] = {}  # task -> the option names of its finetune command
 PATHS: dict[str, dict[str, str]] = {}  # task -> field name -> dotted config path

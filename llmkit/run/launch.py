@@ -13,10 +13,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
 
-from llmkit import checkpoint as ckpt
-from llmkit.config import RunConfig, dump_config, flatten
+from llmkit.config.recipes import dump_config, flatten
+from llmkit.config.schema import RunConfig
 from llmkit.errors import LlmkitError
 from llmkit.hub import looks_like_path
+from llmkit.run import checkpoint as ckpt
 
 log = logging.getLogger("llmkit")
 

@@ -1,9 +1,8 @@
-"""LoRA adapters through peft: a model wrapped for training, checkpoints that hold the adapter
-and not the frozen base, adapter runs loaded back (merged, for plain inference), and `merge`."""
+"""LoRA adapters through peft for training: the model wrapped, checkpoints that hold the adapter
+and not the frozen base, and a leaner dropout on the adapter path."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,31 +10,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.models import ADAPTER_WEIGHTS, HEADS, peft_module
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from llmkit.config import AdapterConfig, RunConfig
+    from llmkit.config.schema import AdapterConfig, RunConfig
 
 log = logging.getLogger("llmkit")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
 PEFT_TASKS = {"classify": "SEQ_CLS", "qa": "QUESTION_ANS", "translate": "SEQ_2_SEQ_LM",
               "summarize": "SEQ_2_SEQ_LM", "generate": "CAUSAL_LM"}
-# heads that start untrained: peft trains them in full (modules_to_save), so they are no target
-HEADS = ("classifier", "score", "qa_outputs")
-
-
-def is_adapter_run(folder: str | Path) -> bool:
-    return (Path(folder) / ADAPTER_CONFIG).is_file()
-
-
-def peft_module() -> Any:
-    try:
-        import peft
-    except ImportError as err:
-        raise LlmkitError("--lora needs the peft library: pip install peft") from err
-    return peft
 
 
 def linear_names(model: Any) -> list[str]:
@@ -165,31 +151,6 @@ def lean_dropout(model: Any) -> None:
                 dropouts[name] = torch.nn.Identity()
 
 
-def four_bit() -> dict[str, Any]:
-    """from_pretrained arguments of a 4-bit (NF4) frozen base, QLoRA's; one line where the
-    machine cannot run it."""
-    import importlib.util
-    import os
-
-    if not torch.cuda.is_available():
-        raise LlmkitError("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit layers run "
-                          "there) and this machine has none; train LoRA on the full-precision "
-                          "base instead (drop --load-in-4bit)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise LlmkitError("--load-in-4bit needs the bitsandbytes library: pip install "
-                          "bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-        # heads stay whole: a new one trains in full, and the output layer keeps its precision
-        # (transformers' own guess misses a classifier whose last parameter is its bias)
-        llm_int8_skip_modules=[*HEADS, "lm_head", "embed_out"]), "dtype": compute,
-        "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
-
-
 def parameter_counts(model: Any) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable_parameters": trainable,
@@ -223,52 +184,3 @@ def adapter_checkpoints(accelerator: Accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
-
-
-def base_of(run: str | Path, base_model: str | None) -> str:
-    """The base model of an adapter run: --base-model, else the one it was trained from."""
-    from llmkit.hub import is_local, looks_like_path
-
-    if base_model:
-        if looks_like_path(base_model) and not is_local(base_model):
-            raise LlmkitError(f"--base-model {base_model}: no such checkpoint folder")
-        return base_model
-    saved = json.loads((Path(run) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    base = str(saved.get("base_model_name_or_path") or "")
-
-    if not base or (looks_like_path(base) and not is_local(base)):
-        raise LlmkitError(f"{run} is an adapter run whose base model {base or '(unnamed)'} "
-                          "cannot be found; pass --base-model with its folder or Hub id")
-    return base
-
-
-def load_merged(run: str | Path, auto_class: Any, base_model: str | None = None,
-                **kwargs: Any) -> Any:
-    """An adapter run as a plain transformers model: its base (with the run's config: labels,
-    generation settings) plus the adapter, merged."""
-    from transformers import AutoConfig
-
-    from llmkit.hub import load_pretrained
-
-    peft = peft_module()
-    config = load_pretrained(AutoConfig, str(run))
-    if "quantization_config" not in kwargs:
-        unquantized(config)  # a QLoRA run's adapter merges into the full-precision base
-    base = load_pretrained(auto_class, base_of(run, base_model), config=config,
-                           ignore_mismatched_sizes=True, **kwargs)
-    model = peft.PeftModel.from_pretrained(base, str(run)).merge_and_unload()
-    generation = Path(run) / "generation_config.json"
-    if generation.is_file() and model.can_generate():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(str(run))
-    return model
-
-
-def unquantized(config: Any) -> Any:
-    """A config without the 4-bit loading settings a QLoRA base carried in training: the run's
-    adapter is applied to (and merged into) the base at full precision, on any machine."""
-    for key in ("quantization_config", "_pre_quantization_dtype"):
-        if key in config.__dict__:
-            delattr(config, key)
-    return config

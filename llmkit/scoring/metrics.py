@@ -10,7 +10,12 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmkit.errors import LlmkitError
+
 SACREBLEU = ("bleu", "chrf", "ter")
+LABELS = ("accuracy", "f1", "exact_match")
+BUILTIN = (*SACREBLEU, "rouge", *LABELS, "squad", "squad_v2")  # llmkit eval on files
+ROLLING = ("word_perplexity", "byte_perplexity", "bits_per_byte")  # lm-evaluation-harness's
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -245,3 +250,26 @@ def rouge_scores(predictions: list[str], references: list[str] | list[list[str]]
                   {"low": 100.0 * result[key].low.fmeasure,
                    "high": 100.0 * result[key].high.fmeasure, "bootstrap_samples": 1000},
                   settings | {"seed": ROUGE_SEED}) for key in types]
+
+
+def perplexity_of(mean_loss: float) -> float:
+    """exp of a mean negative log-likelihood (nats), infinite where exp overflows."""
+    import math
+
+    return math.exp(mean_loss) if mean_loss < 700 else math.inf
+
+
+def label_score(name: str, predictions: list[str], references: list[str],
+                options: dict[str, Any]) -> Score:
+    """Accuracy or F1 of lines against one reference each, as a Score."""
+    if name == "f1":
+        average = options.get("average", "macro")
+        positive = options.get("positive", "1")
+        try:
+            value = f1(predictions, references, average, positive)
+        except ValueError as err:
+            raise LlmkitError(f"-m f1 --average {average} --positive {positive}: {err}") from err
+        return Score(name, value, "llmkit", {}, {"average": average, "positive": positive},
+                     decimals=4)
+    return Score(name, accuracy(predictions, references), "llmkit", {},
+                 {"compare": "whole lines, trailing white space dropped"}, decimals=4)

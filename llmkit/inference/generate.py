@@ -1,25 +1,17 @@
-"""Text generation for `llmkit generate` (and generative evaluation): the model's own `generate`,
-KV cache on, prompts batched by length, under `torch.inference_mode`."""
+"""Text generation: the model's own `generate`, KV cache on, prompts batched by length, under
+`torch.inference_mode`."""
 
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from llmkit.config import setting
+from llmkit.config.schema import setting
 from llmkit.errors import LlmkitError
 
 log = logging.getLogger("llmkit")
-
-EXAMPLES = """\
-llmkit generate --model runs/gpt --prompt "Once upon a time" --stream
-llmkit generate -m runs/gpt -p "ROMEO:" --temperature 0.8 --top-p 0.95 \\
-    --seed 1
-llmkit generate -m runs/gpt --input prompts.txt --output out.jsonl
-llmkit generate -m runs/en-ro --prompt "The house is small."  # seq2seq too"""
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,7 @@ class GenerationSettings:
 
 def run_prefix(folder: str, config: Any) -> str:
     """The source prefix a translate or summarize run directory was trained with, else ''."""
-    from llmkit.predict import run_config
+    from llmkit.inference.predict import run_config
     from llmkit.tasks.seq2seq import source_prefix
 
     saved = run_config(folder)
@@ -64,107 +56,25 @@ def run_prefix(folder: str, config: Any) -> str:
     return source_prefix(saved.task, saved.data, config)  # type: ignore[arg-type]
 
 
-def run(model: str, prompt: str | None, input: str | None, output: Path | None,
-        settings: GenerationSettings, stream: bool = False, chat: bool = False,
-        batch_size: int = 16, base_model: str | None = None, system: str | None = None
-        ) -> None:
-    """`llmkit generate`: print the output for one prompt (streamed if asked), or generate for
-    a file of prompts, printed as JSON lines or written to `output` with a progress bar."""
-    if (prompt is None) == (input is None):
-        raise LlmkitError("give either --prompt or --input")
-    if stream and (input or (settings.num_beams or 1) > 1 or settings.num_return_sequences > 1
-                   or settings.stop):
-        raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "
-                          "--num-beams, --num-return-sequences and --stop")
-    if system is not None and not chat:
-        raise LlmkitError("--system is a message of a conversation: add --chat")
-    if output is not None:
-        from llmkit.data import check_output_file
-
-        check_output_file(output)
-    given = [prompt] if prompt is not None else read_prompts(str(input), chat)
-    net, tokenizer = load_generator(model, base_model)
-    prefix = run_prefix(model, net.config)  # what a T5 run was trained with ('summarize: ')
-    prompts = [templated(tokenizer, p, system) if chat else prefix + p for p in given]
-    if stream:
-        from transformers import TextStreamer
-
-        generate(net, tokenizer, prompts, settings, streamer=TextStreamer(
-            tokenizer, skip_prompt=True, skip_special_tokens=True), templated=chat)
-        return  # the streamer ends with a newline
-    if output is None:
-        for record in generate(net, tokenizer, prompts, settings, batch_size, templated=chat):
-            texts = record["output"] if settings.num_return_sequences > 1 else [record["output"]]
-            for text in texts:
-                print(text if input is None else json.dumps(record, ensure_ascii=False))
-        return
-    from llmkit.predict import write_jsonl
-
-    records = with_progress(net, tokenizer, prompts, settings, batch_size, chat)
-    write_jsonl(records, output)
-    print(f"{len(records)} generations written to {output}")
-
-
-def with_progress(net: Any, tokenizer: Any, prompts: list[str], settings: GenerationSettings,
-                  batch_size: int, chat: bool) -> list[dict[str, Any]]:
-    """generate() under a progress bar counting prompts and new tokens per second."""
-    from rich.progress import Progress
-
-    from llmkit.report import console
-
-    with Progress(*Progress.get_default_columns(), "{task.fields[speed]}",
-                  console=console) as progress:
-        bar = progress.add_task("generating", total=len(prompts), speed="")
-        tokens = [0]
-
-        def advance(done: int, new: int) -> None:
-            tokens[0] += new
-            elapsed = progress.tasks[bar].elapsed or 1e-9
-            progress.update(bar, advance=done, speed=f"{tokens[0] / elapsed:.1f} new tokens/s")
-
-        return generate(net, tokenizer, prompts, settings, batch_size, on_batch=advance,
-                        templated=chat)
-
-
-def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
-    """A causal or seq2seq model and its tokenizer (left padding for decoder-only batches)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from llmkit.adapters import is_adapter_run, load_merged
-    from llmkit.hub import load_pretrained
-    from llmkit.report import quiet_libraries
-    from llmkit.tasks import fits, get_task, task_names
+def load_prompts(model: str, given: list[Any], chat: bool = False, system: str | None = None,
+                 base_model: str | None = None) -> tuple[Any, Any, list[str]]:
+    """The generator (models.load_generator), its tokenizer and the prompts as the model reads
+    them: in the chat template (`given` are user turns or whole conversations), or after the
+    source prefix a translate or summarize run was trained with ('summarize: ')."""
+    from llmkit.hub import quiet_libraries
+    from llmkit.models import load_generator
 
     quiet_libraries()
-    config = load_pretrained(AutoConfig, name)
-    if config.is_encoder_decoder:
-        auto: Any = AutoModelForSeq2SeqLM
-    elif fits(get_task("generate"), config):
-        auto = AutoModelForCausalLM
-    else:
-        usable = [t for t in task_names() if fits(get_task(t), config)]
-        raise LlmkitError(f"{name} is a {config.model_type} encoder: it cannot generate text; "
-                          f"it fits: {', '.join(usable) or 'no llmkit task'}")
-    tokenizer = load_pretrained(AutoTokenizer, name)
-    if not config.is_encoder_decoder:
-        tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # the checkpoint's own dtype on a GPU; fp32 on CPUs, where bf16 matmuls are slow
-    dtype = "auto" if device.type == "cuda" else torch.float32
-    if is_adapter_run(name):  # merged into its base, for plain generation
-        model = load_merged(name, auto, base_model, dtype=dtype)
-    else:
-        model = load_pretrained(auto, name, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+    net, tokenizer = load_generator(model, base_model)
+    prefix = run_prefix(model, net.config)
+    return net, tokenizer, [templated(tokenizer, p, system) if chat else prefix + p
+                            for p in given]
 
 
 def read_prompts(path: str, chat: bool = False) -> list[Any]:
     """Prompts from a .txt file (one per line) or .jsonl rows with a `prompt` field; with
     `chat`, rows may hold `messages` instead: conversations to answer after their last turn."""
-    from llmkit.evaluate import read_text
+    from llmkit.scoring.files import read_text
 
     text = read_text(path, "--input")
     if path.endswith(".jsonl"):

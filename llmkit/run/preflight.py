@@ -20,28 +20,19 @@ on a CPU, what the allocator holds on to between steps of varying shapes.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmkit.run.memory import estimate
+
 if TYPE_CHECKING:
-    from llmkit.config import RunConfig
-    from llmkit.train import Parts
+    from llmkit.config.schema import RunConfig
+    from llmkit.run.build import Parts
 
 log = logging.getLogger("llmkit")
-MB = 2**20
-
-
-def rss_mb() -> float:
-    """This process's resident memory now (Linux), else its peak."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * resource.getpagesize() / MB
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def percentiles(counts: Any, cap: int | None) -> dict[str, Any]:
@@ -60,7 +51,7 @@ def percentiles(counts: Any, cap: int | None) -> dict[str, Any]:
 def token_lengths(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
     """Token-length percentiles per split (source and target for seq2seq), and the share of rows
     at the length cap."""
-    from llmkit.data import lengths
+    from llmkit.data.features import lengths
     from llmkit.tasks.task import capped
 
     model = parts.accelerator.unwrap_model(parts.model)
@@ -79,153 +70,11 @@ def token_lengths(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
     return found
 
 
-class Saved:
-    """Bytes of the tensors autograd keeps for backward while it is active, each storage once."""
-
-    def __init__(self, model: Any):
-        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.seen: dict[int, int] = {}
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.skip and storage.device.type != "meta":
-            self.seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    def __enter__(self) -> Saved:
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.hooks.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-    @property
-    def largest(self) -> int:
-        return max(self.seen.values(), default=0)
-
-
-def worst_batch(parts: Parts, rows: int) -> dict[str, torch.Tensor]:
-    from accelerate.utils import send_to_device
-
-    from llmkit.data import by_length
-
-    features = parts.train_loader.dataset
-    longest = by_length(features)[:rows]
-    batch = parts.task.collator(parts.tokenizer)([features[i] for i in longest])
-    return send_to_device(dict(batch), parts.accelerator.device)
-
-
-def activations(parts: Parts, cfg: RunConfig) -> tuple[int, int]:
-    """Bytes kept for backward by one forward of the worst batch, and the largest tensor."""
-    acc, model = parts.accelerator, parts.model
-    plain = acc.unwrap_model(model)
-    # a batch run in micro-batches keeps one micro-batch's activations at a time
-    batch = worst_batch(parts, -(-cfg.train.batch_size // parts.batches.split))
-    blocks = [m for m in plain.modules()
-              if type(m).__name__ in (getattr(plain, "_no_split_modules", None) or [])]
-    inputs: list[int] = []  # checkpointed blocks keep their inputs outside autograd's view
-    handles = [b.register_forward_pre_hook(
-        lambda _m, args, kw: inputs.append(next((a.nbytes for a in (*args, *kw.values())
-                                                 if isinstance(a, torch.Tensor)), 0)),
-        with_kwargs=True) for b in blocks] if cfg.train.gradient_checkpointing else []
-    model.train()
-    with Saved(model) as saved, acc.autocast():
-        loss = model(**batch).loss
-    del loss
-    for handle in handles:
-        handle.remove()
-    total = saved.total + sum(inputs)
-    if cfg.train.gradient_checkpointing and blocks:
-        one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        plain.activation_checkpointing_disable()
-        with Saved(model) as single, acc.autocast():
-            loss = model(**one).loss
-        del loss
-        plain.activation_checkpointing_enable()
-        total += single.total * batch["input_ids"].shape[0] // len(blocks)
-    return total, saved.largest
-
-
-def resident_peak_reset() -> bool:
-    """Reset this process's peak resident size (Linux's VmHWM); False where it cannot be."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def resident_peak_mb() -> float:
-    with open("/proc/self/status") as status:
-        line = next(x for x in status if x.startswith("VmHWM"))
-    return int(line.split()[1]) / 1024
-
-
-def evaluation(parts: Parts, cfg: RunConfig) -> float | None:
-    """MB one evaluation step of the longest --eval-batch-size validation rows adds at its peak
-    (None where a CPU's peak resident size cannot be reset)."""
-    from accelerate.utils import send_to_device
-
-    acc = parts.accelerator
-    plain = acc.unwrap_model(parts.model)
-    features = parts.eval_features  # longest first
-    rows = [features[i] for i in range(min(cfg.train.eval_batch_size, len(features)))]
-    batch = send_to_device(dict(parts.task.collator(parts.tokenizer)(rows)), acc.device)
-    gpu = acc.device.type == "cuda"
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / MB
-    elif not resident_peak_reset():
-        return None
-    else:
-        before = rss_mb()
-    plain.eval()
-    with torch.inference_mode(), acc.autocast():
-        parts.task.eval_step(plain, batch)
-    plain.train()
-    after = torch.cuda.max_memory_allocated() / MB if gpu else resident_peak_mb()
-    return max(0.0, after - before)
-
-
-def estimate(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
-    """Peak memory per device, by part, in MB."""
-    acc, model = parts.accelerator, parts.model
-    gpu = acc.device.type == "cuda"
-    weights = sum(t.nbytes for t in [*model.parameters(), *model.buffers()]
-                  if t.device.type == acc.device.type)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if gpu:
-        torch.cuda.synchronize()
-    before = rss_mb()
-    kept, largest = activations(parts, cfg)
-    parts_mb = {"weights": weights / MB, "gradients": trainable * 4 / MB,
-                "optimizer_states": 2 * trainable * 4 / MB, "activations": kept / MB,
-                "backward_start": largest / MB}
-    if not gpu:  # safetensors weights are mapped from the file: resident once training
-        parts_mb["process_before_training"] = before  # touches them
-    training = sum(parts_mb.values())
-    transient = evaluation(parts, cfg)
-    parts_mb["evaluation_step"] = transient or 0.0
-    evaluating = training - parts_mb["gradients"] - parts_mb["activations"] - parts_mb[
-        "backward_start"] + parts_mb["evaluation_step"]
-    return {"estimated_peak_memory_mb": round(max(training, evaluating), 1),
-            "peak_phase": "evaluation" if evaluating > training else "training",
-            "memory_parts_mb": {k: round(v, 1) for k, v in parts_mb.items()},
-            "memory_kind": "GPU allocations" if gpu else "resident set (RSS)"}
-
-
 def measure(parts: Parts, cfg: RunConfig, steps: int, total_steps: int) -> dict[str, Any]:
     """Time a few real optimizer steps (the first one, warm-up, left out of the time)."""
-    from llmkit import checkpoint as ckpt
+    from llmkit.run import checkpoint as ckpt
+    from llmkit.run.loop import optimizer_step
     from llmkit.tasks.task import forward_backward
-    from llmkit.train import optimizer_step
 
     acc, model, tc = parts.accelerator, parts.model, cfg.train
     guard = ckpt.Guard(tc, ckpt.RunState(), Path(cfg.output))
@@ -247,7 +96,7 @@ def measure(parts: Parts, cfg: RunConfig, steps: int, total_steps: int) -> dict[
     per_step = sum(times[1:]) / len(times[1:])
     found: dict[str, Any] = {"measured_steps": steps, "seconds_per_step": round(per_step, 4),
                              "estimated_train_seconds": round(per_step * total_steps, 1)}
-    from llmkit.report import peak_memory
+    from llmkit.run.report import peak_memory
 
     found.update(peak_memory(acc.device))
     return found
@@ -255,10 +104,10 @@ def measure(parts: Parts, cfg: RunConfig, steps: int, total_steps: int) -> dict[
 
 def plan(cfg: RunConfig, mode: str = "plan") -> dict[str, Any]:
     """Everything the run would prepare, and its cost, without training or writing."""
-    from llmkit.adapters import parameter_counts
-    from llmkit.launch import start_accelerator
-    from llmkit.report import quiet_libraries
-    from llmkit.train import build, run_length
+    from llmkit.hub import quiet_libraries
+    from llmkit.run.adapters import parameter_counts
+    from llmkit.run.build import build, run_length
+    from llmkit.run.launch import start_accelerator
 
     quiet_libraries()
     accelerator = start_accelerator(cfg)

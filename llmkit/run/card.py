@@ -71,32 +71,9 @@ def draw(runs: list[Path], output: Path) -> Path:
     rows = math.ceil(len(panels) / cols)
     figure, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for i, (run, metrics_json, logged) in enumerate(found):
-        colour, name = f"C{i}", run.name if len(runs) > 1 else ""
-        history = metrics_json["history"]
-        best = metrics_json["final"]["step"]
-        chosen = metrics_json.get("metric_for_best", "eval_loss")
         for panel, ax in zip(panels, axes.flat, strict=False):
-            if panel == "loss":
-                ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], color=colour,
-                        alpha=0.8, label=f"{name} training".strip())
-                series = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-                label = f"{name} validation".strip()
-            elif panel == "learning rate":
-                ax.plot([r["step"] for r in logged], [r["learning_rate"] for r in logged],
-                        color=colour, label=name or None)
-                series, label = [], ""
-            else:
-                series = [(r["step"], r[panel]) for r in history if panel in r]
-                label = name
-            if series:
-                ax.plot(*zip(*series, strict=True), "o--", color=colour, markersize=4,
-                        label=label or None)
-            ax.axvline(best, color=colour, linestyle=":", linewidth=1)
-            marked = {"loss": "eval_loss"}.get(panel, panel)
-            if marked == chosen:
-                value = next((r[chosen] for r in history if r["step"] == best), None)
-                if value is not None:
-                    ax.plot([best], [value], "*", color=colour, markersize=12)
+            draw_panel(ax, panel, f"C{i}", run.name if len(runs) > 1 else "", logged,
+                       metrics_json)
     for panel, ax in zip(panels, axes.flat, strict=False):
         ax.set(title=panel.replace("_", " "), xlabel="step")
         ax.grid(alpha=0.3)
@@ -109,6 +86,35 @@ def draw(runs: list[Path], output: Path) -> Path:
     figure.savefig(output, dpi=110)
     plt.close(figure)
     return output
+
+
+def draw_panel(ax: Any, panel: str, colour: str, name: str, logged: list[dict[str, Any]],
+               metrics_json: dict[str, Any]) -> None:
+    """One run's curve on one panel, its kept checkpoint marked."""
+    history = metrics_json["history"]
+    best = metrics_json["final"]["step"]
+    chosen = metrics_json.get("metric_for_best", "eval_loss")
+    if panel == "loss":
+        ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], color=colour,
+                alpha=0.8, label=f"{name} training".strip())
+        series = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+        label = f"{name} validation".strip()
+    elif panel == "learning rate":
+        ax.plot([r["step"] for r in logged], [r["learning_rate"] for r in logged],
+                color=colour, label=name or None)
+        series, label = [], ""
+    else:
+        series = [(r["step"], r[panel]) for r in history if panel in r]
+        label = name
+    if series:
+        ax.plot(*zip(*series, strict=True), "o--", color=colour, markersize=4,
+                label=label or None)
+    ax.axvline(best, color=colour, linestyle=":", linewidth=1)
+    marked = {"loss": "eval_loss"}.get(panel, panel)
+    if marked == chosen:
+        value = next((r[chosen] for r in history if r["step"] == best), None)
+        if value is not None:
+            ax.plot([best], [value], "*", color=colour, markersize=12)
 
 
 def versions() -> dict[str, str]:
@@ -196,16 +202,8 @@ def model_card(out: Path, cfg: Any, metrics: dict[str, Any], made: dict[str, Any
                                      cfg.data.validation or cfg.data.train)).name,
                                  metric_type=k, metric_value=round(float(final[k]), 4))
                       for k in scored] or None)
-    tc, columns = cfg.train, ["step", "epoch", "train_loss", *metric_names([metrics["history"]])]
-    settings = {"learning rate": tc.learning_rate, "epochs": tc.epochs, "max steps":
-                tc.max_steps or "-", "batch size (global)": metrics["run"].get(
-                    "global_batch_size"), "scheduler": tc.lr_scheduler, "warm-up": (
-                    tc.warmup_steps or tc.warmup_ratio), "weight decay": tc.weight_decay,
-                "precision": tc.mixed_precision, "seed": tc.seed,
-                "trainable parameters": f"{metrics['run'].get('trainable_parameters', 0):,}"}
-    if cfg.adapter.lora:
-        settings["LoRA"] = f"r {cfg.adapter.lora_r}, alpha {cfg.adapter.lora_alpha}, " \
-                           f"dropout {cfg.adapter.lora_dropout}"
+    settings = card_settings(cfg, metrics["run"])
+    columns = ["step", "epoch", "train_loss", *metric_names([metrics["history"]])]
     lines = [f"# {Path(cfg.output).name}", "",
              (f"A new model of `{cfg.model}`'s architecture (random weights, config "
               f"changes: {cfg.config_overrides or 'none'})" if cfg.from_scratch else
@@ -229,6 +227,20 @@ def model_card(out: Path, cfg: Any, metrics: dict[str, Any], made: dict[str, Any
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     ModelCard(text).save(out / "README.md")
     return out / "README.md"
+
+
+def card_settings(cfg: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """The model card's table of training settings."""
+    tc = cfg.train
+    settings = {"learning rate": tc.learning_rate, "epochs": tc.epochs, "max steps":
+                tc.max_steps or "-", "batch size (global)": run.get("global_batch_size"),
+                "scheduler": tc.lr_scheduler, "warm-up": tc.warmup_steps or tc.warmup_ratio,
+                "weight decay": tc.weight_decay, "precision": tc.mixed_precision, "seed": tc.seed,
+                "trainable parameters": f"{run.get('trainable_parameters', 0):,}"}
+    if cfg.adapter.lora:
+        settings["LoRA"] = f"r {cfg.adapter.lora_r}, alpha {cfg.adapter.lora_alpha}, " \
+                           f"dropout {cfg.adapter.lora_dropout}"
+    return settings
 
 
 def cell(value: Any) -> str:

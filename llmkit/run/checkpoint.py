@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
-    from llmkit.config import TrainConfig
+    from llmkit.config.schema import TrainConfig
 
 log = logging.getLogger("llmkit")
 STATE_FILE = "llmkit_state.json"

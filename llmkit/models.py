@@ -1,0 +1,285 @@
+"""Every checkpoint load: a plain checkpoint, an adapter run (merged into its base), a 4-bit base,
+or new weights from a config; for training or inference; with its tokenizer and its pad-token
+rule. Nothing else in llmkit calls `from_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.hub import check_model_source, hub_offline, is_local, looks_like_path, offline_hint
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from llmkit.config.schema import DataConfig, RunConfig
+    from llmkit.tasks.task import Task
+
+log = logging.getLogger("llmkit")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# heads that start untrained: peft trains them in full (modules_to_save), so they are no target
+HEADS = ("classifier", "score", "qa_outputs")
+
+
+def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwargs: Any) -> Any:
+    """`auto_class.from_pretrained(name)` with the Hub's failures turned into one clear line."""
+    check_model_source(name, option)
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except OSError as err:
+        if not is_local(name) and hub_offline():
+            raise LlmkitError(offline_hint(option.strip("-"), name, option)) from err
+        raise LlmkitError(f"could not load {name!r}: {err}".replace("\n", " ")) from err
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the file
+        raise LlmkitError(f"--model {name}: its pickled weights (.bin) hold more than tensors "
+                          "and were refused, as loading them could run code; if you trust the "
+                          "file, convert it to safetensors where you made it") from err
+    except (SafetensorError, EOFError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+            raise  # not a damaged .bin (out of memory, ...)
+        reason = " ".join(str(err).split())[:200]
+        raise LlmkitError(f"--model {name}: its weights cannot be read ({reason}); the file "
+                          "is damaged or incomplete: save or download it again") from err
+
+
+def fuse_gelu(model: Any) -> None:
+    """Swap GPT-2-style tanh GELUs (gelu_new, gelu_fast: five elementwise passes over the MLP
+    activations, more in the backward) for PyTorch's one-kernel tanh GELU: the same function to
+    ~2e-7, 4.5x faster forward and backward on CPU (GPT-2's MLP: 11% of a training step). The
+    config keeps its activation name, so the saved model is the one that was loaded."""
+    from transformers.activations import ACT2CLS, ACT2FN
+
+    slow = (ACT2CLS["gelu_new"], ACT2CLS["gelu_fast"])
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child) in slow:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+
+
+def model_config(name: str, overrides: str | None = None) -> PretrainedConfig:
+    """The checkpoint's config with --config-overrides applied (transformers'
+    `update_from_string`, as run_clm.py applies them)."""
+    from transformers import AutoConfig
+
+    config = load_pretrained(AutoConfig, name)
+    if overrides:
+        if any("=" not in part for part in overrides.split(",")):
+            raise LlmkitError(f"--config-overrides {overrides!r}: expected key=value pairs "
+                              "separated by commas, e.g. n_layer=4,n_embd=256")
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as err:
+            raise LlmkitError(f"--config-overrides {overrides!r}: {err} (the keys of "
+                              f"{config.model_type}'s config.json can be changed)") from None
+    return config
+
+
+def load_tokenizer(source: str, option: str = "--model", padding_side: str | None = None) -> Any:
+    """A checkpoint's tokenizer, with a pad token (GPT-style vocabularies have none: their end
+    of sequence pads)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, source, option)
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # transformers 5 builds an
+        # empty tokenizer when the files are missing
+        raise LlmkitError(f"{source} has no tokenizer files (tokenizer.json, vocab files); save "
+                          "the tokenizer into the same folder with tokenizer.save_pretrained")
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def inference_device() -> torch.device:
+    """Where prediction, scoring and generation run outside a training run."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
+    """A causal or seq2seq model for generation, in eval mode on the inference device, and its
+    tokenizer (left padding for decoder-only batches)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from llmkit.tasks import fits, get_task, registry
+
+    config = load_pretrained(AutoConfig, name)
+    if config.is_encoder_decoder:
+        auto: Any = AutoModelForSeq2SeqLM
+    elif fits(get_task("generate"), config):
+        auto = AutoModelForCausalLM
+    else:
+        usable = [t.name for t in registry().values() if fits(t, config)]
+        raise LlmkitError(f"{name} is a {config.model_type} encoder: it cannot generate text; "
+                          f"it fits: {', '.join(usable) or 'no llmkit task'}")
+    tokenizer = load_tokenizer(name, padding_side=None if config.is_encoder_decoder else "left")
+    device = inference_device()
+    # the checkpoint's own dtype on a GPU; fp32 on CPUs, where bf16 matmuls are slow
+    dtype = "auto" if device.type == "cuda" else torch.float32
+    if is_adapter_run(name):  # merged into its base, for plain generation
+        model = load_merged(name, auto, base_model, dtype=dtype)
+    else:
+        model = load_pretrained(auto, name, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
+               quantized: bool = False, base_model: str | None = None,
+               run: RunConfig | None = None, config: PretrainedConfig | None = None,
+               **config_kwargs: Any) -> tuple[Any, Any]:
+    """Model and tokenizer of a checkpoint for `task`, fitted to the data settings; a missing
+    head is added (and logged) to train, and refused when the model must be `trained`
+    (prediction and evaluation would answer from random weights). An adapter run comes back
+    merged into its base (`base_model` overrides the one it names); `quantized`: 4-bit base.
+    A training `run` may name another tokenizer, config overrides, or random weights; its
+    `config`, read before the data (model_config), gets the task's `config_kwargs` here."""
+    from llmkit.tasks import auto_class, check_pairing
+
+    config = config or model_config(name, run.config_overrides if run else None)
+    for key, value in config_kwargs.items():  # as from_pretrained(**kwargs) sets them
+        setattr(config, key, value)
+    check_pairing(task, config, name)
+    source = (run.tokenizer if run else None) or name
+    tokenizer = load_tokenizer(source, "--tokenizer" if source != name else "--model")
+    # fp32 weights whatever the checkpoint holds (transformers 5 keeps a bf16 checkpoint in
+    # bf16): the optimizer needs fp32 master weights; --mixed-precision computes in bf16/fp16
+    weights = four_bit() if quantized else {"dtype": torch.float32}
+    new: list[str] = []
+    if run and run.from_scratch:
+        model = auto_class(task).from_config(config, dtype=torch.float32)
+        log.info("--from-scratch: %s from %s's config with random weights (%s parameters)",
+                 type(model).__name__, name, f"{model.num_parameters():,}")
+    elif is_adapter_run(name):  # its heads come with the adapter
+        model = load_merged(name, auto_class(task), base_model, **weights)
+    else:
+        model, info = load_pretrained(auto_class(task), name, config=config, **weights,
+                                      ignore_mismatched_sizes=True, output_loading_info=True)
+        new = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
+                                                     for k in info["mismatched_keys"])
+        check_reshaped(info["mismatched_keys"], run)
+    finish(model, tokenizer, task, data, name, new, trained)
+    return model, tokenizer
+
+
+def check_reshaped(mismatched: list[Any], run: RunConfig | None) -> None:
+    """--config-overrides that change the shape of pretrained weights would leave them random
+    without a word: refused (task heads are new anyway)."""
+    body = [k[0] if isinstance(k, tuple) else k for k in mismatched]
+    body = sorted(k for k in body if not set(k.split(".")) & {*HEADS, "lm_head"})
+    if run and run.config_overrides and body:
+        raise LlmkitError(f"--config-overrides {run.config_overrides!r} changes the shape of "
+                          f"pretrained weights ({', '.join(body[:3])}): add --from-scratch to "
+                          "train a new model of that shape, or leave those keys alone")
+
+
+def finish(model: Any, tokenizer: Any, task: Task, data: DataConfig, name: str, new: list[str],
+           trained: bool) -> None:
+    """Refuse or log new head weights; fit the embeddings and pad id to the tokenizer."""
+    if new and trained:
+        raise LlmkitError(f"{name} has no trained {task.name} head ({', '.join(new[:3])} "
+                          f"{'...' if len(new) > 3 else 'are'} missing): fine-tune it first "
+                          f"(llmkit finetune {task.name}) and give the run directory")
+    if new:
+        log.info("%s has no trained %s head: new weights (%s) start from random values",
+                 name, task.name, ", ".join(new[:6]) + (" ..." if len(new) > 6 else ""))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # a --tokenizer with more tokens (run_clm.py does the same)
+        log.info("the tokenizer has %d tokens, the embeddings %d rows: resizing them",
+                 len(tokenizer), rows)
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    fuse_gelu(model)
+    if task.prepare is not None:
+        task.prepare(model, tokenizer, data)
+
+
+def is_adapter_run(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def peft_module() -> Any:
+    try:
+        import peft
+    except ImportError as err:
+        raise LlmkitError("--lora needs the peft library: pip install peft") from err
+    return peft
+
+
+def four_bit() -> dict[str, Any]:
+    """from_pretrained arguments of a 4-bit (NF4) frozen base, QLoRA's; one line where the
+    machine cannot run it."""
+    import importlib.util
+    import os
+
+    if not torch.cuda.is_available():
+        raise LlmkitError("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit layers run "
+                          "there) and this machine has none; train LoRA on the full-precision "
+                          "base instead (drop --load-in-4bit)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LlmkitError("--load-in-4bit needs the bitsandbytes library: pip install "
+                          "bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        # heads stay whole: a new one trains in full, and the output layer keeps its precision
+        # (transformers' own guess misses a classifier whose last parameter is its bias)
+        llm_int8_skip_modules=[*HEADS, "lm_head", "embed_out"]), "dtype": compute,
+        "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+
+
+def base_of(run: str | Path, base_model: str | None) -> str:
+    """The base model of an adapter run: --base-model, else the one it was trained from."""
+    if base_model:
+        if looks_like_path(base_model) and not is_local(base_model):
+            raise LlmkitError(f"--base-model {base_model}: no such checkpoint folder")
+        return base_model
+    saved = json.loads((Path(run) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = str(saved.get("base_model_name_or_path") or "")
+    if not base or (looks_like_path(base) and not is_local(base)):
+        raise LlmkitError(f"{run} is an adapter run whose base model {base or '(unnamed)'} "
+                          "cannot be found; pass --base-model with its folder or Hub id")
+    return base
+
+
+def load_merged(run: str | Path, auto_class: Any, base_model: str | None = None,
+                **kwargs: Any) -> Any:
+    """An adapter run as a plain transformers model: its base (with the run's config: labels,
+    generation settings) plus the adapter, merged."""
+    from transformers import AutoConfig
+
+    peft = peft_module()
+    config = load_pretrained(AutoConfig, str(run))
+    if "quantization_config" not in kwargs:
+        unquantized(config)  # a QLoRA run's adapter merges into the full-precision base
+    base = load_pretrained(auto_class, base_of(run, base_model), config=config,
+                           ignore_mismatched_sizes=True, **kwargs)
+    model = peft.PeftModel.from_pretrained(base, str(run)).merge_and_unload()
+    generation = Path(run) / "generation_config.json"
+    if generation.is_file() and model.can_generate():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(run))
+    return model
+
+
+def unquantized(config: Any) -> Any:
+    """A config without the 4-bit loading settings a QLoRA base carried in training: the run's
+    adapter is applied to (and merged into) the base at full precision, on any machine."""
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if key in config.__dict__:
+            delattr(config, key)
+    return config

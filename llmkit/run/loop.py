@@ -1,0 +1,168 @@
+"""The one training loop, task-blind, on Accelerate: accumulate, forward, backward, clip, step;
+evaluation and checkpoints around it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from llmkit.config.schema import RunConfig, TrainConfig
+from llmkit.errors import LlmkitError
+from llmkit.inference.predict import collect
+from llmkit.run import checkpoint as ckpt
+from llmkit.run.build import Parts, run_length
+from llmkit.run.report import Meter, Reporter, throughput, track
+from llmkit.tasks.task import forward_backward, loss_of
+
+log = logging.getLogger("llmkit")
+# the best evaluation's predictions: QA id -> answer text as JSON; generated texts one per line
+PREDICTIONS = ("predictions.json", "predictions.txt")
+
+
+def evaluate(parts: Parts) -> dict[str, float]:
+    """Validation loss and the task's metrics; every example counted once across processes.
+
+    Tasks report a loss sum and a count per example (tokens for language models), so the loss
+    is the exact mean over the data however the batches were split and padded across processes.
+    """
+    acc, model = parts.accelerator, parts.model
+    start = time.perf_counter()
+    model.eval()
+    plain = acc.unwrap_model(model)
+    arrays = collect(parts.task, plain, parts.eval_loader, acc.gather_for_metrics)
+    model.train()
+    return {**loss_of(arrays),
+            **parts.task.score(arrays, parts.eval_features, parts.data, plain.config,
+                               parts.tokenizer),
+            "eval_seconds": round(time.perf_counter() - start, 3)}
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    """Whether `value` beats `best`; a NaN or infinite value never does."""
+    lower_is_better = metric.endswith("loss") or metric == "perplexity"
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best if lower_is_better else value > best)
+
+
+def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Reporter,
+                  out: Path, train_loss: float, guard: ckpt.Guard) -> bool:
+    """Evaluate, checkpoint, keep the best; True when early stopping says to stop."""
+    guard.check(parts.accelerator)
+    metric = cfg.train.metric_for_best or parts.task.default_metric
+    metrics = evaluate(parts)
+    predictions: Any = metrics.pop("predictions", None)  # per-example outputs some tasks give
+    if metric not in metrics:
+        raise LlmkitError(f"train.metric_for_best {metric!r} is not one of this run's metrics: "
+                          f"{', '.join(metrics)}")
+    record = {"step": state.global_step, "epoch": round(state.global_step
+                                                        / parts.steps_per_epoch, 2),
+              "train_loss": train_loss, **metrics}
+    state.history.append(record)
+    if is_better(metrics[metric], state.best_metric, metric):
+        state.best_metric = metrics[metric]
+        state.best_checkpoint = f"checkpoint-{state.global_step}"
+        if predictions is not None and parts.accelerator.is_main_process:
+            as_json = isinstance(predictions, dict)
+            text = (json.dumps(predictions, indent=1, ensure_ascii=False) if as_json
+                    else "".join(" ".join(p.split()) + "\n" for p in predictions))
+            (out / PREDICTIONS[0 if as_json else 1]).write_text(text, encoding="utf-8")
+        state.bad_evals = 0
+    else:
+        state.bad_evals += 1
+    began = time.perf_counter()
+    ckpt.save_checkpoint(parts.accelerator, out, state)
+    record["save_seconds"] = round(time.perf_counter() - began, 3)  # after: not in the saved copy
+    reporter.evaluation(record)
+    track(parts.accelerator, "eval", record)
+    if parts.accelerator.is_main_process:
+        ckpt.prune(out, state.best_checkpoint, cfg.train.save_total_limit)
+    patience = cfg.train.early_stopping_patience
+    if patience and state.bad_evals >= patience:
+        reporter.say(f"early stopping: no better {metric} in {patience} evaluations")
+        return True
+    return False
+
+
+def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Reporter,
+               out: Path) -> dict[str, float]:
+    """Run the remaining epochs; returns throughput figures of the training steps."""
+    acc, tc, model = parts.accelerator, cfg.train, parts.model
+    window, since_eval, total = Meter(), Meter(), Meter()
+    guard = ckpt.Guard(tc, state, out)
+    evals_before = len(state.history)
+    model.train()
+    for epoch in range(state.epoch, run_length(tc, parts.steps_per_epoch)[1]):
+        # Accelerate's loader resets the sampler's epoch from its own pass counter on every
+        # pass, which a resumed run has not counted: set both. (Across processes the sampler
+        # sits inside a shard that does not forward the epoch.)
+        parts.train_loader.set_epoch(epoch)
+        parts.batches.set_epoch(epoch)
+        skip = state.step_in_epoch * acc.gradient_accumulation_steps
+        loader = acc.skip_first_batches(parts.train_loader, skip) if skip else parts.train_loader
+        for batch in loader:
+            with acc.accumulate(model):
+                loss = forward_backward(acc, model, batch)
+                step = state.global_step + 1
+                guard.note(loss, step)
+                optimizer_step(parts, tc, guard, step)
+            for meter in (window, since_eval, total):
+                meter.add(loss, batch, acc.num_processes)
+            if not acc.sync_gradients:
+                continue
+            state.global_step += 1
+            state.step_in_epoch += 1
+            record = logged(parts, state, window, guard) \
+                if state.global_step % tc.logging_steps == 0 else None
+            reporter.advance(state.global_step, state.global_step / parts.steps_per_epoch, record)
+            if state.step_in_epoch == parts.steps_per_epoch:
+                continue  # the end-of-epoch evaluation and checkpoint follow
+            last = state.global_step == tc.max_steps  # --max-steps ends inside an epoch
+            if last or (tc.eval_steps and state.global_step % tc.eval_steps == 0):
+                if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"],
+                                 guard) or last:
+                    return throughput(total.flush(acc), state.history[evals_before:])
+            elif tc.save_steps and state.global_step % tc.save_steps == 0:
+                guard.check(acc)
+                ckpt.save_checkpoint(acc, out, state)
+                if acc.is_main_process:
+                    ckpt.prune(out, state.best_checkpoint, tc.save_total_limit)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"],
+                         guard):
+            break
+    return throughput(total.flush(acc), state.history[evals_before:])
+
+
+def logged(parts: Parts, state: ckpt.RunState, window: Meter, guard: ckpt.Guard
+           ) -> dict[str, Any]:
+    """The training record of a logging step, also sent to the trackers."""
+    guard.check(parts.accelerator)
+    record = {"step": state.global_step, "epoch": round(state.global_step
+                                                        / parts.steps_per_epoch, 3),
+              "learning_rate": parts.scheduler.get_last_lr()[0],
+              **window.flush(parts.accelerator)}
+    track(parts.accelerator, "train", record)
+    return record
+
+
+def optimizer_step(parts: Parts, tc: TrainConfig, guard: ckpt.Guard, step: int) -> None:
+    """Clip, then step the optimizer and the schedule (Accelerate makes these no-ops until the
+    accumulated gradients sync); under on_nonfinite=skip, a step whose gradient norm is not
+    finite is left out."""
+    skipping = tc.on_nonfinite == "skip"
+    if parts.accelerator.sync_gradients and (tc.max_grad_norm > 0 or skipping):
+        norm = parts.accelerator.clip_grad_norm_(parts.model.parameters(),
+                                                 tc.max_grad_norm or math.inf)
+        if guard.norms and norm is not None:
+            if skipping and guard.skip(norm, step):
+                parts.optimizer.zero_grad()
+                return
+            guard.note(norm, step)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad()

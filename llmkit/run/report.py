@@ -1,0 +1,175 @@
+"""What a run tells: the `Reporter` the command layer hands down (this base one tells nobody),
+the JSON-lines training log, and the figures behind both."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+
+LOG_FILE = "train_log.jsonl"
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
+    return str(value)
+
+
+def parsed(line: str) -> dict[str, Any] | None:
+    """One record of the log; None for a line torn by a process that was killed mid-write."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class Reporter:
+    """What a run says as it goes, to whoever the command layer hands down: this one tells
+    nobody (the Python API, a server and a sweep get no terminal output); the CLI's
+    `cli.terminal.Terminal` draws a progress bar and tables. Called on the main process only."""
+
+    def start(self, total_steps: int, resumed_step: int, window: int) -> None:
+        """The first training step is next (`window`: steps each logged loss is a mean of)."""
+
+    def advance(self, step: int, epoch: float, record: dict[str, Any] | None) -> None:
+        """An optimizer step is done; `record` on logging steps (loss, learning rate, speed)."""
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        """An evaluation (and its checkpoint) is done."""
+
+    def say(self, message: str) -> None:
+        """A line for the reader (rich markup)."""
+
+    def summary(self, history: list[dict[str, Any]], best: str) -> None:
+        """Training is over: every evaluation, and the checkpoint kept."""
+
+    def stop(self) -> None:
+        """No more steps (also after an error)."""
+
+
+class RunLog(Reporter):
+    """The run's training log (`train_log.jsonl`: a JSON record per logging step and
+    evaluation), written on the main process, around the reporter handed down."""
+
+    def __init__(self, out: Path, shown: Reporter, enabled: bool, resumed_step: int):
+        self.path, self.shown, self.enabled = out / LOG_FILE, shown, enabled
+        if enabled and resumed_step and self.path.exists():
+            # records past the checkpoint came from the attempt that was cut off: the resumed
+            # run writes them again
+            rows = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if (record := parsed(line)) is not None
+                    and record.get("step", 0) <= resumed_step]
+            self.path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def start(self, total_steps: int, resumed_step: int, window: int) -> None:
+        self.shown.start(total_steps, resumed_step, window)
+
+    def advance(self, step: int, epoch: float, record: dict[str, Any] | None) -> None:
+        if record:
+            self.write(record)
+        self.shown.advance(step, epoch, record)
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        self.write(record)
+        self.shown.evaluation(record)
+
+    def say(self, message: str) -> None:
+        self.shown.say(message)
+
+    def summary(self, history: list[dict[str, Any]], best: str) -> None:
+        self.shown.summary(history, best)
+
+    def stop(self) -> None:
+        self.shown.stop()
+
+
+class Meter:
+    """Running loss, samples and tokens since the last flush (losses stay tensors: no syncs)."""
+
+    def __init__(self) -> None:
+        self.loss: float | torch.Tensor = 0.0
+        self.batches, self.samples = 0, 0
+        self.tokens: int | torch.Tensor = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], processes: int) -> None:
+        self.loss = self.loss + loss.detach().float()
+        self.batches += 1
+        for part in batch.get("micro_batches", [batch]):
+            self.samples += part["input_ids"].shape[0] * processes
+            mask = part.get("attention_mask")  # summed on the device: an int() here would sync
+            self.tokens = self.tokens + (mask.sum() if mask is not None
+                                         else part["input_ids"].numel()) * processes
+
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        import torch
+
+        loss = accelerator.reduce(torch.as_tensor(self.loss).reshape(1), "mean").item()
+        seconds, tokens = time.perf_counter() - self.start, int(self.tokens)
+        result = {"loss": loss / max(self.batches, 1), "seconds": seconds,
+                  "samples_per_second": self.samples / seconds, "samples": self.samples,
+                  "tokens_per_second": tokens / seconds, "tokens": tokens}
+        self.__init__()  # type: ignore[misc]
+        return result
+
+
+def throughput(total: dict[str, float], evals: list[dict[str, Any]]) -> dict[str, float]:
+    """Training speed over this process's part of the run, evaluations and the checkpoints
+    saved with them left out."""
+    seconds = total["seconds"] - sum(r["eval_seconds"] + r.get("save_seconds", 0.0)
+                                     for r in evals)
+    return {"train_seconds": round(seconds, 2), "train_samples": total["samples"],
+            "train_samples_per_second": round(total["samples"] / seconds, 2),
+            "train_tokens_per_second": round(total["tokens"] / seconds, 1)}
+
+
+def track(accelerator: Accelerator, prefix: str, record: dict[str, Any]) -> None:
+    """A log record's numbers to the trackers (--report-to), against the global step."""
+    if accelerator.trackers:
+        accelerator.log({f"{prefix}/{k}": v for k, v in record.items() if k != "step"
+                         and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                        step=record["step"])
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak memory: resident set (the CPU's), and the GPU's allocations."""
+    import resource
+
+    import torch
+
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def header(parts: Any, cfg: Any, total_steps: int) -> list[str]:
+    """What the run is about to do, before its first step."""
+    from llmkit.run.adapters import parameter_counts
+
+    acc, counts = parts.accelerator, parameter_counts(parts.model)
+    features = len(parts.train_loader.dataset)
+    return [f"llmkit finetune {cfg.task}: {parts.rows[0]:,} training rows"
+            + (f" ({features:,} features)" if features != parts.rows[0] else "")
+            + f", {parts.rows[1]:,} validation",
+            f"steps: {parts.steps_per_epoch:,} per epoch, {total_steps:,} in all; batch "
+            f"{cfg.train.batch_size} x {acc.num_processes} process(es) x "
+            f"{cfg.train.gradient_accumulation_steps} accumulation"
+            + (f", each batch in {parts.batches.split} micro-batches sorted by length"
+               if parts.batches.split > 1 else ""),
+            f"parameters: {counts['total_parameters']:,} ({counts['trainable_parameters']:,} "
+            f"trainable); device {acc.device} x {acc.num_processes}; precision "
+            f"{acc.mixed_precision}; output {cfg.output}"]
