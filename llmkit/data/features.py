@@ -30,9 +30,9 @@ def lengths(features: Dataset, column: str = "input_ids") -> Any:
     return pc.list_value_length(features.with_format("arrow")[column]).to_numpy()
 
 
-def workers(cfg: DataConfig) -> int | None:
+def workers(data: DataConfig) -> int | None:
     """datasets' num_proc for tokenizing: --preprocessing-workers, None for one process."""
-    count = getattr(cfg, "preprocessing_workers", 1)
+    count = getattr(data, "preprocessing_workers", 1)
     return count if count > 1 else None
 
 

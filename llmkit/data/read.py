@@ -224,23 +224,23 @@ def empty_rows(rows: Dataset, columns: list[str], policy: str, what: str) -> Dat
     return rows.select(sorted(set(range(len(rows))) - set(bad)))
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+def load_splits(data: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     """Training and evaluation rows; without a validation set, a seeded slice of train."""
-    sample_by = getattr(cfg, "sample_by", "line")  # a setting of the tasks that read .txt
-    train = load_split(cfg.train, cfg.train_split, cfg.dataset_config, "--train", sample_by,
-                       cfg.format, cfg.json_field)
-    if cfg.validation:
-        valid = load_split(cfg.validation, cfg.validation_split, cfg.dataset_config,
-                           "--validation", sample_by, cfg.format, cfg.json_field)
+    sample_by = getattr(data, "sample_by", "line")  # a setting of the tasks that read .txt
+    train = load_split(data.train, data.train_split, data.dataset_config, "--train", sample_by,
+                       data.format, data.json_field)
+    if data.validation:
+        valid = load_split(data.validation, data.validation_split, data.dataset_config,
+                           "--validation", sample_by, data.format, data.json_field)
     else:
         if len(train) < 2:
             raise LlmkitError("--train holds one row: too few to hold out a validation slice")
-        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
+        parts = train.train_test_split(test_size=data.validation_fraction, seed=seed)
         train, valid = parts["train"], parts["test"]
         log.info("no --validation given: holding out %d of the training rows (seed %d)",
                  len(valid), seed)
-    if cfg.max_train_samples:
-        train = train.select(range(min(cfg.max_train_samples, len(train))))
-    if cfg.max_eval_samples:
-        valid = valid.select(range(min(cfg.max_eval_samples, len(valid))))
+    if data.max_train_samples:
+        train = train.select(range(min(data.max_train_samples, len(train))))
+    if data.max_eval_samples:
+        valid = valid.select(range(min(data.max_eval_samples, len(valid))))
     return train, valid

@@ -53,64 +53,64 @@ llmkit finetune generate --model gpt2 --train pairs.jsonl \\
 llmkit finetune generate --model ./qwen --train chats.jsonl --lora --output runs/chat"""
 
 
-def columns(cfg: CausalData, labelled: bool) -> list[str]:
-    if cfg.messages_column:
-        return [cfg.messages_column]
-    if cfg.prompt_column or cfg.completion_column:
-        if not (cfg.prompt_column and cfg.completion_column):
+def columns(data: CausalData, labelled: bool) -> list[str]:
+    if data.messages_column:
+        return [data.messages_column]
+    if data.prompt_column or data.completion_column:
+        if not (data.prompt_column and data.completion_column):
             raise LlmkitError("prompt/completion data needs both --prompt-column and "
                               "--completion-column")
-        return [cfg.prompt_column, cfg.completion_column]
-    return [cfg.text_column]
+        return [data.prompt_column, data.completion_column]
+    return [data.text_column]
 
 
-def clean(rows: Dataset, cfg: CausalData, labelled: bool) -> Dataset:
+def clean(rows: Dataset, data: CausalData, labelled: bool) -> Dataset:
     from llmkit.data.read import check_text, empty_rows
 
-    if cfg.messages_column:
+    if data.messages_column:
         return rows  # each conversation is checked when it is encoded
-    check_text(rows, columns(cfg, labelled))
-    if cfg.completion_column:
-        return empty_rows(rows, [cfg.completion_column], cfg.empty_rows, "completion")
+    check_text(rows, columns(data, labelled))
+    if data.completion_column:
+        return empty_rows(rows, [data.completion_column], data.empty_rows, "completion")
     return rows  # empty documents (blank lines) hold nothing to learn: left out when packing
 
 
-def detect(rows: Dataset, cfg: CausalData) -> CausalData:
+def detect(rows: Dataset, data: CausalData) -> CausalData:
     """Conversations in a 'messages' column, when no text, prompt or messages column is set
     and the text column is absent."""
     from dataclasses import replace
 
-    if (cfg.messages_column or cfg.prompt_column or cfg.text_column in rows.column_names
+    if (data.messages_column or data.prompt_column or data.text_column in rows.column_names
             or "messages" not in rows.column_names):
-        return cfg
+        return data
     log.info("training on the conversations in column 'messages' (--messages-column)")
-    return replace(cfg, messages_column="messages")
+    return replace(data, messages_column="messages")
 
 
-def model_kwargs(train: Dataset, valid: Dataset, cfg: CausalData) -> dict[str, Any]:
+def model_kwargs(train: Dataset, valid: Dataset, data: CausalData) -> dict[str, Any]:
     from pathlib import Path
 
-    if cfg.chat_template and not Path(cfg.chat_template).is_file():
-        raise LlmkitError(f"--chat-template {cfg.chat_template}: no such file")
+    if data.chat_template and not Path(data.chat_template).is_file():
+        raise LlmkitError(f"--chat-template {data.chat_template}: no such file")
     return {}
 
 
-def prepare(model: Any, tokenizer: PreTrainedTokenizerBase, cfg: CausalData) -> None:
+def prepare(model: Any, tokenizer: PreTrainedTokenizerBase, data: CausalData) -> None:
     """The chat template (saved with the tokenizer), and generation that stops at the end of an
     assistant turn (saved in generation_config.json, so pipeline() stops there too)."""
     from llmkit.tasks.chat import end_of_turn, use_template
 
-    use_template(tokenizer, cfg.chat_template, required=bool(cfg.messages_column))
-    turn_end = end_of_turn(tokenizer) if cfg.messages_column else None
+    use_template(tokenizer, data.chat_template, required=bool(data.messages_column))
+    turn_end = end_of_turn(tokenizer) if data.messages_column else None
     eos = model.generation_config.eos_token_id
     ends = eos if isinstance(eos, list) else [] if eos is None else [eos]
     if turn_end is not None and turn_end not in ends:
         model.generation_config.eos_token_id = [*ends, turn_end]
 
 
-def block_size(cfg: CausalData, config: PretrainedConfig) -> int:
+def block_size(data: CausalData, config: PretrainedConfig) -> int:
     """The block size, clamped to the model's context."""
-    return capped(cfg.block_size, "--block-size", config)
+    return capped(data.block_size, "--block-size", config)
 
 
 def pack(tokens: Dataset, size: int, eos: int, separate: bool) -> Dataset:
@@ -162,21 +162,21 @@ def pack(tokens: Dataset, size: int, eos: int, separate: bool) -> Dataset:
 
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
-              cfg: CausalData) -> Dataset:
+              data: CausalData) -> Dataset:
 
-    size = block_size(cfg, config)
-    if cfg.messages_column:
+    size = block_size(data, config)
+    if data.messages_column:
         from llmkit.data.features import workers
         from llmkit.tasks.chat import conversations, one_per_row, pack_whole
 
-        encoded = conversations(rows, cfg.messages_column, tokenizer, size,
-                                cfg.empty_rows == "skip", workers(cfg))
-        if cfg.packing:
-            return pack_whole(encoded, size, cfg.separate_documents)
+        encoded = conversations(rows, data.messages_column, tokenizer, size,
+                                data.empty_rows == "skip", workers(data))
+        if data.packing:
+            return pack_whole(encoded, size, data.separate_documents)
         return one_per_row(encoded)
-    if cfg.prompt_column and cfg.completion_column:
-        return pairs(rows, tokenizer, cfg, size)
-    column = cfg.text_column
+    if data.prompt_column and data.completion_column:
+        return pairs(rows, tokenizer, data, size)
+    column = data.text_column
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:  # empty documents left out
         texts = [t for t in batch[column] if t and t.strip()]
@@ -188,19 +188,19 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
 
     tokens = rows.map(encode, batched=True, remove_columns=rows.column_names,
                       features=Features({"ids": Sequence(Value("int32"))}),
-                      num_proc=workers(cfg), desc="tokenizing",
+                      num_proc=workers(data), desc="tokenizing",
                       new_fingerprint=fingerprint(rows, tokenizer, "causal", column))
     if len(tokens) == 0:
-        raise LlmkitError(f"no documents: every {cfg.text_column!r} row is empty after "
-                          f"splitting the text by {cfg.sample_by} (--sample-by)")
-    return pack(tokens, size, tokenizer.eos_token_id, cfg.separate_documents)
+        raise LlmkitError(f"no documents: every {data.text_column!r} row is empty after "
+                          f"splitting the text by {data.sample_by} (--sample-by)")
+    return pack(tokens, size, tokenizer.eos_token_id, data.separate_documents)
 
 
-def pairs(rows: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: CausalData, size: int
+def pairs(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: CausalData, size: int
           ) -> Dataset:
     """Prompt + completion + EOS, truncated to the block size; the loss covers only the
     completion (and EOS)."""
-    prompt, completion = str(cfg.prompt_column), str(cfg.completion_column)
+    prompt, completion = str(data.prompt_column), str(data.completion_column)
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         prompts = tokenizer(batch[prompt], add_special_tokens=False)["input_ids"]
@@ -251,12 +251,12 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
                          following, model.config)
 
 
-def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: CausalData,
+def score(gathered: dict[str, np.ndarray], features: Dataset, data: CausalData,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     return perplexity(gathered)
 
 
-def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: CausalData,
+def present(gathered: dict[str, np.ndarray], features: Dataset, data: CausalData,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     raise LlmkitError("a language model has no labels to predict: use llmkit generate")
 GENERATE = Task(

@@ -38,14 +38,14 @@ class ClassifyData(DataConfig):
 POSITIVE_NAMES = ("1", "true", "yes", "positive", "pos")
 
 
-def positive_id(cfg: ClassifyData, id2label: dict[int, str]) -> int:
+def positive_id(data: ClassifyData, id2label: dict[int, str]) -> int:
     """The id of the positive label of two-label data (see ClassifyData.positive_label)."""
     names = {str(name).lower(): i for i, name in id2label.items()}
-    if cfg.positive_label is not None:
-        if cfg.positive_label.lower() not in names:
-            raise LlmkitError(f"data.positive_label {cfg.positive_label!r} is not a label; the "
+    if data.positive_label is not None:
+        if data.positive_label.lower() not in names:
+            raise LlmkitError(f"data.positive_label {data.positive_label!r} is not a label; the "
                               f"labels are {', '.join(map(str, id2label.values()))}")
-        return names[cfg.positive_label.lower()]
+        return names[data.positive_label.lower()]
     return next((names[n] for n in POSITIVE_NAMES if n in names), 1)
 
 
@@ -57,9 +57,9 @@ llmkit finetune classify --model ./minilm --train pairs.tsv \\
     --text-column s1 --text-pair-column s2 --epochs 2 --output runs/pairs"""
 
 
-def columns(cfg: ClassifyData, labelled: bool) -> list[str]:
-    texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    return texts + ([cfg.label_column] if labelled else [])
+def columns(data: ClassifyData, labelled: bool) -> list[str]:
+    texts = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+    return texts + ([data.label_column] if labelled else [])
 
 
 # the text columns of GLUE-style data, as run_glue.py reads them: pairs first, then one text
@@ -67,33 +67,33 @@ PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "se
          ("question1", "question2"), ("sentence", None))
 
 
-def detect(rows: Dataset, cfg: ClassifyData) -> ClassifyData:
+def detect(rows: Dataset, data: ClassifyData) -> ClassifyData:
     """With the default text column absent: GLUE's column names, else (as run_glue.py) the
     first one or two columns that are not the label or an id; said in the log."""
     from dataclasses import replace
 
     names = rows.column_names
-    if cfg.text_column != "text" or "text" in names or cfg.text_pair_column:
-        return cfg
+    if data.text_column != "text" or "text" in names or data.text_pair_column:
+        return data
     found = next(((a, b) for a, b in PAIRS if a in names and (b is None or b in names)), None)
     if found is None:
-        others = [n for n in names if n not in (cfg.label_column, "idx", "id")]
+        others = [n for n in names if n not in (data.label_column, "idx", "id")]
         found = (others[0], others[1] if len(others) > 1 else None) if others else None
     if found is None:
-        return cfg
+        return data
     log.info("text column%s: %s (--text-column%s)", "s" if found[1] else "",
              " and ".join(c for c in found if c), " / --text-pair-column" if found[1] else "")
-    return replace(cfg, text_column=found[0], text_pair_column=found[1])
+    return replace(data, text_column=found[0], text_pair_column=found[1])
 
 
-def clean(rows: Dataset, cfg: ClassifyData, labelled: bool) -> Dataset:
+def clean(rows: Dataset, data: ClassifyData, labelled: bool) -> Dataset:
     from llmkit.data.read import check_text, empty_rows
 
-    texts = columns(cfg, False)
+    texts = columns(data, False)
     check_text(rows, texts)
     if not labelled:
         return rows
-    return empty_rows(rows, [*texts, cfg.label_column], cfg.empty_rows, "text or label")
+    return empty_rows(rows, [*texts, data.label_column], data.empty_rows, "text or label")
 
 
 def label_names(rows: Dataset, column: str) -> list[str]:
@@ -107,49 +107,49 @@ def label_names(rows: Dataset, column: str) -> list[str]:
     return [str(v) for v in sorted(values)]
 
 
-def model_kwargs(train: Dataset, valid: Dataset, cfg: ClassifyData) -> dict[str, Any]:
-    names = label_names(train, cfg.label_column)
-    unseen = sorted(set(label_names(valid, cfg.label_column)) - set(names))
+def model_kwargs(train: Dataset, valid: Dataset, data: ClassifyData) -> dict[str, Any]:
+    names = label_names(train, data.label_column)
+    unseen = sorted(set(label_names(valid, data.label_column)) - set(names))
     if unseen:
         raise LlmkitError(f"validation labels never seen in training: {', '.join(unseen[:10])}"
                           f"{' ...' if len(unseen) > 10 else ''}; the training labels are "
                           f"{', '.join(names[:20])}")
     if len(names) < 2:
         raise LlmkitError(f"the training rows hold one label ({names[0]}); a classifier needs two")
-    if cfg.positive_label is not None:
+    if data.positive_label is not None:
         if len(names) != 2:
             raise LlmkitError(f"data.positive_label is for two-label data; these rows hold "
                               f"{len(names)} labels")
-        positive_id(cfg, dict(enumerate(names)))  # a name that is not a label: say so now
+        positive_id(data, dict(enumerate(names)))  # a name that is not a label: say so now
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
             "label2id": {name: i for i, name in enumerate(names)}}
 
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
-              cfg: ClassifyData) -> Dataset:
-    labelled = cfg.label_column in rows.column_names
-    class_label = labelled and hasattr(rows.features[cfg.label_column], "names")
+              data: ClassifyData) -> Dataset:
+    labelled = data.label_column in rows.column_names
+    class_label = labelled and hasattr(rows.features[data.label_column], "names")
     label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
-    longest = capped(cfg.max_length, "--max-length", config, tokenizer)
+    longest = capped(data.max_length, "--max-length", config, tokenizer)
     if labelled and not class_label:
-        unknown = sorted({str(v) for v in rows.unique(cfg.label_column)} - set(label2id))
+        unknown = sorted({str(v) for v in rows.unique(data.label_column)} - set(label2id))
         if unknown:
             raise LlmkitError(f"labels the model does not know: {', '.join(unknown[:10])}; its "
                               f"labels are {', '.join(list(label2id)[:20])}")
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
-        features = dict(tokenizer(batch[cfg.text_column], pairs, truncation=True,
+        pairs = batch[data.text_pair_column] if data.text_pair_column else None
+        features = dict(tokenizer(batch[data.text_column], pairs, truncation=True,
                                   max_length=longest))
         if labelled:
-            labels = batch[cfg.label_column]
+            labels = batch[data.label_column]
             features["labels"] = labels if class_label else [label2id[str(v)] for v in labels]
         return features
 
     from llmkit.data.features import workers
 
     return rows.map(encode, batched=True, remove_columns=rows.column_names,
-                    num_proc=workers(cfg), desc="tokenizing")
+                    num_proc=workers(data), desc="tokenizing")
 
 
 def collator(tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -171,7 +171,7 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return gathered
 
 
-def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: ClassifyData,
+def score(gathered: dict[str, np.ndarray], features: Dataset, data: ClassifyData,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     predictions = gathered["logits"].argmax(-1).tolist()
     references = gathered["labels"].tolist()
@@ -179,13 +179,13 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: ClassifyData,
                               "macro_f1": metrics.f1(predictions, references, "macro")}
     if config.num_labels == 2:
         id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
-        positive = positive_id(cfg, id2label)
+        positive = positive_id(data, id2label)
         result["binary_f1"] = metrics.f1(predictions, references, "binary", positive, (0, 1))
         result["binary_f1_positive"] = id2label.get(positive, str(positive))
     return result
 
 
-def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: ClassifyData,
+def present(gathered: dict[str, np.ndarray], features: Dataset, data: ClassifyData,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     import torch
 

@@ -54,37 +54,37 @@ llmkit finetune qa --model bert-base-uncased --train train-v2.0.json \\
 llmkit finetune qa --recipe qa-squad --output runs/squad"""
 
 
-def columns(cfg: QAData, labelled: bool) -> list[str]:
-    return [cfg.question_column, cfg.context_column] + ([cfg.answers_column] if labelled else [])
+def columns(data: QAData, labelled: bool) -> list[str]:
+    return [data.question_column, data.context_column] + ([data.answers_column] if labelled else [])
 
 
-def clean(rows: Dataset, cfg: QAData, labelled: bool) -> Dataset:
+def clean(rows: Dataset, data: QAData, labelled: bool) -> Dataset:
     from llmkit.data.read import check_text
 
-    check_text(rows, [cfg.question_column, cfg.context_column])
+    check_text(rows, [data.question_column, data.context_column])
     return rows  # answers are checked against the contexts when featurized (bad_answers)
 
 
-def model_kwargs(train: Dataset, valid: Dataset, cfg: QAData) -> dict[str, Any]:
+def model_kwargs(train: Dataset, valid: Dataset, data: QAData) -> dict[str, Any]:
     """Whether the run answers SQuAD 2.0 style (empty answers allowed), saved in config.json
     so that prediction with the run directory knows it."""
-    if cfg.version_2 is not None:
-        return {"squad_v2": cfg.version_2}
-    return {"squad_v2": any(not a["text"] for a in train[cfg.answers_column])}
+    if data.version_2 is not None:
+        return {"squad_v2": data.version_2}
+    return {"squad_v2": any(not a["text"] for a in train[data.answers_column])}
 
 
-def check_answers(rows: Dataset, cfg: QAData) -> Dataset:
+def check_answers(rows: Dataset, data: QAData) -> Dataset:
     """Answers must occur at their answer_start; v2 data (empty answers) needs version_2."""
-    a = cfg.answers_column
-    no_context = sum(1 for c in rows[cfg.context_column] if not (c and c.strip()))
+    a = data.answers_column
+    no_context = sum(1 for c in rows[data.context_column] if not (c and c.strip()))
     if no_context:
-        raise LlmkitError(f"{no_context} questions have an empty {cfg.context_column!r}")
-    wrong = [i for i, (context, answers) in enumerate(zip(rows[cfg.context_column], rows[a],
+        raise LlmkitError(f"{no_context} questions have an empty {data.context_column!r}")
+    wrong = [i for i, (context, answers) in enumerate(zip(rows[data.context_column], rows[a],
                                                           strict=True))
              if any(context[s:s + len(t)] != t for t, s in zip(answers["text"],
                                                                answers["answer_start"],
                                                                strict=True))]
-    if wrong and cfg.bad_answers == "fail":
+    if wrong and data.bad_answers == "fail":
         raise LlmkitError(f"{len(wrong)} of {len(rows)} examples have answer text that does not "
                           f"occur at answer_start in the context (first: row {wrong[0]}); fix "
                           "the data or pass -s data.bad_answers=skip to leave them out")
@@ -93,7 +93,7 @@ def check_answers(rows: Dataset, cfg: QAData) -> Dataset:
                     len(wrong), len(rows))
         rows = rows.select(sorted(set(range(len(rows))) - set(wrong)))
     unanswerable = sum(1 for answers in rows[a] if not answers["text"])
-    if unanswerable and cfg.version_2 is False:
+    if unanswerable and data.version_2 is False:
         raise LlmkitError(f"{unanswerable} questions have no answer (SQuAD 2.0 data) but "
                           "data.version_2 is false")
     return rows
@@ -111,23 +111,23 @@ def check_tokenizers() -> None:
 
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
-              cfg: QAData) -> Dataset:
+              data: QAData) -> Dataset:
     """Windows of question + context. Labelled rows get start/end positions (the CLS token
     when the answer is not inside the window) and keep what scoring needs."""
     if not getattr(tokenizer, "is_fast", False):
         raise LlmkitError("question answering needs a fast tokenizer (its offsets locate the "
                           "answers); this checkpoint only has a slow one")
     check_tokenizers()
-    longest, stride = window(cfg, config, tokenizer)
-    labelled = cfg.answers_column in rows.column_names
+    longest, stride = window(data, config, tokenizer)
+    labelled = data.answers_column in rows.column_names
     if labelled:
-        rows = check_answers(rows, cfg)
+        rows = check_answers(rows, data)
     pad_right = tokenizer.padding_side == "right"
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        questions = [q.lstrip() for q in batch[cfg.question_column]]
-        enc = tokenizer(questions if pad_right else batch[cfg.context_column],
-                        batch[cfg.context_column] if pad_right else questions,
+        questions = [q.lstrip() for q in batch[data.question_column]]
+        enc = tokenizer(questions if pad_right else batch[data.context_column],
+                        batch[data.context_column] if pad_right else questions,
                         truncation="only_second" if pad_right else "only_first",
                         max_length=longest, stride=stride,
                         return_overflowing_tokens=True, return_offsets_mapping=True)
@@ -139,17 +139,17 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
             offsets.append([o if sequence[k] == context_side else (-1, -1)
                             for k, o in enumerate(enc["offset_mapping"][w])])
             if labelled:
-                s, e = locate(batch[cfg.answers_column][row], offsets[-1])
+                s, e = locate(batch[data.answers_column][row], offsets[-1])
                 starts.append(s)
                 ends.append(e)
         features = {k: v for k, v in enc.items() if k != "offset_mapping"}
         features["offsets"] = offsets
         features["example_id"] = [str(batch["id"][r]) if "id" in batch else str(r)
                                   for r in source]
-        features["context"] = [batch[cfg.context_column][r] for r in source]
+        features["context"] = [batch[data.context_column][r] for r in source]
         if labelled:
             features |= {"start_positions": starts, "end_positions": ends,
-                         "gold": [batch[cfg.answers_column][r]["text"] for r in source]}
+                         "gold": [batch[data.answers_column][r]["text"] for r in source]}
         return features
 
     if "id" not in rows.column_names:
@@ -157,17 +157,17 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     from llmkit.data.features import workers
 
     return rows.map(encode, batched=True, remove_columns=rows.column_names,
-                    num_proc=workers(cfg), desc="tokenizing")
+                    num_proc=workers(data), desc="tokenizing")
 
 
-def window(cfg: QAData, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+def window(data: QAData, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
            ) -> tuple[int, int]:
     """Tokens per window and the overlap of consecutive windows, within the model's context."""
-    longest, stride = capped(cfg.max_length, "--max-length", config, tokenizer), cfg.doc_stride
-    if stride >= longest and longest < cfg.max_length:  # the context is shorter than asked
+    longest, stride = capped(data.max_length, "--max-length", config, tokenizer), data.doc_stride
+    if stride >= longest and longest < data.max_length:  # the context is shorter than asked
         stride = longest // 2
         warn_once(config, "--doc-stride %d does not fit the model's context: using %d",
-                  cfg.doc_stride, stride)
+                  data.doc_stride, stride)
     if stride >= longest:
         raise LlmkitError(f"data.doc_stride ({stride}) must be smaller than "
                           f"data.max_length ({longest})")
@@ -221,7 +221,7 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return gathered
 
 
-def answers(gathered: dict[str, np.ndarray], features: Dataset, cfg: QAData,
+def answers(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
             version_2: bool) -> dict[str, str]:
     """Example id -> answer text: the best valid span across all its windows; for SQuAD 2.0
     the empty answer when the best null score beats it by more than data.null_threshold."""
@@ -231,34 +231,34 @@ def answers(gathered: dict[str, np.ndarray], features: Dataset, cfg: QAData,
             features["example_id"], features["context"], features["offsets"], strict=True)):
         null[example] = min(null.get(example, float("inf")), float(gathered["null"][w]))
         best.setdefault(example, (-float("inf"), ""))
-        for i in range(cfg.n_best):
+        for i in range(data.n_best):
             s, s_val = int(gathered["start_index"][w][i]), float(gathered["start_values"][w][i])
-            for j in range(cfg.n_best):
+            for j in range(data.n_best):
                 e, e_val = int(gathered["end_index"][w][j]), float(gathered["end_values"][w][j])
                 if (s >= len(offsets) or e >= len(offsets) or offsets[s][0] < 0
-                        or offsets[e][0] < 0 or e < s or e - s + 1 > cfg.max_answer_length):
+                        or offsets[e][0] < 0 or e < s or e - s + 1 > data.max_answer_length):
                     continue
                 if s_val + e_val > best[example][0]:
                     best[example] = (s_val + e_val, context[offsets[s][0]:offsets[e][1]])
-    return {example: "" if version_2 and null[example] - score > cfg.null_threshold else text
+    return {example: "" if version_2 and null[example] - score > data.null_threshold else text
             for example, (score, text) in best.items()}
 
 
-def score(gathered: dict[str, np.ndarray], features: Dataset, cfg: QAData,
+def score(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     golds = dict(zip(features["example_id"], features["gold"], strict=True))
-    version_2 = cfg.version_2 if cfg.version_2 is not None else any(not g for g in
+    version_2 = data.version_2 if data.version_2 is not None else any(not g for g in
                                                                    golds.values())
-    predicted = answers(gathered, features, cfg, version_2)
+    predicted = answers(gathered, features, data, version_2)
     # the loop writes the predictions of the best evaluation as predictions.json
     return {**metrics.squad(predicted, golds, version_2), "predictions": predicted}
 
 
-def present(gathered: dict[str, np.ndarray], features: Dataset, cfg: QAData,
+def present(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    version_2 = cfg.version_2 if cfg.version_2 is not None else getattr(config, "squad_v2",
+    version_2 = data.version_2 if data.version_2 is not None else getattr(config, "squad_v2",
                                                                        False)
-    predicted = answers(gathered, features, cfg, bool(version_2))
+    predicted = answers(gathered, features, data, bool(version_2))
     return [{"id": example, "answer": text} for example, text in predicted.items()]
 
 

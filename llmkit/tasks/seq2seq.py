@@ -42,45 +42,45 @@ llmkit finetune summarize --model t5-small --train xsum \\
     --output runs/xsum"""
 
 
-def clean(kind: Kind, rows: Dataset, cfg: Any, labelled: bool) -> Dataset:
+def clean(kind: Kind, rows: Dataset, data: Any, labelled: bool) -> Dataset:
     from llmkit.data.read import check_text
 
-    if kind == "summarize" or not cfg.translation_column:  # {lang: text} pairs are checked
-        check_text(rows, columns(kind, cfg, labelled))    # when their texts are taken
+    if kind == "summarize" or not data.translation_column:  # {lang: text} pairs are checked
+        check_text(rows, columns(kind, data, labelled))    # when their texts are taken
     return rows  # empty sources and targets: see featurize (empty_rows)
 
 
-def columns(kind: Kind, cfg: Any, labelled: bool) -> list[str]:
+def columns(kind: Kind, data: Any, labelled: bool) -> list[str]:
     if kind == "summarize":
-        return [cfg.text_column] + ([cfg.summary_column] if labelled else [])
-    if not (cfg.source_lang and cfg.target_lang):
+        return [data.text_column] + ([data.summary_column] if labelled else [])
+    if not (data.source_lang and data.target_lang):
         raise LlmkitError("translate needs --source-lang and --target-lang (the language keys "
                           "of the data, e.g. en and ro)")
-    if cfg.translation_column:
-        return [cfg.translation_column]
-    return [cfg.source_lang] + ([cfg.target_lang] if labelled else [])
+    if data.translation_column:
+        return [data.translation_column]
+    return [data.source_lang] + ([data.target_lang] if labelled else [])
 
 
-def model_kwargs(train: Dataset, valid: Dataset, cfg: Any) -> dict[str, Any]:
+def model_kwargs(train: Dataset, valid: Dataset, data: Any) -> dict[str, Any]:
     return {}
 
 
-def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, cfg: Any) -> None:
+def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, data: Any) -> None:
     """Language codes for multilingual tokenizers, and the generation settings of evaluation
     (saved with the run as generation_config.json)."""
     generation = model.generation_config
     if kind == "translate" and hasattr(tokenizer, "src_lang"):  # mBART, NLLB, M2M100
-        tokenizer.src_lang, tokenizer.tgt_lang = cfg.source_lang, cfg.target_lang
-        target = tokenizer.convert_tokens_to_ids(str(cfg.target_lang))
+        tokenizer.src_lang, tokenizer.tgt_lang = data.source_lang, data.target_lang
+        target = tokenizer.convert_tokens_to_ids(str(data.target_lang))
         if target is not None and target != tokenizer.unk_token_id:
             generation.forced_bos_token_id = target
-    generation.max_new_tokens = capped(cfg.max_new_tokens or cfg.max_target_length,
+    generation.max_new_tokens = capped(data.max_new_tokens or data.max_target_length,
                                        "--max-new-tokens", model.config, tokenizer)
     generation.max_length = None
-    if cfg.num_beams:
-        generation.num_beams = cfg.num_beams
-    prefix = source_prefix(kind, cfg, model.config)
-    if prefix and cfg.source_prefix is None:
+    if data.num_beams:
+        generation.num_beams = data.num_beams
+    prefix = source_prefix(kind, data, model.config)
+    if prefix and data.source_prefix is None:
         log.info("%s checkpoint: sources get the prefix %r (set --source-prefix to change it)",
                  model.config.model_type, prefix)
 
@@ -94,24 +94,24 @@ def language_key(lang: str, present: list[str], side: str) -> str:
                       f"{', '.join(sorted(present)) or 'none'}")
 
 
-def picker(kind: Kind, rows: Dataset, cfg: Any
+def picker(kind: Kind, rows: Dataset, data: Any
            ) -> tuple[Callable[[dict[str, list[Any]]], tuple[list[str], list[str] | None]], bool]:
     """Where a batch's source and (when the rows have them) target texts are, and whether
     they have them: columns, or the language keys of {lang: text} pairs."""
     names = rows.column_names
     if kind == "summarize":
-        text, summary = cfg.text_column, cfg.summary_column
+        text, summary = data.text_column, data.summary_column
         return lambda b: (b[text], b[summary] if summary in b else None), summary in names
-    if not cfg.translation_column:
-        source_lang, target_lang = cfg.source_lang, cfg.target_lang
+    if not data.translation_column:
+        source_lang, target_lang = data.source_lang, data.target_lang
         return (lambda b: (b[source_lang], b[target_lang] if target_lang in b else None),
                 target_lang in names)
-    column = cfg.translation_column
+    column = data.translation_column
     pairs = rows.select(range(min(1000, len(rows))))[column]
     present = sorted({key for pair in pairs for key in pair if pair[key] is not None})
-    source = language_key(str(cfg.source_lang), present, "source")
+    source = language_key(str(data.source_lang), present, "source")
     try:
-        target: str | None = language_key(str(cfg.target_lang), present, "target")
+        target: str | None = language_key(str(data.target_lang), present, "target")
     except LlmkitError:
         if len(present) > 1:
             raise
@@ -138,7 +138,7 @@ def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, tar
 
 
 def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
-              config: PretrainedConfig, cfg: Any) -> Dataset:
+              config: PretrainedConfig, data: Any) -> Dataset:
     """Source ids (prefixed for T5) and label ids; labelled rows keep the reference text and
     every feature its row number, for scoring and for writing predictions in row order. In
     datasets' Arrow cache (int32), so a rerun or --resume reads them back."""
@@ -146,10 +146,10 @@ def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
 
     from llmkit.data.features import fingerprint, workers
 
-    pick, labelled = picker(kind, rows, cfg)
-    prefix = source_prefix(kind, cfg, config)
-    longest = capped(cfg.max_length, "--max-length", config, tokenizer)
-    limit = capped(cfg.max_target_length, "--max-target-length", config, tokenizer)
+    pick, labelled = picker(kind, rows, data)
+    prefix = source_prefix(kind, data, config)
+    longest = capped(data.max_length, "--max-length", config, tokenizer)
+    limit = capped(data.max_target_length, "--max-target-length", config, tokenizer)
     ids = Sequence(Value("int32"))
     schema = {"input_ids": ids, "attention_mask": Sequence(Value("int8")), "row": Value("int64"),
               "cut_source": Value("bool")}
@@ -170,23 +170,23 @@ def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
         return out
 
     settings = (kind, prefix, longest, limit, labelled, getattr(tokenizer, "src_lang", None),
-                getattr(tokenizer, "tgt_lang", None), columns(kind, cfg, labelled))
+                getattr(tokenizer, "tgt_lang", None), columns(kind, data, labelled))
     features = rows.map(encode_batch, batched=True, with_indices=True,
                         remove_columns=rows.column_names, features=Features(schema),
-                        num_proc=workers(cfg), desc="tokenizing",
+                        num_proc=workers(data), desc="tokenizing",
                         new_fingerprint=fingerprint(rows, tokenizer, "seq2seq", *settings))
-    report(features, len(rows), cfg, longest, limit)
+    report(features, len(rows), data, longest, limit)
     return features.remove_columns([c for c in ("cut_source", "cut_target")
                                     if c in features.column_names])
 
 
-def report(features: Dataset, total: int, cfg: Any, longest: int, limit: int) -> None:
+def report(features: Dataset, total: int, data: Any, longest: int, limit: int) -> None:
     """Rows left out as empty (refused unless empty_rows is skip) and truncation, in the log."""
     import pyarrow.compute as pc
 
     empty = total - len(features)
     if empty:
-        if cfg.empty_rows == "fail" or not len(features):
+        if data.empty_rows == "fail" or not len(features):
             raise LlmkitError(f"{empty} of {total} rows have an empty source or target; "
                               "fix the data or pass -s data.empty_rows=skip to leave them out")
         log.warning("leaving out %d of %d rows with an empty source or target", empty, total)
@@ -248,7 +248,7 @@ def decode(gathered: dict[str, np.ndarray], features: Dataset,
     return [texts[i] for i in order], [rows[i] for i in order]
 
 
-def score(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: Any,
+def score(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, data: Any,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """BLEU and chrF (sacrebleu, corpus level, its defaults) or ROUGE (rouge-score), on the
     full reference texts; perplexity of the references; predictions in row order."""
@@ -267,7 +267,7 @@ def score(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: A
     return {**result, "predictions": predictions}
 
 
-def present(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, cfg: Any,
+def present(kind: Kind, gathered: dict[str, np.ndarray], features: Dataset, data: Any,
             config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
     predictions, rows = decode(gathered, features, tokenizer)
     field = "translation" if kind == "translate" else "summary"

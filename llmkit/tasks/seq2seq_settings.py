@@ -58,14 +58,14 @@ class SummarizeData(Seq2SeqData):
     summary_column: str = setting("summary", "Column with the summary.")
 
 
-def source_prefix(kind: Kind, cfg: Any, config: PretrainedConfig) -> str:
+def source_prefix(kind: Kind, data: Any, config: PretrainedConfig) -> str:
     """The prefix T5 checkpoints were trained with, unless data.source_prefix says otherwise."""
-    if cfg.source_prefix is not None:
-        return cfg.source_prefix
+    if data.source_prefix is not None:
+        return data.source_prefix
     if config.model_type != "t5":
         return ""
     if kind == "summarize":
         return "summarize: "
-    source, target = (LANGUAGES.get(str(lang), str(lang)) for lang in (cfg.source_lang,
-                                                                        cfg.target_lang))
+    source, target = (LANGUAGES.get(str(lang), str(lang)) for lang in (data.source_lang,
+                                                                        data.target_lang))
     return f"translate {source} to {target}: "

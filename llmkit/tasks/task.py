@@ -34,7 +34,7 @@ class Task:
     summary: str  # one line, for `llmkit finetune --help`
     # The task's data settings: a DataConfig subclass whose fields (with their help texts)
     # become this task's `finetune` options, recipe keys and `data.*` override paths. The
-    # functions below receive an instance of it as `cfg`.
+    # functions below receive an instance of it as `data`.
     settings: type[DataConfig]
     examples: str  # command lines for `llmkit finetune TASK --help`
     auto_model: str  # the transformers Auto class, imported by name only when a model is loaded
@@ -75,8 +75,8 @@ class Task:
     def default_metric(self) -> str:
         return self.metrics[0]
 
-    def usable(self, rows: Dataset, cfg: Any, labelled: bool) -> Dataset:
-        return self.clean(rows, cfg, labelled) if self.clean else rows
+    def usable(self, rows: Dataset, data: Any, labelled: bool) -> Dataset:
+        return self.clean(rows, data, labelled) if self.clean else rows
 
 
 def context_size(config: PretrainedConfig, tokenizer: Any = None) -> int | None:
