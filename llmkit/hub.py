@@ -9,13 +9,9 @@ import socket
 import warnings
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from llmkit.errors import LlmkitError
-
-if TYPE_CHECKING:
-    pass
 
 
 @cache

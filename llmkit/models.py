@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.hub import check_model_source, hub_offline, is_local, looks_like_path, offline_hint
+from llmkit.hub import (
+    check_model_source,
+    hub_offline,
+    is_local,
+    looks_like_path,
+    offline_hint,
+    quiet_libraries,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -113,6 +120,7 @@ def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
 
     from llmkit.tasks import fits, get_task, registry
 
+    quiet_libraries()
     config = load_pretrained(AutoConfig, name)
     if config.is_encoder_decoder:
         auto: Any = AutoModelForSeq2SeqLM
@@ -129,7 +137,7 @@ def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
     if is_adapter_run(name):  # merged into its base, for plain generation
         model = load_merged(name, auto, base_model, dtype=dtype)
     else:
-        model = load_pretrained(auto, name, dtype=dtype)
+        model = load_pretrained(auto, name, config=config, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
 

@@ -99,7 +99,7 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
         output.write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=float)
                           + "\n", encoding="utf-8")
     if as_json:
-        typer.echo(text)
+        print(text)
         return
     show(scores, width)
 
@@ -127,4 +127,4 @@ def show(scores: list[Score], width: int | None) -> None:
     for score in scores:
         for line, value in enumerate(score.details.get("sentences", []), 1):
             places = score.decimals if width is None else width
-            typer.echo(f"{score.metric}\t{line}\t{value:.{places}f}")
+            print(f"{score.metric}\t{line}\t{value:.{places}f}")

@@ -58,7 +58,7 @@ def generate_text(
         for record in generate(net, tokenizer, prompts, settings, batch_size, templated=chat):
             texts = record["output"] if settings.num_return_sequences > 1 else [record["output"]]
             for text in texts:
-                typer.echo(text if input is None else json.dumps(record, ensure_ascii=False))
+                print(text if input is None else json.dumps(record, ensure_ascii=False))
         return
     from llmkit.inference.predict import write_jsonl
 

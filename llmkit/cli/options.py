@@ -1,6 +1,6 @@
 """Command-line options made from settings dataclasses: each field's name, type, default, help
-and range are written once, on the field (`llmkit.config.setting`), and Typer reads the options
-from a signature built here. `finetune TASK`, `generate` and `eval` are made this way."""
+and range are written once, on the field (`llmkit.config.schema.setting`), and Typer reads the
+options from a signature built here. `finetune TASK`, `generate` and `eval` are made this way."""
 
 from __future__ import annotations
 

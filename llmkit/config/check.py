@@ -88,9 +88,10 @@ def build(cls: type, raw: Any, path: str, problems: list[str],
     return cls(**values)
 
 
-def validate(cfg: RunConfig, metrics: tuple[str, ...]) -> list[str]:
+def validate(cfg: RunConfig, metrics: tuple[str, ...] | None) -> list[str]:
     """Every problem of a built config: required values and ranges first, then the rules that
-    tie fields together (`metrics`: what the task's metric_for_best may name)."""
+    tie fields together (`metrics`: what the task's metric_for_best may name; None: not
+    checked)."""
     values = {dotted: value for dotted, _, value in leaves(cfg)}
     problems = [f"{key} is required (set {how})" for key, how in REQUIRED.items()
                 if values[key] in ("", None)]
@@ -103,11 +104,11 @@ def validate(cfg: RunConfig, metrics: tuple[str, ...]) -> list[str]:
     return problems or related(cfg, metrics)
 
 
-def related(cfg: RunConfig, metrics: tuple[str, ...]) -> list[str]:
+def related(cfg: RunConfig, metrics: tuple[str, ...] | None) -> list[str]:
     """The cross-field rules, each checked here only."""
     problems = []
-    known = ("eval_loss", *metrics)
-    if cfg.train.metric_for_best not in (None, *known):
+    known = ("eval_loss", *(metrics or ()))
+    if metrics is not None and cfg.train.metric_for_best not in (None, *known):
         problems.append(f"train.metric_for_best {cfg.train.metric_for_best!r} is not a metric "
                         f"of {cfg.task}; choose one of {', '.join(known)}")
     adapter = cfg.adapter

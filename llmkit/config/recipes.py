@@ -54,11 +54,12 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
 
 def resolve(task: str, settings: type[DataConfig], raw: dict[str, Any],
             options: dict[str, Any] | None = None, overrides: list[str] | None = None,
-            elsewhere: dict[str, list[str]] | None = None, metrics: tuple[str, ...] = ()
+            elsewhere: dict[str, list[str]] | None = None, metrics: tuple[str, ...] | None = None
             ) -> RunConfig:
     """A RunConfig for `task` (whose data section is `settings`) from a recipe's values, CLI
     options (dotted keys, None = not given) and overrides; `elsewhere` names the tasks that own
-    a data key this task does not have; `metrics`, what its metric_for_best may name."""
+    a data key this task does not have; `metrics`, what its metric_for_best may name (None:
+    not checked here)."""
     if raw.get("task", task) != task:
         raise ConfigError([f"task: the recipe is for {raw['task']!r}, not {task!r}"])
     raw = {**raw, "task": task}

@@ -152,27 +152,27 @@ def _load_files(pattern: str, option: str, sample_by: str, suffix: str | None,
     return rows
 
 
-def load_split(spec: str, split: str, dataset_config: str | None, option: str,
+def load_split(source: str, split: str, dataset_config: str | None, option: str,
                sample_by: str = "line", fmt: str | None = None, field: str | None = None
                ) -> Dataset:
     """One split from a local file (by extension, or `fmt`; a .txt file gives a `text` row
     per line, paragraph or document), the files a glob matches, or a Hub dataset id."""
-    path = Path(spec).expanduser()
+    path = Path(source).expanduser()
     suffix = f".{fmt}" if fmt else None
-    if any(c in spec for c in "*?[") and not path.exists():
-        rows = _load_files(spec, option, sample_by, suffix, field)
+    if any(c in source for c in "*?[") and not path.exists():
+        rows = _load_files(source, option, sample_by, suffix, field)
     elif path.is_file():
         rows = _load_file(path, option, sample_by, suffix, field)
     elif path.is_dir():
-        raise LlmkitError(f"{option} {spec} is a folder; give a file ({', '.join(FORMATS)})")
+        raise LlmkitError(f"{option} {source} is a folder; give a file ({', '.join(FORMATS)})")
     elif path.exists():
-        raise LlmkitError(f"{option} {spec} is not a regular file (a pipe?); save it to a file")
-    elif looks_like_path(spec):
-        raise LlmkitError(f"{option} {spec}: no such file")
+        raise LlmkitError(f"{option} {source} is not a regular file (a pipe?); save it to a file")
+    elif looks_like_path(source):
+        raise LlmkitError(f"{option} {source}: no such file")
     else:
-        rows = _load_hub(spec, split, dataset_config, option)
+        rows = _load_hub(source, split, dataset_config, option)
     if len(rows) == 0:
-        raise LlmkitError(f"{option} {spec}: the split is empty")
+        raise LlmkitError(f"{option} {source}: the split is empty")
     return rows
 
 

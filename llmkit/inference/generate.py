@@ -61,10 +61,8 @@ def load_prompts(model: str, given: list[Any], chat: bool = False, system: str |
     """The generator (models.load_generator), its tokenizer and the prompts as the model reads
     them: in the chat template (`given` are user turns or whole conversations), or after the
     source prefix a translate or summarize run was trained with ('summarize: ')."""
-    from llmkit.hub import quiet_libraries
     from llmkit.models import load_generator
 
-    quiet_libraries()
     net, tokenizer = load_generator(model, base_model)
     prefix = run_prefix(model, net.config)
     return net, tokenizer, [templated(tokenizer, p, system) if chat else prefix + p
