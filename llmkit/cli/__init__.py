@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from llmkit.cli import eval as eval_command
-from llmkit.cli import generate, predict, runs
+from llmkit.cli import generate, predict, runs, sweep
 from llmkit.cli.finetune import finetune_app, recipes_app
 from llmkit.cli.options import examples, finetune_problem
 from llmkit.errors import LlmkitError
@@ -29,6 +29,7 @@ app.command("eval", epilog=examples(eval_command.EXAMPLES))(eval_command.eval_fi
 app.command("merge", epilog=examples(predict.MERGE_EXAMPLES))(predict.merge_command)
 app.command("plot", epilog=examples(runs.PLOT_EXAMPLES))(runs.plot)
 app.command("push", epilog=examples(runs.PUSH_EXAMPLES))(runs.push)
+app.command("sweep", epilog=examples(sweep.EXAMPLES))(sweep.sweep_command)
 
 
 def show_version(value: bool) -> None:

@@ -41,12 +41,15 @@ def evaluate(parts: Parts) -> dict[str, float]:
             "eval_seconds": round(time.perf_counter() - start, 3)}
 
 
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss") or metric == "perplexity"
+
+
 def is_better(value: float, best: float | None, metric: str) -> bool:
     """Whether `value` beats `best`; a NaN or infinite value never does."""
-    lower_is_better = metric.endswith("loss") or metric == "perplexity"
     if not math.isfinite(value):
         return False
-    return best is None or (value < best if lower_is_better else value > best)
+    return best is None or (value < best if lower_is_better(metric) else value > best)
 
 
 def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Reporter,

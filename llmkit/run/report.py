@@ -55,12 +55,39 @@ class Reporter:
         """No more steps (also after an error)."""
 
 
-class RunLog(Reporter):
+class Relay(Reporter):
+    """A reporter that passes everything on to the one it wraps (`shown`); subclasses add to
+    what they override."""
+
+    def __init__(self, shown: Reporter):
+        self.shown = shown
+
+    def start(self, total_steps: int, resumed_step: int, window: int) -> None:
+        self.shown.start(total_steps, resumed_step, window)
+
+    def advance(self, step: int, epoch: float, record: dict[str, Any] | None) -> None:
+        self.shown.advance(step, epoch, record)
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        self.shown.evaluation(record)
+
+    def say(self, message: str) -> None:
+        self.shown.say(message)
+
+    def summary(self, history: list[dict[str, Any]], best: str) -> None:
+        self.shown.summary(history, best)
+
+    def stop(self) -> None:
+        self.shown.stop()
+
+
+class RunLog(Relay):
     """The run's training log (`train_log.jsonl`: a JSON record per logging step and
     evaluation), written on the main process, around the reporter handed down."""
 
     def __init__(self, out: Path, shown: Reporter, enabled: bool, resumed_step: int):
-        self.path, self.shown, self.enabled = out / LOG_FILE, shown, enabled
+        super().__init__(shown)
+        self.path, self.enabled = out / LOG_FILE, enabled
         if enabled and resumed_step and self.path.exists():
             # records past the checkpoint came from the attempt that was cut off: the resumed
             # run writes them again
@@ -74,9 +101,6 @@ class RunLog(Reporter):
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def start(self, total_steps: int, resumed_step: int, window: int) -> None:
-        self.shown.start(total_steps, resumed_step, window)
-
     def advance(self, step: int, epoch: float, record: dict[str, Any] | None) -> None:
         if record:
             self.write(record)
@@ -85,15 +109,6 @@ class RunLog(Reporter):
     def evaluation(self, record: dict[str, Any]) -> None:
         self.write(record)
         self.shown.evaluation(record)
-
-    def say(self, message: str) -> None:
-        self.shown.say(message)
-
-    def summary(self, history: list[dict[str, Any]], best: str) -> None:
-        self.shown.summary(history, best)
-
-    def stop(self) -> None:
-        self.shown.stop()
 
 
 class Meter:

@@ -1,0 +1,236 @@
+"""The study: Optuna's, stored (SQLite by default; any RDB URL or a journal file), resumable and
+shared by several `llmkit sweep` processes; each trial an ordinary llmkit run directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmkit.config.recipes import read_recipe
+from llmkit.errors import LlmkitError
+from llmkit.run.checkpoint import checkpoints
+from llmkit.run.loop import lower_is_better
+from llmkit.run.report import Relay, Reporter
+from llmkit.sweep.space import Param, read_space
+from llmkit.tasks import get_task, load_config
+from llmkit.tasks.task import Task
+
+log = logging.getLogger("llmkit")
+HEARTBEAT = 10  # seconds between a running trial's signs of life in the storage
+GRACE = 30  # a running trial silent this long died with its process: failed, then run again
+PRUNERS = ("none", "median", "hyperband")
+PRUNED_MARK = "PRUNED"  # in the folder of a trial the pruner stopped
+
+
+class TrialReporter(Relay):
+    """A trial's run: each evaluation goes to Optuna, which may prune the trial there."""
+
+    def __init__(self, trial: Any, metric: str, shown: Reporter):
+        super().__init__(shown)
+        self.trial, self.metric = trial, metric
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        import optuna
+
+        self.shown.evaluation(record)
+        self.trial.report(float(record[self.metric]), record["step"])
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {record['step']}")
+
+
+def storage_of(url: str) -> Any:
+    """An RDB URL (sqlite:///..., postgresql://..., mysql://...) or a journal file (.log), with
+    heartbeats: a trial whose process died is failed and run again."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
+
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+    try:
+        if "://" not in url:
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+                          heartbeat_stale_trial_callback=retry)
+    except (ImportError, ValueError, OSError, SQLAlchemyError) as err:
+        raise LlmkitError(f"--storage {url} cannot be opened: {' '.join(str(err).split())[:200]}"
+                          ) from None
+
+
+def quiet_optuna() -> None:
+    """Optuna's info lines and experimental warnings off (a failed trial's traceback among
+    them): llmkit says one line per trial."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def open_study(storage: str, name: str, metric: str, prune: str, definition: dict[str, Any]
+               ) -> Any:
+    """The study, created or loaded; one made with other settings is refused, not mixed."""
+    import optuna
+
+    if prune not in PRUNERS:
+        raise LlmkitError(f"--prune {prune}: choose one of {', '.join(PRUNERS)}")
+    pruner = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+              "hyperband": optuna.pruners.HyperbandPruner}[prune]()
+    study = optuna.create_study(storage=storage_of(storage), study_name=name, pruner=pruner,
+                                direction="minimize" if lower_is_better(metric) else "maximize",
+                                load_if_exists=True)
+    saved = study.user_attrs.get("definition")
+    if saved is None:
+        study.set_user_attr("definition", definition)
+    elif saved != definition:
+        changed = sorted(k for k in definition.keys() | saved.keys()
+                         if definition.get(k) != saved.get(k))
+        raise LlmkitError(f"study {name!r} in {storage} was made with other settings "
+                          f"({', '.join(changed)}); choose another --study-name or --output")
+    return study
+
+
+def tally(study: Any) -> tuple[int, int, int]:
+    """Trials that count (finished; a failed one that is run again does not), running, and
+    waiting to run (a retry)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return done, running, sum(t.state == TrialState.WAITING for t in trials)
+
+
+def objective(task: Task, raw: dict[str, Any], overrides: list[str], space: list[Param],
+              out: Path, metric: str, watch: Callable[[], Reporter]) -> Callable[[Any], float]:
+    """One trial: its settings drawn, an ordinary run in OUTPUT/trial-NNN (a retried trial
+    resumes in the folder of the one that died), its metric at the kept checkpoint."""
+    from llmkit.run.finetune import finetune
+
+    def run(trial: Any) -> float:
+        import optuna
+
+        values = {p.path: p.suggest(trial) for p in space}
+        first = retried(trial)
+        folder = out / f"trial-{trial.number if first is None else first:03d}"
+        trial.set_user_attr("dir", folder.name)
+        cfg = load_config(task.name, raw, {**values, "output": str(folder)}, overrides)
+        try:
+            done = finetune(cfg, resume=bool(checkpoints(folder)),
+                            reporter=TrialReporter(trial, metric, watch()))
+        except optuna.TrialPruned as pruned:
+            (folder / PRUNED_MARK).write_text(f"{pruned}\n", encoding="utf-8")
+            raise
+        except (LlmkitError, RuntimeError) as err:  # kept in the summary; the sweep goes on
+            trial.set_user_attr("error", f"{type(err).__name__}: {' '.join(str(err).split())}")
+            raise
+        return float(read_final(done)[metric])
+
+    return run
+
+
+def retried(trial: Any) -> int | None:
+    """The number of the trial that died and this one runs again (None for a new trial)."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    return frozen.system_attrs.get("failed_trial")
+
+
+def finished_values(study: Any) -> list[float]:
+    """The metric of every trial that completed."""
+    from optuna.trial import TrialState
+
+    return [t.value for t in study.get_trials(deepcopy=False)
+            if t.state == TrialState.COMPLETE and t.value is not None]
+
+
+def say(trial: Any) -> None:
+    """One log line for a finished trial."""
+    if trial is None:
+        return
+    where = trial.user_attrs.get("dir", f"trial {trial.number}")
+    if trial.value is not None:
+        log.info("%s: %s %.4f", where, trial.state.name.lower(), trial.value)
+    else:
+        log.warning("%s: %s%s", where, trial.state.name.lower(),
+                    f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else "")
+
+
+def read_final(run: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((run / "metrics.json").read_text(encoding="utf-8"))["final"]
+
+
+def sweep(task_name: str, output: str | Path, params: list[str] | None = None,
+          trials: int | None = None, recipe: str | dict[str, Any] | None = None,
+          overrides: list[str] | None = None, storage: str | None = None,
+          study_name: str | None = None, metric: str | None = None, prune: str | None = None,
+          watch: Callable[[], Reporter] = Reporter) -> Any:
+    """Search `params` over `trials` runs of `task_name` (a recipe's `sweep:` section supplies
+    what is not given); returns the Optuna study. `watch` makes each trial's reporter."""
+    quiet_optuna()
+    task, out = get_task(task_name), Path(output)
+    raw = read_recipe(recipe) if isinstance(recipe, str) else dict(recipe or {})
+    plan = raw.pop("sweep", None) or {}
+    if not isinstance(plan, dict):
+        raise LlmkitError("the recipe's sweep: section must be a mapping (params, trials, ...)")
+    params = params or [f"{k}={v}" for k, v in (plan.get("params") or {}).items()]
+    space, overrides = read_space(params, task), list(overrides or [])
+    base = check_trials(task, raw, overrides, space, out)
+    metric = metric or plan.get("metric") or base.train.metric_for_best or task.default_metric
+    if metric not in ("eval_loss", *task.metrics):
+        raise LlmkitError(f"--metric {metric}: {task.name} reports "
+                          f"{', '.join(('eval_loss', *task.metrics))}")
+    trials = int(trials or plan.get("trials") or 20)
+    out.mkdir(parents=True, exist_ok=True)
+    definition = {"task": task.name, "params": sorted(params), "metric": metric,
+                  "overrides": sorted(overrides)}
+    study = open_study(storage or f"sqlite:///{out / 'study.db'}", study_name or out.name,
+                       metric, prune or plan.get("prune") or "none", definition)
+    run_trials(study, trials, objective(task, raw, overrides, space, out, metric, watch))
+    return study
+
+
+def check_trials(task: Task, raw: dict[str, Any], overrides: list[str], space: list[Param],
+                 out: Path) -> Any:
+    """Every searched value checked as a setting (type and range) before anything runs; the
+    config of a trial without them."""
+    given = {text.partition("=")[0].strip() for text in overrides}
+    clash = [p.path for p in space if p.path in given]
+    if clash:
+        raise LlmkitError(f"{clash[0]} is both searched (--param) and set (-s): drop one")
+    for param in space:
+        for value in param.extremes():
+            load_config(task.name, raw, {param.path: value, "output": str(out / "trial")},
+                        overrides)
+    return load_config(task.name, raw, {"output": str(out / "trial")}, overrides)
+
+
+def run_trials(study: Any, trials: int, run: Callable[[Any], float]) -> None:
+    """Trials until `trials` count, shared with any other process on the same storage; a
+    failed trial is kept (its error in the summary), but the first three all failing stop."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    while True:
+        fail_stale_trials(study)
+        done, running, waiting = tally(study)
+        if done >= trials:
+            return
+        if done + running >= trials and not waiting:  # others finish the last ones
+            time.sleep(HEARTBEAT)
+            continue
+        study.optimize(run, n_trials=1, catch=(LlmkitError, RuntimeError))
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        say(finished[-1] if finished else None)
+        if len(finished) >= min(3, trials) and all(t.state == TrialState.FAIL
+                                                   for t in finished):
+            error = finished[0].user_attrs.get("error") or "see the log above"
+            raise LlmkitError(f"the first {len(finished)} trials failed; the first: {error}")

@@ -1,0 +1,87 @@
+"""`llmkit sweep`: trials are ordinary run directories in a stored Optuna study that a second
+command continues; pruned trials stop and say so; bad input is one line before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmkit.sweep.study import sweep
+from llmkit.sweep.summary import load, summarize
+from tests.test_bad_input import run_main
+
+optuna = pytest.importorskip("optuna")
+
+
+def fixed(tiny_bert: Path, toy: dict[str, Path]) -> list[str]:
+    return [f"model={tiny_bert}", f"data.train={toy['train']}",
+            f"data.validation={toy['validation']}", "train.max_steps=2", "train.batch_size=16"]
+
+
+def test_trials_are_runs_and_the_same_command_continues(tiny_bert: Path, toy: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "s1"
+    params = ["learning_rate=log:1e-4:1e-2", "lora_r=int:2:8"]
+    overrides = [*fixed(tiny_bert, toy), "adapter.lora=true"]
+    study = sweep("classify", out, params, 2, overrides=overrides)
+    assert len(study.trials) == 2
+    again = sweep("classify", out, params, 3, overrides=overrides)  # after a stop: one more
+    assert [t.number for t in again.trials] == [0, 1, 2]
+    for trial in again.trials:
+        run = out / f"trial-{trial.number:03d}"
+        final = json.loads((run / "metrics.json").read_text())["final"]
+        assert trial.value == final["accuracy"]
+        config = (run / "config.yaml").read_text()
+        assert f"lora_r: {trial.params['adapter.lora_r']}" in config
+    summary = summarize(load(out), out)
+    assert {r["state"] for r in summary["trials"]} == {"complete"}
+    assert (out / "best").resolve().name == summary["best"]["dir"]
+    assert summary["best"]["value"] == max(t.value for t in again.trials)
+    assert (out / "sweep.png").stat().st_size > 0 and (out / "sweep-params.png").is_file()
+
+
+def test_a_pruned_trial_stops_at_its_first_evaluation(tiny_bert: Path, toy: dict[str, Path],
+                                                       tmp_path: Path, monkeypatch) -> None:
+    # accuracy never reaches 2: the threshold pruner stops every trial it is asked about
+    monkeypatch.setattr(optuna.pruners, "MedianPruner",
+                        lambda: optuna.pruners.ThresholdPruner(lower=2.0))
+    out = tmp_path / "s2"
+    study = sweep("classify", out, ["learning_rate=float:1e-4:1e-3"], 1, prune="median",
+                  overrides=[*fixed(tiny_bert, toy), "train.max_steps=4", "train.eval_steps=2"])
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [2]  # stopped after the first evaluation
+    assert "pruned at step 2" in (out / "trial-000" / "PRUNED").read_text()
+    assert not (out / "trial-000" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["-p", "learnig_rate=log:1e-5:1e-3"], "'learnig_rate' is not a setting of this task (did "
+     "you mean learning_rate?)"),
+    (["-p", "learning_rate=normal:0:1"], "the distribution is one of log, float, int, choice"),
+    (["-p", "learning_rate=log:1e-3:1e-5"], "LOW must be below HIGH"),
+    (["-p", "learning_rate=float:-1:1"], "train.learning_rate must be at least 0, got -1"),
+    (["-p", "batch_size=choice:16"], "give two or more different choices"),
+    (["-p", "learning_rate=log:1e-5:1e-3", "-s", "train.learning_rate=1e-4"],
+     "train.learning_rate is both searched (--param) and set (-s): drop one"),
+    (["-p", "learning_rate=log:1e-5:1e-3", "--metric", "bleu"], "--metric bleu: classify "
+     "reports eval_loss, accuracy"),
+    (["-p", "learning_rate=log:1e-5:1e-3", "--storage", "sqlite:////no/such/folder/s.db"],
+     "--storage sqlite:////no/such/folder/s.db cannot be opened"),
+    (["-p", "learning_rate=log:1e-5:1e-3", "--prune", "sometimes"], "--prune sometimes: choose"),
+])
+def test_bad_sweeps_are_one_line_before_any_trial(args: list[str], expected: str,
+                                                  tiny_bert: Path, toy: dict[str, Path],
+                                                  tmp_path: Path, capsys, monkeypatch) -> None:
+    argv = ["sweep", "classify", "-m", str(tiny_bert), "--train", str(toy["train"]),
+            "-o", str(tmp_path / "s"), *args]
+    code, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and expected in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob("s/trial-*"))
+
+
+def test_show_needs_a_sweep(tmp_path: Path, capsys, monkeypatch) -> None:
+    code, err = run_main(["sweep", "--show", str(tmp_path)], capsys, monkeypatch)
+    assert code == 1 and "holds no sweep (no study.db)" in err, err
