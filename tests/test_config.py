@@ -190,3 +190,22 @@ def test_a_run_saved_with_every_tasks_keys_still_loads(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     cfg = run_config(str(tmp_path))
     assert cfg is not None and cfg.data.text_column == "sentence"
+
+
+def test_resuming_with_the_same_settings_warns_of_nothing(tmp_path: Path, monkeypatch) -> None:
+    """Tuple settings come back from config.yaml as lists: not a change."""
+    from dataclasses import replace
+
+    from llmkit.run import launch
+
+    said: list[tuple] = []
+    monkeypatch.setattr(launch.log, "warning", lambda *args: said.append(args))
+    cfg = load_config("classify", None, {"model": "m", "output": "o", "data.train": "t.tsv",
+                                         "adapter.lora_target_modules": ("query",),
+                                         "adapter.lora": True})
+    dump_config(cfg, tmp_path / "config.yaml")
+    launch.warn_config_changes(tmp_path / "config.yaml", cfg)
+    assert said == []
+    launch.warn_config_changes(tmp_path / "config.yaml",
+                               replace(cfg, train=replace(cfg.train, seed=1)))
+    assert said and said[0][1] == "train.seed"

@@ -88,7 +88,9 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
 def warn_config_changes(saved: Path, cfg: RunConfig) -> None:
     import yaml
 
-    before, now = flatten(yaml.safe_load(saved.read_text(encoding="utf-8"))), flatten(asdict(cfg))
+    # compared as YAML reads them back: a tuple setting is saved as a list
+    before = flatten(yaml.safe_load(saved.read_text(encoding="utf-8")))
+    now = flatten(yaml.safe_load(yaml.safe_dump(asdict(cfg))))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         log.warning("resuming with settings that differ from the interrupted run: %s",

