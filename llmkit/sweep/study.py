@@ -151,9 +151,7 @@ def finished_values(study: Any) -> list[float]:
 
 
 def say(trial: Any) -> None:
-    """One log line for a finished trial."""
-    if trial is None:
-        return
+    """One log line for a trial this process finished."""
     where = trial.user_attrs.get("dir", f"trial {trial.number}")
     if trial.value is not None:
         log.info("%s: %s %.4f", where, trial.state.name.lower(), trial.value)
@@ -227,9 +225,9 @@ def run_trials(study: Any, trials: int, run: Callable[[Any], float]) -> None:
         if done + running >= trials and not waiting:  # others finish the last ones
             time.sleep(HEARTBEAT)
             continue
-        study.optimize(run, n_trials=1, catch=(LlmkitError, RuntimeError))
+        study.optimize(run, n_trials=1, catch=(LlmkitError, RuntimeError),
+                       callbacks=[lambda _, trial: say(trial)])
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-        say(finished[-1] if finished else None)
         if len(finished) >= min(3, trials) and all(t.state == TrialState.FAIL
                                                    for t in finished):
             error = finished[0].user_attrs.get("error") or "see the log above"
