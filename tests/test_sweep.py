@@ -85,3 +85,15 @@ def test_bad_sweeps_are_one_line_before_any_trial(args: list[str], expected: str
 def test_show_needs_a_sweep(tmp_path: Path, capsys, monkeypatch) -> None:
     code, err = run_main(["sweep", "--show", str(tmp_path)], capsys, monkeypatch)
     assert code == 1 and "holds no sweep (no study.db)" in err, err
+
+
+def test_a_recipe_s_sweep_section_supplies_the_search(tiny_bert: Path, toy: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    recipe = {"model": str(tiny_bert), "data": {"train": str(toy["train"]),
+                                                "validation": str(toy["validation"])},
+              "train": {"max_steps": 2},
+              "sweep": {"params": {"batch_size": "choice:8,16"}, "trials": 1,
+                        "metric": "eval_loss"}}
+    study = sweep("classify", tmp_path / "s3", recipe=recipe)
+    assert len(study.trials) == 1 and study.direction.name == "MINIMIZE"
+    assert study.trials[0].params["train.batch_size"] in (8, 16)
