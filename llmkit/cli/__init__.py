@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from llmkit.cli import eval as eval_command
+from llmkit.cli import export as export_command
 from llmkit.cli import generate, predict, runs, sweep
 from llmkit.cli.finetune import finetune_app, recipes_app
 from llmkit.cli.options import examples, finetune_problem
@@ -30,6 +31,7 @@ app.command("merge", epilog=examples(predict.MERGE_EXAMPLES))(predict.merge_comm
 app.command("plot", epilog=examples(runs.PLOT_EXAMPLES))(runs.plot)
 app.command("push", epilog=examples(runs.PUSH_EXAMPLES))(runs.push)
 app.command("sweep", epilog=examples(sweep.EXAMPLES))(sweep.sweep_command)
+app.command("export", epilog=examples(export_command.EXAMPLES))(export_command.export)
 
 
 def show_version(value: bool) -> None:

@@ -1,0 +1,152 @@
+"""An export checked against the PyTorch model it came from: the same rows through both, the
+largest logit difference against a tolerance, predictions (labels, answers, greedy
+generations) compared one by one, and the task's metrics of each."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.inference.predict import collect
+from llmkit.tasks.task import Task, loss_of
+
+log = logging.getLogger("llmkit")
+
+
+class OrtModel:
+    """An ONNX Runtime session that answers like the transformers model for a task's
+    `eval_step`: `model(**batch)` gives the graph's outputs as attributes (torch tensors);
+    batch entries the graph does not take (labels) are left out."""
+
+    def __init__(self, path: Path, config: Any) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initializers are not the user's
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"])
+        except (RuntimeError, ValueError) as err:  # onnxruntime's Fail / InvalidGraph
+            raise LlmkitError(f"onnxruntime cannot load {path.name}: "
+                              f"{' '.join(str(err).split())[:300]}") from err
+        self.config = config
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.device = torch.device("cpu")
+
+    def __call__(self, **batch: Any) -> SimpleNamespace:
+        feed = {}
+        for name in self.inputs:
+            value = batch.get(name)
+            if value is None:
+                value = missing_input(name, batch)
+            feed[name] = value.cpu().numpy()
+        found = self.session.run(self.outputs, feed)
+        return SimpleNamespace(**{n: torch.from_numpy(v) for n, v in zip(self.outputs, found,
+                                                                          strict=True)})
+
+
+def missing_input(name: str, batch: dict[str, Any]) -> torch.Tensor:
+    """Inputs a batch may leave out: an all-ones mask, zero token types, positions after the
+    mask (as transformers' generate counts them)."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if name == "attention_mask":
+        return mask
+    if name == "token_type_ids":
+        return torch.zeros_like(ids)
+    if name == "position_ids":
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+    raise LlmkitError(f"the batch has no {name!r}, which the ONNX graph takes")
+
+
+class Twin:
+    """The PyTorch model and the export side by side: answers with the export's outputs and
+    keeps the largest difference between the two."""
+
+    def __init__(self, net: Any, ort: OrtModel) -> None:
+        self.net, self.ort, self.config, self.largest = net, ort, net.config, 0.0
+
+    def __call__(self, **batch: Any) -> SimpleNamespace:
+        theirs = self.ort(**batch)
+        ours = self.net(**{k: v for k, v in batch.items() if k in self.ort.inputs})
+        for name in self.ort.outputs:
+            gap = (getattr(ours, name).float() - getattr(theirs, name).float()).abs().max()
+            self.largest = max(self.largest, float(gap))
+        return theirs
+
+
+@dataclass
+class Check:
+    """What an export's check found."""
+
+    rows: int
+    largest_difference: float
+    tolerance: float
+    predictions_differ: int
+    metrics: dict[str, float] = field(default_factory=dict)  # PyTorch's
+    onnx_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.largest_difference <= self.tolerance and self.predictions_differ == 0
+
+    def line(self) -> str:
+        return (f"largest logit difference {self.largest_difference:.3g} (tolerance "
+                f"{self.tolerance:g}), {self.predictions_differ} of {self.rows} predictions "
+                "differ")
+
+
+def loader(task: Task, tokenizer: Any, features: Any, batch_size: int) -> Any:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(features, batch_size=batch_size, collate_fn=task.collator(tokenizer))
+
+
+def metrics_of(task: Task, arrays: dict[str, Any], features: Any, data: Any, config: Any,
+               tokenizer: Any) -> dict[str, float]:
+    """The task's metrics on labelled features, numbers only; {} without labels."""
+    if "loss_sum" not in arrays:
+        return {}
+    found = {**loss_of(arrays), **task.score(arrays, features, data, config, tokenizer)}
+    return {k: round(float(v), 6) for k, v in found.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def predictions(task: Task, arrays: dict[str, Any], features: Any, data: Any, config: Any,
+                tokenizer: Any) -> list[Any]:
+    """What a user reads of each row (a label, an answer), without scores."""
+    if task.name == "generate":
+        return []  # a language model's predictions are its generations (greedy_check)
+    records = task.present(arrays, features, data, config, tokenizer)
+    return [{k: v for k, v in r.items() if k != "score"} for r in records]
+
+
+def compare(task: Task, net: Any, path: Path, tokenizer: Any, features: Any, data: Any,
+            tolerance: float, batch_size: int = 32) -> Check:
+    """`features` through the PyTorch model and through the export at `path`."""
+    ort = OrtModel(path, net.config)
+    twin = Twin(net, ort)
+    ours = collect(task, net, loader(task, tokenizer, features, batch_size))
+    theirs = collect(task, twin, loader(task, tokenizer, features, batch_size))
+    args = (features, data, net.config, tokenizer)
+    expected, found = predictions(task, ours, *args), predictions(task, theirs, *args)
+    differ = sum(a != b for a, b in zip(expected, found, strict=True))
+    return Check(rows=len(expected) or len(features), largest_difference=twin.largest,
+                 tolerance=tolerance, predictions_differ=differ,
+                 metrics=metrics_of(task, ours, *args),
+                 onnx_metrics=metrics_of(task, theirs, *args))
+
+
+def fail(check: Check, what: str) -> None:
+    if not check.passed:
+        raise LlmkitError(f"the export does not answer as the PyTorch model on {what}: "
+                          f"{check.line()}; nothing was written (try another --opset, or "
+                          "--tolerance if the difference is acceptable)")

@@ -1,0 +1,153 @@
+"""`llmkit export`: a run directory (full or adapter, merged on the way) as ONNX, loaded by the
+same loader as `llmkit predict` and checked against it before the folder is written."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import LlmkitError
+from llmkit.export.check import Check, OrtModel, compare, fail
+from llmkit.export.folder import check_output, check_run, place, staging, write_folder
+from llmkit.export.onnx import DEFAULT_OPSET, check_opset, export_graph, require_runtime
+from llmkit.export.quantize import check_quantize, quantize, size_mb
+
+log = logging.getLogger("llmkit")
+FORMATS = ("onnx",)
+TASKS = ("classify", "qa", "generate")
+CHECK_ROWS = 256  # validation rows the check runs (the first ones)
+PROMPTS, NEW_TOKENS = 32, 16  # generate: greedy generations compared
+NO_CACHE = ("the decoder is exported without its KV cache (past key values are not inputs or "
+            "outputs of the graph): every generated token runs the whole sequence again")
+
+
+def check_arguments(format: str, opset: int, kind: str | None, tolerance: float) -> None:
+    if format not in FORMATS:
+        raise LlmkitError(f"--format {format}: the formats are {', '.join(FORMATS)}")
+    check_quantize(kind, format)
+    if not (tolerance > 0 and math.isfinite(tolerance)):
+        raise LlmkitError(f"--tolerance {tolerance}: give a positive number, e.g. 1e-4")
+    require_runtime()
+    check_opset(opset)
+
+
+def export(run: str | Path, output: str | Path, format: str = "onnx",
+           opset: int = DEFAULT_OPSET, quantize: str | None = None,
+           check_data: str | None = None, tolerance: float = 1e-4, overwrite: bool = False,
+           rows: int = CHECK_ROWS) -> dict[str, Any]:
+    """Export `run` to `output` and check it; returns the report written as export.json."""
+    from llmkit.inference.predict import prepare, run_config
+
+    check_arguments(format, opset, quantize, tolerance)
+    run, output = Path(run), Path(output)
+    check_run(run)
+    check_output(output, run, overwrite)
+    saved = run_config(str(run))
+    if saved is not None and saved.task not in TASKS:
+        raise LlmkitError(f"{run} is a {saved.task} run: llmkit export handles "
+                          f"{', '.join(TASKS)} runs so far; for encoder-decoder models use "
+                          "`llmkit merge` and optimum-onnx's exporter")
+    task, data, net, tokenizer = prepare(str(run), None, None)
+    net.to("cpu").eval()
+    rows_, features = check_rows(task, data, net, tokenizer, check_data, rows)
+    folder = staging(output)
+    try:
+        report = build(task, data, net, tokenizer, folder, features, rows_, opset, tolerance,
+                       quantize)
+        report |= {"run": str(run), "format": format, "opset": opset,
+                   "check_data": check_data or data.validation}
+        write_folder(folder, net, tokenizer, run, report)
+        place(folder, output)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
+def check_rows(task: Any, data: Any, net: Any, tokenizer: Any, check_data: str | None,
+               limit: int) -> tuple[Any, Any]:
+    """The first `limit` rows of --check-data (else the run's validation data) and their
+    features; labelled rows keep their labels, for the metrics."""
+    from llmkit.data.read import check_columns, load_split
+
+    source = check_data or data.validation
+    if source is None:
+        raise LlmkitError("the run was trained without --validation: give --check-data with "
+                          "rows to check the export on")
+    option = "--check-data" if check_data else "the run's validation data (or --check-data)"
+    rows = load_split(source, data.validation_split, data.dataset_config, option,
+                      getattr(data, "sample_by", "line"))
+    check_columns(rows, task.columns(data, False), option)
+    rows = rows.select(range(min(limit, len(rows))))
+    labelled = all(c in rows.column_names for c in task.columns(data, True))
+    rows = task.usable(rows.select_columns(task.columns(data, labelled)), data, labelled)
+    features = task.featurize(rows, tokenizer, net.config, data)
+    if len(features) == 0:
+        raise LlmkitError(f"{option} {source}: no rows left to check the export on")
+    return rows, features
+
+
+def build(task: Any, data: Any, net: Any, tokenizer: Any, folder: Path, features: Any,
+          rows: Any, opset: int, tolerance: float, kind: str | None) -> dict[str, Any]:
+    """The graph(s) in `folder`, checked; the report's figures."""
+    causal = task.name == "generate"
+    graph = folder / "model.onnx"
+    inputs = export_graph(net, tokenizer, graph, opset, causal)
+    check = compare(task, net, graph, tokenizer, features, data, tolerance)
+    fail(check, f"{check.rows} rows")
+    report: dict[str, Any] = {"task": task.name, "inputs": inputs, "files": ["model.onnx"],
+                              "size_mb": size_mb(graph), "check": {**asdict(check)},
+                              "notes": [NO_CACHE] if causal else []}
+    prompts = generation_prompts(task, data, rows, tokenizer) if causal else []
+    if prompts:
+        generations = generations_of(net, graph, tokenizer, prompts)
+        report["generations"] = generations
+        if generations["differ"]:
+            raise LlmkitError(f"the export's greedy generations differ from PyTorch's on "
+                              f"{generations['differ']} of {generations['prompts']} prompts "
+                              f"({check.line()}); nothing was written")
+    if kind == "int8":
+        report["quantized"] = quantized(task, data, net, tokenizer, folder, features, check,
+                                        prompts)
+        report["files"].append(report["quantized"]["file"])
+    log.info("export checked: %s", check.line())
+    return report
+
+
+def generation_prompts(task: Any, data: Any, rows: Any, tokenizer: Any) -> list[list[int]]:
+    """Prompts for the greedy check: the texts (or prompts) of the check rows."""
+    from llmkit.export.generation import prompt_ids
+
+    column = task.columns(data, False)[0]
+    texts = [t for t in rows[column] if isinstance(t, str)]
+    return prompt_ids(texts, tokenizer, PROMPTS)
+
+
+def generations_of(net: Any, graph: Path, tokenizer: Any, prompts: list[list[int]]
+                   ) -> dict[str, Any]:
+    from llmkit.export.generation import compare_generations
+
+    found = compare_generations(net, OrtModel(graph, net.config), tokenizer, prompts,
+                                NEW_TOKENS)
+    return asdict(found)
+
+
+def quantized(task: Any, data: Any, net: Any, tokenizer: Any, folder: Path, features: Any,
+              fp32: Check, prompts: list[list[int]]) -> dict[str, Any]:
+    """The int8 graph beside the fp32 one: size, metrics, how far its logits moved (no
+    tolerance: quantization changes them by design)."""
+    source = folder / "model.onnx"
+    target = quantize(source, folder / "model.int8.onnx")
+    int8 = compare(task, net, target, tokenizer, features, data, math.inf)
+    found: dict[str, Any] = {
+        "file": target.name, "size_mb": size_mb(target), "fp32_size_mb": size_mb(source),
+        "size_ratio": round(size_mb(target) / max(size_mb(source), 1e-9), 3),
+        "metrics": int8.onnx_metrics, "fp32_metrics": fp32.onnx_metrics,
+        "largest_difference": int8.largest_difference,
+        "predictions_differ": int8.predictions_differ}
+    if prompts:
+        found["generations"] = generations_of(net, target, tokenizer, prompts)
+    return found

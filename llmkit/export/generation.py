@@ -1,0 +1,99 @@
+"""Greedy generation with an exported causal LM (no KV cache: the whole sequence goes through
+the graph at every step) beside the PyTorch model's own `generate`, for the export's check."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmkit.export.check import OrtModel
+
+PROMPT_TOKENS = 24  # prompts are cut to their first tokens: the check is of the decoder
+
+
+@dataclass
+class Generations:
+    """Greedy generations of both models on the same prompts."""
+
+    prompts: int
+    differ: int
+    torch_tokens_per_second: float
+    onnx_tokens_per_second: float
+
+
+def prompt_ids(texts: list[str], tokenizer: Any, count: int) -> list[list[int]]:
+    """Token ids of the first `count` non-empty texts, cut to PROMPT_TOKENS."""
+    found = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"][:PROMPT_TOKENS] if text and text.strip() else []
+        if ids:
+            found.append(ids)
+        if len(found) == count:
+            break
+    return found
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def up_to_end(rows: torch.Tensor, eos: int | None) -> list[list[int]]:
+    """New tokens of each row up to and including its first end of sequence."""
+    found = []
+    for row in rows.tolist():
+        found.append(row[:row.index(eos) + 1] if eos is not None and eos in row else row)
+    return found
+
+
+def greedy_torch(net: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int, eos: int | None,
+                 new_tokens: int) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    settings = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens,
+                                pad_token_id=pad, eos_token_id=eos)
+    with torch.inference_mode():
+        out = net.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+    return up_to_end(out[:, ids.shape[1]:], eos)
+
+
+def greedy_onnx(ort: OrtModel, ids: torch.Tensor, mask: torch.Tensor, pad: int, eos: int | None,
+                new_tokens: int) -> list[list[int]]:
+    """As transformers' greedy search: finished rows continue with padding; the mask grows by
+    one for every row; positions count the mask."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    start = ids.shape[1]
+    for _ in range(new_tokens):
+        logits = ort(input_ids=ids, attention_mask=mask).logits[:, -1]
+        following = logits.argmax(-1).masked_fill(done, pad)
+        ids = torch.cat([ids, following[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if eos is not None:
+            done |= following == eos
+        if bool(done.all()):
+            break
+    return up_to_end(ids[:, start:], eos)
+
+
+def compare_generations(net: Any, ort: OrtModel, tokenizer: Any, prompts: list[list[int]],
+                        new_tokens: int) -> Generations:
+    """Greedy generations of both models on `prompts`, and their speed."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    ids, mask = left_padded(prompts, pad)
+    start = time.perf_counter()
+    ours = greedy_torch(net, ids, mask, pad, eos, new_tokens)
+    middle = time.perf_counter()
+    theirs = greedy_onnx(ort, ids, mask, pad, eos, new_tokens)
+    end = time.perf_counter()
+    made = sum(len(r) for r in ours)
+    return Generations(prompts=len(prompts), differ=sum(a != b for a, b in zip(ours, theirs,
+                                                                               strict=True)),
+                       torch_tokens_per_second=round(made / max(middle - start, 1e-9), 1),
+                       onnx_tokens_per_second=round(sum(len(r) for r in theirs) /
+                                                    max(end - middle, 1e-9), 1))

@@ -1,0 +1,114 @@
+"""A transformers model as an ONNX graph, with torch.onnx's dynamo exporter (torch.export, then
+onnxscript): batch and sequence axes dynamic. The TorchScript exporter is not used: under
+transformers 5 it traces the attention mask's padding branch as a constant and answers padded
+batches wrongly (logits 2e-2 apart on a tiny BERT), where the dynamo graph matches to 1e-8."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmkit.errors import LlmkitError
+
+log = logging.getLogger("llmkit")
+LOWEST_OPSET = 14  # the oldest opset with the operators transformers' encoders need
+DEFAULT_OPSET = 18  # the dynamo exporter's own: no version conversion
+OPTIMIZE = True
+INSTALL = "pip install 'llmkit[export]' (onnx, onnxruntime, onnxscript)"
+
+
+def require_runtime() -> None:
+    """onnx, onnxruntime and onnxscript, or one line saying how to install them."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m)
+               is None]
+    if missing:
+        raise LlmkitError(f"llmkit export needs {', '.join(missing)}: {INSTALL}")
+
+
+def highest_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> None:
+    top = highest_opset()
+    if not LOWEST_OPSET <= opset <= top:
+        raise LlmkitError(f"--opset {opset} is out of range: give {LOWEST_OPSET} to {top} "
+                          f"(default {DEFAULT_OPSET})")
+
+
+class CausalLogits(torch.nn.Module):
+    """A causal LM as one function of (input_ids, attention_mask, position_ids) -> logits,
+    without the KV cache (not exported yet: each step runs the whole sequence)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=False).logits
+
+
+def example_inputs(model: Any, tokenizer: Any, causal: bool) -> dict[str, Any]:
+    """A small batch (2 rows of 8 tokens, the first padded) to trace the graph with; the
+    tokenizer's own input names, as far as the model's forward takes them."""
+    takes = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask", "position_ids"] if causal else [
+        n for n in tokenizer.model_input_names if n in takes]
+    vocab = max(2, min(len(tokenizer), model.get_input_embeddings().weight.shape[0]))
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 6:] = 0
+    values = {"input_ids": torch.randint(1, vocab, (2, 8), generator=generator),
+              "attention_mask": mask,
+              "token_type_ids": torch.zeros(2, 8, dtype=torch.long),
+              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    return {n: values[n] for n in names if n in values}
+
+
+def output_names(model: Any, example: dict[str, Any], causal: bool) -> list[str]:
+    """The model's output fields on `example` (logits; start_logits and end_logits)."""
+    if causal:
+        return ["logits"]
+    with torch.inference_mode():
+        found = model(**example)
+    return [k for k in found.keys() if k not in ("loss", "hidden_states", "attentions")]
+
+
+def export_graph(model: Any, tokenizer: Any, path: Path, opset: int, causal: bool) -> list[str]:
+    """Write `model` (in eval mode, on the CPU) to `path` as ONNX; returns its input names."""
+    example = example_inputs(model, tokenizer, causal)
+    outputs = output_names(model, example, causal)
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    module = CausalLogits(model).eval() if causal else model
+    quiet = io.StringIO()  # the exporter prints its steps
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (), kwargs=example, input_names=list(example), output_names=outputs,
+                dynamo=True, opset_version=opset, verbose=False, optimize=OPTIMIZE,
+                dynamic_shapes={n: {0: batch, 1: sequence} for n in example})
+            assert program is not None
+            program.save(str(path), external_data=size_of(model) > 1.5 * 2**30)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise LlmkitError(f"torch.onnx cannot export {type(model).__name__} "
+                          f"({model.config.model_type}) at opset {opset}: {reason}") from err
+    log.info("exported %s to %s (opset %d)", type(model).__name__, path, opset)
+    return list(example)
+
+
+def size_of(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -1,0 +1,169 @@
+"""llmkit export on tiny runs: the ONNX graph answers as the PyTorch model (logits to the
+tolerance, the same predictions and greedy generations), int8 reports its metrics and size, a
+broken export fails in one line, bad input is refused before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.export import export
+from llmkit.run.finetune import finetune
+from llmkit.tasks import load_config
+from tests.conftest import CORPUS
+
+pytest.importorskip("onnxruntime")
+
+
+def tiny_run(task: str, model: Path, data: dict[str, Path], out: Path, **extra: object) -> Path:
+    options = {"model": str(model), "output": str(out), "data.train": str(data["train"]),
+               "data.validation": str(data["validation"]), "train.batch_size": 8,
+               "train.learning_rate": 1e-2, "train.max_steps": 3, **extra}
+    return finetune(load_config(task, None, options))
+
+
+@pytest.fixture(scope="module")
+def classify_export(tiny_bert: Path, toy: dict[str, Path],
+                    tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A LoRA adapter run (merged on the way), exported with its int8 graph; the full-model
+    path is the generate test's."""
+    folder = tmp_path_factory.mktemp("export")
+    run = tiny_run("classify", tiny_bert, toy, folder / "run",
+                   **{"adapter.lora": True, "adapter.lora_r": 4})
+    assert (run / "adapter_model.safetensors").is_file()
+    report = export(run, folder / "onnx", quantize="int8")
+    return run, folder / "onnx", report
+
+
+def test_export_answers_as_pytorch(classify_export: tuple[Path, Path, dict],
+                                   toy: dict[str, Path]) -> None:
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    from llmkit.inference.predict import prepare
+
+    run, out, report = classify_export
+    assert {"model.onnx", "model.int8.onnx", "config.json", "config.yaml", "tokenizer.json",
+            "README.md", "export.json"} <= {p.name for p in out.iterdir()}
+    assert report["check"]["largest_difference"] <= 1e-4
+    assert report["check"]["predictions_differ"] == 0 and report["check"]["rows"] == 30
+    assert report["check"]["metrics"]["accuracy"] == report["check"]["onnx_metrics"]["accuracy"]
+    assert json.loads((out / "export.json").read_text())["check"] == report["check"]
+    # as the README says: plain onnxruntime, any batch size and length, the PyTorch logits
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    net = prepare(str(run), None, None)[2].eval()  # the adapter merged into its base
+    texts = [line.split("\t")[0] for line in toy["validation"].read_text().splitlines()[1:]]
+    for batch in (texts[:1], texts[:7]):
+        feed = dict(tokenizer(batch, padding=True, return_tensors="np"))
+        logits = session.run(["logits"], {i.name: feed[i.name] for i in session.get_inputs()})
+        with torch.inference_mode():
+            ours = net(**tokenizer(batch, padding=True, return_tensors="pt")).logits.numpy()
+        np.testing.assert_allclose(logits[0], ours, atol=1e-4)
+        assert (logits[0].argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_int8_reports_its_metrics_and_size(classify_export: tuple[Path, Path, dict]) -> None:
+    _, out, report = classify_export
+    q = report["quantized"]
+    assert q["file"] == "model.int8.onnx" and q["size_mb"] < q["fp32_size_mb"]
+    assert {"accuracy", "eval_loss"} <= set(q["metrics"]) and q["fp32_metrics"]
+    assert 0 < q["largest_difference"] < 1  # quantization moves the logits, a little
+    assert "int8" in (out / "README.md").read_text()
+
+
+def test_a_finished_export_needs_overwrite(classify_export: tuple[Path, Path, dict]) -> None:
+    run, out, _ = classify_export
+    with pytest.raises(LlmkitError, match="holds a finished export: add --overwrite"):
+        export(run, out)
+
+
+def test_a_broken_export_fails_with_the_figures(classify_export: tuple[Path, Path, dict],
+                                                tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmkit.export import check, exporter
+
+    run, out, _ = classify_export
+
+    def copy_graph(model, tokenizer, path, opset, causal):  # the good graph, without the wait
+        shutil.copyfile(out / "model.onnx", path)
+        return ["input_ids", "attention_mask"]
+
+    answer = check.OrtModel.__call__
+
+    def off(self, **batch):  # an export whose logits are 0.01 off
+        found = answer(self, **batch)
+        found.logits = found.logits + 0.01
+        return found
+
+    monkeypatch.setattr(exporter, "export_graph", copy_graph)
+    monkeypatch.setattr(check.OrtModel, "__call__", off)
+    with pytest.raises(LlmkitError) as err:
+        export(run, tmp_path / "broken")
+    line = str(err.value)
+    assert "\n" not in line and "largest logit difference 0.01" in line
+    assert "tolerance 0.0001" in line and "nothing was written" in line
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".broken-*"))
+
+
+def test_bad_input_is_one_clear_line(classify_export: tuple[Path, Path, dict],
+                                     tmp_path: Path) -> None:
+    run, _, _ = classify_export
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    shutil.copyfile(run / "config.yaml", empty / "config.yaml")
+    cases = [(dict(run=empty), "has no weights"),
+             (dict(run=tmp_path / "nowhere"), "no such run directory"),
+             (dict(format="gguf"), "--format gguf: the formats are onnx"),
+             (dict(opset=7), "--opset 7 is out of range: give 14 to"),
+             (dict(quantize="int4"), "--quantize int4: the onnx exporter quantizes to int8"),
+             (dict(tolerance=0.0), "--tolerance 0.0: give a positive number"),
+             (dict(output=run), "--output is the run directory itself")]
+    for given, message in cases:
+        args = {"run": run, "output": tmp_path / "out", **given}
+        with pytest.raises(LlmkitError, match=message):
+            export(**args)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_prints_the_figures(classify_export: tuple[Path, Path, dict],
+                                        tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from llmkit.cli.export import export as command
+
+    run, out, _ = classify_export
+    app = typer.Typer()
+    app.command()(command)
+    result = CliRunner().invoke(app, [str(run), "--output", str(out), "--opset", "3"])
+    assert result.exit_code == 1 and "--opset 3 is out of range" in str(result.exception)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "train.txt").write_text("\n\n".join(CORPUS * 4))
+    (folder / "valid.txt").write_text("\n\n".join(CORPUS))
+    return {"train": folder / "train.txt", "validation": folder / "valid.txt"}
+
+
+def test_generate_export_generates_as_pytorch(tiny_gpt2: Path, corpus: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    run = tiny_run("generate", tiny_gpt2, corpus, tmp_path / "run", **{"data.block_size": 16})
+    report = export(run, tmp_path / "onnx")
+    assert report["check"]["largest_difference"] <= 1e-4
+    assert report["check"]["metrics"]["perplexity"] == pytest.approx(
+        report["check"]["onnx_metrics"]["perplexity"], rel=1e-5)
+    generations = report["generations"]
+    assert generations["prompts"] == len(CORPUS) and generations["differ"] == 0
+    assert any("without its KV cache" in n for n in report["notes"])
+    assert "KV cache" in (tmp_path / "onnx" / "README.md").read_text()
+    assert (tmp_path / "onnx" / "generation_config.json").is_file()
