@@ -80,6 +80,8 @@ def model_config(name: str, overrides: str | None = None) -> PretrainedConfig:
 
     config = load_pretrained(AutoConfig, name)
     if overrides:
+        overrides = ",".join("=".join(side.strip() for side in part.split("=", 1))
+                             for part in overrides.split(","))  # 'n_layer = 1' as 'n_layer=1'
         if any("=" not in part for part in overrides.split(",")):
             raise LlmkitError(f"--config-overrides {overrides!r}: expected key=value pairs "
                               "separated by commas, e.g. n_layer=4,n_embd=256")

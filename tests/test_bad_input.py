@@ -129,7 +129,7 @@ CASES: list[tuple[list[str], str]] = [
      "--lora freezes the base model's: drop one of them"),
     # merge
     (["merge", "{run}", "-o", "{tmp}/m"], "{run} is not an adapter run (no adapter_config.json)"),
-    (["merge", "{tmp}/nowhere", "-o", "{tmp}/m"], "is not an adapter run"),
+    (["merge", "{tmp}/nowhere", "-o", "{tmp}/m"], "{tmp}/nowhere: no such run directory"),
     (["merge", "{nobase}", "-o", "{tmp}/m"], "{nobase} is an adapter run whose base model "
      "/gone/base cannot be found; pass --base-model"),
     (["merge", "{adapter}", "-o", "{file}"], "--output {file} is not an empty folder"),
@@ -280,6 +280,17 @@ CASES: list[tuple[list[str], str]] = [
     (["push", "{tmp}", "--repo-id", "me/run"], "is not a finished run (no metrics.json)"),
     (["push", "{tmp}/nothing", "--repo-id", "me/run"], "{tmp}/nothing: no such run directory"),
     (["plot", "{tmp}"], "is not a finished run (no metrics.json)"),
+    # issue 40: named problems instead of "failed unexpectedly", and misleading refusals
+    (["generate", "--model", "{gpt2}", "--prompt", ""], "--prompt is empty"),
+    (["finetune", "classify", "--model", "{bert}", "--train", "{toy}", "--output", "{file}/run"],
+     "--output {file}/run: {file} is a file, not a folder"),
+    ([*PR, "-i", "{nulltext}"], "1 of 2 rows have no text (first: row 1)"),
+    ([*FT, "--lora", "--lora-target-modules", "classifier"], "classifier: that is the task head"),
+    (["plot", "{torn}"], "metrics.json is damaged"),
+    (["plot", "{run}", "-o", "{tmp}/no/x.png"], "{tmp}/no is not a folder; create it first"),
+    (["plot", "{run}", "-o", "{tmp}/x.txt"], "--output {tmp}/x.txt: name a picture file"),
+    ([*FT, "--measure"], "--measure and --json describe a --dry-run: add --dry-run"),
+    ([*FT, "--json"], "--measure and --json describe a --dry-run: add --dry-run"),
 ]
 
 
@@ -343,6 +354,8 @@ def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
         "badanswers": write("badanswers.jsonl", "".join(json.dumps(
             {**r, "answers": {"text": ["bob"], "answer_start": [0]}}) + "\n" for r in squad)),
         "summ": write("summ.jsonl", "".join(json.dumps(r) + "\n" for r in summ)),
+        "nulltext": write("nulltext.jsonl", '{"text": null}\n{"text": "good film"}\n'),
+        "torn": str(torn_run(folder / "torn")),
         "emptysumm": write("emptysumm.jsonl", "".join(json.dumps(
             {**r, "summary": ""}) + "\n" for r in summ)),
         "corpus": write("corpus.txt", "the quick brown fox jumps over the lazy dog\n\n" * 40),
@@ -379,6 +392,13 @@ def finished_run(tiny_bert: Path, toy: dict[str, Path], out: Path, lora: bool = 
                                          "data.train": str(toy["train"]), "train.epochs": 1,
                                          "adapter.lora": lora})
     return finetune(cfg)
+
+
+def torn_run(folder: Path) -> Path:
+    """A run folder whose metrics.json was cut off mid-write."""
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"final": {"step"', encoding="utf-8")
+    return folder
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch) -> tuple[int, str]:

@@ -209,3 +209,16 @@ def test_resuming_with_the_same_settings_warns_of_nothing(tmp_path: Path, monkey
     launch.warn_config_changes(tmp_path / "config.yaml",
                                replace(cfg, train=replace(cfg.train, seed=1)))
     assert said and said[0][1] == "train.seed"
+
+
+def test_a_single_value_where_a_list_is_expected(tmp_path: Path) -> None:
+    """report_to: tensorboard in a recipe, as --report-to tensorboard on the command line."""
+    cfg = load_config("classify", {"model": "m", "output": "o", "data": {"train": "t.tsv"},
+                                   "train": {"report_to": "tensorboard"}})
+    assert cfg.train.report_to == ("tensorboard",)
+
+
+def test_config_overrides_may_hold_spaces(tiny_gpt2: Path) -> None:
+    from llmkit.models import model_config
+
+    assert model_config(str(tiny_gpt2), "n_layer = 1, n_head= 2").n_layer == 1

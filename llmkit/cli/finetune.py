@@ -23,6 +23,7 @@ from llmkit.cli.options import (
 )
 from llmkit.config.recipes import shipped_recipes
 from llmkit.config.schema import DataConfig, schema
+from llmkit.errors import LlmkitError
 from llmkit.tasks import get_task, load_config, task_names
 from llmkit.tasks.task import Task
 
@@ -68,6 +69,9 @@ def finetune_command(task: Task) -> Callable[..., None]:
 
     def command(**given: Any) -> None:
         run = {p.name: given.pop(p.name) for p in parameters(run_options)}
+        if (run["measure"] or run["as_json"]) and not run["dry_run"]:
+            raise LlmkitError("--measure and --json describe a --dry-run: add --dry-run (nothing "
+                              "is trained then)")
         cfg = load_config(task.name, run["recipe"], chosen(given, paths), run["overrides"])
         if not run["dry_run"]:
             return train(cfg, run["resume"], run["resume_from"], run["overwrite"])

@@ -72,6 +72,8 @@ def check_request(prompt: str | None, input: str | None, stream: bool, chat: boo
     """Options that contradict each other, refused before a model is loaded."""
     if (prompt is None) == (input is None):
         raise LlmkitError("give either --prompt or --input")
+    if prompt is not None and not prompt.strip() and not chat:
+        raise LlmkitError("--prompt is empty: give the text to continue (or translate)")
     if stream and (input or (settings.num_beams or 1) > 1 or settings.num_return_sequences > 1
                    or settings.stop):
         raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "

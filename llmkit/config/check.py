@@ -34,6 +34,8 @@ def fits_type(value: Any, tp: Any) -> bool:
 def coerce(value: Any, tp: Any) -> Any:
     if isinstance(value, list) and fits_type(tuple(value), tp):  # YAML has lists only
         return tuple(value)
+    if isinstance(value, str) and fits_type((value,), tp) and not fits_type(value, tp):
+        return (value,)  # one value where a list is expected, as the repeatable option takes it
     # YAML 1.1 reads "3e-5" as a string; accept it wherever a float is expected.
     if isinstance(value, str) and fits_type(1.5, tp) and not fits_type(value, tp):
         try:

@@ -167,6 +167,8 @@ def merge(run: str | Path, output: str | Path, base_model: str | None = None) ->
 
     quiet_libraries()
     run, output = Path(run), Path(output)
+    if not run.is_dir():
+        raise LlmkitError(f"{run}: no such run directory")
     if not is_adapter_run(run):
         raise LlmkitError(f"{run} is not an adapter run (no {ADAPTER_CONFIG}): it is a full "
                           "model already, loadable as it is")

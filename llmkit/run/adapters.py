@@ -37,6 +37,11 @@ def wrap(model: Any, task: str, settings: AdapterConfig) -> Any:
     peft = peft_module()
     targets: Any = list(settings.lora_target_modules) or "all-linear"
     if targets != "all-linear":
+        heads = [t for t in targets if t in HEADS and hasattr(model, t)]
+        if heads:
+            raise LlmkitError(f"--lora-target-modules {heads[0]}: that is the task head, which "
+                              "trains in full beside the adapters; name the layers inside the "
+                              "model (e.g. query, value)")
         known = linear_names(model)
         missing = [t for t in targets if t not in known]
         if missing:

@@ -30,7 +30,11 @@ def finished(run: Path) -> dict[str, Any]:
     if not metrics.is_file():
         raise LlmkitError(f"{run} is not a finished run (no metrics.json): give the output "
                           "folder of a completed llmkit finetune")
-    return json.loads(metrics.read_text(encoding="utf-8"))
+    try:
+        return json.loads(metrics.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LlmkitError(f"{metrics} is damaged ({err.msg} at line {err.lineno}): the run did "
+                          "not finish writing it; run it again with --resume") from None
 
 
 def training_log(run: Path) -> list[dict[str, Any]]:
@@ -63,6 +67,14 @@ def draw(runs: list[Path], output: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if output.suffix.lstrip(".").lower() not in formats:
+        raise LlmkitError(f"--output {output}: name a picture file ({', '.join(sorted(formats))})")
+    if not output.parent.is_dir():
+        raise LlmkitError(f"--output {output}: {output.parent} is not a folder; create it first")
 
     found = [(run, finished(run), training_log(run)) for run in runs]
     metrics = metric_names([m["history"] for _, m, _ in found])

@@ -73,6 +73,9 @@ def check_output(out: Path, resuming: bool, overwrite: bool) -> bool:
     if out.exists() and not out.is_dir():
         raise LlmkitError(f"--output {out} is a file; give a folder for the run")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if existing != out and not existing.is_dir():
+        raise LlmkitError(f"--output {out}: {existing} is a file, not a folder; choose another "
+                          "--output")
     if not os.access(existing, os.W_OK):
         raise LlmkitError(f"--output {out}: {existing} is not writable; choose another --output")
     if resuming or not out.exists() or not any(out.iterdir()):

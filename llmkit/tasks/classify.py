@@ -91,7 +91,12 @@ def clean(rows: Dataset, data: ClassifyData, labelled: bool) -> Dataset:
 
     texts = columns(data, False)
     check_text(rows, texts)
-    if not labelled:
+    if not labelled:  # every row gets a prediction, in order: none can be left out
+        missing = [i for i, row in enumerate(zip(*(rows[c] for c in texts), strict=True))
+                   if any(v is None for v in row)]
+        if missing:
+            raise LlmkitError(f"{len(missing)} of {len(rows)} rows have no text (first: row "
+                              f"{missing[0] + 1}); fill them in or remove them")
         return rows
     return empty_rows(rows, [*texts, data.label_column], data.empty_rows, "text or label")
 
