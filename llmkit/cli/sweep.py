@@ -50,8 +50,10 @@ def sweep_command(
     show: Annotated[Path | None, typer.Option(help="Print the summary of an earlier sweep's "
                     "OUTPUT again.")] = None,
 ) -> None:
-    """Search hyper-parameters with Optuna: each trial an ordinary run directory; stored,
-    resumable (the same command continues), shareable across processes, optionally pruned."""
+    """Search hyper-parameters with Optuna; each trial is an ordinary run directory.
+
+    The study is stored: the same command continues it, several processes share it, and
+    --prune stops poor trials early."""
     from llmkit.sweep.summary import load, summarize
 
     if show is not None:
