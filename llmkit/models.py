@@ -11,15 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmkit import hub
 from llmkit.errors import LlmkitError
-from llmkit.hub import (
-    check_model_source,
-    hub_offline,
-    is_local,
-    looks_like_path,
-    offline_hint,
-    quiet_libraries,
-)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -36,7 +29,7 @@ HEADS = ("classifier", "score", "qa_outputs")
 
 def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwargs: Any) -> Any:
     """`auto_class.from_pretrained(name)` with the Hub's failures turned into one clear line."""
-    check_model_source(name, option)
+    hub.check_model_source(name, option)
     import pickle
 
     from safetensors import SafetensorError
@@ -44,8 +37,8 @@ def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwarg
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as err:
-        if not is_local(name) and hub_offline():
-            raise LlmkitError(offline_hint(option.strip("-"), name, option)) from err
+        if not hub.is_local(name) and hub.hub_offline():
+            raise LlmkitError(hub.offline_hint(option.strip("-"), name, option)) from err
         raise LlmkitError(f"could not load {name!r}: {err}".replace("\n", " ")) from err
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the file
         raise LlmkitError(f"--model {name}: its pickled weights (.bin) hold more than tensors "
@@ -122,7 +115,7 @@ def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
 
     from llmkit.tasks import fits, get_task, registry
 
-    quiet_libraries()
+    hub.quiet_libraries()
     config = load_pretrained(AutoConfig, name)
     if config.is_encoder_decoder:
         auto: Any = AutoModelForSeq2SeqLM
@@ -161,24 +154,36 @@ def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
     check_pairing(task, config, name)
     source = (run.tokenizer if run else None) or name
     tokenizer = load_tokenizer(source, "--tokenizer" if source != name else "--model")
+    try:
+        model, new = load_weights(auto_class(task), name, config, quantized, base_model, run)
+    except ValueError as err:  # transformers checks a config when it builds the model
+        if not (run and run.config_overrides):
+            raise
+        raise LlmkitError(f"--config-overrides {run.config_overrides!r}: the model cannot be "
+                          f"built so ({str(err).splitlines()[0]})") from None
+    finish(model, tokenizer, task, data, name, new, trained)
+    return model, tokenizer
+
+
+def load_weights(auto: Any, name: str, config: PretrainedConfig, quantized: bool,
+                 base_model: str | None, run: RunConfig | None) -> tuple[Any, list[str]]:
+    """The model's weights: random (--from-scratch), an adapter run merged, or the checkpoint's;
+    and the names of the weights that start untrained (a new head)."""
     # fp32 weights whatever the checkpoint holds (transformers 5 keeps a bf16 checkpoint in
     # bf16): the optimizer needs fp32 master weights; --mixed-precision computes in bf16/fp16
     weights = four_bit() if quantized else {"dtype": torch.float32}
-    new: list[str] = []
     if run and run.from_scratch:
-        model = auto_class(task).from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
         log.info("--from-scratch: %s from %s's config with random weights (%s parameters)",
                  type(model).__name__, name, f"{model.num_parameters():,}")
-    elif is_adapter_run(name):  # its heads come with the adapter
-        model = load_merged(name, auto_class(task), base_model, **weights)
-    else:
-        model, info = load_pretrained(auto_class(task), name, config=config, **weights,
-                                      ignore_mismatched_sizes=True, output_loading_info=True)
-        new = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
-                                                     for k in info["mismatched_keys"])
-        check_reshaped(info["mismatched_keys"], run)
-    finish(model, tokenizer, task, data, name, new, trained)
-    return model, tokenizer
+        return model, []
+    if is_adapter_run(name):  # its heads come with the adapter
+        return load_merged(name, auto, base_model, **weights), []
+    model, info = load_pretrained(auto, name, config=config, **weights,
+                                  ignore_mismatched_sizes=True, output_loading_info=True)
+    check_reshaped(info["mismatched_keys"], run)
+    return model, sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
+                                                        for k in info["mismatched_keys"])
 
 
 def check_reshaped(mismatched: list[Any], run: RunConfig | None) -> None:
@@ -254,12 +259,12 @@ def four_bit() -> dict[str, Any]:
 def base_of(run: str | Path, base_model: str | None) -> str:
     """The base model of an adapter run: --base-model, else the one it was trained from."""
     if base_model:
-        if looks_like_path(base_model) and not is_local(base_model):
+        if hub.looks_like_path(base_model) and not hub.is_local(base_model):
             raise LlmkitError(f"--base-model {base_model}: no such checkpoint folder")
         return base_model
     saved = json.loads((Path(run) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     base = str(saved.get("base_model_name_or_path") or "")
-    if not base or (looks_like_path(base) and not is_local(base)):
+    if not base or (hub.looks_like_path(base) and not hub.is_local(base)):
         raise LlmkitError(f"{run} is an adapter run whose base model {base or '(unnamed)'} "
                           "cannot be found; pass --base-model with its folder or Hub id")
     return base

@@ -163,7 +163,12 @@ def pack(tokens: Dataset, size: int, eos: int, separate: bool) -> Dataset:
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
               data: CausalData) -> Dataset:
-
+    """Documents packed into blocks, conversations, or prompt/completion pairs; each text
+    ends with the tokenizer's end-of-sequence token."""
+    if tokenizer.eos_token_id is None:
+        raise LlmkitError("the tokenizer has no end-of-sequence token, which ends every document "
+                          "and reply of a language model: give a causal model's tokenizer "
+                          "(--tokenizer)")
     size = block_size(data, config)
     if data.messages_column:
         from llmkit.data.features import workers

@@ -116,8 +116,10 @@ def picker(kind: Kind, rows: Dataset, data: Any
         if len(present) > 1:
             raise
         target = None  # unlabelled rows: source texts only
-    return (lambda b: ([p[source] for p in b[column]],
-                       [p[target] for p in b[column]] if target else None)), target is not None
+    # a pair without one of the languages counts as an empty text (data.empty_rows decides)
+    return (lambda b: ([p.get(source) for p in b[column]],
+                       [p.get(target) for p in b[column]] if target else None)), \
+        target is not None
 
 
 def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, target: bool
