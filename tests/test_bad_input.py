@@ -291,6 +291,14 @@ CASES: list[tuple[list[str], str]] = [
     (["plot", "{run}", "-o", "{tmp}/x.txt"], "--output {tmp}/x.txt: name a picture file"),
     ([*FT, "--measure"], "--measure and --json describe a --dry-run: add --dry-run"),
     ([*FT, "--json"], "--measure and --json describe a --dry-run: add --dry-run"),
+    (["finetune", "translate", "--model", "{t5}", "--train", "{halfpairs}", "--output",
+      "{tmp}/o", "--source-lang", "en", "--target-lang", "es"],
+     "rows have an empty source or target; fix the data or pass -s data.empty_rows=skip"),
+    ([*GE, "--tokenizer", "{bert}"], "the tokenizer has no end-of-sequence token"),
+    ([*GE, "--from-scratch", "--config-overrides", "n_head=3"],
+     "--config-overrides 'n_head=3': the model cannot be built so (`embed_dim` must be divisible"),
+    ([*FT, "--config-overrides", "hidden_dropout_prob=2"],
+     "the model cannot be built so (dropout probability has to be between 0 and 1"),
 ]
 
 
@@ -354,6 +362,9 @@ def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
         "badanswers": write("badanswers.jsonl", "".join(json.dumps(
             {**r, "answers": {"text": ["bob"], "answer_start": [0]}}) + "\n" for r in squad)),
         "summ": write("summ.jsonl", "".join(json.dumps(r) + "\n" for r in summ)),
+        "halfpairs": write("halfpairs.jsonl", "".join(json.dumps(
+            {"translation": {"en": "the house", "es": "la casa"}}) + "\n" for _ in range(6))
+            + json.dumps({"translation": {"en": "a dog"}}) + "\n"),
         "nulltext": write("nulltext.jsonl", '{"text": null}\n{"text": "good film"}\n'),
         "torn": str(torn_run(folder / "torn")),
         "emptysumm": write("emptysumm.jsonl", "".join(json.dumps(
