@@ -297,6 +297,11 @@ CASES: list[tuple[list[str], str]] = [
     ([*GE, "--tokenizer", "{bert}"], "the tokenizer has no end-of-sequence token"),
     ([*GE, "--from-scratch", "--config-overrides", "n_head=3"],
      "--config-overrides 'n_head=3': the model cannot be built so (`embed_dim` must be divisible"),
+    ([*FT[:5], "{nanlabel}", "--output", "{tmp}/o"],
+     "rows have an empty text or label"),
+    ([*FT[:5], "{jsonlist}", "--json-field", "rows", "--output", "{tmp}/o"],
+     "holds a JSON list, not an object with keys: drop --json-field rows"),
+    ([*FT, "--test", "{notext}"], "--test: no column 'text'"),
     ([*FT, "--config-overrides", "hidden_dropout_prob=2"],
      "the model cannot be built so (dropout probability has to be between 0 and 1"),
 ]
@@ -362,6 +367,10 @@ def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
         "badanswers": write("badanswers.jsonl", "".join(json.dumps(
             {**r, "answers": {"text": ["bob"], "answer_start": [0]}}) + "\n" for r in squad)),
         "summ": write("summ.jsonl", "".join(json.dumps(r) + "\n" for r in summ)),
+        "nanlabel": write("nanlabel.tsv", "text\tlabel\n" + "good film\tpos\nbad film\tneg\n" * 8
+                          + "odd film\tNaN\n"),
+        "jsonlist": write("list.json", json.dumps([{"text": "a", "label": 1}] * 4)),
+        "notext": write("notext.tsv", "review\tlabel\ngood film\tpos\n"),
         "halfpairs": write("halfpairs.jsonl", "".join(json.dumps(
             {"translation": {"en": "the house", "es": "la casa"}}) + "\n" for _ in range(6))
             + json.dumps({"translation": {"en": "a dog"}}) + "\n"),

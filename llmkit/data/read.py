@@ -102,6 +102,9 @@ def _load_file(path: Path, option: str, sample_by: str, suffix: str | None = Non
         if field and isinstance(cause, KeyError):
             raise LlmkitError(f"{option} {path}: no top-level key {field!r} (--json-field)"
                               ) from err
+        if field and isinstance(cause, TypeError):  # a list has no keys to pick from
+            raise LlmkitError(f"{option} {path} holds a JSON list, not an object with keys: "
+                              f"drop --json-field {field}") from err
         raise LlmkitError(f"{option} {path}: could not be read as {suffix}: "
                           f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
                           ) from err

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from llmkit.config.schema import DataConfig, RunConfig, TrainConfig
 from llmkit.data.batches import LengthGroupedBatches, MicroBatches, micro_batches
 from llmkit.data.features import by_length, lengths
-from llmkit.data.read import check_columns, load_splits
+from llmkit.data.read import check_columns, load_split, load_splits
 from llmkit.errors import LlmkitError
 from llmkit.models import four_bit, load_model, model_config
 from llmkit.run.adapters import adapt
@@ -102,6 +102,10 @@ def load_run_inputs(cfg: RunConfig, task: Task) -> tuple[Any, Any, DataConfig, A
     check_columns(valid_rows, task.columns(data, True), "--validation")
     train_rows = task.usable(train_rows, data, True)
     valid_rows = task.usable(valid_rows, data, True)
+    if cfg.data.test:  # predicted after training: its columns are checked now
+        check_columns(load_split(cfg.data.test, "test", data.dataset_config, "--test",
+                                 getattr(data, "sample_by", "line"), data.format,
+                                 data.json_field), task.columns(data, False), "--test")
     model, tokenizer = load_model(task, cfg.model, data, quantized=cfg.adapter.load_in_4bit,
                                   run=cfg, config=config,
                                   **task.model_kwargs(train_rows, valid_rows, data))

@@ -98,7 +98,13 @@ def clean(rows: Dataset, data: ClassifyData, labelled: bool) -> Dataset:
             raise LlmkitError(f"{len(missing)} of {len(rows)} rows have no text (first: row "
                               f"{missing[0] + 1}); fill them in or remove them")
         return rows
-    return empty_rows(rows, [*texts, data.label_column], data.empty_rows, "text or label")
+    label = data.label_column
+    if getattr(rows.features[label], "dtype", None) in ("string", "large_string"):
+        # a 'NaN' cell is a missing label, as pandas reads it, not a class of its own
+        rows = rows.map(lambda batch: {label: [None if isinstance(v, str) and v.strip().lower()
+                                               == "nan" else v for v in batch[label]]},
+                        batched=True, desc="labels")
+    return empty_rows(rows, [*texts, label], data.empty_rows, "text or label")
 
 
 def label_names(rows: Dataset, column: str) -> list[str]:
