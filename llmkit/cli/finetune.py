@@ -86,8 +86,8 @@ def finetune_command(task: Task) -> Callable[..., None]:
 
 
 def train(cfg: Any, resume: bool, resume_from: str | None, overwrite: bool) -> None:
+    from llmkit import finetune as run
     from llmkit.cli.terminal import Terminal
-    from llmkit.run.finetune import finetune as run
 
     try:
         out = run(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite,

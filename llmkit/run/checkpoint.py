@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
-    from llmkit.config.schema import TrainConfig
+    from llmkit.config.schema import RunConfig, TrainConfig
 
 log = logging.getLogger("llmkit")
 STATE_FILE = "llmkit_state.json"
@@ -66,6 +66,22 @@ def resume_point(out: Path, resume: bool, resume_from: str | None, overwrite: bo
         raise LlmkitError(f"--resume: no checkpoint in {out / 'checkpoints'}; "
                           "start without --resume")
     return found[-1]
+
+
+def check_start(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: bool
+                ) -> tuple[Path | None, bool]:
+    """What can be refused before torch is even imported: the model's source, the --test
+    file, the resume point and the output folder. Returns the checkpoint to continue from and
+    whether the folder must be emptied."""
+    from llmkit.hub import check_model_source, looks_like_path
+
+    check_model_source(cfg.model)
+    test = cfg.data.test
+    if test and looks_like_path(test) and not any(c in test for c in "*?[") \
+            and not Path(test).expanduser().is_file():
+        raise LlmkitError(f"--test {test}: no such file")  # found now, not after training
+    start = resume_point(Path(cfg.output), resume, resume_from, overwrite)
+    return start, check_output(Path(cfg.output), start is not None, overwrite)
 
 
 def check_output(out: Path, resuming: bool, overwrite: bool) -> bool:

@@ -16,7 +16,6 @@ from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
 from llmkit.config.recipes import dump_config, flatten
 from llmkit.config.schema import RunConfig
 from llmkit.errors import LlmkitError
-from llmkit.hub import looks_like_path
 from llmkit.run import checkpoint as ckpt
 
 log = logging.getLogger("llmkit")
@@ -39,12 +38,7 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
               ) -> tuple[Accelerator, Path | None]:
     """Check the run directory before any work, then set up the processes."""
     out = Path(cfg.output)
-    test = cfg.data.test
-    if test and looks_like_path(test) and not any(c in test for c in "*?[") \
-            and not Path(test).expanduser().is_file():
-        raise LlmkitError(f"--test {test}: no such file")  # found now, not after training
-    start = ckpt.resume_point(out, resume, resume_from, overwrite)
-    wipe = ckpt.check_output(out, start is not None, overwrite)
+    start, wipe = ckpt.check_start(cfg, resume, resume_from, overwrite)
     accelerator = start_accelerator(cfg)
     if accelerator.is_main_process:
         if wipe:
