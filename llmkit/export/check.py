@@ -5,6 +5,7 @@ generations) compared one by one, and the task's metrics of each."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,8 +79,8 @@ class Twin:
         theirs = self.ort(**batch)
         ours = self.net(**{k: v for k, v in batch.items() if k in self.ort.inputs})
         for name in self.ort.outputs:
-            gap = (getattr(ours, name).float() - getattr(theirs, name).float()).abs().max()
-            self.largest = max(self.largest, float(gap))
+            gap = float((getattr(ours, name).float() - getattr(theirs, name).float()).abs().max())
+            self.largest = max(self.largest, gap if math.isfinite(gap) else math.inf)  # NaN too
         return theirs
 
 

@@ -79,7 +79,7 @@ def check_rows(task: Any, data: Any, net: Any, tokenizer: Any, check_data: str |
                           "rows to check the export on")
     option = "--check-data" if check_data else "the run's validation data (or --check-data)"
     rows = load_split(source, data.validation_split, data.dataset_config, option,
-                      getattr(data, "sample_by", "line"))
+                      getattr(data, "sample_by", "line"), data.format, data.json_field)
     check_columns(rows, task.columns(data, False), option)
     rows = rows.select(range(min(limit, len(rows))))
     labelled = all(c in rows.column_names for c in task.columns(data, True))

@@ -32,6 +32,9 @@ def check_output(output: Path, run: Path, overwrite: bool) -> None:
     """A new or empty folder, or a finished export with --overwrite; never the run itself."""
     if output.exists() and not output.is_dir():
         raise LlmkitError(f"--output {output} is a file; give a folder")
+    above = next(p for p in output.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise LlmkitError(f"--output {output}: {above} is a file, not a folder")
     if output.resolve() == run.resolve():
         raise LlmkitError("--output is the run directory itself; give a new folder")
     if (output / DONE).is_file():

@@ -62,9 +62,10 @@ class Batcher:
             left = deadline - loop.time()
             if left <= 0 and self.queue.empty():
                 return
-            try:
-                pending.append(await asyncio.wait_for(self.queue.get(), max(left, 0)))
-            except TimeoutError:
+            try:  # wait_for with no time left would cancel the get before it runs
+                pending.append(self.queue.get_nowait() if left <= 0 else
+                               await asyncio.wait_for(self.queue.get(), left))
+            except (TimeoutError, asyncio.QueueEmpty):
                 return
 
     async def run_batch(self, jobs: list[Job]) -> None:

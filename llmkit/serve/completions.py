@@ -32,6 +32,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(prompts):
         raise RequestError(400, "prompt is empty: give the text to continue", None)
+    if len(prompts) > request.app.state.limits.max_inputs:
+        raise RequestError(400, f"{len(prompts)} prompts in one request; at most "
+                           f"{request.app.state.limits.max_inputs}", "too_many_inputs")
     settings = settings_of(body, body.max_tokens or 16, request.app.state.limits)
     return await respond(request, body, [engine.prefix + p for p in prompts], settings, False)
 

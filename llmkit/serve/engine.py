@@ -100,7 +100,8 @@ def run_rows(engine: Engine, columns: dict[str, list[str]]
     task = get_task(engine.task)
     rows = task.usable(Dataset.from_dict(columns), engine.data, False)
     features = task.featurize(rows, engine.tokenizer, engine.net.config, engine.data)
-    arrays, order = outputs(task, engine.net, engine.tokenizer, features, len(features))
+    # a fixed forward size: one long qa context must not become thousands of windows at once
+    arrays, order = outputs(task, engine.net, engine.tokenizer, features, 64)
     return arrays, features, order
 
 

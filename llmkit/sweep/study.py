@@ -11,7 +11,7 @@ from typing import Any
 
 from llmkit.config.recipes import read_recipe
 from llmkit.errors import LlmkitError
-from llmkit.run.checkpoint import checkpoints
+from llmkit.run.checkpoint import checkpoints, remove_checkpoints
 from llmkit.run.loop import lower_is_better
 from llmkit.run.report import Relay, Reporter
 from llmkit.sweep.space import Param, read_space
@@ -72,26 +72,42 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def open_study(storage: str, name: str, metric: str, prune: str, definition: dict[str, Any]
-               ) -> Any:
-    """The study, created or loaded; one made with other settings is refused, not mixed."""
+class Surplus(LlmkitError):
+    """A trial started while other processes took the study to its count: not run."""
+
+
+def open_study(storage: str, name: str, metric: str, prune: str, definition: dict[str, Any],
+               out: Path) -> Any:
+    """The study, created or loaded; one made with other settings is refused, not mixed, and a
+    new one is refused an output folder that holds another study's trials."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     if prune not in PRUNERS:
         raise LlmkitError(f"--prune {prune}: choose one of {', '.join(PRUNERS)}")
     pruner = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
               "hyperband": optuna.pruners.HyperbandPruner}[prune]()
-    study = optuna.create_study(storage=storage_of(storage), study_name=name, pruner=pruner,
-                                direction="minimize" if lower_is_better(metric) else "maximize",
-                                load_if_exists=True)
+    for attempt in (1, 2):  # processes starting together race to create the tables
+        try:
+            study = optuna.create_study(
+                storage=storage_of(storage), study_name=name, pruner=pruner, load_if_exists=True,
+                direction="minimize" if lower_is_better(metric) else "maximize")
+            break
+        except (LlmkitError, SQLAlchemyError):
+            if attempt == 2:
+                raise
+            time.sleep(2)
     saved = study.user_attrs.get("definition")
+    if saved is None and any(out.glob("trial-*")):
+        raise LlmkitError(f"{out} holds the trial folders of another study; choose another "
+                          "--output")
     if saved is None:
         study.set_user_attr("definition", definition)
     elif saved != definition:
         changed = sorted(k for k in definition.keys() | saved.keys()
                          if definition.get(k) != saved.get(k))
         raise LlmkitError(f"study {name!r} in {storage} was made with other settings "
-                          f"({', '.join(changed)}); choose another --study-name or --output")
+                          f"({', '.join(changed)}); choose another --output")
     return study
 
 
@@ -100,7 +116,7 @@ def tally(study: Any) -> tuple[int, int, int]:
     waiting to run (a retry)."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     retried = {t.system_attrs.get("failed_trial") for t in trials}
     done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
@@ -109,7 +125,8 @@ def tally(study: Any) -> tuple[int, int, int]:
 
 
 def objective(task: Task, raw: dict[str, Any], overrides: list[str], space: list[Param],
-              out: Path, metric: str, watch: Callable[[], Reporter]) -> Callable[[Any], float]:
+              out: Path, metric: str, trials: int, watch: Callable[[], Reporter]
+              ) -> Callable[[Any], float]:
     """One trial: its settings drawn, an ordinary run in OUTPUT/trial-NNN (a retried trial
     resumes in the folder of the one that died), its metric at the kept checkpoint."""
     from llmkit.run.finetune import finetune
@@ -117,8 +134,11 @@ def objective(task: Task, raw: dict[str, Any], overrides: list[str], space: list
     def run(trial: Any) -> float:
         import optuna
 
-        values = {p.path: p.suggest(trial) for p in space}
         first = retried(trial)
+        if first is None and counted_before(trial) >= trials:
+            trial.set_user_attr("surplus", True)
+            raise Surplus(f"trial {trial.number}: the study has its {trials} trials")
+        values = {p.path: p.suggest(trial) for p in space}
         folder = out / f"trial-{trial.number if first is None else first:03d}"
         trial.set_user_attr("dir", folder.name)
         cfg = load_config(task.name, raw, {**values, "output": str(folder)}, overrides)
@@ -127,6 +147,7 @@ def objective(task: Task, raw: dict[str, Any], overrides: list[str], space: list
                             reporter=TrialReporter(trial, metric, watch()))
         except optuna.TrialPruned as pruned:
             (folder / PRUNED_MARK).write_text(f"{pruned}\n", encoding="utf-8")
+            remove_checkpoints(folder)  # it will not be resumed: its weights are not kept
             raise
         except (LlmkitError, RuntimeError) as err:  # kept in the summary; the sweep goes on
             trial.set_user_attr("error", f"{type(err).__name__}: {' '.join(str(err).split())}")
@@ -134,6 +155,18 @@ def objective(task: Task, raw: dict[str, Any], overrides: list[str], space: list
         return float(read_final(done)[metric])
 
     return run
+
+
+def counted_before(trial: Any) -> int:
+    """Trials numbered below this one that count towards the study's total (Optuna numbers
+    trials one at a time across processes, so this decides who runs the last ones)."""
+    from optuna.trial import TrialState
+
+    earlier = [t for t in trial.study.get_trials(deepcopy=False)
+               if t.number < trial.number and not t.user_attrs.get("surplus")]
+    again = {t.system_attrs.get("failed_trial") for t in earlier}
+    return sum(t.state != TrialState.WAITING and not (t.state == TrialState.FAIL
+                                                      and t.number in again) for t in earlier)
 
 
 def retried(trial: Any) -> int | None:
@@ -152,6 +185,8 @@ def finished_values(study: Any) -> list[float]:
 
 def say(trial: Any) -> None:
     """One log line for a trial this process finished."""
+    if trial.user_attrs.get("surplus"):
+        return
     where = trial.user_attrs.get("dir", f"trial {trial.number}")
     if trial.value is not None:
         log.info("%s: %s %.4f", where, trial.state.name.lower(), trial.value)
@@ -190,9 +225,11 @@ def sweep(task_name: str, output: str | Path, params: list[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     definition = {"task": task.name, "params": sorted(params), "metric": metric,
                   "overrides": sorted(overrides)}
-    study = open_study(storage or f"sqlite:///{out / 'study.db'}", study_name or out.name,
-                       metric, prune or plan.get("prune") or "none", definition)
-    run_trials(study, trials, objective(task, raw, overrides, space, out, metric, watch))
+    url = storage or f"sqlite:///{out / 'study.db'}"
+    study = open_study(url, study_name or out.name, metric, prune or plan.get("prune") or "none",
+                       definition, out)
+    run_trials(study, trials, objective(task, raw, overrides, space, out, metric, trials, watch),
+               heartbeat="://" in url)
     return study
 
 
@@ -211,9 +248,11 @@ def check_trials(task: Task, raw: dict[str, Any], overrides: list[str], space: l
     return load_config(task.name, raw, {"output": str(out / "trial")}, overrides)
 
 
-def run_trials(study: Any, trials: int, run: Callable[[Any], float]) -> None:
+def run_trials(study: Any, trials: int, run: Callable[[Any], float], heartbeat: bool) -> None:
     """Trials until `trials` count, shared with any other process on the same storage; a
-    failed trial is kept (its error in the summary), but the first three all failing stop."""
+    failed trial is kept (its error in the summary), but the first three all failing stop.
+    Without heartbeats (a journal file) a trial whose process died is not detected: the
+    sweep ends when the others are done or running."""
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
@@ -223,11 +262,14 @@ def run_trials(study: Any, trials: int, run: Callable[[Any], float]) -> None:
         if done >= trials:
             return
         if done + running >= trials and not waiting:  # others finish the last ones
+            if not heartbeat:
+                return
             time.sleep(HEARTBEAT)
             continue
         study.optimize(run, n_trials=1, catch=(LlmkitError, RuntimeError),
                        callbacks=[lambda _, trial: say(trial)])
-        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        finished = [t for t in study.get_trials(deepcopy=False)
+                    if t.state.is_finished() and not t.user_attrs.get("surplus")]
         if len(finished) >= min(3, trials) and all(t.state == TrialState.FAIL
                                                    for t in finished):
             error = finished[0].user_attrs.get("error") or "see the log above"

@@ -14,6 +14,8 @@ def rows(study: Any) -> list[dict[str, Any]]:
     """One record per trial: number, folder, state, the metric, the settings, seconds, error."""
     found = []
     for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get("surplus"):  # started after the count was reached: not run
+            continue
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
             if trial.datetime_complete and trial.datetime_start else None
         found.append({"trial": trial.number, "dir": trial.user_attrs.get("dir", ""),
@@ -43,6 +45,7 @@ def summarize(study: Any, output: Path) -> dict[str, Any]:
     """The summary, with the best trial linked as OUTPUT/best and the pictures drawn."""
     from optuna.trial import TrialState
 
+    output.mkdir(parents=True, exist_ok=True)
     definition = study.user_attrs.get("definition", {})
     summary: dict[str, Any] = {"study": study.study_name, "metric": definition.get("metric"),
                                "direction": study.direction.name.lower(),
