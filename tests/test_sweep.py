@@ -97,3 +97,24 @@ def test_a_recipe_s_sweep_section_supplies_the_search(tiny_bert: Path, toy: dict
     study = sweep("classify", tmp_path / "s3", recipe=recipe)
     assert len(study.trials) == 1 and study.direction.name == "MINIMIZE"
     assert study.trials[0].params["train.batch_size"] in (8, 16)
+
+
+def test_a_trial_past_the_count_ends_unrun(tmp_path: Path) -> None:
+    """Processes sharing a study each start a trial when they see room; Optuna numbers trials
+    one at a time, so the one numbered past the count ends without running (and is not
+    counted), however the processes interleaved."""
+    from llmkit.run.report import Reporter
+    from llmkit.sweep.study import Surplus, objective, tally
+    from llmkit.tasks import get_task
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    for value in (0.5, 0.6):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    run = objective(get_task("classify"), {}, [], [], tmp_path, "accuracy", 2, Reporter)
+    trial = study.ask()
+    with pytest.raises(Surplus):
+        run(trial)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert trial.number == 2 and study.trials[2].user_attrs["surplus"]
+    assert tally(study) == (2, 0, 0)
+    assert not list(tmp_path.glob("trial-*"))
