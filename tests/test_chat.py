@@ -183,6 +183,13 @@ def test_bad_conversations_are_one_line(chat_gpt2: Path, tiny_gpt2: Path, tmp_pa
     with pytest.raises(LlmkitError, match="1 of 2 conversations have no assistant turn "
                                           r"\(first: row 1\)"):
         run_chat(chat_gpt2, rows(TALK, TALK[:2]), tmp_path / "c")
+    empty = [*TALK[:2], {"role": "assistant", "content": " "}]
+    with pytest.raises(LlmkitError, match="1 of 2 conversations have no assistant turn "
+                                          r"\(first: row 1\) to learn from: none, an empty"):
+        run_chat(chat_gpt2, rows(TALK, empty), tmp_path / "c2")
+    with pytest.raises(LlmkitError, match="2 of 2 conversations .* none within the first 4 "
+                                          r"tokens \(--block-size\)"):
+        run_chat(chat_gpt2, rows(TALK, TALK), tmp_path / "c3", block_size=4)
     with pytest.raises(LlmkitError, match="the tokenizer has no chat template"):
         run_chat(tiny_gpt2, rows(TALK), tmp_path / "d")
     broken = tmp_path / "broken.jinja"

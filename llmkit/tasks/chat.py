@@ -129,8 +129,11 @@ def conversations(rows: Any, column: str, tokenizer: PreTrainedTokenizerBase, si
         out: dict[str, list[Any]] = {"ids": [], "labels": [], "silent": [], "cut": []}
         for row, messages in zip(indices, batch[column], strict=True):
             check(messages, row)
-            silent = not any(m["role"] == "assistant" for m in messages)
+            replies = [m["content"] for m in messages if m["role"] == "assistant"]
+            silent = not replies or not all(r.strip() for r in replies)  # an empty reply
+            # would teach end-of-turn markers alone
             ids, labels = ([], []) if silent else encode(tokenizer, messages)
+            silent = silent or all(t == IGNORE for t in labels[:size])  # no reply in the block
             for key, value in (("ids", ids[:size]), ("labels", labels[:size]),
                                ("silent", silent), ("cut", len(ids) > size)):
                 out[key].append(value)
@@ -147,8 +150,9 @@ def conversations(rows: Any, column: str, tokenizer: PreTrainedTokenizerBase, si
     silent = flags["silent"].to_numpy(zero_copy_only=False)
     if silent.any() and (not skip_empty or silent.all()):
         raise LlmkitError(f"{int(silent.sum())} of {len(rows)} conversations have no assistant "
-                          f"turn (first: row {int(np.argmax(silent))}), so nothing to learn; fix "
-                          "the data or pass -s data.empty_rows=skip to leave them out")
+                          f"turn (first: row {int(np.argmax(silent))}) to learn from: none, an "
+                          f"empty reply, or none within the first {size} tokens (--block-size); "
+                          "fix the data or pass -s data.empty_rows=skip to leave them out")
     if silent.any():
         log.warning("leaving out %d of %d conversations without an assistant turn",
                     int(silent.sum()), len(rows))
