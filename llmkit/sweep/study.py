@@ -23,6 +23,7 @@ HEARTBEAT = 10  # seconds between a running trial's signs of life in the storage
 GRACE = 30  # a running trial silent this long died with its process: failed, then run again
 PRUNERS = ("none", "median", "hyperband")
 PRUNED_MARK = "PRUNED"  # in the folder of a trial the pruner stopped
+STUDY_FILE = "study.db"  # the default storage, in the sweep's folder
 
 
 class TrialReporter(Relay):
@@ -225,7 +226,7 @@ def sweep(task_name: str, output: str | Path, params: list[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     definition = {"task": task.name, "params": sorted(params), "metric": metric,
                   "overrides": sorted(overrides)}
-    url = storage or f"sqlite:///{out / 'study.db'}"
+    url = storage or f"sqlite:///{out / STUDY_FILE}"
     study = open_study(url, study_name or out.name, metric, prune or plan.get("prune") or "none",
                        definition, out)
     run_trials(study, trials, objective(task, raw, overrides, space, out, metric, trials, watch),

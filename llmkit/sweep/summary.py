@@ -101,12 +101,12 @@ def load(output: str | Path, storage: str | None = None, study_name: str | None 
     """The study of an earlier `llmkit sweep --output OUTPUT`, for `--show`."""
     import optuna
 
-    from llmkit.sweep.study import quiet_optuna, storage_of
+    from llmkit.sweep.study import STUDY_FILE, quiet_optuna, storage_of
 
     quiet_optuna()
     out = Path(output)
-    url = storage or f"sqlite:///{out / 'study.db'}"
-    if storage is None and not (out / "study.db").is_file():
+    url = storage or f"sqlite:///{out / STUDY_FILE}"
+    if storage is None and not (out / STUDY_FILE).is_file():
         raise LlmkitError(f"{out} holds no sweep (no study.db); give the --output of a sweep, "
                           "or its --storage")
     try:
