@@ -95,3 +95,15 @@ def quiet_libraries() -> None:
     # "Removed shared tensor lm_head.weight while saving" at every checkpoint of a model with
     # tied embeddings: expected, and resuming restores the tie (also when called as a library)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+
+
+def weights_identity(name: str) -> tuple[str, ...]:
+    """What identifies a checkpoint's weights in a cache key: a local folder's weight files
+    with their sizes and change times (weights saved again are new), else the Hub id."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return (name,)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")
+                   or p.name.startswith("adapter_"))
+    return (str(folder.resolve()), *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                      for p in files))

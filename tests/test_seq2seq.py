@@ -423,7 +423,7 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(tiny_seq2seq):
     for collated in (task.collator(tokenizer)(batch), MicroBatches(task.collator(tokenizer), 4)(
             batch)):
         model.zero_grad()
-        loss = forward_backward(Accelerator(cpu=True), model, collated)
+        loss = forward_backward(Accelerator(cpu=True), model, collated, task)[0]
         grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()
                              if p.grad is not None}))
     micro = MicroBatches(task.collator(tokenizer), 4)(batch)["micro_batches"]

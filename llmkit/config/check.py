@@ -123,6 +123,7 @@ def related(cfg: RunConfig, metrics: tuple[str, ...] | None) -> list[str]:
     if adapter.lora and cfg.from_scratch:  # adapters over a frozen random base learn nothing
         problems.append("--from-scratch trains every weight of a new model and --lora freezes "
                         "the base model's: drop one of them")
+    problems += cfg.data.problems()
     if cfg.train.lr_scheduler not in COMMON_SCHEDULES:  # else transformers (and peft) load:
         problems += schedule_problem(cfg.train.lr_scheduler)  # 6 s on a busy machine
     return problems

@@ -45,6 +45,10 @@ class DataConfig:
     max_eval_samples: int | None = setting(None, "Use only the first N validation rows.",
                                            "--eval-max-samples", minimum=1)
 
+    def problems(self) -> list[str]:
+        """What is wrong with how this task's settings go together (none here)."""
+        return []
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -21,7 +21,8 @@ log = logging.getLogger("llmkit")
 
 
 PEFT_TASKS = {"classify": "SEQ_CLS", "qa": "QUESTION_ANS", "translate": "SEQ_2_SEQ_LM",
-              "summarize": "SEQ_2_SEQ_LM", "generate": "CAUSAL_LM"}
+              "summarize": "SEQ_2_SEQ_LM", "generate": "CAUSAL_LM",
+              "dpo": "CAUSAL_LM", "reward": "SEQ_CLS"}
 
 
 def linear_names(model: Any) -> list[str]:

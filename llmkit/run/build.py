@@ -48,6 +48,9 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     task = get_task(cfg.task)
     with accelerator.main_process_first():
         model, tokenizer, data, train_set, eval_set, rows = load_run_inputs(cfg, task)
+        if task.attach:  # what the task's loss needs beside the model: before the adapters
+            train_set, eval_set = task.attach(model, tokenizer, data, cfg, accelerator.device,
+                                              (train_set, eval_set))
     for module in model.modules():
         # fixed by design (Marian, Pegasus), but loaded as trainable: DDP would wait for their
         # gradients forever

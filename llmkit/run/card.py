@@ -17,8 +17,8 @@ from llmkit.errors import LlmkitError
 
 log = logging.getLogger("llmkit")
 PIPELINES = {"classify": "text-classification", "qa": "question-answering",
-             "translate": "translation", "summarize": "summarization",
-             "generate": "text-generation"}
+             "translate": "translation", "summarize": "summarization", "reward":
+             "text-classification", "generate": "text-generation", "dpo": "text-generation"}
 # numbers of an evaluation that are not quality metrics
 NOT_METRICS = {"step", "epoch", "train_loss", "eval_samples", "eval_tokens", "eval_seconds",
                "save_seconds", "generated_tokens"}

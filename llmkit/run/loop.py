@@ -95,7 +95,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
                out: Path) -> dict[str, float]:
     """Run the remaining epochs; returns throughput figures of the training steps."""
     acc, tc, model = parts.accelerator, cfg.train, parts.model
-    window, since_eval, total = Meter(), Meter(), Meter()
+    window, since_eval, total = (Meter(parts.task.rows_per_sample) for _ in range(3))
     guard = ckpt.Guard(tc, state, out)
     evals_before = len(state.history)
     model.train()
@@ -109,12 +109,12 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
         loader = acc.skip_first_batches(parts.train_loader, skip) if skip else parts.train_loader
         for batch in loader:
             with acc.accumulate(model):
-                loss = forward_backward(acc, model, batch)
+                loss, figures = forward_backward(acc, model, batch, parts.task)
                 step = state.global_step + 1
                 guard.note(loss, step)
                 optimizer_step(parts, tc, guard, step)
             for meter in (window, since_eval, total):
-                meter.add(loss, batch, acc.num_processes)
+                meter.add(loss, batch, acc.num_processes, figures)
             if not acc.sync_gradients:
                 continue
             state.global_step += 1

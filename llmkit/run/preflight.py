@@ -88,7 +88,7 @@ def measure(parts: Parts, cfg: RunConfig, steps: int, total_steps: int) -> dict[
                 loader = iter(parts.train_loader)
                 batch = next(loader)
             with acc.accumulate(model):
-                forward_backward(acc, model, batch)
+                forward_backward(acc, model, batch, parts.task)
                 optimizer_step(parts, tc, guard, step)
         if acc.device.type == "cuda":
             torch.cuda.synchronize()

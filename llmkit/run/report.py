@@ -112,19 +112,25 @@ class RunLog(Relay):
 
 
 class Meter:
-    """Running loss, samples and tokens since the last flush (losses stay tensors: no syncs)."""
+    """Running loss, a task's figures, samples and tokens since the last flush (losses stay
+    tensors: no syncs). `rows_per_sample`: model rows per example (a preference pair's 2)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows_per_sample: int = 1) -> None:
+        self.rows_per_sample = rows_per_sample
         self.loss: float | torch.Tensor = 0.0
+        self.figures: dict[str, Any] = {}
         self.batches, self.samples = 0, 0
         self.tokens: int | torch.Tensor = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], processes: int) -> None:
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], processes: int,
+            figures: dict[str, torch.Tensor] | None = None) -> None:
         self.loss = self.loss + loss.detach().float()
+        for key, value in (figures or {}).items():
+            self.figures[key] = self.figures.get(key, 0.0) + value.float()
         self.batches += 1
         for part in batch.get("micro_batches", [batch]):
-            self.samples += part["input_ids"].shape[0] * processes
+            self.samples += part["input_ids"].shape[0] // self.rows_per_sample * processes
             mask = part.get("attention_mask")  # summed on the device: an int() here would sync
             self.tokens = self.tokens + (mask.sum() if mask is not None
                                          else part["input_ids"].numel()) * processes
@@ -132,12 +138,15 @@ class Meter:
     def flush(self, accelerator: Accelerator) -> dict[str, float]:
         import torch
 
-        loss = accelerator.reduce(torch.as_tensor(self.loss).reshape(1), "mean").item()
+        sums = torch.stack([torch.as_tensor(v, device=accelerator.device).reshape(())
+                            for v in (self.loss, *self.figures.values())])
+        means = [v / max(self.batches, 1) for v in accelerator.reduce(sums, "mean").tolist()]
         seconds, tokens = time.perf_counter() - self.start, int(self.tokens)
-        result = {"loss": loss / max(self.batches, 1), "seconds": seconds,
+        result = {"loss": means[0], **dict(zip(self.figures, means[1:], strict=True)),
+                  "seconds": seconds,
                   "samples_per_second": self.samples / seconds, "samples": self.samples,
                   "tokens_per_second": tokens / seconds, "tokens": tokens}
-        self.__init__()  # type: ignore[misc]
+        self.__init__(self.rows_per_sample)  # type: ignore[misc]
         return result
 
 

@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 def registry() -> dict[str, Task]:
     from llmkit.tasks.causal_lm import GENERATE
     from llmkit.tasks.classify import CLASSIFY
+    from llmkit.tasks.preference import DPO
     from llmkit.tasks.qa import QA
     from llmkit.tasks.seq2seq import SUMMARIZE, TRANSLATE
 
-    return {t.name: t for t in (CLASSIFY, QA, SUMMARIZE, TRANSLATE, GENERATE)}
+    return {t.name: t for t in (CLASSIFY, QA, SUMMARIZE, TRANSLATE, GENERATE, DPO)}
 
 
 def task_names() -> list[str]:

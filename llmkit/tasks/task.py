@@ -70,6 +70,16 @@ class Task:
     detect: Callable[[Dataset, Any], Any] | None = None
     # --group-by-length inside each batch (sorted micro-batches) rather than across batches
     group_inside: bool = False
+    # The training loss of a batch and figures to log beside it (means over the batch), where
+    # it is not the model's own `loss` (preference losses): (model, batch) -> (loss, figures)
+    loss: Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None \
+        = None
+    # Sets up what `loss` needs beside the model, before adapters are added (a preference
+    # reference model), and may add columns to the features (precomputed reference
+    # log-probabilities): (model, tokenizer, data, run config, device, (train, validation))
+    # -> (train, validation)
+    attach: Callable[..., tuple[Dataset, Dataset]] | None = None
+    rows_per_sample: int = 1  # model rows per example (2 for a pair: chosen and rejected)
 
     @property
     def default_metric(self) -> str:
@@ -152,22 +162,29 @@ def perplexity(gathered: dict[str, np.ndarray]) -> dict[str, Any]:
     return {"perplexity": perplexity_of(mean), "eval_tokens": int(tokens)}
 
 
-def forward_backward(acc: Accelerator, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """The batch's loss and its gradients; a batch in micro-batches (`data.MicroBatches`) runs
-    each, its loss weighted by its share, the gradients synced across processes after the last.
-    Returns the loss, detached: the graph kept alive into the next forward holds hundreds of MB."""
+def own_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return model(**batch).loss, {}
+
+
+def forward_backward(acc: Accelerator, model: Any, batch: dict[str, Any], task: Task
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batch's loss and its gradients, and the task's figures of the batch; a batch in
+    micro-batches (`data.MicroBatches`) runs each, its loss weighted by its share, the gradients
+    synced across processes after the last. Returns the loss, detached: the graph kept alive
+    into the next forward holds hundreds of MB."""
     import torch
 
+    objective = task.loss or own_loss
     if "micro_batches" not in batch:
-        loss = model(**batch).loss
+        loss, figures = objective(model, batch)
         acc.backward(loss)
-        return loss.detach()
+        return loss.detach(), figures
     total = torch.zeros((), device=acc.device)
     parts = batch["micro_batches"]
     for i, (part, share) in enumerate(zip(parts, batch["shares"], strict=True)):
         quiet = acc.sync_gradients and i < len(parts) - 1  # else accumulate() decided
         with acc.no_sync(model) if quiet else contextlib.nullcontext():
-            loss = model(**part).loss * share
+            loss = objective(model, part)[0] * share
             acc.backward(loss)
         total += loss.detach()
-    return total
+    return total, {}
