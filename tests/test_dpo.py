@@ -1,0 +1,191 @@
+"""llmkit finetune dpo: the losses, their gradients and the log-probabilities equal TRL's on the
+same rows; the three data formats; the reference model's three forms; runs that load in plain
+transformers; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.test_chat import chat_gpt2  # noqa: F401  (a fixture)
+
+PAIRS = [{"prompt": "the film is", "chosen": " a gripping , funny film .",
+          "rejected": " dull ."},
+         {"prompt": "the plot", "chosen": " moves fast .",
+          "rejected": " drags on and on and on ."},
+         {"prompt": "paris is", "chosen": " the capital of france .",
+          "rejected": " a film ."}]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def toy_pairs(count: int) -> list[dict[str, Any]]:
+    """A learnable preference: the chosen reply says 'good', the rejected one 'bad'."""
+    words = ["film", "plot", "song", "book", "show", "cast"]
+    return [{"prompt": f"the {words[i % 6]} {i} is", "chosen": " good and fine .",
+             "rejected": " bad and poor ."} for i in range(count)]
+
+
+def ours(folder: Path, loss: str, rows: list[dict[str, Any]]) -> tuple[Any, Any, dict]:
+    """llmkit's model, its collated batch of `rows` and the setup of its loss."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.tasks import get_task, load_config
+    from llmkit.tasks.reference import attach
+
+    cfg = load_config("dpo", None, {"model": str(folder), "output": "unused",
+                                    "data.train": "unused", "data.loss": loss})
+    task = get_task("dpo")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    features = task.featurize(Dataset.from_list(rows), tokenizer, model.config, cfg.data)
+    attach(model, tokenizer, cfg.data, cfg, torch.device("cpu"), (features, features))
+    return model, task.collator(tokenizer)([features[i] for i in range(len(features))]), cfg
+
+
+def grads(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_equal_trl_dpotrainer(tiny_gpt2: Path, tmp_path: Path, loss: str) -> None:
+    """TRL's DPOTrainer (a frozen copy as reference, dropout off) and llmkit, on the same rows in
+    one batch: the same tokens and reply masks, loss, gradients and log-probabilities."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tokenizer.pad_token = tokenizer.eos_token
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_gpt2),
+                         args=DPOConfig(output_dir=str(tmp_path), loss_type=[loss], beta=0.1,
+                                        per_device_train_batch_size=len(PAIRS), report_to=[],
+                                        use_cpu=True, max_length=64, bf16=False),
+                         train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    trainer.model.train()
+    expected = trainer.compute_loss(trainer.model, batch)
+    expected.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    from llmkit.tasks.preference import objective
+
+    model, mine, _ = ours(tiny_gpt2, loss, PAIRS)
+    width = batch["input_ids"].shape[1]
+    assert torch.equal(mine["input_ids"][:, :width] * mine["attention_mask"][:, :width],
+                       batch["input_ids"] * batch["attention_mask"])
+    assert torch.equal((mine["labels"][:, :width] != -100).long(), batch["completion_mask"])
+    model.train()
+    value, figures = objective(model, mine)
+    value.backward()
+    assert value.item() == pytest.approx(expected.item(), abs=1e-5)
+    for name in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins"):
+        assert figures[name].item() == pytest.approx(metrics[name], abs=1e-5), name
+    theirs = grads(trainer.model)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4)
+
+
+def test_simpo_equals_trl_cpotrainer_on_the_same_tokens(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """SimPO is TRL's CPOTrainer with loss_type simpo and cpo_alpha 0: on CPOTrainer's own
+    batch (its tokenization adds a BOS to prompts), llmkit's loss, gradients and length-normalised
+    log-probabilities equal its own."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from llmkit.tasks.preference import objective
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tokenizer.pad_token = tokenizer.eos_token
+    trainer = CPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_gpt2),
+                         args=CPOConfig(output_dir=str(tmp_path), loss_type="simpo", cpo_alpha=0,
+                                        beta=2.0, simpo_gamma=0.5, report_to=[], use_cpu=True,
+                                        per_device_train_batch_size=len(PAIRS), max_length=64,
+                                        bf16=False),
+                         train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    trainer.model.train()
+    expected, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+    expected.backward()
+    joined = trainer.concatenated_inputs(batch, padding_value=tokenizer.pad_token_id)
+
+    model, _, cfg = ours(tiny_gpt2, "simpo", PAIRS)
+    assert cfg.data.loss == "simpo"
+    from dataclasses import replace
+
+    from llmkit.tasks.reference import SETUPS
+
+    SETUPS[model].settings = replace(cfg.data, beta=2.0, simpo_gamma=0.5)
+    model.train()
+    value, figures = objective(model, {
+        "input_ids": joined["concatenated_input_ids"],
+        "attention_mask": joined["concatenated_attention_mask"],
+        "labels": joined["concatenated_labels"]})
+    value.backward()
+    assert value.item() == pytest.approx(expected.item(), abs=1e-5)
+    for name in ("logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/margins"):
+        assert figures[name].item() == pytest.approx(metrics[name], abs=1e-5), name
+    theirs = grads(trainer.model)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4)
+
+
+def test_the_three_formats_give_the_same_tokens(chat_gpt2: Path) -> None:  # noqa: F811
+    """Standard text and its implicit-prompt form encode alike; a conversation's prompt is the
+    chat template's rendering with the generation prompt, as `finetune generate` renders it, and
+    its replies end with the template's end-of-turn marker."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from llmkit.tasks import pairs
+    from llmkit.tasks.chat import render
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_gpt2)
+    data = pairs.PairData()
+    standard = pairs.encode(Dataset.from_list(PAIRS), tokenizer, data)
+    implicit = pairs.encode(Dataset.from_list([{"chosen": r["prompt"] + r["chosen"],
+                                                "rejected": r["prompt"] + r["rejected"]}
+                                               for r in PAIRS]),
+                            tokenizer, pairs.PairData(prompt_column=None))
+    assert standard.to_list() == implicit.to_list()
+    conversation = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                     "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                     "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+                    for r in PAIRS]
+    chats = pairs.encode(Dataset.from_list(conversation), tokenizer, data)
+    first = chats[0]
+    prompt = tokenizer.decode(first["input_ids"][:first["prompt_length"]])
+    assert prompt == render(tokenizer, conversation[0]["prompt"], prompt=True)
+    assert tokenizer.decode(first["input_ids"]) == render(
+        tokenizer, conversation[0]["prompt"] + conversation[0]["chosen"])
+    assert tokenizer.decode(first["rejected_ids"][first["prompt_length"]:]).endswith(
+        "<|im_end|>\n")
+
+
+def test_limits_cut_prompts_from_the_left_and_replies_at_the_end(tiny_gpt2: Path,
+                                                                 caplog) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from llmkit.tasks import pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    full = pairs.encode(Dataset.from_list(PAIRS[:1]), tokenizer, pairs.PairData())[0]
+    cut = pairs.encode(Dataset.from_list(PAIRS[:1]), tokenizer,
+                       pairs.PairData(max_prompt_length=2, max_length=5))[0]
+    prompt = full["input_ids"][:full["prompt_length"]]
+    assert cut["prompt_length"] == 2 and cut["input_ids"][:2] == prompt[-2:]
+    assert cut["input_ids"] == full["input_ids"][len(prompt) - 2:][:5]
+    assert "prompts are longer than --max-prompt-length 2" in caplog.text
+    assert "pairs are longer than --max-length 5" in caplog.text
