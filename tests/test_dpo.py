@@ -189,3 +189,99 @@ def test_limits_cut_prompts_from_the_left_and_replies_at_the_end(tiny_gpt2: Path
     assert cut["input_ids"] == full["input_ids"][len(prompt) - 2:][:5]
     assert "prompts are longer than --max-prompt-length 2" in caplog.text
     assert "pairs are longer than --max-length 5" in caplog.text
+
+
+def dpo_config(model: Path, train: Path, out: Path, **settings: Any) -> Any:
+    from llmkit.tasks import load_config
+
+    return load_config("dpo", None, {"model": str(model), "output": str(out),
+                                     "data.train": str(train), "train.epochs": 2,
+                                     "data.validation": str(train.with_name("valid.jsonl")),
+                                     "train.batch_size": 4, "train.learning_rate": 3e-3,
+                                     "train.save_steps": 3, "train.logging_steps": 2,
+                                     **settings})
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 training pairs; pairs.jsonl's neighbour valid.jsonl holds 6 held-out ones."""
+    folder = tmp_path_factory.mktemp("pairs")
+    write_jsonl(folder / "valid.jsonl", toy_pairs(22)[16:])
+    return write_jsonl(folder / "pairs.jsonl", toy_pairs(16))
+
+
+@pytest.mark.parametrize(("loss", "reference"), [("sigmoid", "copy"), ("ipo", "precompute"),
+                                                 ("simpo", "none"), ("sigmoid", "lora")])
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny_gpt2: Path, toy: Path,
+                                                        tmp_path: Path, loss: str,
+                                                        reference: str, monkeypatch) -> None:
+    """Every loss and every form of the reference: a run cut after a checkpoint and resumed
+    ends with the weights of one that was not, and it learned the preference."""
+    from safetensors.torch import load_file
+
+    from llmkit.run.finetune import finetune
+    from tests.conftest import cut_after_checkpoint
+
+    settings = {"data.loss": loss, "data.precompute_ref": reference == "precompute",
+                "adapter.lora": reference == "lora"}
+    steady = finetune(dpo_config(tiny_gpt2, toy, tmp_path / "steady", **settings))
+    cut_after_checkpoint(dpo_config(tiny_gpt2, toy, tmp_path / "cut", **settings), 3,
+                         monkeypatch)
+    finetune(dpo_config(tiny_gpt2, toy, tmp_path / "cut", **settings), resume=True)
+    weights = "adapter_model.safetensors" if reference == "lora" else "model.safetensors"
+    a, b = (load_file(folder / weights) for folder in (steady, tmp_path / "cut"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    metrics = json.loads((steady / "metrics.json").read_text())
+    assert metrics["metric_for_best"] == "rewards/accuracies"
+    assert metrics["final"]["rewards/accuracies"] == 1.0
+    assert metrics["final"]["rewards/margins"] > 0
+    logged = [json.loads(line) for line in (steady / "train_log.jsonl").read_text().splitlines()]
+    first = next(r for r in logged if "learning_rate" in r)
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(first)
+    assert first["samples"] == 2 * 4  # pairs, not rows: 2 steps of 4
+
+
+def test_a_precomputed_reference_trains_as_a_frozen_copy(tiny_gpt2: Path, toy: Path,
+                                                         tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from llmkit.run.finetune import finetune
+
+    runs = [finetune(dpo_config(tiny_gpt2, toy, tmp_path / name, **{
+        "data.precompute_ref": name == "precomputed", "train.epochs": 1}))
+        for name in ("copy", "precomputed")]
+    a, b = (load_file(run / "model.safetensors") for run in runs)
+    for key in a:  # the reference's batches are padded differently: float noise only
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_chat_dpo_run_loads_and_chats_in_plain_transformers(chat_gpt2: Path,  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    from llmkit.run.finetune import finetune
+
+    talks = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+              "chosen": [{"role": "assistant", "content": r["chosen"]}],
+              "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+             for r in toy_pairs(20)]
+    write_jsonl(tmp_path / "valid.jsonl", talks[16:])
+    chats = write_jsonl(tmp_path / "chats.jsonl", talks[:16])
+    run = finetune(dpo_config(chat_gpt2, chats, tmp_path / "run", **{"train.epochs": 1}))
+    chat = pipeline("text-generation", model=str(run))
+    assert chat.tokenizer.convert_tokens_to_ids("<|im_end|>") in \
+        chat.model.generation_config.eos_token_id
+    reply = chat([{"role": "user", "content": "the film 3 is"}], max_new_tokens=4)
+    assert reply[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_two_processes_train_dpo_as_one(tiny_gpt2: Path, toy: Path, tmp_path: Path) -> None:
+    from tests.conftest import two_ranks_and_one
+
+    m2, m1 = two_ranks_and_one(["finetune", "dpo", "--model", str(tiny_gpt2), "--train",
+                                str(toy), "--validation", str(toy.with_name("valid.jsonl")),
+                                "--batch-size", "2", "--epochs", "1", "--lr", "3e-3"], tmp_path)
+    assert m2["final"]["eval_samples"] == m1["final"]["eval_samples"]
+    for key in ("eval_loss", "rewards/margins", "logps/chosen"):
+        assert m2["final"][key] == pytest.approx(m1["final"][key], rel=1e-3), key
