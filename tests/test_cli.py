@@ -41,7 +41,7 @@ def test_help_lists_commands_and_examples() -> None:
 
 def test_each_task_help_shows_its_own_options_only() -> None:
     own = {"classify": "--text-pair-column", "qa": "--doc-stride", "translate": "--source-lang",
-           "summarize": "--summary-column", "generate": "--block-size"}
+           "summarize": "--summary-column", "generate": "--block-size", "dpo": "--beta"}
     for task in task_names():
         result = runner.invoke(app, ["finetune", task, "--help"], terminal_width=80)
         assert result.exit_code == 0

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_chat import chat_gpt2  # noqa: F401  (a fixture)
+from tests.test_chat import CHATML, chat_gpt2  # noqa: F401  (a fixture)
 
 PAIRS = [{"prompt": "the film is", "chosen": " a gripping , funny film .",
           "rejected": " dull ."},
@@ -285,3 +285,76 @@ def test_two_processes_train_dpo_as_one(tiny_gpt2: Path, toy: Path, tmp_path: Pa
     assert m2["final"]["eval_samples"] == m1["final"]["eval_samples"]
     for key in ("eval_loss", "rewards/margins", "logps/chosen"):
         assert m2["final"][key] == pytest.approx(m1["final"][key], rel=1e-3), key
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+BAD = {  # file name -> rows
+    "good": [{"prompt": "a", "chosen": " b", "rejected": " c"}] * 4,
+    "nochosen": [{"prompt": "a", "rejected": " b"}] * 4,
+    "same": [{"prompt": "a", "chosen": " b", "rejected": " c"}] * 3
+    + [{"prompt": "a", "chosen": " b", "rejected": " b"}],
+    "emptyreply": [{"prompt": "a", "chosen": " b", "rejected": " c"}] * 3
+    + [{"prompt": "a", "chosen": " ", "rejected": " c"}],
+    "lastuser": [{"prompt": user("a"), "chosen": assistant("b") + user("c"),
+                  "rejected": assistant("d")}] * 4,
+    "chats": [{"prompt": user("a"), "chosen": assistant("b"), "rejected": assistant("c")}] * 4,
+    "mixed": [{"prompt": "a", "chosen": assistant("b"), "rejected": assistant("c")}] * 4,
+}
+DPO = ["finetune", "dpo", "--model", "{gpt2}", "--output", "{tmp}/run", "--validation", "{good}",
+       "--train"]
+BAD_CASES = [
+    ([*DPO, "{nochosen}"], "--train: no column 'chosen'; the columns are 'prompt', 'rejected'"),
+    ([*DPO, "{same}"], "1 of 4 pairs have a chosen reply equal to the rejected one (first: "
+                       "row 3)"),
+    ([*DPO, "{emptyreply}"], "1 of 4 pairs have an empty reply (first: row 3)"),
+    ([*DPO, "{lastuser}", "--chat-template", "{template}"], "row 0: the chosen conversation ends with user, not an assistant turn"),
+    ([*DPO, "{chats}"], "no chat template to render the conversations: give one with "
+                        "--chat-template"),
+    ([*DPO, "{mixed}"], "the pair columns mix text and conversations"),
+    ([*DPO, "{same}", "--loss", "kto"], "data.loss: expected 'sigmoid' | 'ipo' | 'simpo', got 'kto'"),
+    ([*DPO, "{same}", "--beta", "0"], "data.beta must be above 0, got 0"),
+    ([*DPO, "{same}", "--loss", "simpo", "--precompute-ref"],
+     "the simpo loss uses no reference model, so there is nothing to precompute"),
+    ([*DPO, "{same}", "--max-prompt-length", "64", "--max-length", "64"],
+     "data.max_prompt_length 64 leaves no room for the reply"),
+    ([*DPO, "{same}", "--test", "{same}"], "--test: a preference-tuned model's pairs"),
+    ([*DPO[:3], "{bert}", *DPO[4:], "{same}"],
+     "is a bert checkpoint, which has no dpo head in transformers"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), BAD_CASES,
+                         ids=[c[1][:40] for c in BAD_CASES])
+def test_bad_input_is_one_line_and_writes_nothing(argv: list[str], expected: str,
+                                                  tiny_gpt2: Path, tiny_bert: Path,
+                                                  tmp_path: Path, capsys, monkeypatch) -> None:
+    from tests.test_bad_input import run_main
+
+    files = {name: str(write_jsonl(tmp_path / f"{name}.jsonl", rows))
+             for name, rows in BAD.items()}
+    (tmp_path / "chatml.jinja").write_text(CHATML, encoding="utf-8")
+    fill = {**files, "template": str(tmp_path / "chatml.jinja"), "gpt2": str(tiny_gpt2), "bert": str(tiny_bert), "tmp": str(tmp_path)}
+    code, err = run_main([a.format(**fill) for a in argv], capsys, monkeypatch)
+    assert code == 1 and "Traceback" not in err and "unexpected" not in err, err
+    assert expected in " ".join(err.split()), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_leaves_out_bad_pairs_and_counts_them(tiny_gpt2: Path, caplog) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from llmkit.tasks import pairs
+
+    rows = BAD["same"] + BAD["emptyreply"]
+    kept = pairs.encode(Dataset.from_list(rows), AutoTokenizer.from_pretrained(tiny_gpt2),
+                        pairs.PairData(empty_rows="skip"))
+    assert len(kept) == 6
+    assert "leaving out 2 of 8 pairs with an empty reply or equal replies" in caplog.text

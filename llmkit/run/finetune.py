@@ -13,7 +13,6 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llmkit.config.recipes import dump_config
 from llmkit.config.schema import RunConfig
 from llmkit.hub import quiet_libraries
 from llmkit.inference.predict import merge, test
@@ -22,7 +21,7 @@ from llmkit.run import card
 from llmkit.run import checkpoint as ckpt
 from llmkit.run.adapters import parameter_counts
 from llmkit.run.build import Parts, build, run_length
-from llmkit.run.launch import sharded, start_run, start_trackers
+from llmkit.run.launch import open_output, sharded, start_run, start_trackers
 from llmkit.run.loop import train_loop
 from llmkit.run.report import Reporter, RunLog, format_value, header, peak_memory
 
@@ -36,14 +35,13 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     run says nothing but its log lines and its files."""
     quiet_libraries()
     started = time.time()
-    accelerator, start = start_run(cfg, resume, resume_from, overwrite)
+    accelerator, start, wipe = start_run(cfg, resume, resume_from, overwrite)
     out = Path(cfg.output)
     set_seed(cfg.train.seed)
     parts = build(cfg, accelerator)
-    if parts.data != cfg.data:  # columns found in the data: the run directory says which
-        cfg = replace(cfg, data=parts.data)
-        if accelerator.is_main_process:
-            dump_config(cfg, out / "config.yaml")
+    # columns found in the data: the run directory says which
+    cfg = replace(cfg, data=parts.data)
+    open_output(accelerator, cfg, start, wipe)
     start_trackers(accelerator, cfg)
     state = ckpt.RunState()
     if start:

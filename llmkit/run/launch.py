@@ -35,11 +35,19 @@ def gpu_shortage(launched: int) -> str | None:
 
 
 def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: bool
-              ) -> tuple[Accelerator, Path | None]:
-    """Check the run directory before any work, then set up the processes."""
-    out = Path(cfg.output)
+              ) -> tuple[Accelerator, Path | None, bool]:
+    """Check the run directory before any work, then set up the processes; returns the
+    accelerator, the checkpoint to resume from, and whether a finished run is to be replaced
+    (by `open_output`, once the inputs have loaded)."""
     start, wipe = ckpt.check_start(cfg, resume, resume_from, overwrite)
-    accelerator = start_accelerator(cfg)
+    return start_accelerator(cfg), start, wipe
+
+
+def open_output(accelerator: Accelerator, cfg: RunConfig, start: Path | None, wipe: bool
+                ) -> None:
+    """The run directory, written once the data and the model have loaded: input that cannot be
+    trained on leaves no folder behind, and an --overwrite of a finished run keeps it."""
+    out = Path(cfg.output)
     if accelerator.is_main_process:
         if wipe:
             ckpt.clear_output(out)
@@ -49,7 +57,6 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
             warn_config_changes(saved, cfg)
         dump_config(cfg, saved)
     accelerator.wait_for_everyone()
-    return accelerator, start
 
 
 def start_accelerator(cfg: RunConfig) -> Accelerator:

@@ -168,8 +168,7 @@ def present(gathered: dict[str, np.ndarray], features: Dataset, data: DpoData,
 
 DPO = Task(
     name="dpo",
-    summary="preference pairs (chosen/rejected): DPO, IPO or SimPO on a causal language "
-            "model",
+    summary="preference pairs (chosen/rejected): DPO, IPO or SimPO",
     settings=DpoData,
     examples=EXAMPLES,
     auto_model="AutoModelForCausalLM",
