@@ -49,6 +49,11 @@ def metrics_table(history: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+# the figures of every training record (report.Meter's and the loop's)
+PLAIN = {"step", "epoch", "learning_rate", "loss", "seconds", "samples_per_second", "samples",
+         "tokens_per_second", "tokens"}
+
+
 class Terminal(Reporter):
     """A run on the terminal (stderr): a progress bar with the loss, learning rate, speed and
     ETA; a line per evaluation; the table of every evaluation at the end."""
@@ -70,8 +75,11 @@ class Terminal(Reporter):
     def advance(self, step: int, epoch: float, record: dict[str, Any] | None) -> None:
         fields: dict[str, Any] = {"epoch": f"{epoch:.2f}"}
         if record:
-            fields.update(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
-                          speed=f"{record['samples_per_second']:.0f}")
+            # a task's own first figure beside the loss (DPO's rewards/accuracies)
+            extra = next((k for k in record if k not in PLAIN), None)
+            fields.update(loss=f"{record['loss']:.4f}" + (
+                f" {extra.rsplit('/', 1)[-1]} {record[extra]:.3f}" if extra else ""),
+                lr=f"{record['learning_rate']:.2e}", speed=f"{record['samples_per_second']:.0f}")
         if self.progress is not None:
             self.progress.update(self.bar, completed=step, **fields)
 

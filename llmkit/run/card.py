@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LlmkitError
+from llmkit.run.report import parsed  # None for a log line torn by an interruption
 
 log = logging.getLogger("llmkit")
 PIPELINES = {"classify": "text-classification", "qa": "question-answering",
@@ -41,13 +42,8 @@ def training_log(run: Path) -> list[dict[str, Any]]:
     path = run / "train_log.jsonl"
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by an interruption
-    return [r for r in records if "learning_rate" in r]
+    records = map(parsed, path.read_text(encoding="utf-8").splitlines())
+    return [r for r in records if r and "learning_rate" in r]
 
 
 def metric_names(histories: list[list[dict[str, Any]]]) -> list[str]:
@@ -114,9 +110,13 @@ def draw_panel(ax: Any, panel: str, colour: str, name: str, logged: list[dict[st
         ax.plot([r["step"] for r in logged], [r["learning_rate"] for r in logged],
                 color=colour, label=name or None)
         series, label = [], ""
-    else:
+    else:  # a task's figures logged in training too (preference rewards): a line
+        trained = [(r["step"], r[panel]) for r in logged if panel in r]
+        if trained:
+            ax.plot(*zip(*trained, strict=True), color=colour, alpha=0.8,
+                    label=f"{name} training".strip())
         series = [(r["step"], r[panel]) for r in history if panel in r]
-        label = name
+        label = f"{name} validation".strip() if trained else name
     if series:
         ax.plot(*zip(*series, strict=True), "o--", color=colour, markersize=4,
                 label=label or None)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmkit.tasks.task import own_loss
+
 if TYPE_CHECKING:
     from llmkit.config.schema import RunConfig
     from llmkit.run.build import Parts
@@ -82,8 +84,9 @@ def activations(parts: Parts, cfg: RunConfig) -> tuple[int, int]:
                                                  if isinstance(a, torch.Tensor)), 0)),
         with_kwargs=True) for b in blocks] if cfg.train.gradient_checkpointing else []
     model.train()
+    objective = parts.task.loss or own_loss  # a preference loss runs its reference too
     with Saved(model) as saved, acc.autocast():
-        loss = model(**batch).loss
+        loss = objective(model, batch)[0]
     del loss
     for handle in handles:
         handle.remove()
@@ -92,7 +95,7 @@ def activations(parts: Parts, cfg: RunConfig) -> tuple[int, int]:
         one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         plain.activation_checkpointing_disable()
         with Saved(model) as single, acc.autocast():
-            loss = model(**one).loss
+            loss = objective(model, one)[0]
         del loss
         plain.activation_checkpointing_enable()
         total += single.total * batch["input_ids"].shape[0] // len(blocks)
@@ -151,11 +154,14 @@ def estimate(parts: Parts, cfg: RunConfig) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if gpu:
         torch.cuda.synchronize()
+    # on a GPU, tensors the run holds beside the model's (a preference reference model)
+    held = torch.cuda.memory_allocated() - weights if gpu else 0
     before = rss_mb()
     kept, largest = activations(parts, cfg)
     parts_mb = {"weights": weights / MB, "gradients": trainable * 4 / MB,
                 "optimizer_states": 2 * trainable * 4 / MB, "activations": kept / MB,
-                "backward_start": largest / MB}
+                "backward_start": largest / MB, **({"other_tensors": held / MB}
+                                                   if held > MB else {})}
     if not gpu:  # safetensors weights are mapped from the file: resident once training
         parts_mb["process_before_training"] = before  # touches them
     training = sum(parts_mb.values())

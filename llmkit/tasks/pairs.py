@@ -34,18 +34,25 @@ class PairData(DataConfig):
     rejected_column: str = setting("rejected", "The dispreferred reply, as --chosen-column.")
     max_length: int = setting(1024, "Tokens of prompt + reply at most: a longer reply is cut "
                               "at its end (counted in the log).", minimum=2)
-    max_prompt_length: int = setting(512, "Tokens of prompt at most: a longer prompt keeps its "
-                                     "last N tokens (counted in the log).", minimum=1)
+    max_prompt_length: int | None = setting(None, "Tokens of prompt at most: a longer prompt "
+                                            "keeps its last N tokens (counted in the log); "
+                                            "default: half of --max-length.", minimum=1)
     chat_template: str | None = setting(None, "Jinja chat template file for conversations "
                                         "(replaces the tokenizer's; saved with the run).")
     empty_rows: BadRows = setting("fail", "fail or skip pairs with an empty reply or whose "
                                   "chosen reply equals the rejected one.")
 
     def problems(self) -> list[str]:
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length and self.max_prompt_length >= self.max_length:
             return [f"data.max_prompt_length {self.max_prompt_length} leaves no room for the "
                     f"reply in data.max_length {self.max_length}: make it smaller"]
         return []
+
+
+def prompt_limit(data: PairData) -> int:
+    """Prompt tokens kept at most: --max-prompt-length, else half of --max-length; below
+    --max-length either way (which the model's context may have lowered)."""
+    return min(data.max_prompt_length or data.max_length // 2, data.max_length - 1)
 
 
 def columns(data: PairData, labelled: bool) -> list[str]:
@@ -159,6 +166,7 @@ def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: PairData,
 
     from llmkit.data.features import fingerprint
 
+    limit = prompt_limit(data)
     conversational = bool(len(rows)) and is_conversation(rows[0][data.chosen_column])
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise LlmkitError("the tokenizer has no chat template to render the conversations: "
@@ -176,8 +184,8 @@ def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: PairData,
             p, c, r = ([], [], []) if bad or same else (
                 conversation_ids(tokenizer, prompt, chosen, rejected, row) if conversational
                 else text_ids(tokenizer, prompt, chosen, rejected))
-            cuts = int(len(p) > data.max_prompt_length)
-            p = p[len(p) - data.max_prompt_length:] if cuts else p
+            cuts = int(len(p) > limit)
+            p = p[len(p) - limit:] if cuts else p
             cuts += 2 * int(len(p) + max(len(c), len(r)) > data.max_length)
             for key, value in zip(KEYS, ([*p, *c][:data.max_length], [*p, *r][:data.max_length],
                                          len(p), bad, same, cuts), strict=True):
@@ -192,7 +200,7 @@ def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: PairData,
                                           "bad": Value("bool"), "same": Value("bool"),
                                           "cuts": Value("int8")}),
                        new_fingerprint=fingerprint(rows, tokenizer, "pairs", columns(data, True),
-                                                   data.max_length, data.max_prompt_length,
+                                                   data.max_length, limit,
                                                    str(tokenizer.chat_template)))
     return usable(encoded, data)
 
@@ -216,7 +224,7 @@ def usable(encoded: Dataset, data: PairData) -> Dataset:
         encoded = encoded.select(np.flatnonzero(~refused))
     kept = flags["cuts"][~refused]
     for bit, what in ((1, f"prompts are longer than --max-prompt-length "
-                          f"{data.max_prompt_length} tokens: they keep their last tokens"),
+                          f"{prompt_limit(data)} tokens: they keep their last tokens"),
                       (2, f"pairs are longer than --max-length {data.max_length} tokens: "
                           "their replies are cut there")):
         if (kept & bit).any():
