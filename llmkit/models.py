@@ -177,8 +177,8 @@ def load_weights(auto: Any, name: str, config: PretrainedConfig, quantized: bool
         log.info("--from-scratch: %s from %s's config with random weights (%s parameters)",
                  type(model).__name__, name, f"{model.num_parameters():,}")
         return model, []
-    if is_adapter_run(name):  # its heads come with the adapter
-        return load_merged(name, auto, base_model, **weights), []
+    if is_adapter_run(name):  # its heads come with the adapter; peft froze the base
+        return load_merged(name, auto, base_model, **weights).requires_grad_(True), []
     model, info = load_pretrained(auto, name, config=config, **weights,
                                   ignore_mismatched_sizes=True, output_loading_info=True)
     check_reshaped(info["mismatched_keys"], run)

@@ -358,3 +358,28 @@ def test_skip_leaves_out_bad_pairs_and_counts_them(tiny_gpt2: Path, caplog) -> N
                         pairs.PairData(empty_rows="skip"))
     assert len(kept) == 6
     assert "leaving out 2 of 8 pairs with an empty reply or equal replies" in caplog.text
+
+
+def test_dpo_starts_from_an_sft_adapter_run(tiny_gpt2: Path, toy: Path, tmp_path: Path,
+                                            capsys, monkeypatch) -> None:
+    """An SFT LoRA run as --model: every weight trains on its merged model (peft loads it
+    frozen); a new adapter on it is refused, since it would be saved against the bare base."""
+    from safetensors.torch import load_file
+
+    from llmkit.run.finetune import finetune
+    from llmkit.tasks import load_config
+    from tests.test_bad_input import run_main
+
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"],
+                                                     "completion": r["chosen"]}
+                                                    for r in toy_pairs(16)])
+    sft = finetune(load_config("generate", None, {
+        "model": str(tiny_gpt2), "output": str(tmp_path / "sft"), "data.train": str(sft_rows),
+        "data.prompt_column": "prompt", "data.completion_column": "completion",
+        "train.epochs": 1, "adapter.lora": True}))
+    code, err = run_main(["finetune", "dpo", "--model", str(sft), "--train", str(toy),
+                          "--lora", "--output", str(tmp_path / "dpo-lora")], capsys, monkeypatch)
+    assert code == 1 and "is a LoRA run: a new adapter on it" in err
+    assert not (tmp_path / "dpo-lora").exists()
+    run = finetune(dpo_config(sft, toy, tmp_path / "dpo", **{"train.epochs": 1}))
+    assert "transformer.h.0.attn.c_attn.weight" in load_file(run / "model.safetensors")

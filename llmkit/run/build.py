@@ -17,7 +17,7 @@ from llmkit.data.batches import LengthGroupedBatches, MicroBatches, micro_batche
 from llmkit.data.features import by_length, lengths
 from llmkit.data.read import check_columns, load_split, load_splits
 from llmkit.errors import LlmkitError
-from llmkit.models import four_bit, load_model, model_config
+from llmkit.models import four_bit, is_adapter_run, load_model, model_config
 from llmkit.run.adapters import adapt
 from llmkit.run.launch import fsdp_units, sharded
 from llmkit.tasks import check_pairing, get_task
@@ -95,6 +95,11 @@ def load_run_inputs(cfg: RunConfig, task: Task) -> tuple[Any, Any, DataConfig, A
     validation features, and the row counts. The checkpoint's config is read once, first: a
     model without this task's head, or a machine that cannot run 4-bit layers, is refused
     before any data is read."""
+    if cfg.adapter.lora and is_adapter_run(cfg.model):
+        raise LlmkitError(f"--model {cfg.model} is a LoRA run: a new adapter on it would be "
+                          "saved against its base model, without that run's adapter; merge it "
+                          f"first (llmkit merge {cfg.model} --output MERGED) and train on "
+                          "MERGED, or drop --lora to train every weight")
     config = model_config(cfg.model, cfg.config_overrides)
     check_pairing(task, config, cfg.model)
     if cfg.adapter.load_in_4bit:
