@@ -29,6 +29,18 @@ class Setup:
 
     settings: Any  # the run's preference.DpoData
     reference: Any = None  # a frozen copy; None: adapters disabled, precomputed or not needed
+    precision: str = "no"  # --mixed-precision: the copy computes as the policy does
+
+    def autocast(self, device: torch.device) -> Any:
+        """The policy's autocast (Accelerate's, in training) for the reference's forwards."""
+        import contextlib
+
+        import torch
+
+        if self.precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, {"bf16": "bfloat16"}.get(
+            self.precision, "float16")))
 
 
 SETUPS: weakref.WeakKeyDictionary[Any, Setup] = weakref.WeakKeyDictionary()
@@ -54,7 +66,8 @@ def reference_log_probs(model: Any, batch: dict[str, torch.Tensor], setup: Setup
     plain = getattr(model, "module", model)
     with torch.no_grad():
         if setup.reference is not None:
-            return log_probs(setup.reference, batch, sliced)[0]
+            with setup.autocast(batch["input_ids"].device):
+                return log_probs(setup.reference, batch, sliced)[0].float()
         with plain.disable_adapter():
             return log_probs(plain, batch, sliced)[0]
 
@@ -69,7 +82,7 @@ def attach(model: Any, tokenizer: PreTrainedTokenizerBase, data: Any, run: Any,
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    SETUPS[model] = Setup(data)
+    SETUPS[model] = Setup(data, precision=run.train.mixed_precision)
     if data.loss in REFERENCE_FREE or run.adapter.lora and not data.precompute_ref:
         return sets
     if data.precompute_ref:
@@ -92,12 +105,14 @@ def precompute(model: Any, tokenizer: PreTrainedTokenizerBase, features: Dataset
     from llmkit.hub import weights_identity
 
     collate = collator(tokenizer)
-    model.to(device)
+    if not getattr(model, "hf_device_map", None):  # a 4-bit base is placed when loaded
+        model.to(device)
+    setup = SETUPS[model]
 
     def add(batch: dict[str, list[Any]]) -> dict[str, list[float]]:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(),
                                                                          strict=True)]
-        with torch.inference_mode():
+        with torch.inference_mode(), setup.autocast(device):
             logps = log_probs(model, send_to_device(collate(rows), device), sliced=True)[0]
         chosen, rejected = logps.float().cpu().chunk(2)
         return {"ref_chosen_logps": chosen.tolist(), "ref_rejected_logps": rejected.tolist()}
@@ -107,4 +122,4 @@ def precompute(model: Any, tokenizer: PreTrainedTokenizerBase, features: Dataset
                          new_fingerprint=Hasher.hash((features._fingerprint, "reference",
                                                       weights_identity(run.model),
                                                       run.config_overrides, run.from_scratch,
-                                                      run.train.seed)))
+                                                      run.train.seed, setup.precision)))
