@@ -1,6 +1,5 @@
-"""Every checkpoint load: a plain checkpoint, an adapter run (merged into its base), a 4-bit base,
-or new weights from a config; for training or inference; with its tokenizer and its pad-token
-rule. Nothing else in llmkit calls `from_pretrained`."""
+"""Every checkpoint load (plain, an adapter run merged into its base, a 4-bit base, or new weights
+from a config; for training or inference) with its tokenizer. Only here is `from_pretrained`."""
 
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # heads that start untrained: peft trains them in full (modules_to_save), so they are no target
 HEADS = ("classifier", "score", "qa_outputs")
+SCORING_HEADS = ("ForSequenceClassification", "ForQuestionAnswering", "ForTokenClassification")
 
 
 def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwargs: Any) -> Any:
@@ -53,10 +53,9 @@ def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwarg
 
 
 def fuse_gelu(model: Any) -> None:
-    """Swap GPT-2-style tanh GELUs (gelu_new, gelu_fast: five elementwise passes over the MLP
-    activations, more in the backward) for PyTorch's one-kernel tanh GELU: the same function to
-    ~2e-7, 4.5x faster forward and backward on CPU (GPT-2's MLP: 11% of a training step). The
-    config keeps its activation name, so the saved model is the one that was loaded."""
+    """Swap GPT-2-style tanh GELUs (gelu_new, gelu_fast: five elementwise passes) for PyTorch's
+    one-kernel tanh GELU: the same function to ~2e-7, 4.5x faster forward and backward on CPU
+    (GPT-2's MLP: 11% of a step). The config keeps its activation name."""
     from transformers.activations import ACT2CLS, ACT2FN
 
     slow = (ACT2CLS["gelu_new"], ACT2CLS["gelu_fast"])
@@ -87,8 +86,7 @@ def model_config(name: str, overrides: str | None = None) -> PretrainedConfig:
 
 
 def load_tokenizer(source: str, option: str = "--model", padding_side: str | None = None) -> Any:
-    """A checkpoint's tokenizer, with a pad token (GPT-style vocabularies have none: their end
-    of sequence pads)."""
+    """A checkpoint's tokenizer, with a pad token (GPT-2 has none: its end of sequence pads)."""
     from transformers import AutoTokenizer
 
     tokenizer = load_pretrained(AutoTokenizer, source, option)
@@ -117,14 +115,16 @@ def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
 
     hub.quiet_libraries()
     config = load_pretrained(AutoConfig, name)
-    if config.is_encoder_decoder:
+    # a fine-tuned classifier, reward model or QA model of a decoder: its LM head is gone
+    heads = [a for a in config.architectures or [] if a.endswith(SCORING_HEADS)]
+    if config.is_encoder_decoder and not heads:
         auto: Any = AutoModelForSeq2SeqLM
-    elif fits(get_task("generate"), config):
+    elif fits(get_task("generate"), config) and not heads:
         auto = AutoModelForCausalLM
     else:
         usable = [t.name for t in registry().values() if fits(t, config)]
-        raise LlmkitError(f"{name} is a {config.model_type} encoder: it cannot generate text; "
-                          f"it fits: {', '.join(usable) or 'no llmkit task'}")
+        raise LlmkitError(f"{name} is a {heads[0] if heads else config.model_type + ' encoder'}"
+                          f": it cannot generate text; it fits: {', '.join(usable) or 'none'}")
     tokenizer = load_tokenizer(name, padding_side=None if config.is_encoder_decoder else "left")
     device = inference_device()
     # the checkpoint's own dtype on a GPU; fp32 on CPUs, where bf16 matmuls are slow

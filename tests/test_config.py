@@ -107,7 +107,7 @@ def test_saved_config_holds_the_task_settings_only(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("task", "key", "owners"), [
     ("classify", "doc_stride", "qa"), ("qa", "text_column", "classify and summarize and "
-                                                            "generate"),
+                                                            "generate and reward"),
     ("summarize", "source_lang", "translate"), ("translate", "block_size", "generate")])
 def test_a_key_of_another_task_names_that_task(task: str, key: str, owners: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -306,19 +306,24 @@ BAD = {  # file name -> rows
                   "rejected": assistant("d")}] * 4,
     "chats": [{"prompt": user("a"), "chosen": assistant("b"), "rejected": assistant("c")}] * 4,
     "mixed": [{"prompt": "a", "chosen": assistant("b"), "rejected": assistant("c")}] * 4,
+    "null": [{"prompt": "a", "chosen": " b", "rejected": " c"}] * 3
+    + [{"prompt": "a", "chosen": None, "rejected": " c"}],
 }
 DPO = ["finetune", "dpo", "--model", "{gpt2}", "--output", "{tmp}/run", "--validation", "{good}",
        "--train"]
 BAD_CASES = [
     ([*DPO, "{nochosen}"], "--train: no column 'chosen'; the columns are 'prompt', 'rejected'"),
-    ([*DPO, "{same}"], "1 of 4 pairs have a chosen reply equal to the rejected one (first: "
-                       "row 3)"),
+    ([*DPO, "{same}"], "1 of 4 pairs have a chosen reply equal to the rejected one, as given or "
+                       "once cut to --max-length, (first: row 3)"),
     ([*DPO, "{emptyreply}"], "1 of 4 pairs have an empty reply (first: row 3)"),
-    ([*DPO, "{lastuser}", "--chat-template", "{template}"], "row 0: the chosen conversation ends with user, not an assistant turn"),
+    ([*DPO, "{null}"], "1 of 4 pairs have an empty reply (first: row 3)"),
+    ([*DPO, "{lastuser}", "--chat-template", "{template}"],
+     "row 0: the chosen conversation ends with user, not an assistant turn"),
     ([*DPO, "{chats}"], "no chat template to render the conversations: give one with "
                         "--chat-template"),
     ([*DPO, "{mixed}"], "the pair columns mix text and conversations"),
-    ([*DPO, "{same}", "--loss", "kto"], "data.loss: expected 'sigmoid' | 'ipo' | 'simpo', got 'kto'"),
+    ([*DPO, "{same}", "--loss", "kto"],
+     "data.loss: expected 'sigmoid' | 'ipo' | 'simpo', got 'kto'"),
     ([*DPO, "{same}", "--beta", "0"], "data.beta must be above 0, got 0"),
     ([*DPO, "{same}", "--loss", "simpo", "--precompute-ref"],
      "the simpo loss uses no reference model, so there is nothing to precompute"),
@@ -340,7 +345,8 @@ def test_bad_input_is_one_line_and_writes_nothing(argv: list[str], expected: str
     files = {name: str(write_jsonl(tmp_path / f"{name}.jsonl", rows))
              for name, rows in BAD.items()}
     (tmp_path / "chatml.jinja").write_text(CHATML, encoding="utf-8")
-    fill = {**files, "template": str(tmp_path / "chatml.jinja"), "gpt2": str(tiny_gpt2), "bert": str(tiny_bert), "tmp": str(tmp_path)}
+    fill = {**files, "template": str(tmp_path / "chatml.jinja"), "gpt2": str(tiny_gpt2),
+            "bert": str(tiny_bert), "tmp": str(tmp_path)}
     code, err = run_main([a.format(**fill) for a in argv], capsys, monkeypatch)
     assert code == 1 and "Traceback" not in err and "unexpected" not in err, err
     assert expected in " ".join(err.split()), err

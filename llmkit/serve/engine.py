@@ -71,6 +71,9 @@ def load_engine(model: str, task: str | None = None, name: str | None = None,
     from llmkit.tasks.task import context_size
 
     chosen = chosen_task(model, task)
+    if chosen == "reward":
+        raise LlmkitError(f"{model} is a reward model, and llmkit serve has no route for its "
+                          f"scores yet: score texts with llmkit predict --model {model}")
     served = name or Path(model).resolve().name
     if chosen in ENCODER_TASKS:
         from llmkit.inference.predict import prepare

@@ -21,9 +21,10 @@ def registry() -> dict[str, Task]:
     from llmkit.tasks.classify import CLASSIFY
     from llmkit.tasks.preference import DPO
     from llmkit.tasks.qa import QA
+    from llmkit.tasks.reward import REWARD
     from llmkit.tasks.seq2seq import SUMMARIZE, TRANSLATE
 
-    return {t.name: t for t in (CLASSIFY, QA, SUMMARIZE, TRANSLATE, GENERATE, DPO)}
+    return {t.name: t for t in (CLASSIFY, QA, SUMMARIZE, TRANSLATE, GENERATE, DPO, REWARD)}
 
 
 def task_names() -> list[str]:

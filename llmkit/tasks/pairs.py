@@ -149,6 +149,8 @@ def text_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chosen: str, rejec
 
 
 def empty(reply: Any) -> bool:
+    if reply is None:
+        return True
     if isinstance(reply, str):
         return not reply.strip()
     return not any(m.get("role") == "assistant" and str(m.get("content", "")).strip()
@@ -178,17 +180,19 @@ def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: PairData,
         for row, prompt, chosen, rejected in zip(indices, prompts, batch[data.chosen_column],
                                                  batch[data.rejected_column], strict=True):
             same = chosen == rejected
-            if prompt is None and not same:
-                prompt, chosen, rejected = shared_start(chosen, rejected)
             bad = not same and (empty(chosen) or empty(rejected))
+            if prompt is None and not (same or bad):
+                prompt, chosen, rejected = shared_start(chosen, rejected)
+                bad = empty(chosen) or empty(rejected)
             p, c, r = ([], [], []) if bad or same else (
-                conversation_ids(tokenizer, prompt, chosen, rejected, row) if conversational
-                else text_ids(tokenizer, prompt, chosen, rejected))
+                conversation_ids(tokenizer, prompt or [], chosen, rejected, row)
+                if conversational else text_ids(tokenizer, prompt or "", chosen, rejected))
             cuts = int(len(p) > limit)
             p = p[len(p) - limit:] if cuts else p
             cuts += 2 * int(len(p) + max(len(c), len(r)) > data.max_length)
-            for key, value in zip(KEYS, ([*p, *c][:data.max_length], [*p, *r][:data.max_length],
-                                         len(p), bad, same, cuts), strict=True):
+            c, r = [*p, *c][:data.max_length], [*p, *r][:data.max_length]
+            same = same or c == r  # replies that part only past --max-length: equal as cut
+            for key, value in zip(KEYS, (c, r, len(p), bad, same, cuts), strict=True):
                 out[key].append(value)
         return out
 
@@ -213,7 +217,8 @@ def usable(encoded: Dataset, data: PairData) -> Dataset:
     flags = encoded.with_format("numpy", columns=["bad", "same", "cuts"])[:]
     refused = flags["bad"] | flags["same"]
     for mask, what in ((flags["bad"], "an empty reply"),
-                       (flags["same"], "a chosen reply equal to the rejected one")):
+                       (flags["same"], "a chosen reply equal to the rejected one, as "
+                                       "given or once cut to --max-length,")):
         if mask.any() and (data.empty_rows == "fail" or refused.all()):
             raise LlmkitError(f"{int(mask.sum())} of {len(encoded)} pairs have {what} (first: "
                               f"row {int(np.argmax(mask))}): nothing to learn from; fix the "
