@@ -235,6 +235,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_gpt2: Path, toy: Pa
     metrics = json.loads((steady / "metrics.json").read_text())
     assert metrics["metric_for_best"] == "rewards/accuracies"
     assert metrics["final"]["rewards/accuracies"] == 1.0
+    tied = [r for r in metrics["history"] if r["rewards/accuracies"] == 1.0]
+    assert metrics["final"] == min(tied, key=lambda r: r["eval_loss"])  # ties: the lower loss
     assert metrics["final"]["rewards/margins"] > 0
     logged = [json.loads(line) for line in (steady / "train_log.jsonl").read_text().splitlines()]
     first = next(r for r in logged if "learning_rate" in r)

@@ -66,7 +66,12 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
                                                         / parts.steps_per_epoch, 2),
               "train_loss": train_loss, **metrics}
     state.history.append(record)
-    if is_better(metrics[metric], state.best_metric, metric):
+    kept = next((r for r in state.history if f"checkpoint-{r['step']}"
+                 == state.best_checkpoint), None)
+    # a metric that saturates (DPO's reward accuracy at 1.0): a tie goes to the lower loss
+    tie = (kept is not None and metrics[metric] == state.best_metric
+           and metrics["eval_loss"] < kept["eval_loss"])
+    if is_better(metrics[metric], state.best_metric, metric) or tie:
         state.best_metric = metrics[metric]
         state.best_checkpoint = f"checkpoint-{state.global_step}"
         if predictions is not None and parts.accelerator.is_main_process:
