@@ -391,3 +391,17 @@ def test_dpo_starts_from_an_sft_adapter_run(tiny_gpt2: Path, toy: Path, tmp_path
     assert not (tmp_path / "dpo-lora").exists()
     run = finetune(dpo_config(sft, toy, tmp_path / "dpo", **{"train.epochs": 1}))
     assert "transformer.h.0.attn.c_attn.weight" in load_file(run / "model.safetensors")
+
+
+def test_predict_and_eval_on_a_dpo_run_are_one_line(tiny_gpt2: Path, toy: Path,
+                                                    tmp_path: Path, capsys,
+                                                    monkeypatch) -> None:
+    from llmkit.run.finetune import finetune
+    from tests.test_bad_input import run_main
+
+    run = finetune(dpo_config(tiny_gpt2, toy, tmp_path / "run", **{"train.epochs": 1}))
+    for argv in (["predict", "--model", str(run), "--input", str(toy)],
+                 ["eval", "--model", str(run), "--data", str(toy), "-m", "rewards/margins"]):
+        code, err = run_main(argv, capsys, monkeypatch)
+        assert code == 1 and "Traceback" not in err and "unexpected" not in err, err
+        assert "measured against its reference model" in err, err

@@ -51,7 +51,9 @@ def setup_of(model: Any) -> Setup:
     plain = getattr(model, "module", model)
     base = plain.get_base_model() if hasattr(plain, "get_base_model") else plain
     if base not in SETUPS:
-        raise LlmkitError("this model was not set up for preference tuning (internal error)")
+        raise LlmkitError("a preference-tuned model's rewards are measured against its "
+                          "reference model, which only its training run holds: they are in "
+                          "the run's metrics.json; llmkit generate uses the model")
     return SETUPS[base]
 
 
