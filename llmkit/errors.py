@@ -27,6 +27,10 @@ DISK = {errno.ENOSPC: "free some space (earlier checkpoints are intact; --resume
 
 PEER_LOST = re.compile(r"Connection closed by peer|remote worker crash|Connection reset by peer|"
                        r"NCCL communicator was aborted|Broken pipe")
+# a collective (or the start) that waited past --collective-timeout: gloo's, NCCL's watchdog,
+# the store's wait for the processes to join
+TIMED_OUT = re.compile(r"Timed out waiting|collective operation timeout|Socket Timeout|"
+                       r"wait timeout after|Timed out after \d+ seconds waiting for clients")
 
 
 def one_line(err: BaseException, argv: list[str]) -> tuple[str, int]:
@@ -47,6 +51,11 @@ def one_line(err: BaseException, argv: list[str]) -> tuple[str, int]:
     if isinstance(err, OSError) and err.errno in DISK:
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where}: {err.strerror}; {DISK[err.errno]}", 1
+    if TIMED_OUT.search(str(err)):
+        said = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(err).split()))  # gloo's source line
+        return ("another process of this run did not answer within --collective-timeout (a "
+                "node that died or hangs), so this one stopped; the checkpoints saved are intact: "
+                f"start every node again with --resume ({type(err).__name__}: {said[:120]})"), 1
     if PEER_LOST.search(str(err)):  # a collective whose other side is gone
         return ("another process of this run stopped, so this one did too (its own error is "
                 f"above; {type(err).__name__}: {' '.join(str(err).split())[:120]})"), 1

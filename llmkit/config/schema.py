@@ -96,6 +96,12 @@ class TrainConfig:
     report_to: tuple[str, ...] = setting((), "Log to trackers: tensorboard (under the run "
                                          "directory), wandb, mlflow, trackio, all (those "
                                          "installed) or none; repeatable.")
+    collective_timeout: int = setting(1800, "Seconds a process waits for the others (to join, "
+                                      "in a collective) before the run stops with one error: a "
+                                      "node that died or hangs stops the rest. Keep it above "
+                                      "the longest stretch one process works alone (the main "
+                                      "process tokenizing the data, the final save).",
+                                      minimum=1)
 
 
 @dataclass(frozen=True)

@@ -123,19 +123,26 @@ def remove_checkpoints(out: Path) -> None:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
+def keeps_files(accelerator: Accelerator) -> bool:
+    """The main process writes checkpoints; so does each node's first on a disk of its own."""
+    return accelerator.is_main_process or (accelerator.is_local_main_process and bool(
+        accelerator.project_configuration.save_on_each_node))
+
+
 def save_checkpoint(accelerator: Accelerator, out: Path, state: RunState) -> Path:
     """Write model, optimizer, scheduler and RNG states; a checkpoint appears whole or not
     at all: its files reach the disk (fsync) before the folder takes its name, and a save
     that fails (a full disk) leaves nothing behind but the earlier checkpoints."""
     final = out / "checkpoints" / f"checkpoint-{state.global_step}"
     tmp = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process and tmp.exists():
+    writer = keeps_files(accelerator)
+    if writer and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))  # every rank writes its own RNG state
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if writer:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
             synced(tmp)
             if final.exists():
@@ -178,12 +185,16 @@ def restore(accelerator: Accelerator, out: Path, start: Path, fallback: bool) ->
     (a truncated file, a torn state) is named and the one before it tried. Every process
     agrees on the checkpoint it continues from."""
     import torch
+    from accelerate.utils import gather_object
 
     candidates = [start, *(p for p in reversed(checkpoints(out)) if p != start and fallback)]
+    if fallback:  # nodes on disks of their own may have stopped between two renames
+        names = gather_object([[p.name for p in candidates]])
+        candidates = [p for p in candidates if all(p.name in other for other in names)]
     for path in candidates:
         problem = ""
         try:
-            state = read_state(path)
+            state = read_state(path, accelerator.process_index)
             accelerator.load_state(str(path))
         except Exception as err:  # whatever a damaged file raises
             problem = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
@@ -197,7 +208,11 @@ def restore(accelerator: Accelerator, out: Path, start: Path, fallback: bool) ->
                       "--overwrite" + ("" if fallback else " or --resume from another one"))
 
 
-def read_state(checkpoint: Path) -> RunState:
+def read_state(checkpoint: Path, rank: int) -> RunState:
+    if not (checkpoint / f"random_states_{rank}.pkl").is_file():  # a node-local disk
+        log.warning("%s holds no random state of rank %d (the run had fewer processes, or this "
+                    "node another rank): dropout draws differ from an uninterrupted run",
+                    checkpoint, rank)
     return RunState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
 
 

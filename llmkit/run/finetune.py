@@ -109,4 +109,6 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
         card.write(out, cfg, started, time.time())
         if cfg.adapter.merge:
             log.info("merged model: %s", merge(out, out / "merged"))
+    elif ckpt.keeps_files(acc) and not cfg.train.keep_checkpoints:  # a node-local disk's copy
+        ckpt.remove_checkpoints(out)
     acc.wait_for_everyone()

@@ -1,17 +1,27 @@
-"""Setting up a run before any work: the launcher's processes, Accelerate, the run directory."""
+"""Setting up a run before any work: the launcher's processes, Accelerate, the run directory.
+
+Many nodes: torchrun (or Accelerate) starts the processes; every node runs the same command but
+for --output. Checked at start: every process holds the same settings and versions. Disks:
+when a node cannot see the main process's run directory (node-local disks), its first process
+writes complete checkpoints of its own there (DDP replicas are identical: no state is sent
+between nodes, and any node can be the main one after a restart); on a shared disk only the
+main process writes. The final model, metrics and card are written by the main process only.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, parse_flag_from_env
 
 from llmkit.config.recipes import dump_config, flatten
 from llmkit.config.schema import RunConfig
@@ -56,7 +66,35 @@ def open_output(accelerator: Accelerator, cfg: RunConfig, start: Path | None, wi
         if start and saved.is_file():
             warn_config_changes(saved, cfg)
         dump_config(cfg, saved)
+    find_local_disk(accelerator, out)
+    if ckpt.keeps_files(accelerator) and not accelerator.is_main_process:
+        if wipe:  # this node's own copy of the run
+            ckpt.clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
+
+
+def find_local_disk(accelerator: Accelerator, out: Path) -> None:
+    """Whether this node sees the main process's run directory: the main process writes a file
+    of a name never used before (an NFS client has no stale entry for it), each node's first
+    process looks for it. A node that does not see it keeps checkpoints of its own
+    (Accelerate's save_on_each_node); a shared disk is written by the main process alone."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    token = [secrets.token_hex(8) if accelerator.is_main_process else ""]
+    broadcast_object_list(token)
+    probe = out / f".node-probe-{token[0]}"
+    if accelerator.is_main_process:
+        probe.write_text(token[0], encoding="utf-8")
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process and not accelerator.is_main_process:
+        accelerator.project_configuration.save_on_each_node = not probe.is_file()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
 
 
 def start_accelerator(cfg: RunConfig) -> Accelerator:
@@ -76,14 +114,47 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
                                   project_dir=cfg.output,
                                   gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
                                   cpu=launched > 1 and not torch.accelerator.is_available(),
-                                  dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                                  dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                                  kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(
+                                      seconds=cfg.train.collective_timeout))])
     except ValueError as err:
         raise LlmkitError(f"train.mixed_precision {cfg.train.mixed_precision}: {err}") from err
     if accelerator.num_processes != launched:
         raise LlmkitError(f"the launcher started {launched} processes but Accelerate joined "
                           f"{accelerator.num_processes}; each would train alone and they would "
                           "overwrite each other's files")
+    same_settings(accelerator, cfg)
     return accelerator
+
+
+def same_settings(accelerator: Accelerator, cfg: RunConfig) -> None:
+    """Every process must run the same settings and versions (only --output may differ, a
+    node-local disk each): nodes started apart would train apart or wait in a collective."""
+    if accelerator.num_processes == 1:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from accelerate.utils import gather_object
+
+    mine = {k: v for k, v in flatten(asdict(cfg)).items() if k != "output"}
+    for package in ("llmkit", "torch", "transformers", "accelerate"):
+        try:
+            mine[f"version of {package}"] = version(package)
+        except PackageNotFoundError:
+            mine[f"version of {package}"] = "?"
+    every = gather_object([mine])
+    first: dict[str, int] = {}  # setting -> the first rank that differs from rank 0
+    for rank, other in enumerate(every):
+        for k in sorted(every[0].keys() | other.keys()):
+            if every[0].get(k) != other.get(k):
+                first.setdefault(k, rank)
+    if first:
+        differ = sorted(first)
+        shown = ", ".join(f"{k} ({every[0].get(k)!r} on rank 0, {every[first[k]].get(k)!r} on "
+                          f"rank {first[k]})" for k in differ[:4])
+        raise LlmkitError(f"the processes of this run were started with different settings: "
+                          f"{shown}{' ...' if len(differ) > 4 else ''}; start every node with "
+                          "the same command (only --output may differ)")
 
 
 def warn_config_changes(saved: Path, cfg: RunConfig) -> None:

@@ -87,7 +87,7 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
     record["save_seconds"] = round(time.perf_counter() - began, 3)  # after: not in the saved copy
     reporter.evaluation(record)
     track(parts.accelerator, "eval", record)
-    if parts.accelerator.is_main_process:
+    if ckpt.keeps_files(parts.accelerator):  # node-local disks are pruned by their node
         ckpt.prune(out, state.best_checkpoint, cfg.train.save_total_limit)
     patience = cfg.train.early_stopping_patience
     if patience and state.bad_evals >= patience:
@@ -137,7 +137,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
             elif tc.save_steps and state.global_step % tc.save_steps == 0:
                 guard.check(acc)
                 ckpt.save_checkpoint(acc, out, state)
-                if acc.is_main_process:
+                if ckpt.keeps_files(acc):
                     ckpt.prune(out, state.best_checkpoint, tc.save_total_limit)
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if eval_and_save(parts, cfg, state, reporter, out, since_eval.flush(acc)["loss"],
