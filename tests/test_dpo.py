@@ -244,16 +244,24 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_gpt2: Path, toy: Pa
     assert first["samples"] == 2 * 4  # pairs, not rows: 2 steps of 4
 
 
+@pytest.fixture(scope="module")
+def dpo_run(tiny_gpt2: Path, toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch DPO run (sigmoid loss, a frozen copy as the reference)."""
+    from llmkit.run.finetune import finetune
+
+    return finetune(dpo_config(tiny_gpt2, toy, tmp_path_factory.mktemp("dpo") / "run",
+                               **{"train.epochs": 1}))
+
+
 def test_a_precomputed_reference_trains_as_a_frozen_copy(tiny_gpt2: Path, toy: Path,
-                                                         tmp_path: Path) -> None:
+                                                         dpo_run: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from llmkit.run.finetune import finetune
 
-    runs = [finetune(dpo_config(tiny_gpt2, toy, tmp_path / name, **{
-        "data.precompute_ref": name == "precomputed", "train.epochs": 1}))
-        for name in ("copy", "precomputed")]
-    a, b = (load_file(run / "model.safetensors") for run in runs)
+    precomputed = finetune(dpo_config(tiny_gpt2, toy, tmp_path / "precomputed", **{
+        "data.precompute_ref": True, "train.epochs": 1}))
+    a, b = (load_file(run / "model.safetensors") for run in (dpo_run, precomputed))
     for key in a:  # the reference's batches are padded differently: float noise only
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
@@ -393,15 +401,12 @@ def test_dpo_starts_from_an_sft_adapter_run(tiny_gpt2: Path, toy: Path, tmp_path
     assert "transformer.h.0.attn.c_attn.weight" in load_file(run / "model.safetensors")
 
 
-def test_predict_and_eval_on_a_dpo_run_are_one_line(tiny_gpt2: Path, toy: Path,
-                                                    tmp_path: Path, capsys,
+def test_predict_and_eval_on_a_dpo_run_are_one_line(dpo_run: Path, toy: Path, capsys,
                                                     monkeypatch) -> None:
-    from llmkit.run.finetune import finetune
     from tests.test_bad_input import run_main
 
-    run = finetune(dpo_config(tiny_gpt2, toy, tmp_path / "run", **{"train.epochs": 1}))
-    for argv in (["predict", "--model", str(run), "--input", str(toy)],
-                 ["eval", "--model", str(run), "--data", str(toy), "-m", "rewards/margins"]):
+    for argv in (["predict", "--model", str(dpo_run), "--input", str(toy)],
+                 ["eval", "--model", str(dpo_run), "--data", str(toy), "-m", "rewards/margins"]):
         code, err = run_main(argv, capsys, monkeypatch)
         assert code == 1 and "Traceback" not in err and "unexpected" not in err, err
         assert "measured against its reference model" in err, err
