@@ -47,6 +47,10 @@ def ours(folder: Path, loss: str, rows: list[dict[str, Any]]) -> tuple[Any, Any,
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     features = task.featurize(Dataset.from_list(rows), tokenizer, model.config, cfg.data)
+    assert not task.dropout  # as TRL: build turns it off
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     attach(model, tokenizer, cfg.data, cfg, torch.device("cpu"), (features, features))
     return model, task.collator(tokenizer)([features[i] for i in range(len(features))]), cfg
 
@@ -232,6 +236,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_gpt2: Path, toy: Pa
     a, b = (load_file(folder / weights) for folder in (steady, tmp_path / "cut"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    if reference == "lora":  # no dropout on the adapters either, as TRL
+        assert json.loads((steady / "adapter_config.json").read_text())["lora_dropout"] == 0
     metrics = json.loads((steady / "metrics.json").read_text())
     assert metrics["metric_for_best"] == "rewards/accuracies"
     assert metrics["final"]["rewards/accuracies"] == 1.0

@@ -4,6 +4,7 @@ and not the frozen base, and a leaner dropout on the adapter path."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,9 +119,9 @@ class DroppedInput(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight)
 
 
-def adapt(model: Any, cfg: RunConfig, accelerator: Accelerator) -> Any:
+def adapt(model: Any, cfg: RunConfig, accelerator: Accelerator, dropout: bool = True) -> Any:
     """Gradient checkpointing, and LoRA adapters when asked (their checkpoints hold the
-    adapter only)."""
+    adapter only; without their dropout for a task trained without any)."""
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if not cfg.adapter.lora:
@@ -132,7 +133,8 @@ def adapt(model: Any, cfg: RunConfig, accelerator: Accelerator) -> Any:
         model.enable_input_require_grads()  # the frozen embeddings give checkpointed blocks
         # inputs without gradients, and the adapters inside them would get none
     adapter_checkpoints(accelerator)
-    model = wrap(model, cfg.task, cfg.adapter)
+    model = wrap(model, cfg.task, cfg.adapter if dropout else replace(cfg.adapter,
+                                                                        lora_dropout=0.0))
     if not cfg.train.gradient_checkpointing:  # which recomputes the whole layer anyway
         lean_dropout(model)
     return model

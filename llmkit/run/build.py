@@ -48,6 +48,10 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     task = get_task(cfg.task)
     with accelerator.main_process_first():
         model, tokenizer, data, train_set, eval_set, rows = load_run_inputs(cfg, task)
+        if not task.dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         if task.attach:  # what the task's loss needs beside the model: before the adapters
             train_set, eval_set = task.attach(model, tokenizer, data, cfg, accelerator.device,
                                               (train_set, eval_set))
@@ -56,7 +60,7 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
         # gradients forever
         if "Sinusoidal" in type(module).__name__:
             module.requires_grad_(False)
-    model = adapt(model, cfg, accelerator)
+    model = adapt(model, cfg, accelerator, task.dropout)
     collate = task.collator(tokenizer)
     # DeepSpeed's engine counts its own accumulation steps: one backward per batch there
     inside = task.group_inside and accelerator.distributed_type != DistributedType.DEEPSPEED

@@ -187,4 +187,5 @@ DPO = Task(
     loss=objective,
     attach=attach,
     rows_per_sample=2,
+    dropout=False,
 )

@@ -76,14 +76,9 @@ def reference_log_probs(model: Any, batch: dict[str, torch.Tensor], setup: Setup
 
 def attach(model: Any, tokenizer: PreTrainedTokenizerBase, data: Any, run: Any,
            device: torch.device, sets: tuple[Dataset, Dataset]) -> tuple[Dataset, Dataset]:
-    """Before adapters are added: dropout off (TRL's default), and the reference: none for a
+    """Before adapters are added (the task trains without dropout), the reference: none for a
     reference-free loss, the policy's own log-probabilities computed now (--precompute-ref),
     the base with adapters disabled (--lora), else a frozen copy of the model."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     SETUPS[model] = Setup(data, precision=run.train.mixed_precision)
     if data.loss in REFERENCE_FREE or run.adapter.lora and not data.precompute_ref:
         return sets

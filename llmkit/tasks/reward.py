@@ -295,4 +295,5 @@ REWARD = Task(
     settings=RewardData, examples=EXAMPLES, auto_model="AutoModelForSequenceClassification",
     metrics=("accuracy", "margin"), columns=columns, model_kwargs=model_kwargs,
     featurize=featurize, collator=collator, eval_step=eval_step, score=score, present=present,
-    prepare=prepare, clean=clean, detect=pairs.detect, loss=objective, rows_per_sample=2)
+    prepare=prepare, clean=clean, detect=pairs.detect, loss=objective, rows_per_sample=2,
+    dropout=False)

@@ -80,6 +80,9 @@ class Task:
     # -> (train, validation)
     attach: Callable[..., tuple[Dataset, Dataset]] | None = None
     rows_per_sample: int = 1  # model rows per example (2 for a pair: chosen and rejected)
+    # False: trained without dropout, the adapters' included (TRL's preference and reward
+    # trainers turn it off; a policy then computes as its reference does)
+    dropout: bool = True
 
     @property
     def default_metric(self) -> str:
