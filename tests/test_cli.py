@@ -158,6 +158,7 @@ def test_unknown_task(tmp_path: Path) -> None:
     assert "unknown task 'clasify'" in one_line_error(llmkit("finetune", "clasify"))
 
 
+@pytest.mark.slow  # tests/test_nodes.py holds it in the default suite, over two nodes
 def test_two_processes_match_one_process_with_accumulation(tmp_path: Path, toy: dict[str, Path]
                                                            ) -> None:
     """2 ranks x batch 8 see exactly the batches of 1 rank x batch 8 x accumulation 2."""

@@ -302,6 +302,7 @@ def test_prompt_completion_finetune(tiny_gpt2: Path, tmp_path: Path) -> None:
     assert metrics["final"]["eval_samples"] == 24 and math.isfinite(metrics["final"]["perplexity"])
 
 
+@pytest.mark.slow  # test_chat's 2-process run holds the same task across processes
 def test_two_process_language_model_run(tiny_gpt2: Path, corpus: dict[str, Path],
                                         tmp_path: Path) -> None:
     args = ["finetune", "generate", "--model", str(tiny_gpt2), "--train", str(corpus["train"]),
