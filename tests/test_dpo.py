@@ -63,7 +63,6 @@ def grads(model: Any) -> dict[str, torch.Tensor]:
 def test_dpo_and_ipo_equal_trl_dpotrainer(tiny_gpt2: Path, tmp_path: Path, loss: str) -> None:
     """TRL's DPOTrainer (a frozen copy as reference, dropout off) and llmkit, on the same rows in
     one batch: the same tokens and reply masks, loss, gradients and log-probabilities."""
-    pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -103,7 +102,6 @@ def test_simpo_equals_trl_cpotrainer_on_the_same_tokens(tiny_gpt2: Path, tmp_pat
     """SimPO is TRL's CPOTrainer with loss_type simpo and cpo_alpha 0: on CPOTrainer's own
     batch (its tokenization adds a BOS to prompts), llmkit's loss, gradients and length-normalised
     log-probabilities equal its own."""
-    pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.cpo import CPOConfig, CPOTrainer

@@ -90,7 +90,6 @@ def test_loss_gradients_and_figures_equal_trl_rewardtrainer(
     TRL tokenizes text rows only with a tokenizer that has an EOS token (it appends one with
     str.endswith(eos_token): a TypeError for BERT's), so the BERT rows go to it tokenized the
     way its tokenize_fn does (tokenizer(prompt + reply)), which it takes as they are."""
-    pytest.importorskip("trl")
     from llmkit.tasks.reward import objective
 
     folder, given, args, data = chat_gpt2, PAIRS, {}, {}
