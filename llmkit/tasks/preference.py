@@ -126,11 +126,10 @@ def outputs(model: Any, batch: dict[str, torch.Tensor], sliced: bool = False
     return pair_losses(setup.settings, policy, counts, reference)
 
 
-def figures(chosen: Any, rejected: Any, logps_chosen: Any, logps_rejected: Any
-            ) -> dict[str, Any]:
+def figures(chosen: torch.Tensor, rejected: torch.Tensor, logps_chosen: torch.Tensor,
+            logps_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """TRL's reward figures, as means over pairs."""
-    return {"rewards/accuracies": (chosen > rejected).float().mean()
-            if hasattr(chosen, "float") else (chosen > rejected).mean(),
+    return {"rewards/accuracies": (chosen > rejected).float().mean(),
             "rewards/margins": (chosen - rejected).mean(), "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(), "logps/chosen": logps_chosen.mean(),
             "logps/rejected": logps_rejected.mean()}
@@ -155,9 +154,10 @@ def eval_step(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, data: DpoData,
           config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    return {k: float(v) for k, v in figures(
-        gathered["reward_chosen"], gathered["reward_rejected"], gathered["logps_chosen"],
-        gathered["logps_rejected"]).items()}
+    import torch
+
+    return {k: float(v) for k, v in figures(*(torch.from_numpy(gathered[k]) for k in (
+        "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected"))).items()}
 
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, data: DpoData,
