@@ -59,6 +59,23 @@ def grads(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def same_step(model: Any, batch: dict[str, Any], reference: Any, loss: torch.Tensor,
+              metrics: dict[str, float], names: tuple[str, ...]) -> None:
+    """llmkit's objective on `batch`: the loss, the named figures and every gradient equal the
+    reference trainer's (whose loss has had its backward) to 1e-5."""
+    from llmkit.tasks.preference import objective
+
+    model.train()
+    value, figures = objective(model, batch)
+    value.backward()
+    assert value.item() == pytest.approx(loss.item(), abs=1e-5)
+    for name in names:
+        assert figures[name].item() == pytest.approx(metrics[name], abs=1e-5), name
+    theirs = grads(reference)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_dpo_and_ipo_equal_trl_dpotrainer(tiny_gpt2: Path, tmp_path: Path, loss: str) -> None:
     """TRL's DPOTrainer (a frozen copy as reference, dropout off) and llmkit, on the same rows in
@@ -80,22 +97,14 @@ def test_dpo_and_ipo_equal_trl_dpotrainer(tiny_gpt2: Path, tmp_path: Path, loss:
     expected.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    from llmkit.tasks.preference import objective
 
     model, mine, _ = ours(tiny_gpt2, loss, PAIRS)
     width = batch["input_ids"].shape[1]
     assert torch.equal(mine["input_ids"][:, :width] * mine["attention_mask"][:, :width],
                        batch["input_ids"] * batch["attention_mask"])
     assert torch.equal((mine["labels"][:, :width] != -100).long(), batch["completion_mask"])
-    model.train()
-    value, figures = objective(model, mine)
-    value.backward()
-    assert value.item() == pytest.approx(expected.item(), abs=1e-5)
-    for name in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins"):
-        assert figures[name].item() == pytest.approx(metrics[name], abs=1e-5), name
-    theirs = grads(trainer.model)
-    for name, grad in grads(model).items():
-        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4)
+    same_step(model, mine, trainer.model, expected, metrics,
+              ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins"))
 
 
 def test_simpo_equals_trl_cpotrainer_on_the_same_tokens(tiny_gpt2: Path, tmp_path: Path) -> None:
@@ -106,7 +115,6 @@ def test_simpo_equals_trl_cpotrainer_on_the_same_tokens(tiny_gpt2: Path, tmp_pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    from llmkit.tasks.preference import objective
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     tokenizer.pad_token = tokenizer.eos_token
@@ -129,18 +137,10 @@ def test_simpo_equals_trl_cpotrainer_on_the_same_tokens(tiny_gpt2: Path, tmp_pat
     from llmkit.tasks.reference import SETUPS
 
     SETUPS[model].settings = replace(cfg.data, beta=2.0, simpo_gamma=0.5)
-    model.train()
-    value, figures = objective(model, {
-        "input_ids": joined["concatenated_input_ids"],
-        "attention_mask": joined["concatenated_attention_mask"],
-        "labels": joined["concatenated_labels"]})
-    value.backward()
-    assert value.item() == pytest.approx(expected.item(), abs=1e-5)
-    for name in ("logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/margins"):
-        assert figures[name].item() == pytest.approx(metrics[name], abs=1e-5), name
-    theirs = grads(trainer.model)
-    for name, grad in grads(model).items():
-        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4)
+    same_step(model, {"input_ids": joined["concatenated_input_ids"],
+                      "attention_mask": joined["concatenated_attention_mask"],
+                      "labels": joined["concatenated_labels"]}, trainer.model, expected, metrics,
+              ("logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/margins"))
 
 
 def test_the_three_formats_give_the_same_tokens(chat_gpt2: Path) -> None:  # noqa: F811

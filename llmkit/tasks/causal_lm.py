@@ -88,24 +88,20 @@ def detect(rows: Dataset, data: CausalData) -> CausalData:
 
 
 def model_kwargs(train: Dataset, valid: Dataset, data: CausalData) -> dict[str, Any]:
-    from pathlib import Path
+    from llmkit.tasks.chat import check_template_file
 
-    if data.chat_template and not Path(data.chat_template).is_file():
-        raise LlmkitError(f"--chat-template {data.chat_template}: no such file")
+    check_template_file(data.chat_template)
     return {}
 
 
 def prepare(model: Any, tokenizer: PreTrainedTokenizerBase, data: CausalData) -> None:
     """The chat template (saved with the tokenizer), and generation that stops at the end of an
     assistant turn (saved in generation_config.json, so pipeline() stops there too)."""
-    from llmkit.tasks.chat import end_of_turn, use_template
+    from llmkit.tasks.chat import stop_at_turn_end, use_template
 
     use_template(tokenizer, data.chat_template, required=bool(data.messages_column))
-    turn_end = end_of_turn(tokenizer) if data.messages_column else None
-    eos = model.generation_config.eos_token_id
-    ends = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    if turn_end is not None and turn_end not in ends:
-        model.generation_config.eos_token_id = [*ends, turn_end]
+    if data.messages_column:
+        stop_at_turn_end(model, tokenizer)
 
 
 def block_size(data: CausalData, config: PretrainedConfig) -> int:

@@ -34,6 +34,22 @@ def use_template(tokenizer: PreTrainedTokenizerBase, template: str | None,
                           "give one with --chat-template FILE (a Jinja template)")
 
 
+def check_template_file(template: str | None) -> None:
+    """A --chat-template file that is not there: one line, before the model loads."""
+    if template and not Path(template).is_file():
+        raise LlmkitError(f"--chat-template {template}: no such file")
+
+
+def stop_at_turn_end(model: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Generation that stops at the end of an assistant turn too (saved in
+    generation_config.json, so pipeline() stops there as well)."""
+    turn_end = end_of_turn(tokenizer)
+    eos = model.generation_config.eos_token_id
+    ends = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if turn_end is not None and turn_end not in ends:
+        model.generation_config.eos_token_id = [*ends, turn_end]
+
+
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
            prompt: bool = False) -> str:
     """The template's text of `messages` (with the generation prompt after them if asked)."""

@@ -60,24 +60,19 @@ llmkit finetune dpo --model runs/sft --train pairs.jsonl --loss simpo --beta 2 \
 
 
 def model_kwargs(train: Dataset, valid: Dataset, data: DpoData) -> dict[str, Any]:
-    from pathlib import Path
+    from llmkit.tasks.chat import check_template_file
 
-    if data.chat_template and not Path(data.chat_template).is_file():
-        raise LlmkitError(f"--chat-template {data.chat_template}: no such file")
+    check_template_file(data.chat_template)
     return {}
 
 
 def prepare(model: Any, tokenizer: PreTrainedTokenizerBase, data: DpoData) -> None:
     """The chat template (saved with the tokenizer) and generation that stops at the end of an
     assistant turn, as `finetune generate` sets them."""
-    from llmkit.tasks.chat import end_of_turn, use_template
+    from llmkit.tasks.chat import stop_at_turn_end, use_template
 
     use_template(tokenizer, data.chat_template, required=False)
-    turn_end = end_of_turn(tokenizer)
-    eos = model.generation_config.eos_token_id
-    ends = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    if turn_end is not None and turn_end not in ends:
-        model.generation_config.eos_token_id = [*ends, turn_end]
+    stop_at_turn_end(model, tokenizer)
 
 
 def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,

@@ -76,10 +76,9 @@ def clean(rows: Dataset, data: RewardData, labelled: bool) -> Dataset:
 
 def model_kwargs(train: Dataset, valid: Dataset, data: RewardData) -> dict[str, Any]:
     """One output, a regression score (pipeline("text-classification") gives it raw)."""
-    from pathlib import Path
+    from llmkit.tasks.chat import check_template_file
 
-    if data.chat_template and not Path(data.chat_template).is_file():
-        raise LlmkitError(f"--chat-template {data.chat_template}: no such file")
+    check_template_file(data.chat_template)
     return {"num_labels": 1, "problem_type": "regression"}
 
 
