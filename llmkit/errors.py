@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Callable
 
 
 class LlmkitError(Exception):
@@ -33,6 +34,18 @@ TIMED_OUT = re.compile(r"Timed out waiting|collective operation timeout|Socket T
                        r"wait timeout after|Timed out after \d+ seconds waiting for clients")
 
 
+# Who among the other processes left, asked when a collective fails: run.launch registers a
+# function that reads their heartbeats while a run has several processes ("" when unknown).
+PEERS: list[Callable[[], str]] = []
+
+
+def who_left() -> str:
+    try:
+        return PEERS[-1]() if PEERS else ""
+    except Exception:  # the store that holds the heartbeats may be gone with its node
+        return ""
+
+
 def one_line(err: BaseException, argv: list[str]) -> tuple[str, int]:
     """The line printed for a failure that ends a command, and the exit code.
 
@@ -53,12 +66,14 @@ def one_line(err: BaseException, argv: list[str]) -> tuple[str, int]:
         return f"cannot write{where}: {err.strerror}; {DISK[err.errno]}", 1
     if TIMED_OUT.search(str(err)):
         said = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(err).split()))  # gloo's source line
-        return ("another process of this run did not answer within --collective-timeout (a "
-                "node that died or hangs), so this one stopped; the checkpoints saved are intact: "
-                f"start every node again with --resume ({type(err).__name__}: {said[:120]})"), 1
+        return (f"{who_left() or 'another process of this run'} did not answer within "
+                "--collective-timeout (a node that died or hangs), so this one stopped; the "
+                "checkpoints saved are intact: start every node again with --resume "
+                f"({type(err).__name__}: {said[:120]})"), 1
     if PEER_LOST.search(str(err)):  # a collective whose other side is gone
-        return ("another process of this run stopped, so this one did too (its own error is "
-                f"above; {type(err).__name__}: {' '.join(str(err).split())[:120]})"), 1
+        return (f"{who_left() or 'another process of this run'} stopped, so this one did too "
+                f"(its own error is above; {type(err).__name__}: "
+                f"{' '.join(str(err).split())[:120]})"), 1
     words = [a for a in argv[:2] if not a.startswith("-")]
     command = " ".join(words[:2] if words[:1] == ["finetune"] else words[:1])
     detail = " ".join(str(err).split())[:300]

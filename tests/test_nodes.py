@@ -27,7 +27,8 @@ save = checkpoint.save_checkpoint
 def save_then_stop(accelerator, out, state):
     path = save(accelerator, out, state)
     if state.global_step == int(os.environ["STOP_AT_STEP"]):
-        Path(os.environ["STOP_MARK"]).write_text(f"{time.time()} {os.getpid()}")
+        Path(os.environ["STOP_MARK"]).write_text(f"{time.time()} {os.getpid()} "
+                                                 f"{os.environ['RANK']}")
         os.kill(os.getpid(), signal.SIGSTOP)  # a node that hangs (or whose network went away)
     return path
 checkpoint.save_checkpoint = save_then_stop
@@ -196,6 +197,7 @@ def test_a_node_that_hangs_stops_the_other_and_both_resume_exactly(
     try:
         assert a.wait(timeout=300) == 1
         stopped_for = time.time() - float(mark.read_text().split()[0])
+        hung_rank = mark.read_text().split()[2]
     finally:
         os.killpg(b.pid, signal.SIGKILL)  # the hung node: its launcher, and its worker, which
         if mark.is_file():  # torchrun started in a session of its own
@@ -207,6 +209,7 @@ def test_a_node_that_hangs_stops_the_other_and_both_resume_exactly(
     said = (tmp_path / "a.log").read_text()
     errors = [line for line in said.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "did not answer within --collective-timeout" in errors[0], said
+    assert f"rank {hung_rank} (on {socket.gethostname()}) did not answer" in errors[0]
     for out in outs:  # every node's last checkpoint is whole
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-6"]
         assert (out / "checkpoints" / "checkpoint-6" / "llmkit_state.json").is_file()
@@ -227,3 +230,36 @@ def test_nodes_on_a_shared_disk_write_each_file_once(tmp_path: Path, run_args: l
         assert {p.name for p in (out / "checkpoints" / name).iterdir()} == {
             "llmkit_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin",
             "random_states_0.pkl", "random_states_1.pkl"}
+
+
+CRASH_ONCE = """\
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    from llmkit.run import checkpoint
+    save = checkpoint.save_checkpoint
+    def save_then_crash(accelerator, out, state):
+        path = save(accelerator, out, state)
+        if state.global_step == 6:
+            os._exit(3)  # a process lost on the first attempt only
+        return path
+    checkpoint.save_checkpoint = save_then_crash
+"""
+
+
+@pytest.mark.slow
+def test_a_restart_by_torchrun_continues_from_the_newest_checkpoint(
+        tmp_path: Path, run_args: list[str], one_node: Path) -> None:
+    """llmkit launch --max-restarts 1: rank 1 dies after its checkpoint at step 6; torchrun
+    starts both again, they resume at step 6 by themselves and end at the uninterrupted run's
+    weights."""
+    (tmp_path / "sitecustomize.py").write_text(CRASH_ONCE)
+    out = tmp_path / "run"
+    said = subprocess.run([sys.executable, "-m", "llmkit", "launch", "--procs-per-node", "2",
+                           "--max-restarts", "1", *run_args, "--output", str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**CPU, "PYTHONPATH": str(tmp_path)})
+    assert said.returncode == 0, said.stderr[-3000:]
+    assert "llmkit launch: local rank 1 failed (exit code 3); torchrun starts every process " \
+        "again" in said.stderr and "resuming at step 6" in said.stderr
+    assert "restart 1 of this run (torchrun --max-restarts)" in said.stderr
+    assert_same_weights(weights(out), weights(one_node))

@@ -15,7 +15,7 @@ import typer
 
 from llmkit.cli import eval as eval_command
 from llmkit.cli import export as export_command
-from llmkit.cli import generate, predict, runs, serve, sweep
+from llmkit.cli import generate, launch, predict, runs, serve, sweep
 from llmkit.cli.finetune import finetune_app, recipes_app
 from llmkit.cli.options import examples, finetune_problem
 from llmkit.errors import LlmkitError
@@ -33,6 +33,10 @@ app.command("push", epilog=examples(runs.PUSH_EXAMPLES))(runs.push)
 app.command("sweep", epilog=examples(sweep.EXAMPLES))(sweep.sweep_command)
 app.command("export", epilog=examples(export_command.EXAMPLES))(export_command.export)
 app.command("serve", epilog=examples(serve.EXAMPLES))(serve.serve)
+app.command("launch", epilog=examples(launch.EXAMPLES),
+            options_metavar="[OPTIONS] finetune TASK [ITS OPTIONS]", context_settings={
+    "allow_extra_args": True, "ignore_unknown_options": True,
+    "allow_interspersed_args": False})(launch.launch)
 
 
 def show_version(value: bool) -> None:

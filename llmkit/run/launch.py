@@ -25,7 +25,7 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, pa
 
 from llmkit.config.recipes import dump_config, flatten
 from llmkit.config.schema import RunConfig
-from llmkit.errors import LlmkitError
+from llmkit.errors import PEERS, LlmkitError
 from llmkit.run import checkpoint as ckpt
 
 log = logging.getLogger("llmkit")
@@ -50,6 +50,9 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
     accelerator, the checkpoint to resume from, and whether a finished run is to be replaced
     (by `open_output`, once the inputs have loaded)."""
     start, wipe = ckpt.check_start(cfg, resume, resume_from, overwrite)
+    if start is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        log.warning("restart %s of this run (torchrun --max-restarts): continuing from its "
+                    "newest checkpoint", os.environ["TORCHELASTIC_RESTART_COUNT"])
     return start_accelerator(cfg), start, wipe
 
 
@@ -124,7 +127,48 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
                           f"{accelerator.num_processes}; each would train alone and they would "
                           "overwrite each other's files")
     same_settings(accelerator, cfg)
+    heartbeat(accelerator)
     return accelerator
+
+
+def heartbeat(accelerator: Accelerator, every: float = 0.5) -> None:
+    """Each process counts up a number of its own in the launcher's store twice a second (a
+    daemon thread); when a collective fails, the processes whose number stood still are the
+    ones that left, and the error line names them (errors.PEERS)."""
+    if accelerator.num_processes == 1 or "MASTER_ADDR" not in os.environ:
+        return
+    import socket
+    import threading
+    import time
+
+    from torch.distributed import TCPStore
+
+    def client() -> TCPStore:
+        return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                        is_master=False, timeout=timedelta(seconds=10))
+
+    rank, world, store = accelerator.process_index, accelerator.num_processes, client()
+    store.set(f"llmkit/host/{rank}", socket.gethostname())
+
+    def beat() -> None:
+        while True:
+            try:
+                store.add(f"llmkit/alive/{rank}", 1)
+            except Exception:  # the store left with its node: nothing more to say
+                return
+            time.sleep(every)
+
+    def who_left() -> str:
+        ask, others = client(), [r for r in range(world) if r != rank]
+        before = [ask.add(f"llmkit/alive/{r}", 0) for r in others]
+        time.sleep(every * 3)
+        gone = [r for r, b in zip(others, before, strict=True)
+                if ask.add(f"llmkit/alive/{r}", 0) == b]
+        return " and ".join(f"rank {r} (on {ask.get(f'llmkit/host/{r}').decode()})"
+                            for r in gone[:3])
+
+    threading.Thread(target=beat, name="llmkit-heartbeat", daemon=True).start()
+    PEERS.append(who_left)
 
 
 def same_settings(accelerator: Accelerator, cfg: RunConfig) -> None:
