@@ -187,9 +187,9 @@ def test_bad_conversations_are_one_line(chat_gpt2: Path, tiny_gpt2: Path, tmp_pa
     with pytest.raises(LlmkitError, match="1 of 2 conversations have no assistant turn "
                                           r"\(first: row 1\) to learn from: none, an empty"):
         run_chat(chat_gpt2, rows(TALK, empty), tmp_path / "c2")
-    with pytest.raises(LlmkitError, match="2 of 2 conversations .* none within the first 4 "
+    with pytest.raises(LlmkitError, match="1 of 2 conversations .* none within the first 50 "
                                           r"tokens \(--block-size\)"):
-        run_chat(chat_gpt2, rows(TALK, TALK), tmp_path / "c3", block_size=4)
+        run_chat(chat_gpt2, rows(TALK, [TALK[1], *TALK[1:]]), tmp_path / "c3", block_size=50)
     with pytest.raises(LlmkitError, match="the tokenizer has no chat template"):
         run_chat(tiny_gpt2, rows(TALK), tmp_path / "d")
     broken = tmp_path / "broken.jinja"
@@ -271,3 +271,74 @@ def test_conversations_are_cached_and_skipped_rows_counted(
     assert found[0]["input_ids"] == found[1]["input_ids"]
     assert "leaving out 6 of 12 conversations without an assistant turn" in caplog.text
     assert sum(len(b) for b in found[0]["input_ids"]) == 6 * len(encode(tokenizer, TALK)[0])
+
+
+def featurized(model: Path, rows: list[object], tmp_path: Path, **data: object) -> object:
+    """generate's features of `rows` ({"messages": ...} objects or other records), as a run
+    builds them: without --validation, so the rows go through the seeded split."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmkit.data.read import load_splits
+    from llmkit.tasks import get_task
+
+    path = tmp_path / f"rows{len(list(tmp_path.iterdir()))}.jsonl"
+    path.write_text("".join(json.dumps(r if isinstance(r, dict) else {"messages": r}) + "\n"
+                            for r in rows))
+    cfg = load_config("generate", {"model": str(model), "output": "o",
+                                   "data": {"train": str(path), "block_size": 128,
+                                            "validation_fraction": 0.25, **data}}).data
+    tokenizer, config = AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
+    task = get_task("generate")
+    return [task.featurize(task.usable(part, cfg, True), tokenizer, config, cfg)
+            for part in load_splits(cfg, 42)]
+
+
+@pytest.mark.parametrize(("bad", "said"), [
+    ("hello", "row 7: messages must be a list of"),
+    ([*TALK[:2], {"role": "assistant", "content": ""}],
+     r"1 of \d conversations have no assistant turn \(first: row 7\)")],
+    ids=["not a list", "empty reply"])
+def test_a_bad_conversation_is_named_by_its_row_in_the_file(chat_gpt2: Path, tmp_path: Path,
+                                                            bad: object, said: str) -> None:
+    """Without --validation the rows are shuffled into two splits; the error names the file's
+    row, wherever the split put it."""
+    with pytest.raises(LlmkitError, match=said):
+        featurized(chat_gpt2, [TALK] * 7 + [bad] + [TALK] * 4, tmp_path,
+                   messages_column="messages")
+
+
+def test_an_empty_reply_is_left_out_with_skip(chat_gpt2: Path, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    empty = [*TALK[:2], {"role": "assistant", "content": ""}]
+    with caplog.at_level(logging.WARNING, logger="llmkit"):
+        train, valid = featurized(chat_gpt2, [TALK, empty] * 4, tmp_path, packing=False,
+                                  messages_column="messages", empty_rows="skip")
+    assert len(train) + len(valid) == 4  # the 4 with a reply
+    assert "conversations without an assistant turn" in caplog.text
+
+
+def test_a_block_size_that_leaves_no_reply_is_refused_with_what_to_set(
+        chat_gpt2: Path, tmp_path: Path) -> None:
+    """Every conversation or prompt/completion row cut before its first reply token would
+    train on nothing (a NaN blamed on the learning rate): one line, with the shortest prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_gpt2)
+    prompt = sum(label == IGNORE for label in encode(tokenizer, TALK[:3])[1])
+    with pytest.raises(LlmkitError, match=f"--block-size 8 leaves no assistant token in any "
+                       f"conversation: the shortest prompt before a first reply is {prompt} "
+                       f"tokens; set --block-size above {prompt}"):
+        featurized(chat_gpt2, [TALK] * 8, tmp_path, messages_column="messages", block_size=8,
+                   empty_rows="skip")
+    pairs = [{"prompt": "what is the capital of france ?", "completion": "paris"}] * 8
+    words = len(tokenizer(pairs[0]["prompt"], add_special_tokens=False)["input_ids"])
+    with pytest.raises(LlmkitError, match=f"--block-size 4 leaves no completion token in any "
+                       f"row: the shortest prompt is {words} tokens; set --block-size above "
+                       f"{words}"):
+        featurized(chat_gpt2, pairs, tmp_path, prompt_column="prompt",
+                   completion_column="completion", block_size=4)
+    train, _ = featurized(chat_gpt2, pairs, tmp_path, prompt_column="prompt",
+                          completion_column="completion", block_size=words + 1)
+    assert all(labels[-1] != IGNORE for labels in train["labels"])

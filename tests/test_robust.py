@@ -13,7 +13,7 @@ import torch
 from llmkit.errors import LlmkitError
 from llmkit.run import checkpoint
 from llmkit.run.finetune import finetune
-from llmkit.run.loop import is_better
+from llmkit.run.loop import divergence, is_better
 from tests.conftest import cut_after_checkpoint
 from tests.test_classify import config
 
@@ -249,3 +249,56 @@ def test_a_sharded_gradient_norm_is_judged_whole(tmp_path: Path) -> None:
     assert guard.first is not None and int(guard.first) == 3
     skipping = checkpoint.Guard(TrainConfig(on_nonfinite="skip"), checkpoint.RunState(), tmp_path)
     assert skipping.skip(Sharded(), 4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("losses", "start", "chance", "tripped"), [
+    ([0.69, 0.52, 0.9, 0.48, 1.3, 0.61], 0.7, math.log(2), False),  # noisy but fine
+    ([0.02, 0.001, 0.3], 0.69, None, False),  # overfits from a tiny loss: still below the start
+    ([0.69, 3.1e4, 2.7e4], 0.69, math.log(2), True),  # classify at lr 1e4, no clipping
+    ([3.1e4, 7.6e4, 2.7e4], 0.69, math.log(2), True),  # diverged before the first evaluation
+    ([0.05, 0.6], None, math.log(2), False),  # 12x the first, but no worse than guessing
+    ([0.69, 1.3e5], None, None, True),  # LoRA at lr 1e6, resumed from a state without a start
+    ([4.0], 4.1, None, False)])
+def test_divergence_is_ten_times_the_start_and_worse_than_untrained(
+        losses: list[float], start: float | None, chance: float | None, tripped: bool) -> None:
+    found = divergence([{"eval_loss": x} for x in losses], start, chance)
+    assert (found is not None) == tripped
+    if found:
+        assert found["last_eval_loss"] == losses[-1] and found["first_eval_loss"] == losses[0]
+
+
+def test_a_diverging_run_says_so_and_stops_when_asked(
+        tiny_bert: Path, toy: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Classify at lr 1e4 without clipping: the loss stays finite, so only the divergence check
+    tells; with on_divergence=stop the run ends at the first such evaluation, its best
+    checkpoint kept."""
+    import logging
+
+    from llmkit.run import loop
+
+    huge = {"learning_rate": 1e4, "max_grad_norm": 0.0, "max_steps": 2, "epochs": 1}
+    with caplog.at_level(logging.WARNING, logger="llmkit"):
+        out = finetune(config(tiny_bert, toy, tmp_path / "warn", **huge))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["diverged"] is True
+    assert metrics["divergence"]["last_eval_loss"] == metrics["history"][-1]["eval_loss"]
+    assert metrics["divergence"]["start_loss"] == pytest.approx(math.log(2), abs=0.1)
+    assert "the run diverged: the eval loss rose to" in caplog.text
+    real = loop.evaluate
+    calls = [0]
+
+    def rising(parts):  # fine at the first evaluation, 100 times worse from the second
+        calls[0] += 1
+        found = real(parts)
+        return {**found, "eval_loss": found["eval_loss"] * (1 if calls[0] == 1 else 100)}
+
+    monkeypatch.setattr(loop, "evaluate", rising)
+    stopped = tmp_path / "stop"
+    with pytest.raises(LlmkitError, match=r"the run diverged at step 4: the eval loss rose to .* "
+                       r"training stopped .*best checkpoint is kept \(--resume-from "
+                       r"\S+checkpoint-2 "):
+        finetune(config(tiny_bert, toy, stopped, learning_rate=3e-3, max_steps=4, eval_steps=2,
+                        on_divergence="stop"))
+    assert [p.name for p in checkpoint.checkpoints(stopped)] == ["checkpoint-2"]
+    assert not (stopped / "metrics.json").exists()

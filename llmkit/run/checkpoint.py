@@ -35,6 +35,7 @@ class RunState:
     best_checkpoint: str | None = None
     bad_evals: int = 0  # evaluations in a row without improvement, for early stopping
     skipped_steps: int = 0  # optimizer steps left out for a non-finite gradient norm
+    start_loss: float | None = None  # the first step's training loss: the untrained model's
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -76,6 +77,9 @@ def check_start(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite
     from llmkit.hub import check_model_source, looks_like_path
 
     check_model_source(cfg.model)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not resume_from \
+            and checkpoints(Path(cfg.output)):
+        resume, overwrite = True, False  # started again by torchrun --max-restarts: continue
     test = cfg.data.test
     if test and looks_like_path(test) and not any(c in test for c in "*?[") \
             and not Path(test).expanduser().is_file():

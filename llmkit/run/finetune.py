@@ -22,7 +22,7 @@ from llmkit.run import checkpoint as ckpt
 from llmkit.run.adapters import parameter_counts
 from llmkit.run.build import Parts, build, run_length
 from llmkit.run.launch import open_output, sharded, start_run, start_trackers
-from llmkit.run.loop import train_loop
+from llmkit.run.loop import advice, diverged, said, train_loop
 from llmkit.run.report import Reporter, RunLog, format_value, header, peak_memory
 
 log = logging.getLogger("llmkit")
@@ -59,9 +59,14 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     finally:
         told.stop()
     told.summary(state.history, state.best_checkpoint or "")
-    save_run(parts, cfg, state, out, speed, started)
+    losses = diverged(parts, state)
+    save_run(parts, cfg, state, out, speed, started, losses)
     if cfg.data.test and main:
         test(out, cfg.data.test)
+    if losses and main:
+        log.warning("the run diverged: %s. The model saved is the best evaluation's (%s); "
+                    "metrics.json says diverged. %s; -s train.on_divergence=stop stops at such "
+                    "an evaluation", said(losses), state.best_checkpoint, advice(cfg.train))
     for tracker in accelerator.trackers:  # flush and close; not end_training, whose
         tracker.finish()  # destroy_process_group with DDP alive can deadlock gloo's teardown
     metric = cfg.train.metric_for_best or parts.task.default_metric
@@ -72,9 +77,11 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
 
 
 def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
-             speed: dict[str, float], started: float) -> None:
-    """The best weights and tokenizer via save_pretrained, then metrics.json, which marks done;
-    then the curves, the model card and the manifest."""
+             speed: dict[str, float], started: float,
+             losses: dict[str, float | None] | None = None) -> None:
+    """The best weights and tokenizer via save_pretrained, then metrics.json, which marks done
+    (and says whether the run diverged: `losses`); then the curves, the model card and the
+    manifest."""
     acc = parts.accelerator
     if state.best_checkpoint and state.best_checkpoint != f"checkpoint-{state.global_step}":
         acc.load_state(str(out / "checkpoints" / state.best_checkpoint))
@@ -95,7 +102,8 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
             raise ckpt.save_failed(err, out, shutil.disk_usage(out).free < 4 << 20) from err
         best = next(r for r in state.history if f"checkpoint-{r['step']}" == state.best_checkpoint)
         metrics = {"final": best, "metric_for_best": cfg.train.metric_for_best
-                   or parts.task.default_metric, "history": state.history,
+                   or parts.task.default_metric, "diverged": losses is not None,
+                   **({"divergence": losses} if losses else {}), "history": state.history,
                    "run": {**speed, **parameter_counts(model),
                            "skipped_steps": state.skipped_steps,
                            "num_processes": acc.num_processes,

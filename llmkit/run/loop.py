@@ -15,12 +15,13 @@ from llmkit.errors import LlmkitError
 from llmkit.inference.predict import collect
 from llmkit.run import checkpoint as ckpt
 from llmkit.run.build import Parts, run_length
-from llmkit.run.report import Meter, Reporter, throughput, track
+from llmkit.run.report import Meter, Reporter, format_value, throughput, track
 from llmkit.tasks.task import forward_backward, loss_of
 
 log = logging.getLogger("llmkit")
 # the best evaluation's predictions: QA id -> answer text as JSON; generated texts one per line
 PREDICTIONS = ("predictions.json", "predictions.txt")
+DIVERGENCE = 10  # times the first or untrained eval loss that a diverged run's last exceeds
 
 
 def evaluate(parts: Parts) -> dict[str, float]:
@@ -52,6 +53,60 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
     return best is None or (value < best if lower_is_better(metric) else value > best)
 
 
+def divergence(history: list[dict[str, Any]], start_loss: float | None,
+               chance: float | None) -> dict[str, float | None] | None:
+    """The losses that show a run diverged, else None: the last evaluation's loss more than
+    DIVERGENCE times the first evaluation's or the untrained model's (`start_loss`, its first
+    step's), and above the untrained model's and `chance` (guessing's loss, where the task has
+    one). A noisy curve never comes near, nor one that overfits from a tiny loss: the model
+    is worse than it was before training."""
+    if not history:
+        return None
+    first, last = history[0]["eval_loss"], history[-1]["eval_loss"]
+    known = [x for x in (start_loss, first) if x is not None and math.isfinite(x)]
+    if not known or not (last > DIVERGENCE * min(known) and last > known[0]
+                         and (chance is None or last > chance)):
+        return None
+    return {"start_loss": start_loss, "first_eval_loss": first, "last_eval_loss": last,
+            "chance_loss": chance}
+
+
+def diverged(parts: Parts, state: ckpt.RunState) -> dict[str, float | None] | None:
+    """divergence() of this run's evaluations so far."""
+    config = parts.accelerator.unwrap_model(parts.model).config
+    return divergence(state.history, state.start_loss, parts.task.chance_loss(config))
+
+
+def said(losses: dict[str, float | None]) -> str:
+    """A divergence in words: the last eval loss against the smaller of its references."""
+    start, first = losses["start_loss"], losses["first_eval_loss"]
+    assert first is not None and losses["last_eval_loss"] is not None
+    base, what = ((start, "before training") if start is not None and start < first
+                  else (first, "at the first evaluation"))
+    chance = losses["chance_loss"]
+    return (f"the eval loss rose to {format_value(losses['last_eval_loss'])} from "
+            f"{format_value(base)} {what}" + (f" (guessing scores {format_value(chance)})"
+                                              if chance is not None else ""))
+
+
+def advice(tc: TrainConfig) -> str:
+    """What to change in a run that diverged."""
+    clip = "" if tc.max_grad_norm else ", gradient clipping (--max-grad-norm 1)"
+    return f"Try a lower --learning-rate{clip} or a warm-up (--warmup-ratio 0.1)"
+
+
+def stop_diverged(state: ckpt.RunState, out: Path, losses: dict[str, float | None],
+                  tc: TrainConfig) -> None:
+    """on_divergence=stop: one line, the best checkpoint kept (this evaluation's weights are
+    not saved)."""
+    best = out / "checkpoints" / state.best_checkpoint if state.best_checkpoint else None
+    where = (f"the best checkpoint is kept (--resume-from {best} continues from it)"
+             if best and best.is_dir() else "no checkpoint had been saved yet")
+    raise LlmkitError(f"the run diverged at step {state.global_step}: {said(losses)}; training "
+                      f"stopped (train.on_divergence=stop) and no weights from then on were "
+                      f"saved; {where}. {advice(tc)}")
+
+
 def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Reporter,
                   out: Path, train_loss: float, guard: ckpt.Guard) -> bool:
     """Evaluate, checkpoint, keep the best; True when early stopping says to stop."""
@@ -66,6 +121,9 @@ def eval_and_save(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: 
                                                         / parts.steps_per_epoch, 2),
               "train_loss": train_loss, **metrics}
     state.history.append(record)
+    if cfg.train.on_divergence == "stop" and (losses := diverged(parts, state)):
+        reporter.evaluation(record)
+        stop_diverged(state, out, losses, cfg.train)
     kept = next((r for r in state.history if f"checkpoint-{r['step']}"
                  == state.best_checkpoint), None)
     # a metric that saturates (DPO's reward accuracy at 1.0): a tie goes to the lower loss
@@ -115,6 +173,7 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
         for batch in loader:
             with acc.accumulate(model):
                 loss, figures = forward_backward(acc, model, batch, parts.task)
+                remember_start(acc, state, loss)
                 step = state.global_step + 1
                 guard.note(loss, step)
                 optimizer_step(parts, tc, guard, step)
@@ -144,6 +203,14 @@ def train_loop(parts: Parts, cfg: RunConfig, state: ckpt.RunState, reporter: Rep
                          guard):
             break
     return throughput(total.flush(acc), state.history[evals_before:])
+
+
+def remember_start(acc: Any, state: ckpt.RunState, loss: Any) -> None:
+    """The first batch's training loss, the untrained model's (a mean over processes), for
+    divergence(): one sync, once in a run."""
+    if state.global_step == 0 and state.start_loss is None:
+        start = acc.reduce(loss.float().reshape(1), "mean").item()
+        state.start_loss = start if math.isfinite(start) else None
 
 
 def logged(parts: Parts, state: ckpt.RunState, window: Meter, guard: ckpt.Guard

@@ -200,7 +200,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
 def pairs(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: CausalData, size: int
           ) -> Dataset:
     """Prompt + completion + EOS, truncated to the block size; the loss covers only the
-    completion (and EOS)."""
+    completion (and EOS). A block size that every prompt fills is refused."""
     prompt, completion = str(data.prompt_column), str(data.completion_column)
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
@@ -211,9 +211,26 @@ def pairs(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: CausalData, s
             ids.append([*p, *c, tokenizer.eos_token_id][:size])
             labels.append(([IGNORE] * len(p) + [*c, tokenizer.eos_token_id])[:size])
         return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
-                "labels": labels}
+                "labels": labels, "prompt_tokens": [len(p) for p in prompts]}
 
-    return rows.map(encode, batched=True, remove_columns=rows.column_names, desc="tokenizing")
+    encoded = rows.map(encode, batched=True, remove_columns=rows.column_names,
+                       desc="tokenizing")
+    check_room(encoded.with_format("arrow")["prompt_tokens"].to_numpy(), size)
+    return encoded.remove_columns(["prompt_tokens"])
+
+
+def check_room(prompts: np.ndarray, size: int) -> None:
+    """Prompts of `prompts` tokens leave a completion token in a block of `size` tokens: in
+    none is one line with what to set (the loss would be 0/0, a NaN); in some, a warning."""
+    full = int((prompts >= size).sum())
+    if full == len(prompts) and full:
+        raise LlmkitError(f"--block-size {size} leaves no completion token in any row: the "
+                          f"shortest prompt is {int(prompts.min())} tokens; set --block-size "
+                          f"above {int(prompts.min())} (the longest prompt is "
+                          f"{int(prompts.max())} tokens)")
+    if full:
+        log.warning("%d of %d rows have no completion token within --block-size %d: their "
+                    "prompts fill it, and they teach nothing", full, len(prompts), size)
 
 
 def collator(tokenizer: PreTrainedTokenizerBase) -> Any:

@@ -134,50 +134,87 @@ def conversations(rows: Any, column: str, tokenizer: PreTrainedTokenizerBase, si
                   skip_empty: bool, workers: int | None = None) -> Any:
     """Every conversation encoded (`ids`, `labels`, int32, in datasets' Arrow cache: a rerun
     reads them back), cut to `size` tokens (counted in the log); those without an assistant
-    turn refused or, with `skip_empty`, left out (counted)."""
-    import numpy as np
+    turn refused or, with `skip_empty`, left out (counted). Rows are named by their number in
+    the file (see file_rows)."""
     import pyarrow.compute as pc
     from datasets import Features, Sequence, Value
 
     from llmkit.data.features import fingerprint
 
+    numbers = file_rows(rows)
+
     def encode_batch(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"ids": [], "labels": [], "silent": [], "cut": []}
+        out: dict[str, list[Any]] = {"ids": [], "labels": [], "empty": [], "reply": [],
+                                     "length": []}
         for row, messages in zip(indices, batch[column], strict=True):
-            check(messages, row)
+            check(messages, int(numbers[row]))
             replies = [m["content"] for m in messages if m["role"] == "assistant"]
-            silent = not replies or not all(r.strip() for r in replies)  # an empty reply
+            empty = not replies or not all(r.strip() for r in replies)  # an empty reply
             # would teach end-of-turn markers alone
-            ids, labels = ([], []) if silent else encode(tokenizer, messages)
-            silent = silent or all(t == IGNORE for t in labels[:size])  # no reply in the block
-            for key, value in (("ids", ids[:size]), ("labels", labels[:size]),
-                               ("silent", silent), ("cut", len(ids) > size)):
+            ids, labels = ([], []) if empty else encode(tokenizer, messages)
+            reply = next((i for i, t in enumerate(labels) if t != IGNORE), len(ids))
+            for key, value in (("ids", ids[:size]), ("labels", labels[:size]), ("empty", empty),
+                               ("reply", reply), ("length", len(ids))):
                 out[key].append(value)
         return out
 
-    tokens = Sequence(Value("int32"))
+    tokens, number = Sequence(Value("int32")), Value("int32")
     encoded = rows.map(encode_batch, batched=True, with_indices=True,
                        remove_columns=rows.column_names, num_proc=workers, desc="tokenizing",
-                       features=Features({"ids": tokens, "labels": tokens,
-                                          "silent": Value("bool"), "cut": Value("bool")}),
-                       new_fingerprint=fingerprint(rows, tokenizer, "chat", column, size,
+                       features=Features({"ids": tokens, "labels": tokens, "empty": Value("bool"),
+                                          "reply": number, "length": number}),
+                       new_fingerprint=fingerprint(rows, tokenizer, "chat/2", column, size,
                                                    str(tokenizer.chat_template)))
     flags = encoded.with_format("arrow")
-    silent = flags["silent"].to_numpy(zero_copy_only=False)
-    if silent.any() and (not skip_empty or silent.all()):
-        raise LlmkitError(f"{int(silent.sum())} of {len(rows)} conversations have no assistant "
-                          f"turn (first: row {int(np.argmax(silent))}) to learn from: none, an "
-                          f"empty reply, or none within the first {size} tokens (--block-size); "
-                          "fix the data or pass -s data.empty_rows=skip to leave them out")
-    if silent.any():
-        log.warning("leaving out %d of %d conversations without an assistant turn",
-                    int(silent.sum()), len(rows))
-        encoded = encoded.select(np.flatnonzero(~silent))
-    cut = pc.sum(flags["cut"]).as_py() or 0
+    encoded = usable(encoded, size, skip_empty, numbers)
+    cut = pc.sum(pc.greater(flags["length"], size)).as_py() or 0
     if cut:
         log.warning("%d of %d conversations are longer than --block-size %d tokens: cut there",
-                    cut, len(encoded), size)
-    return encoded.remove_columns(["silent", "cut"])
+                    cut, len(flags), size)
+    return encoded.remove_columns(["empty", "reply", "length"])
+
+
+def file_rows(rows: Any) -> Any:
+    """Each row's number in the file(s) it was read from: a held-out split (no --validation)
+    and --max-train-samples keep it in datasets' indices mapping, so an error names the row
+    of the file, not its place in the shuffled split."""
+    import numpy as np
+
+    mapping = rows._indices  # datasets' own record of select / train_test_split
+    if mapping is None:
+        return np.arange(len(rows))
+    return mapping.column("indices").to_numpy()
+
+
+def usable(encoded: Any, size: int, skip_empty: bool, numbers: Any) -> Any:
+    """The conversations with an assistant token in their block. A block size that leaves none
+    in any conversation is refused with what to set; conversations without one (no reply, an
+    empty reply, or none within the block) are refused with their count and first row, or,
+    with `skip_empty`, left out (counted)."""
+    import numpy as np
+
+    flags = encoded.with_format("arrow")
+    empty = flags["empty"].to_numpy(zero_copy_only=False)
+    reply = flags["reply"].to_numpy()
+    outside = ~empty & (reply >= size)
+    if outside.any() and outside.sum() == (~empty).sum():
+        shortest, longest = int(reply[~empty].min()), int(flags["length"].to_numpy().max())
+        raise LlmkitError(f"--block-size {size} leaves no assistant token in any conversation: "
+                          f"the shortest prompt before a first reply is {shortest} tokens; set "
+                          f"--block-size above {shortest} (the longest conversation is "
+                          f"{longest} tokens)")
+    silent = empty | outside
+    if silent.any() and (not skip_empty or silent.all()):
+        raise LlmkitError(f"{int(silent.sum())} of {len(silent)} conversations have no "
+                          f"assistant turn (first: row {int(numbers[np.argmax(silent)])}) to "
+                          "learn from: none, an empty reply, or none within the first "
+                          f"{size} tokens (--block-size); fix the data or pass "
+                          "-s data.empty_rows=skip to leave them out")
+    if silent.any():
+        log.warning("leaving out %d of %d conversations without an assistant turn",
+                    int(silent.sum()), len(silent))
+        return encoded.select(np.flatnonzero(~silent))
+    return encoded
 
 
 def one_per_row(encoded: Any) -> Any:

@@ -91,6 +91,17 @@ class Task:
     def usable(self, rows: Dataset, data: Any, labelled: bool) -> Dataset:
         return self.clean(rows, data, labelled) if self.clean else rows
 
+    def chance_loss(self, config: PretrainedConfig) -> float | None:
+        """The eval loss of guessing uniformly, where the task has one: a sequence classifier's
+        cross-entropy over its labels, log(num_labels); None elsewhere (a reward model's single
+        score, a language model)."""
+        import math
+
+        labels = getattr(config, "num_labels", 0)
+        if self.auto_model == "AutoModelForSequenceClassification" and labels > 1:
+            return math.log(labels)
+        return None
+
 
 def context_size(config: PretrainedConfig, tokenizer: Any = None) -> int | None:
     """Tokens the model can take at once: its learned positions, or its tokenizer's
