@@ -293,3 +293,42 @@ def test_max_steps_and_warmup_steps_as_trainer_reads_them(tiny_bert: Path, toy: 
     assert sorted(lrs) == list(range(1, 18))
     assert lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
     assert lrs[10] == pytest.approx(1e-3 * 7 / 15) and lrs[17] == 0.0
+
+
+def test_glue_tsv_finds_its_label_and_text_pair_or_names_the_options(tmp_path: Path) -> None:
+    """MRPC's own TSV (Quality, #1 ID, #2 ID, #1 String, #2 String): the label is Quality and
+    the pair the two strings, not 'Quality' and '#1 ID' as texts; without any label column
+    the refusal names --label-column."""
+    from llmkit.data.read import load_split
+    from llmkit.tasks.classify import detect
+
+    path = tmp_path / "msr_paraphrase_train.txt"
+    path.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+                    "1\t702876\t702977\tAmrozi accused his brother .\tHe accused his brother .\n"
+                    "0\t2108705\t2108831\tYucaipa owned Dominick 's .\tIt sold the chain .\n")
+    rows = load_split(str(path), "train", None, "--train", fmt="tsv")
+    cfg = detect(rows, ClassifyData())
+    assert (cfg.label_column, cfg.text_column, cfg.text_pair_column) == (
+        "Quality", "#1 String", "#2 String")
+    with pytest.raises(LlmkitError, match="no label column 'label'; the columns are 'review', "
+                       "'stars': name it with --label-column"):
+        detect(rows.select_columns(["#1 String", "#2 ID"]).rename_columns(
+            {"#1 String": "review", "#2 ID": "stars"}), ClassifyData())
+
+
+def test_label_cells_pandas_reads_as_missing_are_missing_labels(tmp_path: Path) -> None:
+    """A CSV whose label cells are 'NaN', 'NA', 'null' or empty (pandas' missing values, as
+    to_csv writes a missing label): the empty-label rule applies instead of a class 'NaN'."""
+    import pandas as pd
+
+    from llmkit.data.read import load_split
+    from llmkit.tasks.classify import clean
+
+    labels = ["pos", "neg", None, "NaN", "NA", "null", "pos", "neg"]
+    pd.DataFrame({"text": [f"film {i}" for i in range(8)], "label": labels}).to_csv(
+        tmp_path / "d.csv", index=False)
+    rows = load_split(str(tmp_path / "d.csv"), "train", None, "--train")
+    with pytest.raises(LlmkitError, match="4 of 8 rows have an empty text or label"):
+        clean(rows, ClassifyData(), True)
+    kept = clean(rows, ClassifyData(empty_rows="skip"), True)
+    assert kept["label"] == ["pos", "neg", "pos", "neg"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,7 @@ def test_saved_config_holds_the_task_settings_only(tmp_path: Path) -> None:
     dump_config(cfg, tmp_path / "config.yaml")
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]
     assert set(data) == {"train", "validation", "test", "dataset_config", "format", "json_field",
+                         "encoding",
                          "train_split",
                          "validation_split", "validation_fraction", "max_train_samples",
                          "preprocessing_workers",
@@ -216,6 +218,23 @@ def test_a_single_value_where_a_list_is_expected(tmp_path: Path) -> None:
     cfg = load_config("classify", {"model": "m", "output": "o", "data": {"train": "t.tsv"},
                                    "train": {"report_to": "tensorboard"}})
     assert cfg.train.report_to == ("tensorboard",)
+
+
+def test_a_recipe_file_and_an_override_take_one_tracker_as_a_string(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  report_to: tensorboard\n")
+    assert load_config("classify", str(recipe), BASE).train.report_to == ("tensorboard",)
+    assert load_config("classify", None, BASE, ["train.report_to=wandb"]).train.report_to \
+        == ("wandb",)
+
+
+def test_on_divergence_is_warn_or_stop() -> None:
+    assert load_config("classify", None, BASE).train.on_divergence == "warn"
+    assert load_config("classify", None, BASE,
+                       ["train.on_divergence=stop"]).train.on_divergence == "stop"
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.on_divergence: expected 'warn' | 'stop', got 'never'")):
+        load_config("classify", None, BASE, ["train.on_divergence=never"])
 
 
 def test_config_overrides_may_hold_spaces(tiny_gpt2: Path) -> None:

@@ -63,8 +63,10 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.tsv").write_text("text\tlabel\n")
     with pytest.raises(LlmkitError, match="empty"):
         load_split(str(tmp_path / "empty.tsv"), "train", None, "--train")
-    with pytest.raises(LlmkitError, match="is a folder"):
-        load_split(str(tmp_path), "train", None, "--train")
+    (tmp_path / "sheets").mkdir()
+    (tmp_path / "sheets" / "x.xlsx").write_text("x")
+    with pytest.raises(LlmkitError, match="is a folder; give a file"):
+        load_split(str(tmp_path / "sheets"), "train", None, "--train")
 
 
 def test_missing_column_names_the_columns_that_exist(tmp_path: Path) -> None:
@@ -224,3 +226,91 @@ def test_a_glob_reads_every_file_it_matches_and_format_names_a_file_type(tmp_pat
     with pytest.raises(LlmkitError, match="unknown format '.data'; .* or name it with --format"):
         load_split(str(plain), "train", None, "--train")
     assert load_split(str(plain), "train", None, "--train", fmt="tsv")["label"] == ["pos", "neg"]
+
+
+def test_tsv_that_quotes_is_read_with_csv_rules_and_no_row_is_split_wrongly(tmp_path: Path
+                                                                            ) -> None:
+    """pandas' to_csv(sep="\\t") quotes a text holding a quote, tab or line break and doubles its
+    quotes: such a file is read as pandas and csv read it back. A file that does not quote keeps
+    its raw quotes (test above), and a line whose fields do not match the header is refused."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": ['the "café" moment', "two\nlines", "a\ttab", "plain"],
+                          "label": ["a", "b", "a", "b"]})
+    for name, part in (("newlines.tsv", frame), ("quotes.tsv", frame.iloc[[0, 3]])):
+        part.to_csv(tmp_path / name, sep="\t", index=False)
+        rows = load_split(str(tmp_path / name), "train", None, "--train")
+        assert rows.to_list() == part.to_dict("records")
+    broken = tmp_path / "broken.tsv"
+    broken.write_text('text\tlabel\n"two\nlines\ta\nok\tb\n')  # a quote never closed
+    with pytest.raises(LlmkitError, match=r"line 2 holds 1 tab-separated field\(s\) where the "
+                       "header holds 2 .* must be in quotes"):
+        load_split(str(broken), "train", None, "--train")
+
+
+def test_compressed_files_saved_datasets_split_folders_and_arrow(tmp_path: Path) -> None:
+    """What datasets reads: .jsonl.gz/.json.gz/.csv.gz/.tsv.gz (the type under the compression
+    suffix), a save_to_disk folder (Dataset or DatasetDict: its splits are train/validation/
+    test), a folder of train.*/dev.* files as load_dataset(folder) finds them, an .arrow file,
+    and --format text."""
+    import gzip
+
+    import pandas as pd
+    from datasets import Dataset, DatasetDict
+
+    frame = pd.DataFrame(ROWS)
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in ROWS))
+    frame.to_csv(tmp_path / "d.csv.gz", index=False)
+    frame.to_csv(tmp_path / "d.tsv.gz", sep="\t", index=False)
+    frame.to_json(tmp_path / "d.json.gz", orient="records", lines=True)
+    for name in ("d.jsonl.gz", "d.csv.gz", "d.tsv.gz", "d.json.gz"):
+        assert load_split(str(tmp_path / name), "train", None, "--train").to_list() == ROWS
+    whole = Dataset.from_list(ROWS)
+    whole.save_to_disk(str(tmp_path / "saved"))
+    assert load_split(str(tmp_path / "saved"), "train", None, "--train").to_list() == ROWS
+    DatasetDict({"train": whole.select([0, 1]), "validation": whole.select([2])}).save_to_disk(
+        str(tmp_path / "dict"))
+    train, valid = load_splits(DataConfig(train=str(tmp_path / "dict")), 0)
+    assert train.to_list() == ROWS[:2] and valid.to_list() == ROWS[2:]
+    with pytest.raises(LlmkitError, match="splits are train, validation, none of them test"):
+        load_split(str(tmp_path / "dict"), "test", None, "--test")
+    (tmp_path / "folder").mkdir()
+    frame.iloc[:2].to_csv(tmp_path / "folder" / "train.csv", index=False)
+    frame.iloc[2:].to_csv(tmp_path / "folder" / "dev.csv", index=False)
+    train, valid = load_splits(DataConfig(train=str(tmp_path / "folder")), 0)
+    assert train.to_list() == ROWS[:2] and valid.to_list() == ROWS[2:]
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    assert load_split(str(arrow), "train", None, "--train").to_list() == ROWS
+    (tmp_path / "lines.data").write_text("one\ntwo\n")
+    assert load_split(str(tmp_path / "lines.data"), "train", None, "--train",
+                      fmt="text")["text"] == ["one", "two"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LlmkitError, match="is a folder; give a file"):
+        load_split(str(tmp_path / "empty"), "train", None, "--train")
+
+
+def test_encoding_reads_latin1_and_a_decode_error_names_the_option(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+
+    import pandas as pd
+
+    rows = [{"text": "crème brûlée", "label": "a"}, {"text": "déjà vu", "label": "b"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "l.csv", index=False, encoding="latin-1")
+    (tmp_path / "l.txt").write_bytes("crème\nbrûlée\n".encode("latin-1"))
+    for name in ("l.csv", "l.txt"):
+        with pytest.raises(LlmkitError, match=f"--train .*{name} is not utf-8 text .*; pass "
+                           r"--encoding latin-1 \(or the file's encoding\)"):
+            load_split(str(tmp_path / name), "train", None, "--train")
+    assert load_split(str(tmp_path / "l.csv"), "train", None, "--train",
+                      encoding="latin-1").to_list() == rows
+    with pytest.raises(LlmkitError, match="--encoding klingon: no such text encoding"):
+        load_split(str(tmp_path / "l.csv"), "train", None, "--train", encoding="klingon")
+
+    @dataclass(frozen=True)
+    class WithEncoding(DataConfig):  # the data settings' encoding field, read by load_splits
+        encoding: str = "utf-8"
+
+    train, valid = load_splits(WithEncoding(train=str(tmp_path / "l.csv"), validation=str(
+        tmp_path / "l.csv"), encoding="latin-1"), 0)
+    assert train.to_list() == valid.to_list() == rows

@@ -157,7 +157,8 @@ def test_missing_language_and_empty_rows(tiny_seq2seq):
         task.featurize(rows([("a", "b")]), tokenizer, config,
                        TranslateData(source_lang="en", target_lang="fr"))
     data = rows([("the dog", "el perro"), ("the cat", " "), ("", "el")])
-    with pytest.raises(LlmkitError, match="2 of 3 rows have an empty source or target"):
+    with pytest.raises(LlmkitError, match="2 of 3 rows have an empty source or target; .* "
+                       "data.empty_rows=skip to leave them out \\(first: .*'the cat'"):
         task.featurize(data, tokenizer, config, TranslateData(source_lang="en", target_lang="es"))
     kept = task.featurize(data, tokenizer, config, TranslateData(source_lang="en", target_lang="es",
                                                               empty_rows="skip"))
@@ -476,3 +477,44 @@ def test_grouped_batches_of_16_run_in_two_micro_batches_and_resume_exactly(
     a, b = (load_file(d / "model.safetensors") for d in (steady, tmp_path / "cut"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_pairs_without_the_target_language_are_counted_with_the_first(tiny_seq2seq, tmp_path):
+    """JSON Lines where some pairs lack `es` (datasets reads the key as missing): one line with
+    how many, the first of them and what to do, not KeyError: 'es'."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmkit.data.read import load_split
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"translation": {"en": f"dog {i}", **(
+        {"es": f"perro {i}"} if i % 3 else {})}}) + "\n" for i in range(6)))
+    folder = tiny_seq2seq("marian")
+    tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+    with pytest.raises(LlmkitError, match=r"2 of 6 rows have an empty source or target; fix the "
+                       r"data or pass -s data.empty_rows=skip .*\(first: .*'dog 0'"):
+        get_task("translate").featurize(load_split(str(path), "train", None, "--train"),
+                                        tokenizer, config,
+                                        TranslateData(source_lang="en", target_lang="es"))
+
+
+def test_summarize_takes_the_first_columns_as_run_summarization_does(caplog):
+    """transformers' xsum fixture (document, summary, id) trains as is; columns named neither
+    text nor summary are the first two text columns; columns named on purpose stay."""
+    from datasets import Dataset
+
+    from llmkit.tasks.seq2seq_settings import detect
+
+    xsum = Dataset.from_dict({"document": ["a long text"], "summary": ["short"], "id": ["1"]})
+    with caplog.at_level(logging.INFO, logger="llmkit"):
+        found = detect("summarize", xsum, SummarizeData())
+    assert (found.text_column, found.summary_column) == ("document", "summary")
+    assert "document column: document, summary column: summary" in caplog.text
+    cnn = Dataset.from_dict({"id": ["1"], "article": ["a long text"], "highlights": ["short"]})
+    found = detect("summarize", cnn, SummarizeData())
+    assert (found.text_column, found.summary_column) == ("article", "highlights")
+    mine = SummarizeData(text_column="body", summary_column="highlights")
+    assert detect("summarize", cnn, mine) is mine  # the check of columns names 'body'
+    assert detect("summarize", cnn, SummarizeData(text_column="article")).summary_column == \
+        "highlights"
+    assert detect("translate", xsum, TranslateData()) == TranslateData()

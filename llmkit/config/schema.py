@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, get_type_hints
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
-FileFormat = Literal["csv", "tsv", "json", "jsonl", "parquet", "txt"]
+FileFormat = Literal["csv", "tsv", "json", "jsonl", "parquet", "arrow", "txt", "text"]
 BadRows = Literal["fail", "skip"]  # rows that cannot be trained on: stop, or leave them out
 
 
@@ -25,8 +25,10 @@ def setting(default: Any, help: str, *aliases: str, minimum: float | None = None
 class DataConfig:
     """Where the rows come from: the data settings every task shares."""
 
-    train: str = setting("", "Training rows: a csv/tsv/json/jsonl/parquet/txt file, a glob of "
-                         "them ('data/*.jsonl'), or a Hub dataset id.")
+    train: str = setting("", "Training rows: a csv/tsv/json/jsonl/parquet/arrow/txt file (or a "
+                         ".gz/.bz2/.xz of one), a glob of them ('data/*.jsonl'), a folder (of "
+                         "datasets' save_to_disk, or of train/validation/test files), or a Hub "
+                         "dataset id.")
     validation: str | None = setting(None, "Validation rows; without it a seeded slice of "
                                      "--train is held out.")
     test: str | None = setting(None, "Rows to predict with the final model after training: "
@@ -34,6 +36,8 @@ class DataConfig:
     dataset_config: str | None = setting(None, "Hub dataset configuration (e.g. sst2 for glue).")
     format: FileFormat | None = setting(None, "Format of files whose name does not say it.")
     json_field: str | None = setting(None, "JSON files: read the rows under this top-level key.")
+    encoding: str = setting("utf-8", "Text encoding of csv/tsv/json/txt files (latin-1, cp1252 "
+                            "...).")
     train_split: str = setting("train", "Hub split for --train.")
     validation_split: str = setting("validation", "Hub split for --validation.")
     validation_fraction: float = setting(0.1, "Share of --train held out when there is no "
@@ -91,6 +95,11 @@ class TrainConfig:
         "stop", "A NaN or infinite loss: stop the run (the last checkpoint kept), or skip the "
         "step.")
     max_nonfinite_steps: int = setting(10, "on_nonfinite skip: stop after N skips.", minimum=0)
+    on_divergence: Literal["warn", "stop"] = setting(
+        "warn", "An eval loss over 10x the first evaluation's or the untrained model's, and "
+        "worse than the untrained model and than guessing (a classifier's log of its label "
+        "count): warn (at the end of the run, and in metrics.json), or stop there, the best "
+        "checkpoint kept.")
     early_stopping_patience: int = setting(0, "Stop after N evaluations without improvement; "
                                            "0 = never.", minimum=0)
     report_to: tuple[str, ...] = setting((), "Log to trackers: tensorboard (under the run "

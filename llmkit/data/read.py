@@ -1,13 +1,25 @@
-"""Raw splits from local files or the Hub, read through `datasets`, with column checks."""
+"""Raw splits from local files, folders or the Hub, read through `datasets`, with column
+checks."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from llmkit.data.files import (
+    COMPRESSIONS,
+    FORMATS,
+    Reading,
+    file_type,
+    folder_splits,
+    json_rows,
+    read_text,
+    saved_dataset,
+    split_key,
+    tsv_options,
+)
 from llmkit.errors import LlmkitError
 from llmkit.hub import hub_offline, looks_like_path, offline_hint
 
@@ -19,99 +31,48 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmkit")
 
 
-# Text files keep every byte: no quote handling in TSV (texts in the wild hold raw quotes), and
-# no "NA"/"null" strings turned into missing values.
-FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".csv": ("csv", {"keep_default_na": False}),
-    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False}),
-    ".json": ("json", {}),
-    ".jsonl": ("json", {}),
-    ".parquet": ("parquet", {}),
-    ".txt": ("text", {}),
-}
-
-
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _json_rows(path: Path, suffix: str) -> Dataset | None:
-    """Rows of a JSON document that `datasets`' json builder does not read by itself: the
-    official nested SQuAD layout (data -> paragraphs -> qas, flattened to the Hub layout: id,
-    title, context, question, answers{text, answer_start}) and flat rows under a top-level
-    `data` key (run_qa.py's files). None for JSON Lines (whatever the extension) and the rest."""
-    import json
-
-    from datasets import Dataset
-
-    if suffix != ".json":
-        return None
-    with path.open(encoding="utf-8") as f:
-        first = f.readline()
-        if not first.lstrip().startswith("{"):
-            return None
-        try:
-            data = json.loads(first)  # a whole value on the first line: one document, or
-            if any(line.strip() for line in f):  # JSON Lines when more lines follow
-                return None
-        except json.JSONDecodeError:
-            f.seek(0)
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError:
-                return None  # let the json builder say what is wrong
-    rows = data.get("data") if isinstance(data, dict) else None
-    if not (isinstance(rows, list) and rows and isinstance(rows[0], dict)):
-        return None
-    if "paragraphs" not in rows[0]:
-        log.info("%s: reading the rows under its top-level 'data' key", path)
-        return Dataset.from_list(rows)
-    return Dataset.from_list([
-        {"id": str(qa["id"]), "title": article.get("title", ""),
-         "context": paragraph["context"], "question": qa["question"],
-         "answers": {"text": [a["text"] for a in qa.get("answers", [])],
-                     "answer_start": [a["answer_start"] for a in qa.get("answers", [])]}}
-        for article in rows for paragraph in article["paragraphs"] for qa in paragraph["qas"]])
-
-
-def _load_file(path: Path, option: str, sample_by: str, suffix: str | None = None,
-               field: str | None = None) -> Dataset:
-    """One file, read by its extension (or `suffix`, from --format); JSON rows under a
-    top-level `field` (--json-field) when given."""
+def _load_file(path: Path, option: str, how: Reading) -> Dataset:
+    """One file, read by its name (or --format) and --encoding; JSON rows under a top-level
+    key with --json-field."""
     import datasets
 
-    suffix = suffix or path.suffix.lower()
-    nested = None if field else _json_rows(path, suffix)
+    suffix, compression = file_type(path, how.fmt)
+    nested = json_rows(path, suffix, compression, how, option)
     if nested is not None:
         return nested
-
     if suffix not in FORMATS:
         raise LlmkitError(f"{option} {path}: unknown format {suffix or '(no extension)'!r}; "
-                          f"use one of {', '.join(FORMATS)}, or name it with --format")
+                          f"use one of {', '.join(FORMATS)} (compressed: "
+                          f"{', '.join(COMPRESSIONS)}), a saved dataset folder, or name it with "
+                          "--format")
     builder, kwargs = FORMATS[suffix]
-    if field and builder != "json":
-        raise LlmkitError(f"{option} {path}: --json-field {field} reads JSON files, and this "
+    if how.field and builder != "json":
+        raise LlmkitError(f"{option} {path}: --json-field {how.field} reads JSON files, and this "
                           f"one is {suffix}")
-    kwargs = {"sample_by": sample_by} if builder == "text" else {
-        **kwargs, **({"field": field} if field else {})}
+    if compression and builder in ("parquet", "arrow"):
+        raise LlmkitError(f"{option} {path}: {suffix} files are read uncompressed; decompress it")
+    expected = None
+    if suffix == ".tsv":
+        kwargs, expected = tsv_options(path, compression, how.encoding, option)
+    elif builder in ("csv", "json", "text"):
+        read_text(path, compression, how.encoding, option, keep=False)  # decodes, or says so
+    if builder in ("csv", "json", "text"):
+        kwargs = {**kwargs, "encoding": how.encoding}
+    kwargs = {**kwargs, "sample_by": how.sample_by} if builder == "text" else {
+        **kwargs, **({"field": how.field} if how.field else {})}
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         cause = err.__cause__ or err
-        if field and isinstance(cause, KeyError):
-            raise LlmkitError(f"{option} {path}: no top-level key {field!r} (--json-field)"
+        if how.field and isinstance(cause, KeyError):
+            raise LlmkitError(f"{option} {path}: no top-level key {how.field!r} (--json-field)"
                               ) from err
-        if field and isinstance(cause, TypeError):  # a list has no keys to pick from
-            raise LlmkitError(f"{option} {path} holds a JSON list, not an object with keys: "
-                              f"drop --json-field {field}") from err
         raise LlmkitError(f"{option} {path}: could not be read as {suffix}: "
                           f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
                           ) from err
-    if suffix == ".tsv" and len(rows) != _count_lines(path) - 1:
-        log.warning("%s: read %d rows from %d non-empty lines after the header; check for "
-                    "stray tabs or line breaks inside texts", path, len(rows),
-                    _count_lines(path) - 1)
+    if expected is not None and len(rows) != expected:  # never a row split wrongly
+        raise LlmkitError(f"{option} {path}: {len(rows)} rows read where the file holds "
+                          f"{expected} records; check its quotes, tabs and line breaks")
     return rows
 
 
@@ -129,45 +90,91 @@ def _load_hub(name: str, split: str, dataset_config: str | None, option: str) ->
         raise LlmkitError(f"{option} {name}: {str(err).splitlines()[0]}") from err
 
 
-def _load_files(pattern: str, option: str, sample_by: str, suffix: str | None,
-                field: str | None = None) -> Dataset:
-    """Every file a glob matches, in name order, as one split."""
-    import glob
-
+def _load_paths(paths: list[str], source: str, option: str, how: Reading) -> Dataset:
+    """Files, in the order given, as one split."""
     import datasets
 
-    paths = sorted(p for p in glob.glob(str(Path(pattern).expanduser())) if Path(p).is_file())
-    if not paths:
-        raise LlmkitError(f"{option} {pattern}: no file matches")
-    parts = [_load_file(Path(p), option, sample_by, suffix, field) for p in paths]
+    parts = [_load_file(Path(p), option, how) for p in paths]
     odd = next((i for i, part in enumerate(parts)
                 if set(part.column_names) != set(parts[0].column_names)), None)
     if odd is not None:
-        raise LlmkitError(f"{option} {pattern}: the {len(paths)} files do not hold the same "
+        raise LlmkitError(f"{option} {source}: the {len(paths)} files do not hold the same "
                           f"columns ({paths[0]}: {', '.join(parts[0].column_names)}; "
                           f"{paths[odd]}: {', '.join(parts[odd].column_names)})")
+    if len(parts) == 1:
+        return parts[0]
     try:
         rows = datasets.concatenate_datasets(parts)
     except ValueError as err:  # the same columns, of types that do not agree
-        raise LlmkitError(f"{option} {pattern}: the files do not agree on the columns' "
+        raise LlmkitError(f"{option} {source}: the files do not agree on the columns' "
                           f"types ({str(err).splitlines()[0][:120]})") from err
-    log.info("%s %s: %d rows from %d files", option, pattern, len(rows), len(paths))
+    log.info("%s %s: %d rows from %d files", option, source, len(rows), len(paths))
     return rows
 
 
+def _load_folder(path: Path, split: str, option: str, how: Reading) -> Dataset:
+    """A `save_to_disk` folder (a Dataset, or a DatasetDict's split), or the split's files of
+    a folder as load_dataset(folder) finds them (train.csv, dev.tsv, test-00001.jsonl ...)."""
+    splits = {} if (path / "state.json").is_file() else folder_splits(path, how.fmt)
+    key = split_key(list(splits), split)
+    if saved_dataset(path):
+        import datasets
+
+        try:
+            rows = datasets.load_from_disk(str(path))
+        except (OSError, ValueError, KeyError) as err:  # a damaged or partial folder
+            raise LlmkitError(f"{option} {path}: could not be read as a saved dataset "
+                              f"({str(err).splitlines()[0][:120] if str(err) else err!r})"
+                              ) from err
+        if isinstance(rows, datasets.DatasetDict):
+            if key is None:
+                hint = f"; name one with {option}-split" if option in (
+                    "--train", "--validation") else ""
+                raise LlmkitError(f"{option} {path}: a saved dataset whose splits are "
+                                  f"{', '.join(splits)}, none of them {split}{hint}")
+            rows = rows[key]
+        log.info("%s %s: %s of a saved dataset", option, path,
+                 f"the {key} split" if key else "the rows")
+        return rows.with_format(None)
+    if not splits:
+        raise LlmkitError(f"{option} {path} is a folder; give a file ({', '.join(FORMATS)}), a "
+                          "folder saved by datasets' save_to_disk, or one with train/validation/"
+                          "test files")
+    if key is None:
+        raise LlmkitError(f"{option} {path}: the folder holds no {split} files (its splits: "
+                          f"{', '.join(splits)}; datasets names a split's files train.csv, "
+                          "validation.csv, test.csv ...)")
+    log.info("%s %s: the %s split, %s", option, path, key,
+             ", ".join(Path(p).name for p in splits[key][:5]))
+    return _load_paths(splits[key], str(path), option, how)
+
+
 def load_split(source: str, split: str, dataset_config: str | None, option: str,
-               sample_by: str = "line", fmt: str | None = None, field: str | None = None
-               ) -> Dataset:
-    """One split from a local file (by extension, or `fmt`; a .txt file gives a `text` row
-    per line, paragraph or document), the files a glob matches, or a Hub dataset id."""
+               sample_by: str = "line", fmt: str | None = None, field: str | None = None,
+               encoding: str = "utf-8") -> Dataset:
+    """One split from a local file (by its name under a compression suffix, or `fmt`; a .txt
+    file gives a `text` row per line, paragraph or document), the files a glob matches, a
+    folder (saved dataset, or split files), or a Hub dataset id."""
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError as err:
+        raise LlmkitError(f"--encoding {encoding}: no such text encoding (utf-8, latin-1, "
+                          "cp1252, utf-16 ...)") from err
+    how = Reading(sample_by, fmt, field, encoding)
     path = Path(source).expanduser()
-    suffix = f".{fmt}" if fmt else None
     if any(c in source for c in "*?[") and not path.exists():
-        rows = _load_files(source, option, sample_by, suffix, field)
+        import glob
+
+        paths = sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
+        if not paths:
+            raise LlmkitError(f"{option} {source}: no file matches")
+        rows = _load_paths(paths, source, option, how)
     elif path.is_file():
-        rows = _load_file(path, option, sample_by, suffix, field)
+        rows = _load_file(path, option, how)
     elif path.is_dir():
-        raise LlmkitError(f"{option} {source} is a folder; give a file ({', '.join(FORMATS)})")
+        rows = _load_folder(path, split, option, how)
     elif path.exists():
         raise LlmkitError(f"{option} {source} is not a regular file (a pipe?); save it to a file")
     elif looks_like_path(source):
@@ -227,14 +234,24 @@ def empty_rows(rows: Dataset, columns: list[str], policy: str, what: str) -> Dat
     return rows.select(sorted(set(range(len(rows))) - set(bad)))
 
 
+def reading(data: DataConfig) -> tuple[str, str | None, str | None, str]:
+    """load_split's file settings from a task's data settings: sample_by, format,
+    json_field, encoding."""
+    return getattr(data, "sample_by", "line"), data.format, data.json_field, data.encoding
+
+
 def load_splits(data: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
-    """Training and evaluation rows; without a validation set, a seeded slice of train."""
-    sample_by = getattr(data, "sample_by", "line")  # a setting of the tasks that read .txt
-    train = load_split(data.train, data.train_split, data.dataset_config, "--train", sample_by,
-                       data.format, data.json_field)
-    if data.validation:
-        valid = load_split(data.validation, data.validation_split, data.dataset_config,
-                           "--validation", sample_by, data.format, data.json_field)
+    """Training and evaluation rows; without --validation, the validation split of a --train
+    folder, else a seeded slice of train."""
+    how = reading(data)
+    train = load_split(data.train, data.train_split, data.dataset_config, "--train", *how)
+    folder = Path(data.train).expanduser()
+    own = (not data.validation and folder.is_dir() and not (folder / "state.json").is_file()
+           and split_key(list(folder_splits(folder, data.format)), data.validation_split)
+           is not None)
+    if data.validation or own:
+        valid = load_split(data.validation or data.train, data.validation_split,
+                           data.dataset_config, "--validation", *how)
     else:
         if len(train) < 2:
             raise LlmkitError("--train holds one row: too few to hold out a validation slice")

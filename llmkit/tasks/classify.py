@@ -62,28 +62,73 @@ def columns(data: ClassifyData, labelled: bool) -> list[str]:
     return texts + ([data.label_column] if labelled else [])
 
 
-# the text columns of GLUE-style data, as run_glue.py reads them: pairs first, then one text
+# the text columns of GLUE-style data, as run_glue.py reads them (and MRPC's own TSV): pairs
+# first, then one text
 PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"),
-         ("question1", "question2"), ("sentence", None))
+         ("question1", "question2"), ("#1 String", "#2 String"), ("sentence", None))
+# the label column of GLUE's files besides `label`: MNLI's TSV, MRPC's, QQP's
+LABELS = ("label", "labels", "gold_label", "Quality", "is_duplicate")
+# what pandas reads as a missing value in a CSV cell (its default na_values)
+MISSING = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                     "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                     "nan", "null"})
+
+
+def texts_of(rows: Dataset, exclude: tuple[str, ...]) -> list[str]:
+    """Columns that may hold texts: strings, not an id, not one of `exclude`."""
+    return [n for n in rows.column_names
+            if n not in exclude and n.lower() not in ("id", "idx", "index")
+            and not n.lower().endswith((" id", "_id"))
+            and getattr(rows.features[n], "dtype", None) in ("string", "large_string")]
 
 
 def detect(rows: Dataset, data: ClassifyData) -> ClassifyData:
-    """With the default text column absent: GLUE's column names, else (as run_glue.py) the
-    first one or two columns that are not the label or an id; said in the log."""
+    """With the default label column absent: GLUE's label names (MRPC's Quality, MNLI's
+    gold_label ...), else refused naming the options. With the default text column absent:
+    GLUE's text column names, else (as run_glue.py) the first one or two text columns that
+    are not the label or an id. Said in the log."""
     from dataclasses import replace
 
     names = rows.column_names
+    if data.label_column == "label" and "label" not in names:
+        label = next((n for n in LABELS if n in names), None)
+        if label is None:
+            raise LlmkitError(f"--train: no label column 'label'; the columns are "
+                              f"{', '.join(map(repr, names))}: name it with --label-column "
+                              "(and the texts with --text-column / --text-pair-column)")
+        log.info("label column: %s (--label-column)", label)
+        data = replace(data, label_column=label)
     if data.text_column != "text" or "text" in names or data.text_pair_column:
         return data
     found = next(((a, b) for a, b in PAIRS if a in names and (b is None or b in names)), None)
     if found is None:
-        others = [n for n in names if n not in (data.label_column, "idx", "id")]
+        others = texts_of(rows, (data.label_column,))
         found = (others[0], others[1] if len(others) > 1 else None) if others else None
     if found is None:
         return data
     log.info("text column%s: %s (--text-column%s)", "s" if found[1] else "",
              " and ".join(c for c in found if c), " / --text-pair-column" if found[1] else "")
     return replace(data, text_column=found[0], text_pair_column=found[1])
+
+
+def missing_labels(rows: Dataset, label: str) -> Dataset:
+    """Label cells pandas reads as missing ('NaN', 'NA', 'null', '', a float NaN) are missing
+    labels, not classes of their own (the empty-label rule applies); said in the log."""
+    import math
+    from collections import Counter
+
+    dtype = getattr(rows.features[label], "dtype", None)
+    if dtype not in ("string", "large_string", "float32", "float64"):
+        return rows
+    found = Counter(str(v) for v in rows[label] if (v in MISSING if isinstance(v, str) else
+                                                    isinstance(v, float) and math.isnan(v)))
+    if not found:
+        return rows
+    log.warning("%d labels read as missing, as pandas reads them: %s", sum(found.values()),
+                ", ".join(f"{v!r} ({n})" for v, n in found.most_common(5)))
+    return rows.map(lambda batch: {label: [
+        None if (v in MISSING if isinstance(v, str) else isinstance(v, float) and math.isnan(v))
+        else v for v in batch[label]]}, batched=True, desc="labels")
 
 
 def clean(rows: Dataset, data: ClassifyData, labelled: bool) -> Dataset:
@@ -98,13 +143,8 @@ def clean(rows: Dataset, data: ClassifyData, labelled: bool) -> Dataset:
             raise LlmkitError(f"{len(missing)} of {len(rows)} rows have no text (first: row "
                               f"{missing[0] + 1}); fill them in or remove them")
         return rows
-    label = data.label_column
-    if getattr(rows.features[label], "dtype", None) in ("string", "large_string"):
-        # a 'NaN' cell is a missing label, as pandas reads it, not a class of its own
-        rows = rows.map(lambda batch: {label: [None if isinstance(v, str) and v.strip().lower()
-                                               == "nan" else v for v in batch[label]]},
-                        batched=True, desc="labels")
-    return empty_rows(rows, [*texts, label], data.empty_rows, "text or label")
+    rows = missing_labels(rows, data.label_column)
+    return empty_rows(rows, [*texts, data.label_column], data.empty_rows, "text or label")
 
 
 def label_names(rows: Dataset, column: str) -> list[str]:

@@ -14,6 +14,7 @@ from llmkit.tasks.seq2seq_settings import (
     Seq2SeqData,
     SummarizeData,
     TranslateData,
+    detect,
     source_prefix,
 )
 from llmkit.tasks.task import IGNORE, Task, capped, perplexity, sliced_losses
@@ -63,6 +64,7 @@ def columns(kind: Kind, data: Any, labelled: bool) -> list[str]:
 
 def model_kwargs(train: Dataset, valid: Dataset, data: Any) -> dict[str, Any]:
     return {}
+
 
 
 def prepare(kind: Kind, model: Any, tokenizer: PreTrainedTokenizerBase, data: Any) -> None:
@@ -177,20 +179,24 @@ def featurize(kind: Kind, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
                         remove_columns=rows.column_names, features=Features(schema),
                         num_proc=workers(data), desc="tokenizing",
                         new_fingerprint=fingerprint(rows, tokenizer, "seq2seq", *settings))
-    report(features, len(rows), data, longest, limit)
+    report(features, rows, data, longest, limit)
     return features.remove_columns([c for c in ("cut_source", "cut_target")
                                     if c in features.column_names])
 
 
-def report(features: Dataset, total: int, data: Any, longest: int, limit: int) -> None:
-    """Rows left out as empty (refused unless empty_rows is skip) and truncation, in the log."""
+def report(features: Dataset, rows: Dataset, data: Any, longest: int, limit: int) -> None:
+    """Rows left out as empty (refused unless empty_rows is skip, with the first of them) and
+    truncation, in the log."""
     import pyarrow.compute as pc
 
+    total = len(rows)
     empty = total - len(features)
     if empty:
         if data.empty_rows == "fail" or not len(features):
+            first = min(set(range(total)) - set(features["row"]))
             raise LlmkitError(f"{empty} of {total} rows have an empty source or target; "
-                              "fix the data or pass -s data.empty_rows=skip to leave them out")
+                              "fix the data or pass -s data.empty_rows=skip to leave them out "
+                              f"(first: {str(rows[first])[:100]})")
         log.warning("leaving out %d of %d rows with an empty source or target", empty, total)
     for column, what, cap, option in (("cut_source", "sources", longest, "--max-length"),
                                       ("cut_target", "targets", limit, "--max-target-length")):
@@ -284,7 +290,7 @@ def task(kind: Kind, summary: str, metrics: tuple[str, ...], settings: type[Seq2
                 model_kwargs=model_kwargs, featurize=partial(featurize, kind),
                 collator=collator, eval_step=eval_step, score=partial(score, kind),
                 present=partial(present, kind), prepare=partial(prepare, kind),
-                clean=partial(clean, kind), group_inside=True)
+                clean=partial(clean, kind), detect=partial(detect, kind), group_inside=True)
 TRANSLATE = task("translate", "translation with a seq2seq model (Marian, T5, mBART); BLEU",
                  ("bleu", "chrf"), TranslateData, TRANSLATE_EXAMPLES)
 SUMMARIZE = task("summarize", "summarization with a seq2seq model (T5, BART); ROUGE",

@@ -1,5 +1,5 @@
-"""The settings of translate and summarize (one seq2seq task reading different columns), and
-the source prefix they imply for T5 checkpoints."""
+"""The settings of translate and summarize (one seq2seq task reading different columns), the
+columns summarize finds in the data, and the source prefix they imply for T5 checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from llmkit.config.schema import BadRows, DataConfig, setting
 
 if TYPE_CHECKING:
-
+    from datasets import Dataset
     from transformers import PretrainedConfig
 
 log = logging.getLogger("llmkit")
@@ -69,3 +69,26 @@ def source_prefix(kind: Kind, data: Any, config: PretrainedConfig) -> str:
     source, target = (LANGUAGES.get(str(lang), str(lang)) for lang in (data.source_lang,
                                                                         data.target_lang))
     return f"translate {source} to {target}: "
+
+
+def detect(kind: Kind, rows: Dataset, data: Any) -> Any:
+    """Summarize with the default columns absent: as run_summarization.py, the first text
+    column is the document and the next the summary (an id column passed over); said in the
+    log. Columns named on purpose (not the defaults) are kept."""
+    from dataclasses import replace
+
+    names = rows.column_names
+    if kind != "summarize" or (data.text_column in names and data.summary_column in names):
+        return data
+    free = [n for n in names if n not in (data.text_column, data.summary_column)
+            and n.lower() not in ("id", "idx") and not n.lower().endswith(("_id", " id"))
+            and getattr(rows.features[n], "dtype", None) in ("string", "large_string")]
+    found = {}
+    for key, default in (("text_column", "text"), ("summary_column", "summary")):
+        if getattr(data, key) not in names and getattr(data, key) == default and free:
+            found[key] = free.pop(0)
+    if found:
+        data = replace(data, **found)
+        log.info("document column: %s, summary column: %s (--text-column / --summary-column)",
+                 data.text_column, data.summary_column)
+    return data
