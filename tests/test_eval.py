@@ -144,6 +144,7 @@ def test_paired_bootstrap_equals_sacrebleu_paired_bs(system: dict[str, Path]) ->
     p_values = [float(p) for p in re.findall(r"p = ([0-9.]+)", out)]
     assert [round(bleu.details["p_value"], 4), round(chrf.details["p_value"], 4)] == p_values
     assert f"{bleu.details['baseline']:.4f}" in out and f"{bleu.value:.4f}" in out
+    assert bleu.signature in out and "bs:200|seed:12345" in bleu.signature  # sacrebleu's
 
 
 def test_paired_bootstrap_for_labels_is_seeded(tmp_path: Path) -> None:
@@ -425,4 +426,235 @@ def test_cli_sentence_level_lines_and_its_limits(tmp_path: Path) -> None:
     assert refused.exit_code == 1 and "BLEU, chrF and TER" in str(refused.exception)
     refused = runner.invoke(app, ["eval", "-m", "bleu", "--stride", "8", *files])
     assert refused.exit_code == 1 and "--stride scores a language model" in str(
+        refused.exception)
+
+
+def labels_files(tmp_path: Path, binary: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """Gold labels, a system's and a weaker baseline's, written one per line."""
+    rng = random.Random(5)
+    names = ["pos", "neg"] if binary else ["pos", "neg", "mixed", "other"]
+    gold = [rng.choice(names[:3] if len(names) > 2 else names) for _ in range(120)]
+    good = [g if rng.random() < 0.8 else rng.choice(names) for g in gold]
+    weak = [g if rng.random() < 0.5 else rng.choice(names) for g in gold]
+    for name, lines in (("gold", gold), ("good", good), ("weak", weak)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return gold, good, weak
+
+
+@pytest.mark.parametrize("average", ["binary", "macro", "micro", "weighted"])
+def test_precision_recall_f1_lines_equal_scikit_learn(tmp_path: Path, average: str) -> None:
+    from sklearn import metrics
+
+    gold, good, _ = labels_files(tmp_path, binary=average == "binary")
+    result = runner.invoke(app, ["eval", "-m", "precision", "-m", "recall", "-m", "f1",
+                                 "--average", average, "--positive", "pos", "-p",
+                                 str(tmp_path / "good.txt"), "-r", str(tmp_path / "gold.txt"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    found = {s["metric"]: s for s in json.loads(result.output)["scores"]}
+    options = {"pos_label": "pos"} if average == "binary" else {}
+    for name, reference in (("precision", metrics.precision_score),
+                            ("recall", metrics.recall_score), ("f1", metrics.f1_score)):
+        expected = reference(gold, good, average=average, zero_division=0, **options)
+        assert f"{found[name]['value']:.12f}" == f"{expected:.12f}"
+        assert found[name]["settings"]["average"] == average
+
+
+def test_tokenizers_that_need_an_extra_or_a_download_say_what(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import socket
+
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path))
+
+    def offline(*args: object) -> None:
+        raise OSError("no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    (tmp_path / "h.txt").write_text("a b c\n")
+    files = ["-p", str(tmp_path / "h.txt"), "-r", str(tmp_path / "h.txt")]
+    for name, model in (("flores101", "sacrebleu_tokenizer_spm.model"),
+                        ("spm", "sacrebleu_tokenizer_spm.model"),
+                        ("flores200", "flores200sacrebleuspm")):
+        result = runner.invoke(app, ["eval", "-m", "bleu", "--tokenize", name, *files])
+        assert result.exit_code == 1
+        message = str(result.exception)
+        assert f"place it at {tmp_path / 'models' / model}" in message
+        assert "this machine is offline" in message and "\n" not in message
+    for name, extra in (("ja-mecab", "ja"), ("ko-mecab", "ko")):
+        if importlib.util.find_spec("MeCab" if extra == "ja" else "mecab_ko"):
+            continue  # the extra is installed here
+        result = runner.invoke(app, ["eval", "-m", "bleu", "--tokenize", name, *files])
+        assert result.exit_code == 1
+        assert f"pip install 'sacrebleu[{extra}]'" in str(result.exception)
+
+
+def test_spm_model_placed_where_told_scores_as_sacrebleu(
+        system: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file the flores101 message names, placed there (a small SentencePiece model of our
+    own standing in for sacrebleu's), gives sacrebleu's own BLEU."""
+    import os
+
+    import sentencepiece as spm
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    (tmp_path / "models").mkdir()
+    lines = iter(system["ref"].read_text().splitlines())
+    prefix = tmp_path / "models" / "sacrebleu_tokenizer_spm"  # where the error says
+    spm.SentencePieceTrainer.train(sentence_iterator=lines, vocab_size=200, minloglevel=2,
+                                   model_prefix=str(prefix))
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path))
+    [score] = score_files(["bleu"], str(system["hyp"]), [str(system["ref"])],
+                          {"tokenize": "flores101"})
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", str(system["ref"]), "-i",
+                          str(system["hyp"]), "-m", "bleu", "-tok", "flores101", "-w", "4"],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "SACREBLEU": str(tmp_path)})
+    expected = json.loads(out.stdout)
+    assert round(score.value, 4) == expected["score"]
+    assert score.signature == expected["signature"] and "tok:flores101" in score.signature
+
+
+def test_names_and_signatures_as_sacrebleu_writes_them(system: dict[str, Path]) -> None:
+    hyp, ref = system["hyp"], system["ref"]
+    for beta in (1, 2, 3):
+        options = {"chrf_beta": beta, "chrf_word_order": 2}
+        [score] = score_files(["chrf"], str(hyp), [str(ref)], options)
+        expected = json.loads(subprocess.run(
+            [sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m", "chrf",
+             "--chrf-beta", str(beta), "--chrf-word-order", "2", "-w", "4"],
+            capture_output=True, text=True, check=True).stdout)
+        assert (score.name, score.signature) == (expected["name"], expected["signature"])
+        assert score.name == f"chrF{beta}++"
+    result = runner.invoke(app, ["eval", "-m", "bleu", "-sl", "-p", str(hyp), "-r", str(ref)])
+    assert result.exit_code == 0, result.output
+    by_line = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m",
+                              "bleu", "-sl", "-f", "text"], capture_output=True, text=True,
+                             check=True).stdout.splitlines()[0].split(" = ")[0]
+    assert "eff:yes" in by_line and f"bleu by line: {by_line}" in result.output
+    [score] = score_files(["bleu"], str(hyp), [str(ref)], {"sentence_level": True})
+    assert "eff:no" in score.signature and f"BLEU|{score.details['sentence_signature']}" == by_line
+
+
+def test_paired_ar_equals_sacrebleu_paired_ar(system: dict[str, Path]) -> None:
+    import re
+
+    options = {"baseline": str(system["ref2"]), "paired_ar": True, "paired_ar_n": 300}
+    scores = score_files(["bleu", "chrf", "ter"], str(system["hyp"]), [str(system["ref"])],
+                         options)
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", str(system["ref"]), "-i",
+                          str(system["ref2"]), str(system["hyp"]), "-m", "bleu", "chrf", "ter",
+                          "--paired-ar", "--paired-ar-n", "300", "-w", "4", "-f", "text"],
+                         capture_output=True, text=True, check=True).stdout
+    assert [round(s.details["p_value"], 4) for s in scores] == [
+        float(p) for p in re.findall(r"p = ([0-9.]+)", out)]
+    for score in scores:
+        assert f" - {score.name}" in out and score.signature in out
+        assert "ar:300|seed:12345" in score.signature and score.details["ar_trials"] == 300
+
+
+def test_paired_ar_for_labels_is_seeded_and_needs_a_baseline(tmp_path: Path) -> None:
+    gold, good, _ = labels_files(tmp_path)
+    args = (["accuracy", "f1"], str(tmp_path / "good.txt"), [str(tmp_path / "gold.txt")])
+    options = {"baseline": str(tmp_path / "weak.txt"), "paired_ar": True, "paired_ar_n": 200}
+    first, again = score_files(*args, options), score_files(*args, options)
+    assert [s.details for s in first] == [s.details for s in again]
+    assert all(s.details["p_value"] < 0.01 for s in first)  # 80% vs 50% right on 120 lines
+    assert first[0].signature.endswith("|ar:200|seed:12345")
+    # as accurate, right and wrong on other lines: no difference to find
+    right = [i for i, (g, r) in enumerate(zip(good, gold, strict=True)) if g == r][:6]
+    wrong = [i for i, (g, r) in enumerate(zip(good, gold, strict=True)) if g != r][:6]
+    other = [gold[i] if i in wrong else "other" if i in right else g for i, g in enumerate(good)]
+    (tmp_path / "other.txt").write_text("\n".join(other) + "\n")
+    [tie] = score_files(["accuracy"], *args[1:],
+                        {**options, "baseline": str(tmp_path / "other.txt")})
+    assert tie.details["baseline"] == tie.value and tie.details["p_value"] > 0.5
+    with pytest.raises(LlmkitError, match="--paired-ar tests the difference to a baseline"):
+        score_files(*args, {"paired_ar": True})
+
+
+LM_TEXT = """the quick brown fox jumps over the lazy dog
+what is the capital of france ? paris is the capital of france .
+
+a gripping , funny and moving film
+the plot is dull and the acting is worse
+
+one of the best movies of the year
+i loved every minute
+"""
+
+
+def lm_scores(model: Path, data: Path, *args: str) -> dict[str, dict]:
+    result = runner.invoke(app, ["eval", "--model", str(model), "--task", "generate", "--data",
+                                 str(data), "--json", *args])
+    assert result.exit_code == 0, result.output
+    return {s["metric"]: s for s in json.loads(result.output)["scores"]}
+
+
+def test_each_perplexity_has_one_value_alone_or_beside_the_others(tiny_gpt2: Path,
+                                                                  tmp_path: Path) -> None:
+    """`perplexity` is training's (packed blocks), `rolling_perplexity` each document's own
+    (lm-evaluation-harness's windows): neither changes with what else is asked."""
+    (tmp_path / "valid.txt").write_text(LM_TEXT)
+    data = tmp_path / "valid.txt"
+    names = ("perplexity", "rolling_perplexity", "word_perplexity", "eval_tokens")
+    alone = {n: lm_scores(tiny_gpt2, data, "-m", n)[n]["value"] for n in names}
+    together = lm_scores(tiny_gpt2, data, *(x for n in names for x in ("-m", n)), "-m",
+                         "bits_per_byte")
+    assert {n: together[n]["value"] for n in names} == alone
+    assert alone["perplexity"] != alone["rolling_perplexity"]
+    assert together["perplexity"]["signature"].startswith("as training evaluates")
+    assert together["rolling_perplexity"]["signature"].startswith("each document on its own")
+    assert together["rolling_perplexity"]["details"]["tokens"] != alone["eval_tokens"]
+    strided = lm_scores(tiny_gpt2, data, "-m", "perplexity", "-m", "rolling_perplexity",
+                        "--stride", "8")
+    assert strided["perplexity"]["value"] == alone["perplexity"]
+    assert strided["rolling_perplexity"]["settings"]["stride"] == 8
+    refused = runner.invoke(app, ["eval", "--model", str(tiny_gpt2), "--task", "generate",
+                                  "--data", str(data), "-m", "perplexity", "--stride", "8"])
+    assert refused.exit_code == 1 and "ask -m rolling_perplexity" in str(refused.exception)
+
+
+def test_sample_by_document_scores_a_file_as_one_stream(tiny_gpt2: Path, tmp_path: Path
+                                                        ) -> None:
+    """--sample-by document: the whole file is one document, scored token by token (--stride
+    1) with up to the 64 positions of context, after the EOS prefix."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "valid.txt").write_text(LM_TEXT)
+    data = tmp_path / "valid.txt"
+    found = {how: lm_scores(tiny_gpt2, data, "-m", "rolling_perplexity", "--sample-by", how,
+                            *(["--stride", "1"] if how == "document" else []))[
+                                "rolling_perplexity"] for how in ("document", "paragraph", "line")}
+    assert [found[h]["details"]["documents"] for h in found] == [
+        1, len(LM_TEXT.split("\n\n")), len([x for x in LM_TEXT.splitlines() if x])]
+    assert found["document"]["settings"]["sample_by"] == "document"
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    ids = [tokenizer.eos_token_id, *tokenizer(LM_TEXT, add_special_tokens=False)["input_ids"]]
+    assert len(ids) > 64 and found["document"]["details"]["tokens"] == len(ids) - 1
+    windows = [ids[max(0, end - 64):end] for end in range(1, len(ids))]  # one per target
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([w + [0] * (64 - len(w)) for w in windows]),
+                       attention_mask=torch.tensor([[1] * len(w) + [0] * (64 - len(w))
+                                                    for w in windows])).logits
+    last = logits[range(len(windows)), [len(w) - 1 for w in windows]].double()
+    total = float(torch.log_softmax(last, -1)[range(len(windows)), ids[1:]].sum())
+    assert found["document"]["value"] == pytest.approx(math.exp(-total / (len(ids) - 1)),
+                                                       rel=1e-5)
+    block = lm_scores(tiny_gpt2, data, "-m", "perplexity", "--sample-by", "document")
+    assert math.isfinite(block["perplexity"]["value"])
+    refused = runner.invoke(app, ["eval", "-m", "accuracy", "--model", str(tiny_gpt2),
+                                  "--task", "classify", "--data", str(data), "--sample-by",
+                                  "line"])
+    assert refused.exit_code == 1 and "--sample-by does not apply to a classify model" in str(
+        refused.exception)
+    refused = runner.invoke(app, ["eval", "-m", "bleu", "-p", str(data), "-r", str(data),
+                                  "--sample-by", "line"])
+    assert refused.exit_code == 1 and "--sample-by scores a language model" in str(
         refused.exception)

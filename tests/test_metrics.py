@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmkit.scoring.metrics import accuracy, f1
+from llmkit.scoring.metrics import accuracy, f1, label_measure
 
 PRED = [0, 1, 1, 2, 2, 2, 0]
 REF = [0, 1, 2, 2, 2, 0, 1]
@@ -31,5 +31,27 @@ def test_macro_f1_counts_labels_only_predicted() -> None:
 def test_bad_metric_input() -> None:
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         accuracy([1, 2], [1])
-    with pytest.raises(ValueError, match="unknown F1 average"):
-        f1([1], [1], "weighted")
+    with pytest.raises(ValueError, match="unknown average 'samples': use macro, micro, weighted"):
+        f1([1], [1], "samples")
+
+
+@pytest.mark.parametrize("average", ["binary", "macro", "micro", "weighted"])
+def test_precision_recall_f1_equal_scikit_learn(average: str) -> None:
+    """Each average of scikit-learn's precision_score, recall_score and f1_score, on labels
+    with uneven counts, one label only predicted and one never predicted."""
+    import random
+
+    from sklearn import metrics
+
+    rng = random.Random(7)
+    labels = ["pos", "neg"] if average == "binary" else ["a", "b", "c", "d"]
+    refs = [rng.choice(labels[:3] if len(labels) > 2 else labels) for _ in range(150)]
+    preds = [r if rng.random() < 0.5 else rng.choice(labels) for r in refs]
+    if len(labels) > 2:
+        preds = [p if p != "b" else "a" for p in preds]  # b: never predicted, d: never true
+    options = {"pos_label": "pos"} if average == "binary" else {}
+    for kind, reference in (("precision", metrics.precision_score),
+                            ("recall", metrics.recall_score), ("f1", metrics.f1_score)):
+        expected = reference(refs, preds, average=average, zero_division=0, **options)
+        found = label_measure(kind, preds, refs, average, "pos")
+        assert found == pytest.approx(expected, abs=1e-12), (kind, average)

@@ -19,15 +19,23 @@ llmkit eval --metric bleu --metric chrf --predictions hyp.txt \\
     --references ref.txt
 llmkit eval -m bleu -p hyp.txt -r ref1.txt -r ref2.txt --tokenize intl
 llmkit eval -m squad_v2 -p predictions.json -r dev-v2.0.json
+llmkit eval -m f1 -m precision -m recall --average weighted -p labels.txt -r gold.txt
+llmkit eval -m bleu -p new.txt -r ref.txt --baseline old.txt --paired-ar
 llmkit eval -m accuracy -m macro_f1 --model runs/sst2 --data dev.tsv
-llmkit eval -m perplexity --model runs/gpt --data valid.txt"""
+llmkit eval -m perplexity --model runs/gpt --data valid.txt
+llmkit eval -m rolling_perplexity -m word_perplexity --model runs/gpt --data test.txt \\
+    --sample-by document --stride 512"""
 
 
 @with_settings(ScoreOptions, "Scoring")
 def eval_files(
     metric: Annotated[list[str], typer.Option("--metric", "-m", help="bleu, chrf, ter, rouge, "
-                      "accuracy, f1, exact_match, squad, squad_v2 (repeatable); with --model, "
-                      "its task's: perplexity, word_perplexity, bits_per_byte, ...")],
+                      "accuracy, f1, precision, recall, exact_match, squad, squad_v2 "
+                      "(repeatable). With --model, its task's (accuracy, macro_f1, ...); a "
+                      "language model's perplexity is training's (text packed into blocks), "
+                      "and rolling_perplexity, word_perplexity, byte_perplexity and "
+                      "bits_per_byte score each document on its own in rolling windows "
+                      "(lm-evaluation-harness).")],
     predictions: Annotated[str | None, typer.Option("--predictions", "-p", help="One "
                            "prediction per line (squad: JSON id -> answer).")] = None,
     references: Annotated[list[str] | None, typer.Option("--references", "-r", help="One "
@@ -58,7 +66,8 @@ def eval_files(
 
     assert settings is not None
     report(metric, predictions, references, model, data, task, split,
-           {"text_column": text_column, "label_column": label_column}, asdict(settings), width,
+           {"text_column": text_column, "label_column": label_column,
+            "sample_by": settings.sample_by}, asdict(settings), width,
            as_json, output, base_model)
 
 
@@ -88,8 +97,9 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
         payload: dict[str, Any] = {"model": model, "data": data}
     elif predictions is None or not references:
         raise LlmkitError("give --predictions and --references, or --model and --data")
-    elif options.get("stride"):
-        raise LlmkitError("--stride scores a language model (--model and --data), not files")
+    elif options.get("stride") or options.get("sample_by"):
+        flag = "--stride" if options.get("stride") else "--sample-by"
+        raise LlmkitError(f"{flag} scores a language model (--model and --data), not files")
     else:
         scores = score_files(names, predictions, references, options)
         payload = {"predictions": predictions, "references": references}
@@ -122,9 +132,12 @@ def show(scores: list[Score], width: int | None) -> None:
                       f"{score.details['confidence_interval']:.{places}f})")
         if "low" in score.details:
             value += f" ({score.details['low']:.{places}f}-{score.details['high']:.{places}f})"
-        table.add_row(score.metric, value, score.signature)
+        # sacrebleu's name (chrF2++) before its signature, as `sacrebleu -f text` writes them
+        table.add_row(score.metric, value, "|".join(filter(None, [score.name, score.signature])))
     Console().print(table)
     for score in scores:
+        if "sentence_signature" in score.details:  # sentence BLEU's differs: eff:yes
+            print(f"{score.metric} by line: {score.name}|{score.details['sentence_signature']}")
         for line, value in enumerate(score.details.get("sentences", []), 1):
             places = score.decimals if width is None else width
             print(f"{score.metric}\t{line}\t{value:.{places}f}")

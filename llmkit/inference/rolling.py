@@ -74,26 +74,28 @@ def rolling(model: Any, tokenizer: PreTrainedTokenizerBase, texts: list[str], le
     tokens = sum(len(ids) for ids in encoded)
     words = sum(len(re.split(r"\s+", t)) for t in texts)
     size = sum(len(t.encode("utf-8")) for t in texts)
-    return {"perplexity": perplexity_of(total / tokens),
+    return {"rolling_perplexity": perplexity_of(total / tokens),
             "word_perplexity": perplexity_of(total / words),
             "byte_perplexity": perplexity_of(total / size),
             "bits_per_byte": total / size / math.log(2),
-            "eval_tokens": tokens, "words": words, "bytes": size, "windows": len(rows)}
+            "tokens": tokens, "words": words, "bytes": size, "documents": len(texts),
+            "windows": len(rows)}
 
 
 def rolling_score(model: str, source: str, task_name: str | None, split: str, stride: int | None,
                   batch_size: int = 64, columns: dict[str, Any] | None = None,
                   base_model: str | None = None) -> dict[str, Any]:
-    """A language model's perplexity of each document of `source` in sliding windows of its
-    block size moved `stride` tokens (default: the block size), with word and byte perplexity
-    and bits per byte (`rolling`)."""
+    """A language model's perplexity of each document of `source` (a .txt file split by the
+    settings' `sample_by`) in sliding windows of its block size moved `stride` tokens (default:
+    the block size), with word and byte perplexity and bits per byte (`rolling`)."""
     from llmkit.tasks.causal_lm import block_size
 
     task, data, net, tokenizer = prepare(model, task_name, columns, base_model)
     if task.name != "generate" or getattr(data, "messages_column", None) or getattr(
             data, "prompt_column", None):
-        raise LlmkitError("--stride, word_perplexity, byte_perplexity and bits_per_byte score "
-                          "plain text with a language model (a generate run, or --task generate)")
+        raise LlmkitError("rolling_perplexity, word_perplexity, byte_perplexity, bits_per_byte "
+                          "and --stride score plain text with a language model (a generate "
+                          "run, or --task generate)")
     length = block_size(data, net.config)  # type: ignore[arg-type]
     if stride is not None and stride > length:
         raise LlmkitError(f"--stride {stride} is longer than the window ({length} tokens, "
@@ -104,4 +106,5 @@ def rolling_score(model: str, source: str, task_name: str | None, split: str, st
     check_columns(rows, [column], "--data")
     net.to(inference_device()).eval()
     result = rolling(net, tokenizer, rows[column], length, stride or length, batch_size)
-    return {**result, "window": length, "stride": stride or length}
+    return {**result, "window": length, "stride": stride or length,
+            "sample_by": getattr(data, "sample_by", "line")}

