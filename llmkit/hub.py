@@ -1,17 +1,22 @@
 """Where checkpoints and datasets come from: a local folder or the Hugging Face Hub, reachable or
-not, with errors that say what to do; and the libraries kept quiet while they load."""
+not, with errors that say what to do (and the base model an adapter run names); the libraries
+kept quiet while they load, and peft where adapters need it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from llmkit.errors import LlmkitError
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @cache
@@ -74,6 +79,32 @@ def check_model_source(name: str, option: str = "--model") -> None:
         raise LlmkitError(f"{option} {name}: no such "
                           f"{'checkpoint folder' if option == '--model' else 'folder'}")
     hub_offline()
+
+
+def is_adapter_run(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def base_of(run: str | Path, base_model: str | None) -> str:
+    """The base model of an adapter run: --base-model, else the one it was trained from."""
+    if base_model:
+        if looks_like_path(base_model) and not is_local(base_model):
+            raise LlmkitError(f"--base-model {base_model}: no such checkpoint folder")
+        return base_model
+    saved = json.loads((Path(run) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = str(saved.get("base_model_name_or_path") or "")
+    if not base or (looks_like_path(base) and not is_local(base)):
+        raise LlmkitError(f"{run} is an adapter run whose base model {base or '(unnamed)'} "
+                          "cannot be found; pass --base-model with its folder or Hub id")
+    return base
+
+
+def peft_module() -> Any:
+    try:
+        import peft
+    except ImportError as err:
+        raise LlmkitError("--lora needs the peft library: pip install peft") from err
+    return peft
 
 
 def quiet_libraries() -> None:

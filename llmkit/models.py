@@ -3,12 +3,16 @@ from a config; for training or inference) with its tokenizer. Only here is `from
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
+import os
+import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from llmkit import hub
 from llmkit.errors import LlmkitError
@@ -20,7 +24,6 @@ if TYPE_CHECKING:
     from llmkit.tasks.task import Task
 
 log = logging.getLogger("llmkit")
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # heads that start untrained: peft trains them in full (modules_to_save), so they are no target
 HEADS = ("classifier", "score", "qa_outputs")
@@ -30,10 +33,6 @@ SCORING_HEADS = ("ForSequenceClassification", "ForQuestionAnswering", "ForTokenC
 def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwargs: Any) -> Any:
     """`auto_class.from_pretrained(name)` with the Hub's failures turned into one clear line."""
     hub.check_model_source(name, option)
-    import pickle
-
-    from safetensors import SafetensorError
-
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as err:
@@ -129,7 +128,7 @@ def load_generator(name: str, base_model: str | None = None) -> tuple[Any, Any]:
     device = inference_device()
     # the checkpoint's own dtype on a GPU; fp32 on CPUs, where bf16 matmuls are slow
     dtype = "auto" if device.type == "cuda" else torch.float32
-    if is_adapter_run(name):  # merged into its base, for plain generation
+    if hub.is_adapter_run(name):  # merged into its base, for plain generation
         model = load_merged(name, auto, base_model, dtype=dtype)
     else:
         model = load_pretrained(auto, name, config=config, dtype=dtype)
@@ -156,11 +155,12 @@ def load_model(task: Task, name: str, data: DataConfig, trained: bool = False,
     tokenizer = load_tokenizer(source, "--tokenizer" if source != name else "--model")
     try:
         model, new = load_weights(auto_class(task), name, config, quantized, base_model, run)
-    except ValueError as err:  # transformers checks a config when it builds the model
-        if not (run and run.config_overrides):
+    except (ValueError, RuntimeError, KeyError, ZeroDivisionError) as err:  # the layers check
+        if not (run and run.config_overrides):  # their config when they are built (or fail on it)
             raise
+        kind = "" if isinstance(err, ValueError) else f"{type(err).__name__}: "
         raise LlmkitError(f"--config-overrides {run.config_overrides!r}: the model cannot be "
-                          f"built so ({str(err).splitlines()[0]})") from None
+                          f"built so ({kind}{str(err).splitlines()[0]})") from None
     finish(model, tokenizer, task, data, name, new, trained)
     return model, tokenizer
 
@@ -177,7 +177,7 @@ def load_weights(auto: Any, name: str, config: PretrainedConfig, quantized: bool
         log.info("--from-scratch: %s from %s's config with random weights (%s parameters)",
                  type(model).__name__, name, f"{model.num_parameters():,}")
         return model, []
-    if is_adapter_run(name):  # its heads come with the adapter; peft froze the base
+    if hub.is_adapter_run(name):  # its heads come with the adapter; peft froze the base
         return load_merged(name, auto, base_model, **weights).requires_grad_(True), []
     model, info = load_pretrained(auto, name, config=config, **weights,
                                   ignore_mismatched_sizes=True, output_loading_info=True)
@@ -189,12 +189,17 @@ def load_weights(auto: Any, name: str, config: PretrainedConfig, quantized: bool
 def check_reshaped(mismatched: list[Any], run: RunConfig | None) -> None:
     """--config-overrides that change the shape of pretrained weights would leave them random
     without a word: refused (task heads are new anyway)."""
-    body = [k[0] if isinstance(k, tuple) else k for k in mismatched]
-    body = sorted(k for k in body if not set(k.split(".")) & {*HEADS, "lm_head"})
-    if run and run.config_overrides and body:
+    reshaped = body(mismatched)
+    if run and run.config_overrides and reshaped:
         raise LlmkitError(f"--config-overrides {run.config_overrides!r} changes the shape of "
-                          f"pretrained weights ({', '.join(body[:3])}): add --from-scratch to "
-                          "train a new model of that shape, or leave those keys alone")
+                          f"pretrained weights ({', '.join(reshaped[:3])}): add --from-scratch "
+                          "to train a new model of that shape, or leave those keys alone")
+
+
+def body(keys: list[Any]) -> list[str]:
+    """The weight names (mismatched ones come as tuples) outside the heads, which start new."""
+    names = (k[0] if isinstance(k, tuple) else k for k in keys)
+    return sorted(k for k in names if not set(k.split(".")) & {*HEADS, "lm_head"})
 
 
 def finish(model: Any, tokenizer: Any, task: Task, data: DataConfig, name: str, new: list[str],
@@ -219,31 +224,15 @@ def finish(model: Any, tokenizer: Any, task: Task, data: DataConfig, name: str, 
         task.prepare(model, tokenizer, data)
 
 
-def is_adapter_run(folder: str | Path) -> bool:
-    return (Path(folder) / ADAPTER_CONFIG).is_file()
-
-
-def peft_module() -> Any:
-    try:
-        import peft
-    except ImportError as err:
-        raise LlmkitError("--lora needs the peft library: pip install peft") from err
-    return peft
-
-
 def four_bit() -> dict[str, Any]:
     """from_pretrained arguments of a 4-bit (NF4) frozen base, QLoRA's; one line where the
     machine cannot run it."""
-    import importlib.util
-    import os
-
     if not torch.cuda.is_available():
         raise LlmkitError("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit layers run "
                           "there) and this machine has none; train LoRA on the full-precision "
                           "base instead (drop --load-in-4bit)")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise LlmkitError("--load-in-4bit needs the bitsandbytes library: pip install "
-                          "bitsandbytes")
+        raise LlmkitError("--load-in-4bit needs the bitsandbytes library: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -256,45 +245,54 @@ def four_bit() -> dict[str, Any]:
         "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 
-def base_of(run: str | Path, base_model: str | None) -> str:
-    """The base model of an adapter run: --base-model, else the one it was trained from."""
-    if base_model:
-        if hub.looks_like_path(base_model) and not hub.is_local(base_model):
-            raise LlmkitError(f"--base-model {base_model}: no such checkpoint folder")
-        return base_model
-    saved = json.loads((Path(run) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    base = str(saved.get("base_model_name_or_path") or "")
-    if not base or (hub.looks_like_path(base) and not hub.is_local(base)):
-        raise LlmkitError(f"{run} is an adapter run whose base model {base or '(unnamed)'} "
-                          "cannot be found; pass --base-model with its folder or Hub id")
-    return base
-
-
 def load_merged(run: str | Path, auto_class: Any, base_model: str | None = None,
                 **kwargs: Any) -> Any:
     """An adapter run as a plain transformers model: its base (with the run's config: labels,
     generation settings) plus the adapter, merged."""
     from transformers import AutoConfig
 
-    peft = peft_module()
     config = load_pretrained(AutoConfig, str(run))
     if "quantization_config" not in kwargs:
         unquantized(config)  # a QLoRA run's adapter merges into the full-precision base
-    base = load_pretrained(auto_class, base_of(run, base_model), config=config,
-                           ignore_mismatched_sizes=True, **kwargs)
-    model = peft.PeftModel.from_pretrained(base, str(run)).merge_and_unload()
-    generation = Path(run) / "generation_config.json"
-    if generation.is_file() and model.can_generate():
+    name = hub.base_of(run, base_model)
+    kind = load_pretrained(AutoConfig, name).model_type
+    if kind != config.model_type:
+        raise LlmkitError(f"{name} is a {kind} model and the adapter of {run} was trained on a "
+                          f"{config.model_type} one: give its base model with --base-model")
+    base, info = load_pretrained(auto_class, name, config=config, ignore_mismatched_sizes=True,
+                                 output_loading_info=True, **kwargs)
+    check_base(run, name, base, info)
+    model = hub.peft_module().PeftModel.from_pretrained(base, str(run)).merge_and_unload()
+    if (Path(run) / "generation_config.json").is_file() and model.can_generate():
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(run))
     return model
 
 
+def check_base(run: str | Path, name: str, model: Any, info: dict[str, Any]) -> None:
+    """Another base would merge silently into random or cut weights: it must hold every weight
+    the adapter changes, in the run's shapes, and no more layers (the heads come with it)."""
+    if not (Path(run) / ADAPTER_WEIGHTS).is_file():
+        raise LlmkitError(f"{run} has no {ADAPTER_WEIGHTS}: give the run directory llmkit wrote")
+    with safe_open(str(Path(run) / ADAPTER_WEIGHTS), "pt") as adapter:
+        changed = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] + ".weight"
+                   for k in adapter.keys() if ".lora_" in k}
+    prefix = f"{model.base_model_prefix}."
+    stacks = "|".join(re.escape(n.removeprefix(prefix)) for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.ModuleList))  # layers, numbered
+    wrong = [*body(info["mismatched_keys"]), *sorted(changed & set(info["missing_keys"])),
+             *sorted(k for k in info["unexpected_keys"] if stacks and re.match(
+                 rf"(?:{stacks})\.\d+\.", k.removeprefix(prefix)))]
+    if wrong:
+        raise LlmkitError(f"{name} does not fit the adapter of {run}, which was trained on a base"
+                          f" of another shape ({', '.join(wrong[:3])}{' ...' * (len(wrong) > 3)}"
+                          "): give its base model with --base-model")
+
+
 def unquantized(config: Any) -> Any:
     """A config without the 4-bit loading settings a QLoRA base carried in training: the run's
     adapter is applied to (and merged into) the base at full precision, on any machine."""
     for key in ("quantization_config", "_pre_quantization_dtype"):
-        if key in config.__dict__:
-            delattr(config, key)
+        config.__dict__.pop(key, None)
     return config

@@ -4,6 +4,7 @@ resume, merge into a model plain transformers loads, every task, many processes.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,41 @@ def test_a_qlora_run_is_predicted_and_merged_at_full_precision(
     merged = merge(run, tmp_path / "merged")
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in json.loads((adapter_run / "config.json").read_text())
+
+
+@pytest.mark.parametrize(("base", "said"), [
+    ("gpt2", "is a gpt2 model and the adapter of {run} was trained on a bert one"),
+    ("wider", "does not fit the adapter of {run}, which was trained on a base of another shape "
+              "(bert.embeddings"),
+    ("shallower", "(bert.encoder.layer.1.attention.output.dense.weight, "),
+    ("deeper", "(encoder.layer.2.attention.output.LayerNorm.bias, "),
+    ("same", None)])
+def test_merge_refuses_a_base_that_does_not_fit_the_adapter(
+        base: str, said: str | None, adapter_run: Path, tiny_gpt2: Path, tmp_path: Path) -> None:
+    """peft loads an adapter onto any base built from the run's config: the weights of a base
+    of another kind, size or depth would be left random (or cut) without a word."""
+    from transformers import BertConfig, BertModel
+
+    from llmkit.errors import LlmkitError
+    from tests.conftest import wordpiece_tokenizer
+
+    folder = tiny_gpt2 if base == "gpt2" else tmp_path / base
+    if base != "gpt2":
+        sizes = {"wider": (64, 2), "shallower": (32, 1), "deeper": (32, 3), "same": (32, 2)}
+        hidden, layers = sizes[base]
+        tokenizer = wordpiece_tokenizer()
+        torch.manual_seed(0)  # "same" is the tiny BERT the adapter was trained on, saved again
+        BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                             num_hidden_layers=layers, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=128)
+                  ).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    if said is None:
+        assert merge(adapter_run, tmp_path / "merged", str(folder)).is_dir()
+        return
+    with pytest.raises(LlmkitError, match=re.escape(said.format(run=adapter_run))):
+        merge(adapter_run, tmp_path / "merged", str(folder))
+    assert not (tmp_path / "merged").exists()
 
 
 def test_an_interrupted_adapter_run_resumes_to_the_same_adapter(

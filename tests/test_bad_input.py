@@ -113,7 +113,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*FT[:7], "{run}"], "holds a finished run"),
     # finetune --lora
     ([*FT, "--lora", "--lora-target-modules", "bogus"], "--lora-target-modules bogus: the model "
-     "has no such linear layer; its linear layers are classifier, dense, key"),
+     "has no such linear layer; its linear layers are dense, key, query, value"),
     ([*FT, "--lora", "--lora-r", "0"], "adapter.lora_r must be at least 1, got 0"),
     ([*FT, "--lora", "--lora-alpha", "0"], "adapter.lora_alpha must be above 0, got 0"),
     ([*FT, "--max-steps", "-1"], "train.max_steps must be at least 0, got -1"),
@@ -174,7 +174,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*GE[:5], "{toy}", *GE[6:], "--text-column", "body"], "no column 'body'"),
     # finetune generate: conversations
     ([*GE[:5], "{chatbad}", *GE[6:], "--chat-template", "{template}"],
-     "row 0: messages must be a list of {{\"role\": ..., "),
+     ": messages must be a list of {{\"role\": ..., "),  # every row is bad
     ([*GE[:5], "{chats}", *GE[6:]], "the tokenizer has no chat template to render the "
      "conversations: give one with --chat-template FILE"),
     ([*GE[:5], "{chats}", *GE[6:], "--chat-template", "{tmp}/none.jinja"],
@@ -242,7 +242,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*EV, "-m", "bleu", "--tokenize", "bogus"],
      "--tokenize bogus: sacrebleu's tokenizers are none, zh, 13a"),
     ([*EV, "-m", "f1", "--average", "bogus"],
-     "--average: expected 'macro' | 'micro' | 'binary', got 'bogus'"),
+     "--average: expected 'macro' | 'micro' | 'weighted' | 'binary', got 'bogus'"),
     ([*EV, "-m", "accuracy", "-r", "{ref}"],
      "-m accuracy compares each line with one reference, got 2 reference files"),
     (["eval", "-p", "{labels}", "-r", "{labels}", "-m", "f1", "--average", "binary",
@@ -281,14 +281,28 @@ CASES: list[tuple[list[str], str]] = [
     (["push", "{tmp}/nothing", "--repo-id", "me/run"], "{tmp}/nothing: no such run directory"),
     (["plot", "{tmp}"], "is not a finished run (no metrics.json)"),
     # issue 40: named problems instead of "failed unexpectedly", and misleading refusals
-    (["generate", "--model", "{gpt2}", "--prompt", ""], "--prompt is empty"),
     (["finetune", "classify", "--model", "{bert}", "--train", "{toy}", "--output", "{file}/run"],
      "--output {file}/run: {file} is a file, not a folder"),
-    ([*PR, "-i", "{nulltext}"], "1 of 2 rows have no text (first: row 1)"),
-    ([*FT, "--lora", "--lora-target-modules", "classifier"], "classifier: that is the task head"),
-    (["plot", "{torn}"], "metrics.json is damaged"),
-    (["plot", "{run}", "-o", "{tmp}/no/x.png"], "{tmp}/no is not a folder; create it first"),
-    (["plot", "{run}", "-o", "{tmp}/x.txt"], "--output {tmp}/x.txt: name a picture file"),
+    ([*PR, "-i", "{nulltext}"], "--input {nulltext}: 1 of 3 rows have no text in column 'text'"
+     " (first: row 1); fill them in or remove those rows"),
+    ([*FT, "--lora", "--lora-target-modules", "classifier"], "--lora-target-modules classifier: "
+     "that is the task head, which trains in full beside the adapters (peft's modules_to_save); "
+     "target the model's linear layers: dense, key, query, value"),
+    (["plot", "{torn}"], "{torn}/metrics.json is damaged (Expecting ':' delimiter at line 1)"),
+    (["plot", "{halfmetrics}"], "metrics.json is damaged (no final step and history)"),
+    (["plot", "{run}", "-o", "{tmp}/no/x.png"],
+     "--output {tmp}/no/x.png: folder {tmp}/no does not exist; create it first"),
+    (["plot", "{run}", "-o", "{tmp}/x.txt"],
+     "--output {tmp}/x.txt: name a picture file (avif, eps, gif, jpeg, jpg, pdf"),
+    (["merge", "{adapter}", "--base-model", "{gpt2}", "-o", "{tmp}/m"],
+     "{gpt2} is a gpt2 model and the adapter of {adapter} was trained on a bert one: give its "
+     "base model with --base-model"),
+    (["predict", "--model", "{adapter}", "--base-model", "{gpt2}", "-i", "{toy}"],
+     "{gpt2} is a gpt2 model and the adapter of {adapter} was trained on a bert one"),
+    (["generate", "--model", "{gpt2}", "--chat", "-i", "{chatrows}"],
+     "--input {chatrows}: row 2: unknown role 'bot'; the roles are system, user"),
+    (["generate", "--model", "{gpt2}", "-i", "{tornprompts}"],
+     "--input {tornprompts}: row 1 is not JSON (Expecting value); every line must be a JSON"),
     ([*FT, "--measure"], "--measure and --json describe a --dry-run: add --dry-run"),
     ([*FT, "--json"], "--measure and --json describe a --dry-run: add --dry-run"),
     (["finetune", "translate", "--model", "{t5}", "--train", "{halfpairs}", "--output",
@@ -302,6 +316,9 @@ CASES: list[tuple[list[str], str]] = [
     ([*FT[:5], "{jsonlist}", "--json-field", "rows", "--output", "{tmp}/o"],
      "holds a JSON list, not an object with keys: drop --json-field rows"),
     ([*FT, "--test", "{notext}"], "--test: no column 'text'"),
+    ([*GE, "--from-scratch", "--config-overrides", "activation_function=bogus"],
+     "--config-overrides 'activation_function=bogus': the model cannot be built so (KeyError: "
+     "'bogus')"),
     ([*FT, "--config-overrides", "hidden_dropout_prob=2"],
      "the model cannot be built so (dropout probability has to be between 0 and 1"),
 ]
@@ -374,8 +391,12 @@ def files(tiny_bert: Path, tiny_gpt2: Path, tiny_seq2seq, toy: dict[str, Path],
         "halfpairs": write("halfpairs.jsonl", "".join(json.dumps(
             {"translation": {"en": "the house", "es": "la casa"}}) + "\n" for _ in range(6))
             + json.dumps({"translation": {"en": "a dog"}}) + "\n"),
-        "nulltext": write("nulltext.jsonl", '{"text": null}\n{"text": "good film"}\n'),
+        "nulltext": write("nulltext.jsonl", '{"text": "a"}\n{"text": null}\n{"text": "b"}\n'),
         "torn": str(torn_run(folder / "torn")),
+        "halfmetrics": str(torn_run(folder / "half", "{}")),
+        "chatrows": write("chatrows.jsonl", "".join(json.dumps({"messages": [
+            {"role": role, "content": "hi"}]}) + "\n" for role in ("user", "system", "bot"))),
+        "tornprompts": write("tornprompts.jsonl", '{"prompt": "a"}\n{"prompt": \n'),
         "emptysumm": write("emptysumm.jsonl", "".join(json.dumps(
             {**r, "summary": ""}) + "\n" for r in summ)),
         "corpus": write("corpus.txt", "the quick brown fox jumps over the lazy dog\n\n" * 40),
@@ -414,10 +435,10 @@ def finished_run(tiny_bert: Path, toy: dict[str, Path], out: Path, lora: bool = 
     return finetune(cfg)
 
 
-def torn_run(folder: Path) -> Path:
+def torn_run(folder: Path, text: str = '{"final": {"step"') -> Path:
     """A run folder whose metrics.json was cut off mid-write."""
     folder.mkdir()
-    (folder / "metrics.json").write_text('{"final": {"step"', encoding="utf-8")
+    (folder / "metrics.json").write_text(text, encoding="utf-8")
     return folder
 
 
@@ -444,3 +465,36 @@ def test_bad_input_is_one_line(argv: list[str], expected: str, files: dict[str, 
     assert "Traceback" not in err, err
     assert "unexpected" not in err, err  # the backstop caught it: a message is missing
     assert expected.format(**fill) in err, err
+
+
+QUICK = [["finetune", "classify", "--model", "{tmp}/nope", "--train", "t.tsv", "--output", "o"],
+         ["finetune", "classify", "--model", "{tmp}/model", "--train", "t.tsv", "--output",
+          "{tmp}/model/config.json/run"],
+         ["predict", "--model", "{tmp}/nope", "-i", "t.tsv"],
+         ["predict", "--model", "{tmp}/model", "-i", "t.tsv", "-o", "{tmp}/no/p.jsonl"],
+         ["generate", "--model", "{tmp}/nope", "-p", "hi"],
+         ["merge", "{tmp}/nope", "-o", "{tmp}/m"], ["merge", "{tmp}/model", "-o", "{tmp}/m"]]
+
+
+def test_path_mistakes_are_refused_before_torch_loads(tmp_path: Path) -> None:
+    """A mistyped --model or run folder, or an --output that cannot be written, is refused
+    before torch, transformers and datasets are imported (seconds on a loaded machine)."""
+    import subprocess
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    argvs = [[a.format(tmp=tmp_path) for a in argv] for argv in QUICK]
+    script = ("import sys\nfrom llmkit.cli import main\n"
+              f"for argv in {argvs!r}:\n"
+              "    sys.argv = ['llmkit', *argv]\n"
+              "    try:\n        main()\n    except SystemExit as stop:\n"
+              "        assert stop.code == 1, argv\n"
+              "print([m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(QUICK) and all(line.startswith("error: ") for line in lines), lines
+    assert "no such checkpoint folder" in lines[0] and "is a file, not a folder" in lines[1]
+    assert "no such run directory" in lines[5] and "is not an adapter run" in lines[6]

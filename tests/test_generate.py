@@ -185,6 +185,41 @@ def test_run_loads_in_text_generation_pipeline_and_agrees(lm_run: Path) -> None:
     assert ours["output"] == theirs
 
 
+def test_an_empty_prompt_starts_from_bos_as_the_pipeline_does(lm_run: Path) -> None:
+    """transformers' text-generation pipeline generates an empty prompt from the
+    beginning-of-sequence token (generate() without input_ids): so do --prompt "" and an empty
+    prompt in an --input file, alone or in a batch."""
+    from transformers import pipeline
+
+    theirs = pipeline("text-generation", model=str(lm_run))(
+        "", max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    model, tokenizer = load_generator(str(lm_run))
+    settings = GenerationSettings(max_new_tokens=8)
+    [alone] = generate(model, tokenizer, [""], settings)
+    batched = generate(model, tokenizer, ["the", ""], settings, batch_size=2)
+    assert alone["output"] == batched[1]["output"] == theirs and theirs.strip()
+    assert alone["prompt_tokens"] == 1
+    result = runner.invoke(app, ["generate", "-m", str(lm_run), "-p", "", "--max-new-tokens",
+                                 "8"])
+    assert result.exit_code == 0 and result.output == theirs + "\n", result.output
+
+
+def test_an_empty_prompt_needs_a_bos_token() -> None:
+    from types import SimpleNamespace
+
+    from llmkit.inference.generate import start_empty
+
+    def model(bos: int | None) -> SimpleNamespace:
+        return SimpleNamespace(generation_config=SimpleNamespace(bos_token_id=bos))
+
+    no_bos = SimpleNamespace(bos_token_id=None)
+    assert start_empty([[5], []], model(7), no_bos) == [[5], [7]]
+    assert start_empty([[5], []], model(None), SimpleNamespace(bos_token_id=3)) == [[5], [3]]
+    with pytest.raises(LlmkitError, match="an empty prompt starts from the beginning-of-sequence"
+                                          " token .* and this model has none"):
+        start_empty([[5], []], model(None), no_bos)
+
+
 def test_batched_greedy_equals_one_by_one(lm_run: Path) -> None:
     model, tokenizer = load_generator(str(lm_run))
     prompts = ["the", "what is the capital of", "one of the best movies of the"]
@@ -435,8 +470,9 @@ def lm_eval_rolling(tokens: list[int], prefix: int, length: int) -> list[tuple[l
 
 def test_rolling_perplexity_equals_lm_eval_and_a_token_by_token_loop(
         lm_run: Path, corpus: dict[str, Path]) -> None:
-    """-m word_perplexity (stride = the block) scores documents as lm-evaluation-harness's
-    loglikelihood_rolling does; --stride 1 gives every token its full window of context."""
+    """-m rolling_perplexity, word_perplexity, ... (stride = the block) score documents as
+    lm-evaluation-harness's loglikelihood_rolling does; --stride 1 gives every token its full
+    window of context."""
     import re
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -460,20 +496,21 @@ def test_rolling_perplexity_equals_lm_eval_and_a_token_by_token_loop(
     words = sum(len(re.split(r"\s+", d)) for d in docs)
     size = sum(len(d.encode()) for d in docs)
     base = ["eval", "--model", str(lm_run), "--data", str(corpus["validation"]), "--json"]
-    result = runner.invoke(app, [*base, "-m", "perplexity", "-m", "word_perplexity", "-m",
-                                 "byte_perplexity", "-m", "bits_per_byte"])
+    result = runner.invoke(app, [*base, "-m", "rolling_perplexity", "-m", "word_perplexity",
+                                 "-m", "byte_perplexity", "-m", "bits_per_byte"])
     assert result.exit_code == 0, result.output
-    scores = {s["metric"]: s["value"] for s in json.loads(result.output)["scores"]}
+    found = {s["metric"]: s for s in json.loads(result.output)["scores"]}
+    scores = {name: s["value"] for name, s in found.items()}
     assert scores["word_perplexity"] == pytest.approx(math.exp(-rolling / words), rel=1e-5)
     assert scores["byte_perplexity"] == pytest.approx(math.exp(-rolling / size), rel=1e-5)
     assert scores["bits_per_byte"] == pytest.approx(-rolling / size / math.log(2), rel=1e-5)
     tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)
-    assert scores["eval_tokens"] == tokens
-    assert scores["perplexity"] == pytest.approx(math.exp(-rolling / tokens), rel=1e-5)
-    result = runner.invoke(app, [*base, "-m", "perplexity", "--stride", "1"])
+    assert found["rolling_perplexity"]["details"]["tokens"] == tokens
+    assert scores["rolling_perplexity"] == pytest.approx(math.exp(-rolling / tokens), rel=1e-5)
+    result = runner.invoke(app, [*base, "-m", "rolling_perplexity", "--stride", "1"])
     scores = {s["metric"]: s["value"] for s in json.loads(result.output)["scores"]}
-    assert scores["perplexity"] == pytest.approx(math.exp(-by_token / tokens), rel=1e-5)
-    too_long = runner.invoke(app, [*base, "-m", "perplexity", "--stride", "17"])
+    assert scores["rolling_perplexity"] == pytest.approx(math.exp(-by_token / tokens), rel=1e-5)
+    too_long = runner.invoke(app, [*base, "-m", "rolling_perplexity", "--stride", "17"])
     assert too_long.exit_code == 1 and "longer than the window (16 tokens" in str(
         too_long.exception)
 

@@ -40,10 +40,12 @@ def generate_text(
 ) -> None:
     """Generate text with a causal or seq2seq model: one prompt, or a file of prompts."""
     from llmkit.data.read import check_output_file
+    from llmkit.hub import check_model_source
     from llmkit.inference.generate import generate, load_prompts, read_prompts
 
     assert settings is not None
     check_request(prompt, input, stream, chat, system, settings)
+    check_model_source(model)  # before torch and transformers load: a mistyped path is quick
     if output is not None:
         check_output_file(output)
     given = [prompt] if prompt is not None else read_prompts(str(input), chat)
@@ -72,8 +74,6 @@ def check_request(prompt: str | None, input: str | None, stream: bool, chat: boo
     """Options that contradict each other, refused before a model is loaded."""
     if (prompt is None) == (input is None):
         raise LlmkitError("give either --prompt or --input")
-    if prompt is not None and not prompt.strip() and not chat:
-        raise LlmkitError("--prompt is empty: give the text to continue (or translate)")
     if stream and (input or (settings.num_beams or 1) > 1 or settings.num_return_sequences > 1
                    or settings.stop):
         raise LlmkitError("--stream prints one sequence for one --prompt: drop --input, "

@@ -71,7 +71,7 @@ def check_rows(task: Any, data: Any, net: Any, tokenizer: Any, check_data: str |
                limit: int) -> tuple[Any, Any]:
     """The first `limit` rows of --check-data (else the run's validation data) and their
     features; labelled rows keep their labels, for the metrics."""
-    from llmkit.data.read import check_columns, load_split
+    from llmkit.data.read import check_columns, load_split, reading
 
     source = check_data or data.validation
     if source is None:
@@ -79,7 +79,7 @@ def check_rows(task: Any, data: Any, net: Any, tokenizer: Any, check_data: str |
                           "rows to check the export on")
     option = "--check-data" if check_data else "the run's validation data (or --check-data)"
     rows = load_split(source, data.validation_split, data.dataset_config, option,
-                      getattr(data, "sample_by", "line"), data.format, data.json_field)
+                      *reading(data))
     check_columns(rows, task.columns(data, False), option)
     rows = rows.select(range(min(limit, len(rows))))
     labelled = all(c in rows.column_names for c in task.columns(data, True))

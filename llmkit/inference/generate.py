@@ -75,19 +75,35 @@ def read_prompts(path: str, chat: bool = False) -> list[Any]:
     from llmkit.scoring.files import read_text
 
     text = read_text(path, "--input")
-    if path.endswith(".jsonl"):
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            key = "messages" if chat and rows and "messages" in rows[0] else "prompt"
-            prompts = [row[key] for row in rows]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise LlmkitError(f"--input {path}: every line must be a JSON object with a "
-                              f"'prompt' field (or 'messages', with --chat) ({err})") from err
-    else:
-        prompts = [line for line in text.splitlines() if line.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
+    prompts = ([prompt_of(line, row, path, chat) for row, line in enumerate(lines)]
+               if path.endswith(".jsonl") else lines)
     if not prompts:
         raise LlmkitError(f"--input {path} holds no prompts")
     return prompts
+
+
+def prompt_of(line: str, row: int, path: str, chat: bool) -> Any:
+    """One .jsonl row's prompt: its `prompt` text or, with `chat`, its `messages` (checked);
+    a row that has neither is named by its row in the file (the first is row 0)."""
+    from llmkit.tasks.chat import check
+
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        record = err
+    if chat and isinstance(record, dict) and "messages" in record:
+        try:
+            check(record["messages"], row)
+        except LlmkitError as err:
+            raise LlmkitError(f"--input {path}: {err}") from None
+        return record["messages"]
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        return record["prompt"]
+    found = (f"not JSON ({record.msg})" if isinstance(record, json.JSONDecodeError)
+             else f"{line.strip()[:60]}")
+    raise LlmkitError(f"--input {path}: row {row} is {found}; every line must be a JSON object "
+                      f"with a 'prompt' field{' (or messages)' if chat else ''} holding text")
 
 
 def templated(tokenizer: Any, prompt: str | list[dict[str, Any]], system: str | None = None
@@ -129,8 +145,9 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
     if n > 1 and not kwargs["do_sample"] and n > beams:
         raise LlmkitError(f"--num-return-sequences {n} needs --sample, or --num-beams {n} or "
                           "more: greedy decoding finds one sequence")
-    encoded, context = fit_context(tokenizer(prompts, add_special_tokens=not templated)[
-        "input_ids"], model.config, tokenizer)
+    encoded, context = fit_context(start_empty(tokenizer(
+        prompts, add_special_tokens=not templated)["input_ids"], model, tokenizer),
+        model.config, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     records: list[dict[str, Any]] = [{} for _ in prompts]
     with torch.inference_mode():
@@ -156,6 +173,20 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
             if on_batch:
                 on_batch(len(chunk), sum(records[i]["new_tokens"] for i in chunk))
     return records
+
+
+def start_empty(encoded: list[list[int]], model: Any, tokenizer: Any) -> list[list[int]]:
+    """Empty prompts start from the beginning-of-sequence token, as transformers'
+    text-generation pipeline starts them (generate() without input_ids)."""
+    if all(encoded):
+        return encoded
+    bos = model.generation_config.bos_token_id
+    bos = tokenizer.bos_token_id if bos is None else bos
+    if bos is None:
+        raise LlmkitError("an empty prompt starts from the beginning-of-sequence token (as "
+                          "transformers' text-generation pipeline does), and this model has "
+                          "none: give the prompt some text")
+    return [ids or [bos] for ids in encoded]
 
 
 def decoding(model: Any, tokenizer: Any, settings: GenerationSettings, templated: bool

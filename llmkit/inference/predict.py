@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Any
 from llmkit.config.recipes import read_recipe
 from llmkit.config.schema import DataConfig, RunConfig
 from llmkit.data.features import by_length
-from llmkit.data.read import check_columns, load_split
+from llmkit.data.read import check_columns, load_split, reading
 from llmkit.errors import LlmkitError
-from llmkit.hub import quiet_libraries
-from llmkit.models import inference_device, load_model
+from llmkit.hub import ADAPTER_CONFIG, check_model_source, is_adapter_run, quiet_libraries
 from llmkit.tasks import auto_class, get_task, load_config
 from llmkit.tasks.task import Task, loss_of
 
@@ -42,6 +41,9 @@ def run_config(model: str) -> RunConfig | None:
 def prepare(model: str, task_name: str | None, columns: dict[str, Any] | None,
             base_model: str | None = None) -> tuple[Task, DataConfig, Any, Any]:
     """Task, column settings (the run's, then the caller's), model and tokenizer."""
+    check_model_source(model)  # before torch and transformers load: a mistyped path is quick
+    from llmkit.models import load_model
+
     quiet_libraries()
     saved = run_config(model)
     task = get_task(task_name or (saved.task if saved else "classify"))
@@ -83,6 +85,8 @@ def outputs(task: Task, net: Any, tokenizer: Any, features: Any, batch_size: int
     """The task's per-example outputs over `features`, batched longest first; and that order."""
     from torch.utils.data import DataLoader
 
+    from llmkit.models import inference_device
+
     order = by_length(features)
     loader = DataLoader(features.select(order), batch_size=batch_size,
                         collate_fn=task.collator(tokenizer))
@@ -99,6 +103,7 @@ def predict(model: str, input: str, output: str | None = None, task_name: str | 
     rows = load_split(input, "train", None, "--input")
     check_columns(rows, task.columns(data, False), "--input")
     rows = rows.select_columns(task.columns(data, False))  # labels, if any, are not needed
+    check_filled(rows, task.columns(data, False), input)
     rows = task.usable(rows, data, False)
     features = task.featurize(rows, tokenizer, net.config, data)
     arrays, order = outputs(task, net, tokenizer, features, batch_size)
@@ -114,6 +119,17 @@ def predict(model: str, input: str, output: str | None = None, task_name: str | 
     if output:
         write_jsonl(results, Path(output))
     return results
+
+
+def check_filled(rows: Any, columns: list[str], source: str) -> None:
+    """Every row gets a prediction, in order: one without its text (null) cannot be left out.
+    Rows count from 0, as llmkit's other messages count them."""
+    for column in columns:
+        missing = [i for i, value in enumerate(rows[column]) if value is None]
+        if missing:
+            raise LlmkitError(f"--input {source}: {len(missing)} of {len(rows)} rows have no "
+                              f"text in column {column!r} (first: row {missing[0]}); fill them "
+                              "in or remove those rows")
 
 
 def predict_rows(model: str, input: str | None, output: str | None, task_name: str | None,
@@ -163,20 +179,20 @@ def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
 def merge(run: str | Path, output: str | Path, base_model: str | None = None) -> Path:
     """`llmkit merge`: the adapter run's merged model, tokenizer and llmkit settings in a folder
     that plain transformers (no peft, no llmkit) loads."""
-    from llmkit.models import ADAPTER_CONFIG, is_adapter_run, load_merged, load_tokenizer
-
-    quiet_libraries()
     run, output = Path(run), Path(output)
     if not run.is_dir():
         raise LlmkitError(f"{run}: no such run directory")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise LlmkitError(f"--output {output} is not an empty folder; choose another one")
     if not is_adapter_run(run):
         raise LlmkitError(f"{run} is not an adapter run (no {ADAPTER_CONFIG}): it is a full "
                           "model already, loadable as it is")
+    from llmkit.models import load_merged, load_tokenizer
+
+    quiet_libraries()
     saved = run_config(str(run))
     if saved is None:
         raise LlmkitError(f"{run} has no config.yaml: give the run directory llmkit wrote")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise LlmkitError(f"--output {output} is not an empty folder; choose another one")
     model = load_merged(run, auto_class(get_task(saved.task)), base_model)
     model.save_pretrained(output)
     load_tokenizer(str(run)).save_pretrained(output)
@@ -190,9 +206,7 @@ def test(run: Path, source: str) -> dict[str, Any]:
     cfg = run_config(str(run))
     assert cfg is not None
     task = get_task(cfg.task)
-    rows = load_split(source, "test", cfg.data.dataset_config, "--test",
-                      getattr(cfg.data, "sample_by", "line"), cfg.data.format,
-                      cfg.data.json_field)
+    rows = load_split(source, "test", cfg.data.dataset_config, "--test", *reading(cfg.data))
     found: dict[str, Any] = {}
     if cfg.task != "generate":  # a language model's rows are text to score, not to label
         predict(str(run), source, str(run / "test_predictions.jsonl"))

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from llmkit.data.read import check_columns, load_split
 from llmkit.errors import LlmkitError
 from llmkit.inference.predict import prepare
-from llmkit.models import inference_device
 from llmkit.scoring.metrics import perplexity_of
 from llmkit.tasks.task import IGNORE, sliced_losses
 
@@ -104,6 +103,8 @@ def rolling_score(model: str, source: str, task_name: str | None, split: str, st
                       getattr(data, "sample_by", "line"))
     column = getattr(data, "text_column", "text")
     check_columns(rows, [column], "--data")
+    from llmkit.models import inference_device
+
     net.to(inference_device()).eval()
     result = rolling(net, tokenizer, rows[column], length, stride or length, batch_size)
     return {**result, "window": length, "stride": stride or length,

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.models import ADAPTER_WEIGHTS, HEADS, peft_module
+from llmkit.hub import peft_module
+from llmkit.models import ADAPTER_WEIGHTS, HEADS
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -27,11 +28,13 @@ PEFT_TASKS = {"classify": "SEQ_CLS", "qa": "QUESTION_ANS", "translate": "SEQ_2_S
 
 
 def linear_names(model: Any) -> list[str]:
-    """The names (last part) of the model's linear layers, as --lora-target-modules takes them."""
+    """The names (last part) of the model's linear layers outside its task head, as
+    --lora-target-modules takes them."""
     from transformers.pytorch_utils import Conv1D
 
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and name
+                   and name.split(".")[0] not in HEADS})
 
 
 def wrap(model: Any, task: str, settings: AdapterConfig) -> Any:
@@ -39,12 +42,12 @@ def wrap(model: Any, task: str, settings: AdapterConfig) -> Any:
     peft = peft_module()
     targets: Any = list(settings.lora_target_modules) or "all-linear"
     if targets != "all-linear":
+        known = linear_names(model)
         heads = [t for t in targets if t in HEADS and hasattr(model, t)]
         if heads:
             raise LlmkitError(f"--lora-target-modules {heads[0]}: that is the task head, which "
-                              "trains in full beside the adapters; name the layers inside the "
-                              "model (e.g. query, value)")
-        known = linear_names(model)
+                              "trains in full beside the adapters (peft's modules_to_save); "
+                              f"target the model's linear layers: {', '.join(known)}")
         missing = [t for t in targets if t not in known]
         if missing:
             raise LlmkitError(f"--lora-target-modules {', '.join(missing)}: the model has no "

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 from llmkit.config.schema import DataConfig, RunConfig, TrainConfig
 from llmkit.data.batches import LengthGroupedBatches, MicroBatches, micro_batches
 from llmkit.data.features import by_length, lengths
-from llmkit.data.read import check_columns, load_split, load_splits
+from llmkit.data.read import check_columns, load_split, load_splits, reading
 from llmkit.errors import LlmkitError
-from llmkit.models import four_bit, is_adapter_run, load_model, model_config
+from llmkit.hub import is_adapter_run
+from llmkit.models import four_bit, load_model, model_config
 from llmkit.run.adapters import adapt
 from llmkit.run.launch import fsdp_units, sharded
 from llmkit.tasks import check_pairing, get_task
@@ -116,8 +117,7 @@ def load_run_inputs(cfg: RunConfig, task: Task) -> tuple[Any, Any, DataConfig, A
     valid_rows = task.usable(valid_rows, data, True)
     if cfg.data.test:  # predicted after training: its columns are checked now
         check_columns(load_split(cfg.data.test, "test", data.dataset_config, "--test",
-                                 getattr(data, "sample_by", "line"), data.format,
-                                 data.json_field), task.columns(data, False), "--test")
+                                 *reading(data)), task.columns(data, False), "--test")
     model, tokenizer = load_model(task, cfg.model, data, quantized=cfg.adapter.load_in_4bit,
                                   run=cfg, config=config,
                                   **task.model_kwargs(train_rows, valid_rows, data))

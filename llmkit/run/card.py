@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+from llmkit import hub
 from llmkit.errors import LlmkitError
 from llmkit.run.report import parsed  # None for a log line torn by an interruption
 
@@ -32,10 +34,15 @@ def finished(run: Path) -> dict[str, Any]:
         raise LlmkitError(f"{run} is not a finished run (no metrics.json): give the output "
                           "folder of a completed llmkit finetune")
     try:
-        return json.loads(metrics.read_text(encoding="utf-8"))
+        found = json.loads(metrics.read_text(encoding="utf-8"))
+        problem = "" if isinstance(found, dict) and isinstance(found.get("history"), list) and \
+            "step" in (found.get("final") or {}) else "no final step and history"
     except json.JSONDecodeError as err:
-        raise LlmkitError(f"{metrics} is damaged ({err.msg} at line {err.lineno}): the run did "
-                          "not finish writing it; run it again with --resume") from None
+        problem = f"{err.msg} at line {err.lineno}"
+    if problem:
+        raise LlmkitError(f"{metrics} is damaged ({problem}): the run did not finish writing "
+                          "it; run it again with --resume")
+    return found
 
 
 def training_log(run: Path) -> list[dict[str, Any]]:
@@ -58,20 +65,21 @@ def metric_names(histories: list[list[dict[str, Any]]]) -> list[str]:
 def draw(runs: list[Path], output: Path) -> Path:
     """Training loss and learning rate against the step, then every evaluation metric; the
     kept checkpoint marked (a dotted line, and a star on the metric it was chosen by). Several
-    runs share the panels, one colour each."""
+    runs share the panels, one colour each. A missing folder of `output` is refused, as for
+    every --output file (and by matplotlib's savefig): a typo would otherwise leave folders."""
+    from llmkit.data.read import check_output_file
+
+    check_output_file(output)
+    found = [(run, finished(run), training_log(run)) for run in runs]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    formats = FigureCanvasAgg.get_supported_filetypes()
+    formats = FigureCanvasAgg.get_supported_filetypes()  # what savefig can write without a GUI
     if output.suffix.lstrip(".").lower() not in formats:
         raise LlmkitError(f"--output {output}: name a picture file ({', '.join(sorted(formats))})")
-    if not output.parent.is_dir():
-        raise LlmkitError(f"--output {output}: {output.parent} is not a folder; create it first")
-
-    found = [(run, finished(run), training_log(run)) for run in runs]
     metrics = metric_names([m["history"] for _, m, _ in found])
     panels = ["loss", "learning rate", *[m for m in metrics if m != "eval_loss"]]
     cols = min(3, len(panels))
@@ -188,9 +196,7 @@ def manifest(cfg: Any, run: dict[str, Any], started: float, ended: float) -> dic
 
 
 def is_hub_id(name: str | None) -> bool:
-    from llmkit.hub import is_local, looks_like_path
-
-    return bool(name) and not looks_like_path(str(name)) and not is_local(str(name))
+    return bool(name) and not hub.looks_like_path(str(name)) and not hub.is_local(str(name))
 
 
 def model_card(out: Path, cfg: Any, metrics: dict[str, Any], made: dict[str, Any]) -> Path:
@@ -255,9 +261,7 @@ def card_settings(cfg: Any, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "" if value is None else str(value)
+    return f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
 
 
 def write(out: Path, cfg: Any, started: float, ended: float) -> None:
@@ -272,16 +276,12 @@ def write(out: Path, cfg: Any, started: float, ended: float) -> None:
 def push(run: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload a finished run to the Hub as one commit (the model, tokenizer, model card,
     curves and manifest; not checkpoints or tracker logs): all of it, or nothing."""
-    import os
-
-    from llmkit.hub import hub_offline
-
     folder = Path(run)
     if not folder.is_dir():
         raise LlmkitError(f"{run}: no such run directory")
     finished(folder)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if hub_offline():
+    if hub.hub_offline():
         raise LlmkitError(f"cannot reach the Hugging Face Hub ({endpoint}): nothing was "
                           "uploaded; push again once it can be reached")
     from huggingface_hub import HfApi
