@@ -29,7 +29,8 @@ def save_then_stop(accelerator, out, state):
     if state.global_step == int(os.environ["STOP_AT_STEP"]):
         Path(os.environ["STOP_MARK"]).write_text(f"{time.time()} {os.getpid()} "
                                                  f"{os.environ['RANK']}")
-        os.kill(os.getpid(), signal.SIGSTOP)  # a node that hangs (or whose network went away)
+        # a node that hangs (or whose network went away), or that dies
+        os.kill(os.getpid(), getattr(signal, os.environ.get("STOP_SIGNAL", "SIGSTOP")))
     return path
 checkpoint.save_checkpoint = save_then_stop
 from llmkit.cli import main
@@ -263,3 +264,58 @@ def test_a_restart_by_torchrun_continues_from_the_newest_checkpoint(
         "again" in said.stderr and "resuming at step 6" in said.stderr
     assert "restart 1 of this run (torchrun --max-restarts)" in said.stderr
     assert_same_weights(weights(out), weights(one_node))
+
+
+@pytest.mark.slow
+def test_two_nodes_train_a_language_model_as_one_node(tmp_path: Path, tiny_gpt2: Path) -> None:
+    """finetune generate (packed blocks) on two nodes with disks of their own ends at the
+    weights of one process with gradient accumulation 2."""
+    import json
+    import shutil
+
+    from llmkit.run.finetune import finetune
+    from llmkit.tasks import load_config
+
+    model = tmp_path / "gpt2"
+    shutil.copytree(tiny_gpt2, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # the same on any rank
+    (model / "config.json").write_text(json.dumps(config))
+    words = "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun".split()
+    lines = [" ".join(words[i % 7:] + words[:i % 7]) for i in range(60)]
+    (tmp_path / "train.txt").write_text("\n".join(lines[:48]) + "\n")
+    (tmp_path / "valid.txt").write_text("\n".join(lines[48:]) + "\n")
+    options = {"--model": str(model), "--train": str(tmp_path / "train.txt"),
+               "--validation": str(tmp_path / "valid.txt"), "--block-size": "16",
+               "--batch-size": "2", "--epochs": "2", "--lr": "3e-3"}
+    outs = (tmp_path / "disk0" / "run", tmp_path / "disk1" / "run")
+    two_nodes(["finetune", "generate", *(x for kv in options.items() for x in kv)], outs,
+              tmp_path)
+    one = finetune(load_config("generate", None, {
+        "model": str(model), "data.train": options["--train"],
+        "data.validation": options["--validation"], "data.block_size": 16,
+        "train.batch_size": 2, "train.epochs": 2, "train.learning_rate": 3e-3,
+        "train.gradient_accumulation_steps": 2, "output": str(tmp_path / "one")}))
+    assert_same_weights(weights(main_node(outs)[0]), weights(one))
+
+
+@pytest.mark.slow
+def test_a_node_that_dies_is_named_by_the_other(tmp_path: Path, run_args: list[str]) -> None:
+    """Node b's process is killed after its checkpoint at step 6: node a stops at once with
+    one line naming the rank that left; both disks keep checkpoint-6 whole."""
+    outs = (tmp_path / "disk-a" / "run", tmp_path / "disk-b" / "run")
+    port, mark = free_port(), tmp_path / "mark"
+    (tmp_path / "stop_after.py").write_text(STOP_AFTER)
+    a = start_node(0, port, run_args, outs[0], tmp_path / "a.log")
+    b = start_node(1, port, run_args, outs[1], tmp_path / "b.log", str(tmp_path / "stop_after.py"),
+                   {"STOP_AT_STEP": "6", "STOP_MARK": str(mark), "STOP_SIGNAL": "SIGKILL"})
+    assert [a.wait(timeout=300), b.wait(timeout=300)] == [1, 1]
+    stopped_for = time.time() - float(mark.read_text().split()[0])
+    said = (tmp_path / "a.log").read_text()
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, said[-3000:]
+    assert f"rank {mark.read_text().split()[2]} (on {socket.gethostname()}) stopped" \
+        in errors[0], said[-3000:]
+    assert stopped_for < 60, stopped_for
+    for out in outs:
+        assert (out / "checkpoints" / "checkpoint-6" / "llmkit_state.json").is_file()

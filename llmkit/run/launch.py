@@ -134,8 +134,10 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
 def heartbeat(accelerator: Accelerator, every: float = 0.5) -> None:
     """Each process counts up a number of its own in the launcher's store twice a second (a
     daemon thread); when a collective fails, the processes whose number stood still are the
-    ones that left, and the error line names them (errors.PEERS)."""
-    if accelerator.num_processes == 1 or "MASTER_ADDR" not in os.environ:
+    ones that left, and the error line names them (errors.PEERS). On one node torchrun names
+    the process that failed itself (and stops the others at once): nothing to do there."""
+    world = accelerator.num_processes
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world or "MASTER_ADDR" not in os.environ:
         return
     import socket
     import threading
@@ -147,7 +149,7 @@ def heartbeat(accelerator: Accelerator, every: float = 0.5) -> None:
         return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                         is_master=False, timeout=timedelta(seconds=10))
 
-    rank, world, store = accelerator.process_index, accelerator.num_processes, client()
+    rank, store = accelerator.process_index, client()
     store.set(f"llmkit/host/{rank}", socket.gethostname())
 
     def beat() -> None:
