@@ -54,23 +54,67 @@ def test_an_adapter_run_holds_the_adapter_and_trained_it(adapter_run: Path) -> N
     assert adapter["r"] == 4 and adapter["modules_to_save"] == ["classifier", "score"]
 
 
+def card_code(folder: Path) -> str:
+    """The Python block of a model card's "Use" section."""
+    text = (folder / "README.md").read_text(encoding="utf-8").split("## Use", 1)[1]
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_code(code: str, cwd: Path, *blocked: str) -> str:
+    """`code` run as written by a fresh Python without llmkit (nor `blocked`); its output."""
+    script = "".join(f"import sys; sys.modules[{name!r}] = None\n"
+                     for name in ("llmkit", *blocked)) + code
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def test_merged_model_answers_as_the_adapter_run_without_peft(
         adapter_run: Path, toy: dict[str, Path], tmp_path: Path) -> None:
-    merged = merge(adapter_run, tmp_path / "merged")
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {
-        p.name for p in merged.iterdir()}
+    """`llmkit merge` writes a full model with a card and manifest; the card's code (as written,
+    then on five rows) loads it without peft, answering as the adapter run does."""
+    from huggingface_hub import ModelCard
+
+    from llmkit.run.card import merged as merge_described
+
+    merged = merge_described(adapter_run, tmp_path / "merged")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md",
+            "manifest.json"} <= {p.name for p in merged.iterdir()}
+    card = ModelCard.load(merged / "README.md").data
+    assert card.library_name == "transformers" and "merged" in card.tags
+    made = json.loads((merged / "manifest.json").read_text())
+    assert made["merged"]["from"] == str(adapter_run)
+    assert made["merged"]["commands"][0].startswith("llmkit merge ")
     ours = predict(str(adapter_run), str(toy["validation"]))
     assert ours == predict(str(merged), str(toy["validation"]))
-    script = ("import sys, json; sys.modules['peft'] = None; sys.modules['llmkit'] = None\n"
-              "from transformers import pipeline\n"
-              f"p = pipeline('text-classification', model={str(merged)!r})\n"
-              f"print(json.dumps(p({[r['text'] for r in ours[:5]]!r})))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    plain = json.loads(result.stdout.strip().splitlines()[-1])
+    texts = [r["text"] for r in ours[:5]]
+    out = run_code(card_code(merged) + f"import json; print(json.dumps(run({texts!r})))",
+                   tmp_path, "peft")
+    plain = json.loads(out.strip().splitlines()[-1])
     assert [r["label"] for r in plain] == [r["label"] for r in ours[:5]]
     assert [r["score"] for r in plain] == pytest.approx([r["score"] for r in ours[:5]], abs=1e-5)
+
+
+def test_the_card_s_code_loads_an_adapter_run_as_written(adapter_run: Path, tiny_bert: Path,
+                                                         tmp_path: Path) -> None:
+    """The card's "Use" code of a LoRA classify run runs as written in plain transformers and
+    peft (from another folder: the run's path is the one it was given) and answers as
+    `llmkit predict`; its metadata names the base by its folder's name, not its full path."""
+    import re
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(adapter_run / "README.md").data
+    assert card.library_name == "peft" and card.base_model == tiny_bert.name
+    assert card.license == "unknown" and "lora" in card.tags and card.language is None
+    code = card_code(adapter_run)
+    assert f"path = {str(adapter_run)!r}" in code and "AutoPeftModelFor" in code
+    (tmp_path / "one.tsv").write_text("text\nA sentence to classify.\n")
+    [ours] = predict(str(adapter_run), str(tmp_path / "one.tsv"))
+    printed = run_code(code, tmp_path).strip().splitlines()[-1]
+    label, score = re.search(r"'label': '([^']*)', 'score': [^\d]*([\d.e-]+)", printed).groups()
+    assert label == ours["label"] and float(score) == pytest.approx(ours["score"], abs=1e-5)
 
 
 def test_peft_auto_class_loads_a_three_label_adapter_run_with_its_labels(

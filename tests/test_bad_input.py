@@ -267,6 +267,9 @@ CASES: list[tuple[list[str], str]] = [
     (["eval", "-m", "bleu", "--model", "{run}", "--data", "{toy}"],
      "metric 'bleu' does not fit a classify model; its metrics are eval_loss, accuracy"),
     (["eval", "-m", "accuracy", "--model", "{run}"], "--model needs --data: the labelled rows"),
+    (["eval", "-m", "rolling_perplexity", "--model", "{run}", "--data", "{toy}"],
+     "is a classify model: rolling_perplexity, word_perplexity, byte_perplexity, bits_per_byte "
+     "and --stride score plain text with a language model"),
     # recipes
     (["recipes", "show", "bogus"],
      "no recipe file 'bogus' and no shipped recipe of that name; shipped recipes: classify-mrpc"),

@@ -332,3 +332,33 @@ def test_label_cells_pandas_reads_as_missing_are_missing_labels(tmp_path: Path) 
         clean(rows, ClassifyData(), True)
     kept = clean(rows, ClassifyData(empty_rows="skip"), True)
     assert kept["label"] == ["pos", "neg", "pos", "neg"]
+
+
+def test_collapsed_predictions_are_a_share_far_above_the_labels_share() -> None:
+    from transformers import PretrainedConfig
+
+    from llmkit.tasks.classify import collapsed
+
+    config = PretrainedConfig(id2label={0: "neg", 1: "pos"})
+    said = "'neg' is 99% of the predictions and 50% of the labels"
+    assert collapsed([0] * 99 + [1], [0] * 50 + [1] * 50, config) == {"collapsed": said}
+    assert collapsed([0] * 89 + [1] * 11, [0] * 50 + [1] * 50, config) == {}  # not over 90%
+    assert collapsed([0] * 95 + [1] * 5, [0] * 70 + [1] * 30, config) == {}  # under 1.5x 70%
+
+
+def test_a_run_that_predicts_one_label_ends_with_a_warning(
+        tiny_bert: Path, toy: dict[str, Path], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An untrained head (learning rate 0) answers one label for every balanced row: said at
+    the end, and in metrics.json; the run is not failed."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="llmkit"):
+        out = finetune(config(tiny_bert, toy, tmp_path / "run", learning_rate=0.0, epochs=1,
+                                 max_steps=2))
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["collapsed"].endswith("is 100% of the predictions and 50% of the labels")
+    warned = [r.getMessage() for r in caplog.records if "predicts one label" in r.getMessage()]
+    assert warned == [f"the kept evaluation (step {final['step']}) predicts one label for most "
+                      f"rows: {final['collapsed']}; the model has barely learned (train longer, "
+                      "or try another learning rate)"]

@@ -658,3 +658,19 @@ def test_sample_by_document_scores_a_file_as_one_stream(tiny_gpt2: Path, tmp_pat
                                   "--sample-by", "line"])
     assert refused.exit_code == 1 and "--sample-by scores a language model" in str(
         refused.exception)
+
+
+def test_a_checkpoint_s_perplexity_needs_no_task_and_prints_as_training_does(
+        tiny_gpt2: Path, tmp_path: Path) -> None:
+    """A language-model metric names the task of a checkpoint that is not a run directory;
+    the table and the JSON give training's log's 4 decimals (report.format_value)."""
+    from llmkit.run.report import format_value
+
+    (tmp_path / "valid.txt").write_text(LM_TEXT)
+    result = runner.invoke(app, ["eval", "-m", "perplexity", "--model", str(tiny_gpt2),
+                                 "--data", str(tmp_path / "valid.txt"), "-o",
+                                 str(tmp_path / "scores.json")])
+    assert result.exit_code == 0, result.output
+    perplexity, tokens = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    assert perplexity["decimals"] == 4 and tokens["decimals"] == 0
+    assert f" {format_value(perplexity['value'])} " in result.output

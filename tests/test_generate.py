@@ -113,15 +113,21 @@ def test_eval_in_row_slices_equals_one_forward(tiny_gpt2: Path,
 
 def test_block_size_is_clamped_with_both_numbers(tiny_gpt2: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A block size the user asked for is a warning; the default, a note."""
     from transformers import AutoConfig
 
     logger = logging.getLogger("llmkit")
     logger.addHandler(caplog.handler)
     try:
-        assert block_size(CausalData(block_size=1024), AutoConfig.from_pretrained(tiny_gpt2)) == 64
+        with caplog.at_level(logging.INFO, logger="llmkit"):
+            for asked in (1024, 2048):  # the default, then a size asked for
+                config = AutoConfig.from_pretrained(tiny_gpt2)
+                assert block_size(CausalData(block_size=asked), config) == 64
     finally:
         logger.removeHandler(caplog.handler)
-    assert "--block-size 1024 is more than the model's context of 64" in caplog.text
+    levels = {r.getMessage().split(" is")[0]: r.levelname for r in caplog.records
+              if "more than the model's context" in r.getMessage()}
+    assert levels == {"--block-size 1024": "INFO", "--block-size 2048": "WARNING"}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,13 +61,16 @@ def test_trackers_that_cannot_log_are_one_line(names: list[str], message: str, t
             tiny_bert, toy, tmp_path / "o", **{"train.report_to": names})))
 
 
-def test_the_model_card_is_read_by_huggingface_hub(tracked: Path) -> None:
+def test_the_model_card_is_read_by_huggingface_hub(tracked: Path, tiny_bert: Path) -> None:
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(tracked / "README.md")
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "text-classification"
-    assert "llmkit" in card.data.tags and card.data.base_model is None  # a local folder
+    assert "llmkit" in card.data.tags
+    assert card.data.base_model == tiny_bert.name  # a local folder: its name, not its path
+    assert card.data.license == "unknown" and card.data.language is None  # its base has no card
+    assert "## Intended use" in card.text and str(tiny_bert) not in card.text.split("## Data")[0]
     final = json.loads((tracked / "metrics.json").read_text())["final"]
     scores = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert scores["accuracy"] == pytest.approx(final["accuracy"], abs=1e-4)
@@ -101,6 +105,96 @@ def test_curves_are_drawn_and_runs_compared(tracked: Path, tmp_path: Path) -> No
         from llmkit.run.card import draw
 
         draw([tmp_path], tmp_path / "x.png")
+
+
+def test_a_base_model_s_card_gives_license_and_language(tiny_bert: Path, tmp_path: Path
+                                                        ) -> None:
+    import shutil
+
+    from llmkit.run.card import base_card
+
+    base = tmp_path / "minilm"
+    shutil.copytree(tiny_bert, base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# minilm\n")
+    assert base_card(str(base)) == {"license": "apache-2.0", "language": "en"}
+    assert base_card(str(tiny_bert)) == {} == base_card("nobody/nothing")  # none at hand
+
+
+def figure_of(runs: list[Path], output: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The matplotlib figure `llmkit plot` draws."""
+    from matplotlib.figure import Figure
+
+    from llmkit.run.card import draw
+
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: drawn.append(self) or save(
+        self, *a, **k))
+    draw(runs, output)
+    return drawn[0]
+
+
+def fake_run(folder: Path, logged: list[dict], history: list[dict]) -> Path:
+    """A finished run's metrics.json and training log, written by hand."""
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({
+        "final": history[-1], "metric_for_best": "perplexity", "history": history, "run": {}}))
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    return folder
+
+
+def test_a_short_run_draws_no_empty_panel_and_a_wide_one_a_log_axis(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One logged point: no learning-rate panel, and each legend entry has a mark to show;
+    perplexity from 300 to 5 on a log axis; every y axis labelled."""
+    short = fake_run(tmp_path / "short", [{"step": 2, "learning_rate": 1e-3, "loss": 5.7}],
+                     [{"step": 3, "eval_loss": 5.68, "perplexity": 294.4}])
+    figure = figure_of([short], tmp_path / "short.png", monkeypatch)
+    axes = [ax for ax in figure.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["loss", "perplexity"]
+    handles, labels = axes[0].get_legend_handles_labels()
+    assert labels == ["training", "validation"]
+    assert all(h.get_marker() not in ("None", "", None) for h in handles)  # a lone point shows
+    wide = fake_run(tmp_path / "wide", [{"step": s, "learning_rate": 1e-3 / s, "loss": 6 / s}
+                                        for s in (2, 4, 6, 8)],
+                    [{"step": s, "eval_loss": 5.7 / s, "perplexity": 300 / s ** 2}
+                     for s in (2, 8)])
+    axes = {ax.get_title(): ax for ax in figure_of([wide], tmp_path / "w.png", monkeypatch).axes}
+    assert axes["perplexity"].get_yscale() == "log"
+    assert axes["perplexity"].get_ylabel() == "perplexity (log scale)"
+    assert axes["loss"].get_yscale() == "linear" and axes["loss"].get_ylabel() == "cross-entropy"
+    assert axes["learning rate"].get_ylabel() == "learning rate"
+
+
+def test_push_dry_run_lists_the_commit_and_checks_the_card_offline(
+        tracked: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import HfApi
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+    from llmkit.cli.runs import size
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a network call")
+
+    for name in ("create_repo", "upload_folder", "whoami"):
+        monkeypatch.setattr(HfApi, name, no_network)
+    result = CliRunner().invoke(app, ["push", str(tracked), "--repo-id", "me/run", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"would push {tracked} to me/run: one commit of ")
+    listed = {line.split()[0]: " ".join(line.split()[1:]) for line in lines if
+              line.startswith("  ")}
+    assert {"README.md", "config.json", "model.safetensors", "metrics.json", "curves.png",
+            "manifest.json"} <= set(listed)
+    assert not any(n.startswith(("tensorboard", "checkpoints")) for n in listed)
+    assert listed["README.md"] == size((tracked / "README.md").stat().st_size)
+    assert "license unknown" in result.output and "pipeline_tag text-classification" in \
+        result.output and lines[-1] == "nothing was uploaded (--dry-run)"
+    refused = CliRunner().invoke(app, ["push", str(tracked), "--repo-id", str(tracked),
+                                       "--dry-run"])
+    assert refused.exit_code == 1 and "is a local path: give the Hub repository as " \
+        "USER/NAME" in str(refused.exception)
 
 
 @pytest.mark.parametrize(("env", "message"), [

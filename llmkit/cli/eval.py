@@ -12,7 +12,7 @@ import typer
 from llmkit.cli.options import BaseModel, shown, with_settings
 from llmkit.errors import LlmkitError
 from llmkit.scoring.files import ScoreOptions
-from llmkit.scoring.metrics import Score
+from llmkit.scoring.metrics import ROLLING, Score
 
 EXAMPLES = """\
 llmkit eval --metric bleu --metric chrf --predictions hyp.txt \\
@@ -77,7 +77,7 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
            output: Path | None, base_model: str | None = None) -> None:
     """`llmkit eval`: score files (or a model on data), print a table or one JSON object, and
     write the JSON to `output` if asked."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from llmkit.data.read import check_output_file
     from llmkit.inference.scores import score_model
@@ -92,8 +92,12 @@ def report(names: list[str], predictions: str | None, references: list[str] | No
         raise LlmkitError(f"--tokenize {options['tokenize']}: sacrebleu's tokenizers are "
                           f"{', '.join(tokenizers)}")
     if model is not None:
-        scores = score_model(names, model, data, task, split, columns, base_model,
-                             options.get("stride"))
+        if task is None and names and set(names) <= {"perplexity", *ROLLING} and not (
+                Path(model) / "config.yaml").is_file():
+            task = "generate"  # a checkpoint's language-model metrics: not a classify head's
+        # the decimals training's log prints (report.format_value), in the table and the JSON
+        scores = [replace(s, decimals=4) if s.decimals else s for s in score_model(
+            names, model, data, task, split, columns, base_model, options.get("stride"))]
         payload: dict[str, Any] = {"model": model, "data": data}
     elif predictions is None or not references:
         raise LlmkitError("give --predictions and --references, or --model and --data")

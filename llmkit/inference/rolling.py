@@ -90,11 +90,16 @@ def rolling_score(model: str, source: str, task_name: str | None, split: str, st
     from llmkit.tasks.causal_lm import block_size
 
     task, data, net, tokenizer = prepare(model, task_name, columns, base_model)
-    if task.name != "generate" or getattr(data, "messages_column", None) or getattr(
-            data, "prompt_column", None):
-        raise LlmkitError("rolling_perplexity, word_perplexity, byte_perplexity, bits_per_byte "
-                          "and --stride score plain text with a language model (a generate "
-                          "run, or --task generate)")
+    asked = "rolling_perplexity, word_perplexity, byte_perplexity, bits_per_byte and --stride"
+    if task.name != "generate":
+        raise LlmkitError(f"{model} is a {task.name} model: {asked} score plain text with a "
+                          "language model (a generate run, or --task generate)")
+    chat = getattr(data, "messages_column", None)
+    shaped = chat or getattr(data, "prompt_column", None)
+    if shaped:
+        rows = "conversations" if chat else "prompts and completions"
+        raise LlmkitError(f"{model} was trained on {rows} (column {shaped!r}): {asked} score "
+                          "plain text; -m perplexity scores its rows as training evaluates them")
     length = block_size(data, net.config)  # type: ignore[arg-type]
     if stride is not None and stride > length:
         raise LlmkitError(f"--stride {stride} is longer than the window ({length} tokens, "

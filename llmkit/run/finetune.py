@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmkit.config.schema import RunConfig
 from llmkit.hub import quiet_libraries
-from llmkit.inference.predict import merge, test
+from llmkit.inference.predict import test
 from llmkit.models import unquantized
 from llmkit.run import card
 from llmkit.run import checkpoint as ckpt
@@ -116,7 +116,7 @@ def save_run(parts: Parts, cfg: RunConfig, state: ckpt.RunState, out: Path,
             ckpt.remove_checkpoints(out)
         card.write(out, cfg, started, time.time())
         if cfg.adapter.merge:
-            log.info("merged model: %s", merge(out, out / "merged"))
+            log.info("merged model: %s", card.merged(out, out / "merged"))
     elif ckpt.keeps_files(acc) and not cfg.train.keep_checkpoints:  # a node-local disk's copy
         ckpt.remove_checkpoints(out)
     acc.wait_for_everyone()

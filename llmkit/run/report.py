@@ -1,12 +1,18 @@
 """What a run tells: the `Reporter` the command layer hands down (this base one tells nobody),
-the JSON-lines training log, and the figures behind both."""
+the JSON-lines training log, the figures behind both, and the manifest of how it was made."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +35,29 @@ def parsed(line: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def finished(run: Path) -> dict[str, Any]:
+    metrics = run / "metrics.json"
+    if not metrics.is_file():
+        raise LlmkitError(f"{run} is not a finished run (no metrics.json): give the output "
+                          "folder of a completed llmkit finetune")
+    try:
+        found = json.loads(metrics.read_text(encoding="utf-8"))
+        problem = "" if isinstance(found, dict) and isinstance(found.get("history"), list) and \
+            "step" in (found.get("final") or {}) else "no final step and history"
+    except json.JSONDecodeError as err:
+        problem = f"{err.msg} at line {err.lineno}"
+    if problem:
+        raise LlmkitError(f"{metrics} is damaged ({problem}): the run did not finish writing "
+                          "it; run it again with --resume")
+    return found
+
+
+def training_log(run: Path) -> list[dict[str, Any]]:
+    path = run / LOG_FILE
+    records = map(parsed, path.read_text(encoding="utf-8").splitlines()) if path.is_file() else []
+    return [r for r in records if r and "learning_rate" in r]
 
 
 class Reporter:
@@ -109,6 +138,16 @@ class RunLog(Relay):
     def evaluation(self, record: dict[str, Any]) -> None:
         self.write(record)
         self.shown.evaluation(record)
+
+    def summary(self, history: list[dict[str, Any]], best: str) -> None:
+        """The table; a warning where the kept evaluation's predictions collapsed (classify)."""
+        self.shown.summary(history, best)
+        kept = next((r for r in history if f"checkpoint-{r['step']}" == best), {})
+        if self.enabled and kept.get("collapsed"):
+            logging.getLogger("llmkit").warning(
+                "the kept evaluation (step %d) predicts one label for most rows: %s; the model "
+                "has barely learned (train longer, or try another learning rate)", kept["step"],
+                kept["collapsed"])
 
 
 class Meter:
@@ -197,3 +236,65 @@ def header(parts: Any, cfg: Any, total_steps: int) -> list[str]:
             f"parameters: {counts['total_parameters']:,} ({counts['trainable_parameters']:,} "
             f"trainable); device {acc.device} x {acc.num_processes}; precision "
             f"{acc.mixed_precision}; output {cfg.output}"]
+
+
+PACKAGES = ("llmkit", "torch", "transformers", "accelerate", "datasets", "peft", "tokenizers")
+
+
+def versions() -> dict[str, str]:
+    from contextlib import suppress
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        with suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def checksums(spec: str | None) -> dict[str, str]:
+    """sha256 of each local file a data option names (a glob: every match); a Hub dataset
+    is named by its id."""
+    import glob
+    import hashlib
+
+    paths = sorted(glob.glob(str(Path(spec).expanduser()))) or [spec] if spec else []
+    found = {}
+    for path in paths:
+        if not Path(path).is_file():
+            return {str(spec): "Hub dataset (not hashed)"}
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        found[path] = digest.hexdigest()
+    return found
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def moment(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
+
+
+def command() -> str:
+    return shlex.join(["llmkit", *sys.argv[1:]]) if Path(sys.argv[0]).name in (
+        "llmkit", "__main__.py") else shlex.join(sys.argv)
+
+
+def manifest(cfg: Any, run: dict[str, Any], started: float, ended: float) -> dict[str, Any]:
+    return {"versions": versions(), "command": command(),
+            "reproduce": f"llmkit finetune {cfg.task} --recipe {Path(cfg.output) / 'config.yaml'}",
+            "data": {**checksums(cfg.data.train), **checksums(cfg.data.validation)},
+            "seed": cfg.train.seed, "processes": run.get("num_processes"),
+            "device": run.get("device"), "mixed_precision": run.get("mixed_precision"),
+            "git_commit": git_commit(), "started": moment(started), "ended": moment(ended)}

@@ -106,7 +106,7 @@ def prepare(model: Any, tokenizer: PreTrainedTokenizerBase, data: CausalData) ->
 
 def block_size(data: CausalData, config: PretrainedConfig) -> int:
     """The block size, clamped to the model's context."""
-    return capped(data.block_size, "--block-size", config)
+    return capped(data.block_size, "--block-size", config, data=data)
 
 
 def pack(tokens: Dataset, size: int, eos: int, separate: bool) -> Dataset:

@@ -181,7 +181,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     labelled = data.label_column in rows.column_names
     class_label = labelled and hasattr(rows.features[data.label_column], "names")
     label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
-    longest = capped(data.max_length, "--max-length", config, tokenizer)
+    longest = capped(data.max_length, "--max-length", config, tokenizer, data)
     if labelled and not class_label:
         unknown = sorted({str(v) for v in rows.unique(data.label_column)} - set(label2id))
         if unknown:
@@ -233,7 +233,25 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, data: ClassifyData
         positive = positive_id(data, id2label)
         result["binary_f1"] = metrics.f1(predictions, references, "binary", positive, (0, 1))
         result["binary_f1_positive"] = id2label.get(positive, str(positive))
-    return result
+    return {**result, **collapsed(predictions, references, config)}
+
+
+def collapsed(predictions: list[int], references: list[int], config: PretrainedConfig
+              ) -> dict[str, str]:
+    """The label the predictions collapsed onto, if any: over 90% of them and over 1.5x its
+    share of the labels. Said at the end of a run whose kept evaluation shows it (a warning:
+    such a model is usually undertrained, not broken), and kept in metrics.json."""
+    from collections import Counter
+
+    if not predictions:
+        return {}
+    label, count = Counter(predictions).most_common(1)[0]
+    share, truth = count / len(predictions), references.count(label) / max(len(references), 1)
+    if share <= 0.9 or share <= 1.5 * truth:
+        return {}
+    name = {int(k): str(v) for k, v in (config.id2label or {}).items()}.get(label, str(label))
+    return {"collapsed": f"{name!r} is {share:.0%} of the predictions and {truth:.0%} of the "
+                         "labels"}
 
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, data: ClassifyData,

@@ -82,7 +82,7 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     from llmkit.data.features import workers
     from llmkit.tasks.task import capped
 
-    size = capped(data.max_length, "--max-length", config, tokenizer)
+    size = capped(data.max_length, "--max-length", config, tokenizer, data)
     return pairs.encode(rows, tokenizer, replace(data, max_length=size), workers(data))
 
 

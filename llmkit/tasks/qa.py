@@ -163,7 +163,8 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
 def window(data: QAData, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
            ) -> tuple[int, int]:
     """Tokens per window and the overlap of consecutive windows, within the model's context."""
-    longest, stride = capped(data.max_length, "--max-length", config, tokenizer), data.doc_stride
+    longest = capped(data.max_length, "--max-length", config, tokenizer, data)
+    stride = data.doc_stride
     if stride >= longest and longest < data.max_length:  # the context is shorter than asked
         stride = longest // 2
         warn_once(config, "--doc-stride %d does not fit the model's context: using %d",

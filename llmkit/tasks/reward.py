@@ -171,7 +171,8 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     from llmkit.data.features import fingerprint, workers
     from llmkit.tasks.chat import use_template
 
-    data = replace(data, max_length=capped(data.max_length, "--max-length", config, tokenizer))
+    longest = capped(data.max_length, "--max-length", config, tokenizer, data)
+    data = replace(data, max_length=longest)
     paired = {data.chosen_column, data.rejected_column} <= set(rows.column_names)
     names = ([data.prompt_column, data.chosen_column, data.rejected_column, data.margin_column]
              if paired else [data.text_column])

@@ -118,20 +118,29 @@ def context_size(config: PretrainedConfig, tokenizer: Any = None) -> int | None:
 _WARNED: set[tuple[int, str]] = set()
 
 
-def warn_once(config: PretrainedConfig, message: str, *args: Any) -> None:
+def warn_once(config: PretrainedConfig, message: str, *args: Any, level: int = logging.WARNING
+              ) -> None:
     """A warning about a model, said once (train and validation data meet the same limit)."""
     if (id(config), message) not in _WARNED:
         _WARNED.add((id(config), message))
-        logging.getLogger("llmkit").warning(message, *args)
+        logging.getLogger("llmkit").log(level, message, *args)
 
 
-def capped(length: int, option: str, config: PretrainedConfig, tokenizer: Any = None) -> int:
-    """`length`, or the model's context where it is longer (with a warning)."""
+def capped(length: int, option: str, config: PretrainedConfig, tokenizer: Any = None,
+           data: Any = None) -> int:
+    """`length`, or the model's context where it is longer (a warning where the user asked
+    for it; where it is the setting's default in `data`, a note)."""
     context = context_size(config, tokenizer)
     if context is None or length <= context:
         return length
+    import dataclasses
+
+    name = option[2:].replace("-", "_")
+    default = next((f.default for f in dataclasses.fields(data) if f.name == name), None) \
+        if dataclasses.is_dataclass(data) else None
     warn_once(config, f"{option} %d is more than the model's context of %d tokens; using %d",
-              length, context, context)
+              length, context, context,
+              level=logging.INFO if length == default else logging.WARNING)
     return context
 
 
