@@ -30,7 +30,7 @@ def load_config(task: str, recipe: str | dict[str, Any] | None = None,
 def finetune(cfg: RunConfig, **kwargs: Any) -> Path:
     """Fine-tune per `cfg` and return the run directory (see llmkit.run.finetune.finetune).
     Mistakes in the paths are refused before torch is imported (seconds on a busy machine)."""
-    from llmkit.run.checkpoint import check_start
+    from llmkit.run.start import check_start
 
     check_start(cfg, kwargs.get("resume", False), kwargs.get("resume_from"),
                 kwargs.get("overwrite", False))

@@ -267,6 +267,10 @@ CASES: list[tuple[list[str], str]] = [
     (["eval", "-m", "bleu", "--model", "{run}", "--data", "{toy}"],
      "metric 'bleu' does not fit a classify model; its metrics are eval_loss, accuracy"),
     (["eval", "-m", "accuracy", "--model", "{run}"], "--model needs --data: the labelled rows"),
+    (["finetune", "classify", "--model", "{tmp}/nomodel", "--train", "{tmp}/none.tsv",
+      "--output", "{toy}/run"],  # every path problem at once, before torch loads
+     "--model {tmp}/nomodel: no such checkpoint folder; --train {tmp}/none.tsv: no such file; "
+     "--output {toy}/run: {toy} is a file, not a folder"),
     (["eval", "-m", "rolling_perplexity", "--model", "{run}", "--data", "{toy}"],
      "is a classify model: rolling_perplexity, word_perplexity, byte_perplexity, bits_per_byte "
      "and --stride score plain text with a language model"),

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
-    from llmkit.config.schema import RunConfig, TrainConfig
+    from llmkit.config.schema import TrainConfig
 
 log = logging.getLogger("llmkit")
 STATE_FILE = "llmkit_state.json"
@@ -47,75 +47,6 @@ def checkpoints(out: Path) -> list[Path]:
     found = [p for p in folder.iterdir() if p.name.startswith("checkpoint-")
              and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
-
-
-def resume_point(out: Path, resume: bool, resume_from: str | None, overwrite: bool = False
-                 ) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run."""
-    if (resume or resume_from) and overwrite:
-        raise LlmkitError("--resume and --overwrite contradict each other: choose one")
-    if resume_from:
-        path = Path(resume_from)
-        if not (path / STATE_FILE).is_file():
-            raise LlmkitError(f"--resume-from {resume_from} is not an llmkit checkpoint "
-                              f"(no {STATE_FILE}); checkpoints live in OUTPUT/checkpoints/")
-        return path
-    if not resume:
-        return None
-    found = checkpoints(out)
-    if not found:
-        raise LlmkitError(f"--resume: no checkpoint in {out / 'checkpoints'}; "
-                          "start without --resume")
-    return found[-1]
-
-
-def check_start(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: bool
-                ) -> tuple[Path | None, bool]:
-    """What can be refused before torch is even imported: the model's source, the --test
-    file, the resume point and the output folder. Returns the checkpoint to continue from and
-    whether the folder must be emptied."""
-    from llmkit.hub import check_model_source, looks_like_path
-
-    check_model_source(cfg.model)
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not resume_from \
-            and checkpoints(Path(cfg.output)):
-        resume, overwrite = True, False  # started again by torchrun --max-restarts: continue
-    test = cfg.data.test
-    if test and looks_like_path(test) and not any(c in test for c in "*?[") \
-            and not Path(test).expanduser().is_file():
-        raise LlmkitError(f"--test {test}: no such file")  # found now, not after training
-    start = resume_point(Path(cfg.output), resume, resume_from, overwrite)
-    return start, check_output(Path(cfg.output), start is not None, overwrite)
-
-
-def check_output(out: Path, resuming: bool, overwrite: bool) -> bool:
-    """Refuse to mix runs; returns whether the folder must be emptied (--overwrite)."""
-    if out.exists() and not out.is_dir():
-        raise LlmkitError(f"--output {out} is a file; give a folder for the run")
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if existing != out and not existing.is_dir():
-        raise LlmkitError(f"--output {out}: {existing} is a file, not a folder; choose another "
-                          "--output")
-    if not os.access(existing, os.W_OK):
-        raise LlmkitError(f"--output {out}: {existing} is not writable; choose another --output")
-    if resuming or not out.exists() or not any(out.iterdir()):
-        return False
-    is_run = (out / "config.yaml").is_file()
-    if overwrite:
-        if not is_run:
-            raise LlmkitError(f"--output {out} is not empty and is not an llmkit run; "
-                              "refusing to delete it: choose another --output")
-        return True
-    if (out / FINISHED_MARK).is_file():
-        raise LlmkitError(f"--output {out} holds a finished run; pass --overwrite to replace it "
-                          "or choose another --output")
-    if checkpoints(out):
-        raise LlmkitError(f"--output {out} holds an unfinished run with checkpoints; pass "
-                          "--resume to continue it or --overwrite to start again")
-    if is_run:
-        return True  # a run that stopped before its first checkpoint: nothing to lose
-    raise LlmkitError(f"--output {out} is not empty; pass --overwrite to replace what is there "
-                      "or choose another --output")
 
 
 def clear_output(out: Path) -> None:

@@ -27,6 +27,7 @@ from llmkit.config.recipes import dump_config, flatten
 from llmkit.config.schema import RunConfig
 from llmkit.errors import PEERS, LlmkitError
 from llmkit.run import checkpoint as ckpt
+from llmkit.run.start import check_start
 
 log = logging.getLogger("llmkit")
 
@@ -49,7 +50,7 @@ def start_run(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite: 
     """Check the run directory before any work, then set up the processes; returns the
     accelerator, the checkpoint to resume from, and whether a finished run is to be replaced
     (by `open_output`, once the inputs have loaded)."""
-    start, wipe = ckpt.check_start(cfg, resume, resume_from, overwrite)
+    start, wipe = check_start(cfg, resume, resume_from, overwrite)
     if start is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
         log.warning("restart %s of this run (torchrun --max-restarts): continuing from its "
                     "newest checkpoint", os.environ["TORCHELASTIC_RESTART_COUNT"])
