@@ -195,7 +195,8 @@ def test_more_processes_than_gpus_is_one_clear_error(tmp_path: Path, monkeypatch
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    cfg = load_config("classify", None, {"model": "m", "data.train": "t.tsv",
+    (tmp_path / "t.tsv").write_text("text\tlabel\ngood\t1\n")
+    cfg = load_config("classify", None, {"model": "m", "data.train": str(tmp_path / "t.tsv"),
                                          "output": str(tmp_path / "run")})
     with pytest.raises(LlmkitError, match=r"2 processes .* 1 GPU: .*--nproc_per_node 1.*"
                                           r"CUDA_VISIBLE_DEVICES="):

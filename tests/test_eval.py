@@ -304,7 +304,7 @@ def test_cli_eval_json_and_output(system: dict[str, Path], tmp_path: Path) -> No
     result = runner.invoke(app, ["eval", "-m", "bleu", "-m", "chrf", "-p", str(system["hyp"]),
                                  "-r", str(system["ref"]), "--json", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
+    payload = json.loads(result.stdout)
     assert [s["metric"] for s in payload["scores"]] == ["bleu", "chrf"]
     assert payload["scores"][0]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert json.loads(out.read_text()) == payload
@@ -408,7 +408,7 @@ def test_cli_prints_label_metrics_with_four_decimals_and_chrf_confidence_json(
                                  "--bootstrap-samples", "50", "-p", str(system["hyp"]),
                                  "-r", str(system["ref"])])
     assert result.exit_code == 0, result.output
-    details = json.loads(result.output)["scores"][0]["details"]
+    details = json.loads(result.stdout)["scores"][0]["details"]
     assert details["confidence_interval"] > 0
 
 
@@ -451,7 +451,7 @@ def test_precision_recall_f1_lines_equal_scikit_learn(tmp_path: Path, average: s
                                  str(tmp_path / "good.txt"), "-r", str(tmp_path / "gold.txt"),
                                  "--json"])
     assert result.exit_code == 0, result.output
-    found = {s["metric"]: s for s in json.loads(result.output)["scores"]}
+    found = {s["metric"]: s for s in json.loads(result.stdout)["scores"]}
     options = {"pos_label": "pos"} if average == "binary" else {}
     for name, reference in (("precision", metrics.precision_score),
                             ("recall", metrics.recall_score), ("f1", metrics.f1_score)):
@@ -590,7 +590,7 @@ def lm_scores(model: Path, data: Path, *args: str) -> dict[str, dict]:
     result = runner.invoke(app, ["eval", "--model", str(model), "--task", "generate", "--data",
                                  str(data), "--json", *args])
     assert result.exit_code == 0, result.output
-    return {s["metric"]: s for s in json.loads(result.output)["scores"]}
+    return {s["metric"]: s for s in json.loads(result.stdout)["scores"]}
 
 
 def test_each_perplexity_has_one_value_alone_or_beside_the_others(tiny_gpt2: Path,

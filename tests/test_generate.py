@@ -404,7 +404,7 @@ def test_eval_perplexity_of_a_run(lm_run: Path, corpus: dict[str, Path]) -> None
     result = runner.invoke(app, ["eval", "-m", "perplexity", "-m", "eval_tokens", "--model",
                                  str(lm_run), "--data", str(corpus["validation"]), "--json"])
     assert result.exit_code == 0, result.output
-    scores = {s["metric"]: s["value"] for s in json.loads(result.output)["scores"]}
+    scores = {s["metric"]: s["value"] for s in json.loads(result.stdout)["scores"]}
     final = json.loads((lm_run / "metrics.json").read_text())["final"]
     assert scores["perplexity"] == pytest.approx(final["perplexity"], rel=1e-5)
     assert scores["eval_tokens"] == final["eval_tokens"]
@@ -505,7 +505,7 @@ def test_rolling_perplexity_equals_lm_eval_and_a_token_by_token_loop(
     result = runner.invoke(app, [*base, "-m", "rolling_perplexity", "-m", "word_perplexity",
                                  "-m", "byte_perplexity", "-m", "bits_per_byte"])
     assert result.exit_code == 0, result.output
-    found = {s["metric"]: s for s in json.loads(result.output)["scores"]}
+    found = {s["metric"]: s for s in json.loads(result.stdout)["scores"]}
     scores = {name: s["value"] for name, s in found.items()}
     assert scores["word_perplexity"] == pytest.approx(math.exp(-rolling / words), rel=1e-5)
     assert scores["byte_perplexity"] == pytest.approx(math.exp(-rolling / size), rel=1e-5)
@@ -514,7 +514,7 @@ def test_rolling_perplexity_equals_lm_eval_and_a_token_by_token_loop(
     assert found["rolling_perplexity"]["details"]["tokens"] == tokens
     assert scores["rolling_perplexity"] == pytest.approx(math.exp(-rolling / tokens), rel=1e-5)
     result = runner.invoke(app, [*base, "-m", "rolling_perplexity", "--stride", "1"])
-    scores = {s["metric"]: s["value"] for s in json.loads(result.output)["scores"]}
+    scores = {s["metric"]: s["value"] for s in json.loads(result.stdout)["scores"]}
     assert scores["rolling_perplexity"] == pytest.approx(math.exp(-by_token / tokens), rel=1e-5)
     too_long = runner.invoke(app, [*base, "-m", "rolling_perplexity", "--stride", "17"])
     assert too_long.exit_code == 1 and "longer than the window (16 tokens" in str(

@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
+from llmkit.cli import chat, generate, launch, predict, runs, serve, sweep
 from llmkit.cli import eval as eval_command
 from llmkit.cli import export as export_command
-from llmkit.cli import generate, launch, predict, runs, serve, sweep
 from llmkit.cli.finetune import finetune_app, recipes_app
 from llmkit.cli.options import examples, finetune_problem
 from llmkit.errors import LlmkitError
@@ -26,6 +26,7 @@ app.add_typer(finetune_app, name="finetune")
 app.add_typer(recipes_app, name="recipes")
 app.command("predict", epilog=examples(predict.PREDICT_EXAMPLES))(predict.predict_command)
 app.command("generate", epilog=examples(generate.EXAMPLES))(generate.generate_text)
+app.command("chat", epilog=examples(chat.EXAMPLES))(chat.chat_command)
 app.command("eval", epilog=examples(eval_command.EXAMPLES))(eval_command.eval_files)
 app.command("merge", epilog=examples(predict.MERGE_EXAMPLES))(predict.merge_command)
 app.command("plot", epilog=examples(runs.PLOT_EXAMPLES))(runs.plot)

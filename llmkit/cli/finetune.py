@@ -5,6 +5,7 @@ the field) and `llmkit recipes`."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -96,8 +97,8 @@ def train(cfg: Any, resume: bool, resume_from: str | None, overwrite: bool) -> N
         typer.echo(f"interrupted: the last complete checkpoint is in {cfg.output}/checkpoints; "
                    "continue with the same command and --resume", err=True)
         raise typer.Exit(130) from None
-    if os.environ.get("RANK", "0") == "0":
-        typer.echo(str(out))
+    if os.environ.get("RANK", "0") == "0" and not sys.stdout.isatty():
+        typer.echo(str(out))  # for scripts that capture it; a terminal has the summary
 
 
 for _task in map(get_task, task_names()):

@@ -17,7 +17,8 @@ llmkit generate --model runs/gpt --prompt "Once upon a time" --stream
 llmkit generate -m runs/gpt -p "ROMEO:" --temperature 0.8 --top-p 0.95 \\
     --seed 1
 llmkit generate -m runs/gpt --input prompts.txt --output out.jsonl
-llmkit generate -m runs/en-ro --prompt "The house is small."  # seq2seq too"""
+llmkit generate -m runs/en-ro --prompt "The house is small."  # seq2seq too
+llmkit generate -m ./gpt2 --chat --chat-template chatml.jinja -p "Hi" --stream"""
 
 
 @with_settings(GenerationSettings, "Decoding")
@@ -33,6 +34,8 @@ def generate_text(
     chat: Annotated[bool, typer.Option("--chat", help="Chat: the prompt is a user turn (a "
                     "--input .jsonl may hold 'messages'), in the chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="--chat: a system message first.")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="--chat: a Jinja chat template "
+                             "file, for a model whose tokenizer has none.")] = None,
     batch_size: Annotated[int, typer.Option(help=shown("Prompts per batch.", 16),
                                             show_default=False, min=1)] = 16,
     base_model: BaseModel = None,
@@ -44,12 +47,13 @@ def generate_text(
     from llmkit.inference.generate import generate, load_prompts, read_prompts
 
     assert settings is not None
-    check_request(prompt, input, stream, chat, system, settings)
+    check_request(prompt, input, stream, chat, system, settings, chat_template)
     check_model_source(model)  # before torch and transformers load: a mistyped path is quick
     if output is not None:
         check_output_file(output)
     given = [prompt] if prompt is not None else read_prompts(str(input), chat)
-    net, tokenizer, prompts = load_prompts(model, given, chat, system, base_model)
+    net, tokenizer, prompts = load_prompts(model, given, chat, system, base_model,
+                                           chat_template)
     if stream:
         from transformers import TextStreamer
 
@@ -70,8 +74,12 @@ def generate_text(
 
 
 def check_request(prompt: str | None, input: str | None, stream: bool, chat: bool,
-                  system: str | None, settings: GenerationSettings) -> None:
-    """Options that contradict each other, refused before a model is loaded."""
+                  system: str | None, settings: GenerationSettings,
+                  chat_template: str | None = None) -> None:
+    """Options that contradict each other, and a missing --chat-template file, refused before
+    a model is loaded."""
+    from llmkit.tasks.chat import check_template_file
+
     if (prompt is None) == (input is None):
         raise LlmkitError("give either --prompt or --input")
     if stream and (input or (settings.num_beams or 1) > 1 or settings.num_return_sequences > 1
@@ -80,6 +88,9 @@ def check_request(prompt: str | None, input: str | None, stream: bool, chat: boo
                           "--num-beams, --num-return-sequences and --stop")
     if system is not None and not chat:
         raise LlmkitError("--system is a message of a conversation: add --chat")
+    if chat_template is not None and not chat:
+        raise LlmkitError("--chat-template is the template of a conversation: add --chat")
+    check_template_file(chat_template)
 
 
 def with_progress(net: Any, tokenizer: Any, prompts: list[str], settings: GenerationSettings,

@@ -57,13 +57,18 @@ def run_prefix(folder: str, config: Any) -> str:
 
 
 def load_prompts(model: str, given: list[Any], chat: bool = False, system: str | None = None,
-                 base_model: str | None = None) -> tuple[Any, Any, list[str]]:
+                 base_model: str | None = None, chat_template: str | None = None
+                 ) -> tuple[Any, Any, list[str]]:
     """The generator (models.load_generator), its tokenizer and the prompts as the model reads
-    them: in the chat template (`given` are user turns or whole conversations), or after the
-    source prefix a translate or summarize run was trained with ('summarize: ')."""
+    them: in the chat template (`given` are user turns or whole conversations; a
+    --chat-template file replaces the tokenizer's), or after the source prefix a translate or
+    summarize run was trained with ('summarize: ')."""
     from llmkit.models import load_generator
+    from llmkit.tasks.chat import use_template
 
     net, tokenizer = load_generator(model, base_model)
+    if chat:
+        use_template(tokenizer, chat_template, required=False)
     prefix = run_prefix(model, net.config)
     return net, tokenizer, [templated(tokenizer, p, system) if chat else prefix + p
                             for p in given]
@@ -113,7 +118,8 @@ def templated(tokenizer: Any, prompt: str | list[dict[str, Any]], system: str | 
     from llmkit.tasks.chat import check, render
 
     if not getattr(tokenizer, "chat_template", None):
-        raise LlmkitError("--chat: this tokenizer has no chat template")
+        raise LlmkitError("--chat: this tokenizer has no chat template: give one with "
+                          "--chat-template FILE (a Jinja template)")
     if isinstance(prompt, list):
         check(prompt, 0)
         messages = prompt
@@ -122,6 +128,42 @@ def templated(tokenizer: Any, prompt: str | list[dict[str, Any]], system: str | 
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
     return render(tokenizer, messages, prompt=True)
+
+
+def load_chat(model: str, base_model: str | None = None, chat_template: str | None = None
+              ) -> tuple[Any, Any]:
+    """A causal model for a conversation (`llmkit chat`) and its tokenizer, with a chat
+    template: its own or the --chat-template file's."""
+    from llmkit.models import load_generator
+    from llmkit.tasks.chat import use_template
+
+    net, tokenizer = load_generator(model, base_model)
+    if net.config.is_encoder_decoder:
+        raise LlmkitError(f"{model} is a sequence-to-sequence model ({net.config.model_type}): "
+                          "chat needs a causal language model (llmkit generate takes this one)")
+    use_template(tokenizer, chat_template, required=True)
+    return net, tokenizer
+
+
+def chat_prompt(model: Any, tokenizer: Any, messages: list[dict[str, Any]],
+                max_new_tokens: int) -> tuple[str, int]:
+    """A conversation that ends with a user turn, in the chat template with the generation
+    prompt after it, and how many of its messages were left out: the oldest turns after the
+    system message, a user turn and what follows it at a time, while the prompt leaves less
+    than --max-new-tokens (at most half the context) for the reply. The last user turn stays."""
+    from llmkit.tasks.task import context_size
+
+    context = context_size(model.config, tokenizer)
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns, dropped = messages[len(head):], 0
+    while True:
+        text = templated(tokenizer, head + turns)
+        later = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
+        if context is None or not later or len(tokenizer(
+                text, add_special_tokens=False)["input_ids"]) + min(
+                max_new_tokens, context // 2) <= context:
+            return text, dropped
+        turns, dropped = turns[later[0]:], dropped + later[0]
 
 
 def cut(text: str, stop: tuple[str, ...]) -> str:

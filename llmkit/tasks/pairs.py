@@ -160,23 +160,19 @@ def empty(reply: Any) -> bool:
 def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: PairData,
            workers: int | None = None) -> Dataset:
     """Each pair as `input_ids` (prompt + chosen), `rejected_ids` (prompt + rejected) and
-    `prompt_length` (the shared prompt's tokens), int32 in datasets' Arrow cache. A prompt over
-    --max-prompt-length keeps its last tokens, a sequence over --max-length loses the end of its
-    reply (both counted in the log); pairs with an empty reply, or whose replies are equal, are
-    refused or, with -s data.empty_rows=skip, left out (counted)."""
+    `prompt_length`, int32 in datasets' Arrow cache: a prompt over --max-prompt-length keeps its
+    last tokens, a pair over --max-length loses its reply's end (counted); pairs with an empty
+    or no different reply are refused, or left out with -s data.empty_rows=skip (counted)."""
     from datasets import Features, Sequence, Value
 
     from llmkit.data.features import fingerprint
+    from llmkit.tasks.chat import file_rows
 
-    limit = prompt_limit(data)
+    limit, numbers = prompt_limit(data), file_rows(rows)  # errors name the file's rows
     conversational = bool(len(rows)) and is_conversation(rows[0][data.chosen_column])
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise LlmkitError("the tokenizer has no chat template to render the conversations: "
                           "give one with --chat-template FILE (a Jinja template)")
-
-    from llmkit.tasks.chat import file_rows
-
-    numbers = file_rows(rows)  # errors name the file's row, not the shuffled split's
 
     def encode_batch(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {k: [] for k in KEYS}
@@ -189,8 +185,7 @@ def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data: PairData,
                 prompt, chosen, rejected = shared_start(chosen, rejected)
                 bad = empty(chosen) or empty(rejected)
             p, c, r = ([], [], []) if bad or same else (
-                conversation_ids(tokenizer, prompt or [], chosen, rejected,
-                                 int(numbers[row]))
+                conversation_ids(tokenizer, prompt or [], chosen, rejected, int(numbers[row]))
                 if conversational else text_ids(tokenizer, prompt or "", chosen, rejected))
             cuts = int(len(p) > limit)
             p = p[len(p) - limit:] if cuts else p
