@@ -41,6 +41,9 @@ def test_the_command_for_one_node_and_for_one_of_two(capsys, monkeypatch) -> Non
         "--rdzv-endpoint", "10.0.0.1:29500", "--rdzv-id", "llmkit", "--rdzv-conf",
         "join_timeout=600", "--nproc-per-node", "8", "--max-restarts", "3", "-m", "llmkit",
         *TRAIN, "--nodes", "7"]  # after the command, options are the command's
+    code, out, err = llmkit(["launch", "--nodes", "2", "--master", "[::1]:29500", "--show",
+                             *TRAIN], capsys, monkeypatch)  # an IPv6 address, in brackets
+    assert code == 0 and "--rdzv-endpoint '[::1]:29500'" in out, err
 
 
 def closed_port() -> int:

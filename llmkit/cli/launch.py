@@ -68,6 +68,7 @@ def check_launch(nodes: int, node_rank: int, master: str | None, command: list[s
         raise LlmkitError(f"--nodes {nodes} needs --master HOST:PORT, the address of node 0 "
                           "that every node can reach (e.g. --master 10.0.0.1:29500)")
     host, _, port = master.rpartition(":")
+    host = host.strip("[]")  # [::1]:29500, an IPv6 address
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise LlmkitError(f"--master {master}: expected HOST:PORT, e.g. 10.0.0.1:29500")
     try:
@@ -75,7 +76,7 @@ def check_launch(nodes: int, node_rank: int, master: str | None, command: list[s
     except OSError as err:
         raise LlmkitError(f"--master {master}: {host} is not a known address here "
                           f"({err.strerror}); give node 0's address or name") from err
-    return host.strip("[]"), int(port)
+    return host, int(port)
 
 
 def check_master(host: str, port: int, node_rank: int, timeout: float) -> None:
