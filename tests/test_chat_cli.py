@@ -12,31 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from llmkit.cli import app, main
-from tests.test_chat import CHATML
+from tests.test_chat import CHATML, chat_gpt2  # noqa: F401  (a fixture)
 
 GREEDY = ["--max-new-tokens", "8"]
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random GPT-2 with ChatML's markers as special tokens and ChatML as its template
-    (128 positions)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tests.conftest import bpe_tokenizer
-
-    tokenizer = bpe_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
-    tokenizer.model_max_length = 128
-    folder = tmp_path_factory.mktemp("chat-model")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
-                               n_positions=128, bos_token_id=tokenizer.eos_token_id,
-                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def generate_chat(model: Path, conversations: list[list[dict[str, str]]], tmp_path: Path,
@@ -50,14 +28,14 @@ def generate_chat(model: Path, conversations: list[list[dict[str, str]]], tmp_pa
     return [json.loads(line)["output"] for line in done.stdout.splitlines()]
 
 
-def test_chat_keeps_the_conversation_and_answers_as_generate_chat(chat_model: Path,
+def test_chat_keeps_the_conversation_and_answers_as_generate_chat(chat_gpt2: Path,  # noqa: F811
                                                                   tmp_path: Path) -> None:
-    done = CliRunner().invoke(app, ["chat", str(chat_model), *GREEDY],
+    done = CliRunner().invoke(app, ["chat", str(chat_gpt2), *GREEDY],
                               input="hello\n/system be brief\nhi\n/reset\n")
     assert done.exit_code == 0, done.output
     assert done.stderr == "(system message set)\n(a new conversation)\n"
-    first = generate_chat(chat_model, [[{"role": "user", "content": "hello"}]], tmp_path)[0]
-    second = generate_chat(chat_model, [[
+    first = generate_chat(chat_gpt2, [[{"role": "user", "content": "hello"}]], tmp_path)[0]
+    second = generate_chat(chat_gpt2, [[
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
         {"role": "assistant", "content": first}, {"role": "user", "content": "hi"}]],
         tmp_path)[0]
@@ -65,22 +43,22 @@ def test_chat_keeps_the_conversation_and_answers_as_generate_chat(chat_model: Pa
     assert done.stdout == f"{first}\n{second}\n"
 
 
-def test_chat_through_a_pipe(chat_model: Path, tmp_path: Path) -> None:
+def test_chat_through_a_pipe(chat_gpt2: Path, tmp_path: Path) -> None:  # noqa: F811
     """A real process reading stdin: replies on stdout, /exit leaves (the rest is unread)."""
-    done = subprocess.run([sys.executable, "-m", "llmkit", "chat", str(chat_model), *GREEDY],
+    done = subprocess.run([sys.executable, "-m", "llmkit", "chat", str(chat_gpt2), *GREEDY],
                           input="hello\n/exit\nnever read\n", capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    first = generate_chat(chat_model, [[{"role": "user", "content": "hello"}]], tmp_path)[0]
+    first = generate_chat(chat_gpt2, [[{"role": "user", "content": "hello"}]], tmp_path)[0]
     assert done.stdout == f"{first}\n"
 
 
-def test_a_long_conversation_leaves_out_its_oldest_turns(chat_model: Path) -> None:
+def test_a_long_conversation_leaves_out_its_oldest_turns(chat_gpt2: Path) -> None:  # noqa: F811
     from transformers import AutoTokenizer
 
     from llmkit.inference.generate import chat_prompt
 
-    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    tokenizer = AutoTokenizer.from_pretrained(chat_gpt2)
     config = type("Config", (), {"n_positions": 128})()
     model = type("Model", (), {"config": config})()
     long = "the quick brown fox jumps over the lazy dog " * 2
@@ -96,7 +74,7 @@ def test_a_long_conversation_leaves_out_its_oldest_turns(chat_model: Path) -> No
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 32 <= 128
     assert chat_prompt(model, tokenizer, talk[:3], 32) == (
         tokenizer.apply_chat_template(talk[:3], tokenize=False, add_generation_prompt=True), 0)
-    done = CliRunner().invoke(app, ["chat", str(chat_model), "--max-new-tokens", "4"],
+    done = CliRunner().invoke(app, ["chat", str(chat_gpt2), "--max-new-tokens", "4"],
                               input="".join(f"{turn} {long}\n" for turn in range(6)))
     assert done.exit_code == 0, done.output
     assert done.stderr.count("oldest turns are left out") == 1, done.stderr

@@ -16,6 +16,7 @@ from llmkit.errors import LlmkitError
 from llmkit.scoring.files import score_files
 from llmkit.scoring.metrics import normalize_answer, squad
 from tests.conftest import EXAMPLES, needs_shared
+from tests.test_generate import TEXT as LM_TEXT  # the language-model corpus
 
 runner = CliRunner()
 
@@ -573,17 +574,6 @@ def test_paired_ar_for_labels_is_seeded_and_needs_a_baseline(tmp_path: Path) -> 
     assert tie.details["baseline"] == tie.value and tie.details["p_value"] > 0.5
     with pytest.raises(LlmkitError, match="--paired-ar tests the difference to a baseline"):
         score_files(*args, {"paired_ar": True})
-
-
-LM_TEXT = """the quick brown fox jumps over the lazy dog
-what is the capital of france ? paris is the capital of france .
-
-a gripping , funny and moving film
-the plot is dull and the acting is worse
-
-one of the best movies of the year
-i loved every minute
-"""
 
 
 def lm_scores(model: Path, data: Path, *args: str) -> dict[str, dict]:
