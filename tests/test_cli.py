@@ -29,6 +29,7 @@ def test_help_lists_commands_and_examples() -> None:
     assert result.exit_code == 0
     for command in ("finetune", "predict", "recipes"):
         assert command in result.output
+    assert "--version" in result.output and "<bool>" not in result.output  # flags take no value
     result = runner.invoke(app, ["finetune", "--help"])
     assert result.exit_code == 0
     for task in task_names():
@@ -50,7 +51,7 @@ def test_each_task_help_shows_its_own_options_only() -> None:
         assert "--learning-rate" in text and "--train" in text and "--model" in text
         for other, option in own.items():
             assert (option in text) == (other == task), (task, option)
-        assert "…" not in text  # nothing cut off at 80 columns
+        assert "…" not in text and "<bool>" not in text  # nothing cut off at 80 columns
         assert max(len(line) for line in text.splitlines()) <= 80
 
 

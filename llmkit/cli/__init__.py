@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperOption
 
 from llmkit.cli import chat, generate, launch, predict, runs, serve, sweep
 from llmkit.cli import eval as eval_command
@@ -19,6 +20,15 @@ from llmkit.cli import export as export_command
 from llmkit.cli.finetune import finetune_app, recipes_app
 from llmkit.cli.options import examples, finetune_problem
 from llmkit.errors import LlmkitError
+
+
+def _flag_type(option: TyperOption, ctx: Any) -> str | None:
+    """A flag takes no value: Typer 0.29 shows `<bool>` beside it as if it did; show nothing."""
+    return None if option.is_flag else _value_type(option, ctx)
+
+
+_value_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign,assignment]
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
                   help="Fine-tune and evaluate pretrained Hugging Face checkpoints.")

@@ -40,9 +40,10 @@ def chat_command(
     base_model: BaseModel = None,
     settings: Any = None,
 ) -> None:
-    """Talk to a chat model: the conversation is kept, replies are streamed; type /help for
-    the commands. With stdin not a terminal, each line is a user turn and stdout holds the
-    replies, one after another."""
+    """Talk to a chat model: the conversation is kept, replies are streamed.
+
+    Type /help for the commands. With stdin not a terminal, each line is a user turn and stdout
+    holds the replies, one after another."""
     from llmkit.hub import check_model_source
     from llmkit.inference.generate import load_chat
     from llmkit.tasks.chat import check_template_file

@@ -29,7 +29,8 @@ from llmkit.tasks import get_task, load_config, task_names
 from llmkit.tasks.task import Task
 
 finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretrained checkpoint on a "
-                           "task and write a run directory: llmkit finetune TASK --help.")
+                           "task into a run directory.\n\nEach task's options: llmkit "
+                           "finetune TASK --help.")
 recipes_app = typer.Typer(no_args_is_help=True, help="List, show and copy shipped recipes.")
 
 

@@ -178,8 +178,10 @@ def launch(
     show: Annotated[bool, typer.Option("--show", help="Print the torchrun command and start "
                                        "nothing.")] = False,
 ) -> None:
-    """Start this node's processes of a training run with torchrun (the same command on every
-    node; only --node-rank, and --output on node-local disks, differ)."""
+    """Start this node's processes of a training run with torchrun.
+
+    The same command runs on every node; only --node-rank, and --output on node-local disks,
+    differ."""
     command = list(ctx.args)
     where = check_launch(nodes, node_rank, master, command)
     if procs_per_node is None:

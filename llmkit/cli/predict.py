@@ -48,8 +48,9 @@ def predict_command(
 def merge_command(run: Annotated[str, typer.Argument(help="Run directory of finetune --lora.")],
           output: Annotated[str, typer.Option("--output", "-o", help="Folder to write.")],
           base_model: BaseModel = None) -> None:
-    """Merge a LoRA run into its base model: a full model plain transformers loads, with the
-    run's model card and manifest."""
+    """Merge a LoRA run into its base model: a full model plain transformers loads.
+
+    The merged folder keeps the run's model card and manifest."""
     from llmkit.run.card import merged
 
     typer.echo(str(merged(run, output, base_model)))
