@@ -3,6 +3,14 @@ the same LoRA settings, each in its own process (its own peak RSS), one session.
 
     python benchmarks/lora.py [--rows 4000] [--epochs 3] [--seeds 42] [--lora-lr 5e-4]
     python benchmarks/lora.py --gpt2 [--steps 8] [--block 512]   # memory and speed, 124M GPT-2
+    python benchmarks/lora.py --data banking77 --rows 3000 --seeds 42 1 2 3 4 \
+        --tools "llmkit --lora" "Trainer + peft" [--change no-grouping|...]   # many classes
+
+--data banking77: 77 intents, the first N rows of banking77/train.tsv (read as the quoted TSV it
+is) against its dev.tsv (1,000 rows). --tools runs some of the three only.
+--change makes one thing differ from the default, to find what a gap comes from: no-dropout
+(--lora-dropout 0 in both tools), no-grouping (llmkit without length grouping), peft-dropout
+(llmkit with peft's own dropout modules, not lean_dropout), no-decay (weight decay 0 in both).
 
 --gpt2: a random 124M-parameter GPT-2 (12 layers, 768 wide, 50,257-word vocabulary) on
 tinyshakespeare blocks: peak RSS and tokens/s of full fine-tuning, --lora, and --lora with
@@ -86,20 +94,43 @@ def gpt2(args: argparse.Namespace) -> None:
                                                    indent=1))
 
 
+CHANGES = ("no-dropout", "no-grouping", "peft-dropout", "no-decay")
+
+
+def banking77(rows: int) -> tuple[Path, Path]:
+    """The first `rows` training rows of banking77 and its dev split, as quoted TSV files."""
+    import csv
+
+    folder = BENCH.parents[1] / "shared" / "data" / "banking77"
+    with (folder / "train.tsv").open(newline="", encoding="utf-8") as f:
+        lines = list(csv.reader(f, delimiter="\t"))
+    path = OUT / f"banking77-train-{rows}.tsv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter="\t").writerows(lines[: rows + 1])
+    return path, folder / "dev.tsv"
+
+
 def run_llmkit(train: Path, dev: Path, args: argparse.Namespace, lora: bool) -> dict:
+    from llmkit.run import adapters
     from llmkit.run.finetune import finetune
     from llmkit.tasks import load_config
 
     out = OUT / f"lora-{'adapter' if lora else 'full'}-run"
+    if args.change == "peft-dropout":
+        adapters.lean_dropout = lambda model: None
     cfg = load_config("classify", None, {
         "model": args.model, "output": str(out), "data.train": str(train),
         "data.validation": str(dev), "data.max_length": 128, "train.epochs": args.epochs,
         "train.learning_rate": args.lora_lr if lora else args.lr, "train.batch_size": 32,
-        "train.weight_decay": 0.01, "train.seed": args.seed, "adapter.lora": lora})
+        "train.weight_decay": 0.0 if args.change == "no-decay" else 0.01,
+        "train.seed": args.seed, "adapter.lora": lora,
+        "adapter.lora_dropout": 0.0 if args.change == "no-dropout" else 0.05,
+        "train.group_by_length": args.change != "no-grouping"})
     finetune(cfg, overwrite=True)
     metrics = json.loads((out / "metrics.json").read_text())
     saved = out / ("adapter_model.safetensors" if lora else "model.safetensors")
     return {"accuracy": metrics["history"][-1]["accuracy"],
+            "by_epoch": [round(h["accuracy"], 4) for h in metrics["history"]],
             "samples_per_second": metrics["run"]["train_samples_per_second"],
             "trainable": metrics["run"]["trainable_parameters"],
             "saved_mb": saved.stat().st_size / 2**20}
@@ -108,6 +139,7 @@ def run_llmkit(train: Path, dev: Path, args: argparse.Namespace, lora: bool) -> 
 def run_trainer_peft(train: Path, dev: Path, args: argparse.Namespace) -> dict:
     import datasets
     import torch
+    import transformers
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (
         AutoModelForSequenceClassification,
@@ -117,20 +149,26 @@ def run_trainer_peft(train: Path, dev: Path, args: argparse.Namespace) -> dict:
         TrainingArguments,
     )
 
+    transformers.set_seed(args.seed)  # the new head and adapters drawn from the seed too
     raw = datasets.load_dataset("csv", data_files={"train": str(train), "dev": str(dev)},
-                                delimiter="\t", quoting=3)
+                                delimiter="\t", quoting=0 if args.data == "banking77" else 3)
+    names = sorted(set(raw["train"]["label"]))
+    ids = {name: i for i, name in enumerate(names)}
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data = raw.map(lambda b: tokenizer(b["text"], truncation=True, max_length=128),
-                   batched=True, remove_columns=["text"])
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2,
+    data = raw.map(lambda b: {**tokenizer(b["text"], truncation=True, max_length=128),
+                              "labels": [ids[x] for x in b["label"]]},
+                   batched=True, remove_columns=["text", "label"])
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(names),
                                                                dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0 if
+                                             args.change == "no-dropout" else 0.05,
                                              target_modules="all-linear",
                                              task_type=TaskType.SEQ_CLS))
     out = OUT / "lora-trainer-run"
     training = TrainingArguments(
         output_dir=str(out), num_train_epochs=args.epochs, learning_rate=args.lora_lr,
-        per_device_train_batch_size=32, per_device_eval_batch_size=64, weight_decay=0.01,
+        per_device_train_batch_size=32, per_device_eval_batch_size=64,
+        weight_decay=0.0 if args.change == "no-decay" else 0.01,
         seed=args.seed, save_strategy="no", eval_strategy="no", report_to=[],
         logging_steps=50, disable_tqdm=True)
     trainer = Trainer(model=model, args=training, train_dataset=data["train"],
@@ -151,7 +189,8 @@ def one(tool: str, args: argparse.Namespace) -> None:
     from classify import DATA, subset
 
     OUT.mkdir(parents=True, exist_ok=True)
-    train, dev = subset(args.rows), DATA / "dev.tsv"
+    train, dev = (banking77(args.rows) if args.data == "banking77"
+                  else (subset(args.rows), DATA / "dev.tsv"))
     start = time.perf_counter()
     result = (run_trainer_peft(train, dev, args) if tool == TOOLS[2]
               else run_llmkit(train, dev, args, lora=tool == TOOLS[1]))
@@ -168,6 +207,10 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--model", help="all-MiniLM-L6-v2 folder (default: the wheel's)")
+    parser.add_argument("--data", choices=("sst2", "banking77"), default="sst2")
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--change", choices=CHANGES, help="one thing unlike the default")
+    parser.add_argument("--out", default="lora.json", help="JSON file under benchmarks/out")
     parser.add_argument("--gpt2", action="store_true", help="the 124M GPT-2 memory run")
     parser.add_argument("--steps", type=int, default=8, help="--gpt2: optimizer steps")
     parser.add_argument("--block", type=int, default=512, help="--gpt2: tokens per block")
@@ -183,13 +226,15 @@ def main() -> None:
         args.model = minilm()
     if args.tool:
         return one(args.tool, args)
-    runs: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+    tools = [tool for tool in TOOLS if tool in args.tools]
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
     for seed in args.seeds:
-        for tool in TOOLS:  # alternating, each in a fresh process
+        for tool in tools:  # alternating, each in a fresh process
             child = subprocess.run(
                 [sys.executable, __file__, f"--tool={tool}", "--seed", str(seed), "--rows",
                  str(args.rows), "--epochs", str(args.epochs), "--lr", str(args.lr),
-                 "--lora-lr", str(args.lora_lr), "--model", args.model],
+                 "--lora-lr", str(args.lora_lr), "--model", args.model, "--data", args.data,
+                 *(["--change", args.change] if args.change else [])],
                 capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM":
                                                      "false"})
             lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
@@ -206,9 +251,10 @@ def main() -> None:
         print(f"{tool:16}{m['accuracy']:13.4f}{f'{min(accs):.3f}-{max(accs):.3f}':>14}"
               f"{m['samples_per_second']:11.1f}{m['peak_rss_mb']:12.0f}{m['trainable']:11,.0f}"
               f"{m['saved_mb']:10.2f}")
-    ratio = median[TOOLS[1]]["samples_per_second"] / median[TOOLS[2]]["samples_per_second"]
-    print(f"samples/s llmkit --lora / Trainer + peft: {ratio:.2f}")
-    (OUT / "lora.json").write_text(json.dumps({"args": vars(args), "runs": runs,
+    ratio = (median[TOOLS[1]]["samples_per_second"] / median[TOOLS[2]]["samples_per_second"]
+             if TOOLS[1] in median and TOOLS[2] in median else None)
+    print(f"samples/s llmkit --lora / Trainer + peft: {ratio:.2f}" if ratio else "")
+    (OUT / args.out).write_text(json.dumps({"args": vars(args), "runs": runs,
                                                "median": median, "ratio": ratio}, indent=1))
 
 

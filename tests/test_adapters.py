@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,62 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path: Path,
     assert w2.keys() == w1.keys()
     for key in w1:
         assert w2[key].allclose(w1[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_a_lora_run_trains_as_trainer_and_peft_on_the_same_batches(toy: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """Dropout off, length grouping off, and Trainer + peft (all-linear, SEQ_CLS) given llmkit's
+    batches in llmkit's order: after an epoch of 12 steps (linear schedule, AdamW's decay groups,
+    clipping) both hold the same adapter and the same head."""
+    from datasets import load_dataset
+    from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from torch.utils.data import SequentialSampler
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from llmkit.data.batches import LengthGroupedBatches
+    from llmkit.data.features import lengths
+    from llmkit.tasks import get_task
+    from tests.conftest import save_tiny_bert
+
+    base = save_tiny_bert(tmp_path / "bert", dropout=0.0)
+    torch.manual_seed(1)  # the head both start from, saved with llmkit's labels
+    AutoModelForSequenceClassification.from_pretrained(
+        base, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1}
+    ).save_pretrained(base)
+    cfg = lora(base, toy, tmp_path / "run", epochs=1, weight_decay=0.01, seed=3,
+               group_by_length=False)
+    cfg = replace(cfg, adapter=replace(cfg.adapter, lora_dropout=0.0))
+    finetune(cfg)
+    net = AutoModelForSequenceClassification.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train = get_task("classify").featurize(load_dataset("csv", data_files=str(toy["train"]),
+                                                        delimiter="\t", split="train"),
+                                           tokenizer, net.config, cfg.data)
+    batches = LengthGroupedBatches(lengths(train), 8, seed=3, group=False)
+    batches.set_epoch(0)
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args: object, **kwargs: object) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)
+
+    torch.manual_seed(3)  # the adapters' first weights as llmkit's (seed 3)
+    net = get_peft_model(net, LoraConfig(r=4, lora_alpha=32, lora_dropout=0.0,
+                                         target_modules="all-linear",
+                                         task_type=TaskType.SEQ_CLS))
+    InOrder(model=net, train_dataset=train.select([i for batch in batches for i in batch]),
+            data_collator=DataCollatorWithPadding(tokenizer), args=TrainingArguments(
+                output_dir=str(tmp_path / "trainer"), num_train_epochs=1, learning_rate=1e-2,
+                per_device_train_batch_size=8, weight_decay=0.01, save_strategy="no",
+                report_to=[], disable_tqdm=True)).train()
+    ours = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    theirs = get_peft_model_state_dict(net)
+    assert ours.keys() == theirs.keys() and any("classifier" in k for k in ours)
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=1e-5, msg=key)
