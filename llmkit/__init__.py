@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit.config.schema import RunConfig
 from llmkit.errors import ConfigError, LlmkitError
 
-__all__ = ["ConfigError", "LlmkitError", "RunConfig", "finetune", "load_config"]
-__version__ = "0.1.0"
+__all__ = ["ConfigError", "LlmkitError", "RunConfig", "__version__", "finetune", "load_config"]
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -37,3 +36,16 @@ def finetune(cfg: RunConfig, **kwargs: Any) -> Path:
     from llmkit.run.finetune import finetune as run
 
     return run(cfg, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """`llmkit.__version__`: the installed distribution's, whose one source is pyproject.toml
+    (read on first use: `llmkit --help` does not pay for the lookup)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'llmkit' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmkit")
+    except PackageNotFoundError:  # the source put on sys.path without installing it
+        return "0+unknown"

@@ -212,6 +212,7 @@ def test_unpacked_conversations_with_lora_score_the_same_tokens(
     assert (run / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # for the suite's time: the two-process loop is held by test_cli's
 def test_two_processes_train_on_conversations_as_one(chat_gpt2: Path, chats: dict[str, Path],
                                                      tmp_path: Path) -> None:
     from tests.conftest import two_ranks_and_one

@@ -290,6 +290,7 @@ def test_a_chat_dpo_run_loads_and_chats_in_plain_transformers(chat_gpt2: Path,  
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
 
 
+@pytest.mark.slow  # for the suite's time: the two-process loop is held by test_cli's
 def test_two_processes_train_dpo_as_one(tiny_gpt2: Path, toy: Path, tmp_path: Path) -> None:
     from tests.conftest import two_ranks_and_one
 
