@@ -10,7 +10,8 @@ the same LoRA settings, each in its own process (its own peak RSS), one session.
 is) against its dev.tsv (1,000 rows). --tools runs some of the three only.
 --change makes one thing differ from the default, to find what a gap comes from: no-dropout
 (--lora-dropout 0 in both tools), no-grouping (llmkit without length grouping), peft-dropout
-(llmkit with peft's own dropout modules, not lean_dropout), no-decay (weight decay 0 in both).
+(llmkit with peft's own dropout modules, not lean_dropout), no-decay (weight decay 0 in both),
+across (llmkit's classify grouped across batches, as before 0.2.0).
 
 --gpt2: a random 124M-parameter GPT-2 (12 layers, 768 wide, 50,257-word vocabulary) on
 tinyshakespeare blocks: peak RSS and tokens/s of full fine-tuning, --lora, and --lora with
@@ -94,7 +95,7 @@ def gpt2(args: argparse.Namespace) -> None:
                                                    indent=1))
 
 
-CHANGES = ("no-dropout", "no-grouping", "peft-dropout", "no-decay")
+CHANGES = ("no-dropout", "no-grouping", "peft-dropout", "no-decay", "across")
 
 
 def banking77(rows: int) -> tuple[Path, Path]:
@@ -118,6 +119,12 @@ def run_llmkit(train: Path, dev: Path, args: argparse.Namespace, lora: bool) -> 
     out = OUT / f"lora-{'adapter' if lora else 'full'}-run"
     if args.change == "peft-dropout":
         adapters.lean_dropout = lambda model: None
+    if args.change == "across":  # classify as before 0.2.0: grouped across batches
+        from dataclasses import replace
+
+        from llmkit.tasks import classify
+
+        classify.CLASSIFY = replace(classify.CLASSIFY, group_inside=False)
     cfg = load_config("classify", None, {
         "model": args.model, "output": str(out), "data.train": str(train),
         "data.validation": str(dev), "data.max_length": 128, "train.epochs": args.epochs,

@@ -362,3 +362,38 @@ def test_a_run_that_predicts_one_label_ends_with_a_warning(
     assert warned == [f"the kept evaluation (step {final['step']}) predicts one label for most "
                       f"rows: {final['collapsed']}; the model has barely learned (train longer, "
                       "or try another learning rate)"]
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_batch(tiny_bert: Path,
+                                                             toy: dict[str, Path]) -> None:
+    """Classify groups inside each batch: 4 length-sorted micro-batches, each loss weighted by
+    its share of the rows, give the loss and gradients of the batch padded at once."""
+    from accelerate import Accelerator
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmkit.data.batches import MicroBatches
+    from llmkit.data.features import by_length
+    from llmkit.tasks import get_task
+    from llmkit.tasks.task import forward_backward
+
+    task = get_task("classify")
+    assert task.group_inside
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModelForSequenceClassification.from_pretrained(  # eval(): no dropout
+        tiny_bert, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1}).eval()
+    rows = load_dataset("csv", data_files=str(toy["train"]), delimiter="\t", split="train")
+    features = task.featurize(rows.select(range(16)), tokenizer, model.config, ClassifyData())
+    batch = [features[i] for i in by_length(features)]
+    micro = MicroBatches(task.collator(tokenizer), 4)(batch)
+    assert len({p["input_ids"].shape[1] for p in micro["micro_batches"]}) > 1
+    grads = []
+    for collated in (task.collator(tokenizer)(batch), micro):
+        model.zero_grad()
+        loss = forward_backward(Accelerator(cpu=True), model, collated, task)[0]
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grad, grads[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
