@@ -21,7 +21,8 @@ def serve(
     host: Annotated[str, typer.Option(help=shown("Address to bind; 0.0.0.0 takes requests "
                                                  "from other machines.", "127.0.0.1"),
                                       show_default=False)] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help=shown("Port.", 8000), show_default=False, min=0,
+    port: Annotated[int, typer.Option(help=shown("Port (0: a free one, which the log "
+                                                 "line names).", 8000), show_default=False, min=0,
                                       max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="LLMKIT_API_KEY", help="Require "
                        "'Authorization: Bearer KEY' on every request but /health.")] = None,

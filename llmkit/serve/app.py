@@ -8,6 +8,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -56,7 +57,8 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
     else:
         app.include_router(qa_router, dependencies=secured)
     add_error_handlers(app)
-    app.add_middleware(Guard, limits=limits)
+    app.state.guard = Tally()
+    app.add_middleware(Guard, limits=limits, tally=app.state.guard)
     return app
 
 
@@ -73,7 +75,11 @@ def key_check(api_key: str) -> Any:
 
 
 async def health(request: Request) -> dict[str, Any]:
-    return {"status": "ok", "busy": request.app.state.batcher.busy}
+    """Up, and the work it holds: whether the model is running a batch, requests in flight
+    (past the guard, until their answer is sent) and requests waiting for the model."""
+    batcher: Batcher = request.app.state.batcher
+    return {"status": "ok", "busy": batcher.busy, "in_flight": request.app.state.guard.active,
+            "waiting": batcher.waiting}
 
 
 async def info(request: Request) -> dict[str, Any]:
@@ -90,7 +96,8 @@ async def info(request: Request) -> dict[str, Any]:
             "max_body_bytes": limits.max_body_bytes, "max_tokens": limits.max_tokens,
             "max_n": limits.max_n, "max_inputs": limits.max_inputs,
             "version": __version__,
-            "served": {"requests": batcher.requests, "batches": batcher.batches}}
+            "served": {"requests": batcher.requests, "batches": batcher.batches,
+                       "cancelled": batcher.cancelled}}
 
 
 async def models(request: Request) -> dict[str, Any]:
@@ -136,47 +143,72 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, failed)
 
 
+@dataclass
+class Tally:
+    """What the guard counts, for /health."""
+
+    active: int = 0  # requests past the guard whose answer is not yet sent
+
+
 class Guard:
     """Refuses, before any handler runs, a body over the size limit (413) and requests beyond
     the number allowed in flight (429)."""
 
-    def __init__(self, app: ASGIApp, limits: Limits):
-        self.app, self.limits, self.active = app, limits, 0
+    def __init__(self, app: ASGIApp, limits: Limits, tally: Tally):
+        self.app, self.limits, self.tally = app, limits, tally
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN:
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.limits.max_body_bytes:
-            await refuse(send, 413, f"the body is over this server's limit of "
-                         f"{self.limits.max_body_bytes} bytes", "body_too_large")
+        limit = self.limits.max_body_bytes
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await too_large(send, limit)
             return
-        if self.active >= self.limits.max_concurrent:
-            await refuse(send, 429, f"{self.active} requests are in flight, this server's "
-                         "limit: retry shortly", "too_many_requests")
+        if self.tally.active >= self.limits.max_concurrent:
+            await refuse(send, 429, f"{self.tally.active} requests are in flight, this "
+                         "server's limit: retry shortly", "too_many_requests")
             return
-        self.active += 1
+        self.tally.active += 1
         try:
-            await self.app(scope, counted(receive, self.limits.max_body_bytes), send)
+            whole = receive if length is not None else await buffered(receive, limit)
+            if whole is None:  # sent without its length (chunked), and over the limit
+                await too_large(send, limit)
+                return
+            await self.app(scope, whole, send)
         finally:
-            self.active -= 1
+            self.tally.active -= 1
 
 
-def counted(receive: Receive, limit: int) -> Receive:
-    """A body sent without its length (chunked) is cut off at the limit."""
-    seen = 0
+async def buffered(receive: Receive, limit: int) -> Receive | None:
+    """The app's `receive` once the whole body is read, if it stays within `limit` bytes (None
+    past it): the body as one message, then what the client sends after (its disconnect)."""
+    body, more = bytearray(), True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left before its body was whole
+            return replay(message, receive)
+        body += message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        if len(body) > limit:
+            return None
+    return replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
+
+
+def replay(first: Message, receive: Receive) -> Receive:
+    """`first`, then what `receive` gets."""
+    held = [first]
 
     async def read() -> Message:
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > limit:
-            raise RequestError(413, f"the body is over this server's limit of {limit} bytes",
-                               "body_too_large")
-        return message
+        return held.pop() if held else await receive()
 
     return read
+
+
+async def too_large(send: Send, limit: int) -> None:
+    await refuse(send, 413, f"the body is over this server's limit of {limit} bytes",
+                 "body_too_large")
 
 
 async def refuse(send: Send, status: int, message: str, code: str) -> None:

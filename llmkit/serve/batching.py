@@ -32,11 +32,17 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="llmkit-model")
         self.busy = False
         self.requests = self.batches = 0  # for /info: how well requests batch
+        self.cancelled = 0  # requests given up (their client left) before their answer
+        self.waiting = 0  # requests submitted and not yet answered (queued or in the model)
 
     async def submit(self, item: Any, key: Hashable = None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self.queue.put(Job(item, key, future))
-        return await future
+        self.waiting += 1
+        try:
+            await self.queue.put(Job(item, key, future))
+            return await future
+        finally:
+            self.waiting -= 1
 
     async def run(self) -> None:
         """Gather and run batches until cancelled."""
@@ -49,6 +55,7 @@ class Batcher:
             batch = [j for j in pending if j.key == key][:self.size]
             pending = [j for j in pending if all(j is not b for b in batch)]
             live = [j for j in batch if not j.future.done()]  # a client that left is skipped
+            self.cancelled += len(batch) - len(live)
             if live:
                 await self.run_batch(live)
 
@@ -82,6 +89,7 @@ class Batcher:
             return
         finally:
             self.busy = False
+            self.cancelled += sum(job.future.cancelled() for job in jobs)
         for job, result in zip(jobs, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)

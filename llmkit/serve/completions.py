@@ -125,9 +125,12 @@ class Answer:
     def texts(self, record: dict[str, Any]) -> list[str]:
         return record["output"] if isinstance(record["output"], list) else [record["output"]]
 
-    def reason(self, record: dict[str, Any]) -> str:
-        """'length' when a choice used every token it could have (the counts are a record's
-        whole: spread evenly over its choices)."""
+    def reason(self, record: dict[str, Any], choice: int) -> str:
+        """'length' when the choice ran out of tokens (or of the model's context), 'stop'
+        otherwise: each choice's own as the model's thread followed it; under beam search,
+        which it cannot follow, the record's total spread evenly over its choices."""
+        if record.get("reasons"):
+            return str(record["reasons"][choice])
         per_choice = record["new_tokens"] / self.settings.num_return_sequences
         return "length" if per_choice >= self.settings.max_new_tokens else "stop"
 
@@ -138,7 +141,7 @@ class Answer:
 
     def whole(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         n = self.settings.num_return_sequences
-        choices = [self.choice(i * n + c, text, self.reason(record))
+        choices = [self.choice(i * n + c, text, self.reason(record, c))
                    for i, record in enumerate(records)
                    for c, text in enumerate(self.texts(record))]
         return {**self.head(), "choices": choices, "usage": self.usage(records)}
@@ -150,13 +153,14 @@ class Answer:
 async def stream(request: Request, answer: Answer, texts: list[str], usage: bool
                  ) -> AsyncIterator[str]:
     """OpenAI's server-sent chunks: each choice's new text as it comes, its finish reason, the
-    usage if asked, then [DONE]. A client that leaves ends this (the batch runs on)."""
+    usage if asked, then [DONE]. A client that leaves ends this, and its rows stop generating
+    at the next token (the rest of their batch runs on)."""
     n = answer.settings.num_return_sequences
     streams = [Stream(n, answer.settings.stop) for _ in texts]
+    prompts = [Prompt(t, s.sink) for t, s in zip(texts, streams, strict=True)]
     batcher = request.app.state.batcher
     key = (answer.settings, answer.chat)
-    jobs = [asyncio.ensure_future(batcher.submit(Prompt(t, s.sink), key))
-            for t, s in zip(texts, streams, strict=True)]
+    jobs = [asyncio.ensure_future(batcher.submit(prompt, key)) for prompt in prompts]
     try:
         if answer.chat:
             yield answer.event([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -173,8 +177,9 @@ async def stream(request: Request, answer: Answer, texts: list[str], usage: bool
             status, err = 500, LlmkitError("the server failed to finish; its log says why")
         yield f"data: {json.dumps(error_body(status, str(err)))}\n\n"
         return
-    finally:
-        for job in jobs:
+    finally:  # normally all done by now; else the client left (or the stream failed)
+        for prompt, job in zip(prompts, jobs, strict=True):
+            prompt.left.set()
             job.cancel()
     if usage:
         yield answer.event([], usage=answer.usage(records))
@@ -183,19 +188,16 @@ async def stream(request: Request, answer: Answer, texts: list[str], usage: bool
 
 async def follow(answer: Answer, first: int, job: asyncio.Future[Any], flow: Stream
                  ) -> AsyncIterator[str]:
-    """One prompt's chunks: deltas while its job runs, the rest and the finish reasons after."""
-    while not (job.done() and flow.queue.empty()):
-        waiter = asyncio.ensure_future(flow.queue.get())
-        await asyncio.wait([waiter, job], return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():
-            waiter.cancel()
-            continue
-        choice, text = waiter.result()
-        delta = flow.delta(choice, text)
+    """One prompt's chunks: deltas while its job runs, the rest and the finish reasons after.
+    Only this generator waits (on the stream's queue, which the job's end closes): a client
+    that leaves leaves no task behind."""
+    job.add_done_callback(lambda _: flow.queue.put_nowait(None))
+    while (item := await flow.queue.get()) is not None:
+        delta = flow.delta(*item)
         if delta:
-            yield answer.event([answer.choice(first + choice, delta, None, True)])
+            yield answer.event([answer.choice(first + item[0], delta, None, True)])
     record = job.result()  # a failed batch raises here; stream() sends it as an error event
-    reason = answer.reason(record)
     for c, text in enumerate(answer.texts(record)):
         rest = flow.delta(c, text, final=True)
-        yield answer.event([answer.choice(first + c, rest or None, reason, True)])
+        yield answer.event([answer.choice(first + c, rest or None, answer.reason(record, c),
+                                          True)])

@@ -71,8 +71,9 @@ def scored(engine: Engine, logits: Any, raw: bool) -> list[dict[str, Any]]:
 @qa_router.post("/v1/qa")
 async def answer(body: QARequest, request: Request) -> dict[str, Any]:
     """The answer span in the context, as `llmkit predict` finds it (empty when a SQuAD 2.0
-    run finds none), with its character offsets (start -1 for no answer)."""
-    text: str = await request.app.state.batcher.submit((body.question, body.context))
-    start = body.context.find(text) if text else -1
-    return {"answer": text, "score": None, "start": start,
-            "end": start + len(text) if start >= 0 else -1}
+    run finds none); its score, the span's start + end logit (the null score, CLS's, for the
+    empty answer), and its character offsets: context[start:end] is the answer (-1 and -1 for
+    the empty answer)."""
+    found: dict[str, Any] = await request.app.state.batcher.submit((body.question, body.context))
+    return {"answer": found["answer"], "score": found["score"], "start": found["start"],
+            "end": found["end"]}

@@ -4,6 +4,8 @@ prompts)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
 
     from llmkit.inference.generate import GenerationSettings
 
+log = logging.getLogger("llmkit")
 ENCODER_TASKS = ("classify", "qa")
 
 
@@ -121,35 +124,41 @@ def classify(engine: Engine, key: Any, texts: list[tuple[str, str | None]]) -> l
     return logits
 
 
-def answer(engine: Engine, key: Any, questions: list[tuple[str, str]]) -> list[str]:
-    """Each question's answer from its context (every window of every context in one pass)."""
-    from llmkit.tasks import get_task
+def answer(engine: Engine, key: Any, questions: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Each question's answer from its context (every window of every context in one pass),
+    with its score and character offsets as the task's post-processing found them."""
+    from llmkit.tasks.qa import present
 
     data = engine.data
     arrays, features, order = run_rows(engine, {
         data.question_column: [q for q, _ in questions],
         data.context_column: [c for _, c in questions]})
-    records = get_task("qa").present(arrays, features.select(order), data, engine.net.config,
-                                     engine.tokenizer)
-    found = {int(r["id"]): str(r["answer"]) for r in records}
-    return [found.get(i, "") for i in range(len(questions))]
+    records = present(arrays, features.select(order), data, engine.net.config,
+                      engine.tokenizer, scored=True)
+    found = {int(r.pop("id")): r for r in records}
+    none = {"answer": "", "score": None, "start": -1, "end": -1}  # a row without windows
+    return [found.get(i, none) for i in range(len(questions))]
 
 
 @dataclass(frozen=True)
 class Prompt:
     """One prompt to generate for, as the model reads it; `sink(choice, text)` hears each
-    choice's text so far while it is generated (None: the whole answer at once)."""
+    choice's text so far while it is generated (None: the whole answer at once); `left` is set
+    when its client has gone, and its rows stop at the next token."""
 
     text: str
     sink: Callable[[int, str], None] | None = None
+    left: threading.Event = field(default_factory=threading.Event)
 
 
 def complete(engine: Engine, key: tuple[GenerationSettings, bool], prompts: list[Prompt]
              ) -> list[dict[str, Any]]:
     """`llmkit generate` on prompts that share settings: one generate call, the records in
-    prompt order; streaming prompts hear their own tokens as they come."""
+    prompt order, each with its choices' finish reasons (`reasons`) where the rows could be
+    followed (not under beam search); streaming prompts hear their own tokens as they come,
+    and the rows of prompts whose client left stop."""
     from llmkit.inference.generate import generate
-    from llmkit.serve.streaming import RowStreamer
+    from llmkit.serve.streaming import Abandoned, RowStreamer, Stopping
 
     settings, templated = key
     tokenizer = engine.tokenizer
@@ -159,15 +168,21 @@ def complete(engine: Engine, key: tuple[GenerationSettings, bool], prompts: list
     # are these prompts', so the streamer knows whose token is whose
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     n = settings.num_return_sequences
-    sinks = [(prompts[i].sink, c) for i in order for c in range(n)]
-    streamer = None
-    if engine.streams and any(sink for sink, _ in sinks):
-        streamer = RowStreamer(tokenizer, sinks, ends(engine, templated))
-    records = generate(engine.net, tokenizer, [prompts[i].text for i in order], settings,
+    rows = [(prompts[i], c) for i in order for c in range(n)]
+    net, streamer, criterion = engine.net, None, Abandoned([p.left for p, _ in rows])
+    if engine.streams:  # no beams: generate's rows are these, prompts x choices
+        streamer = RowStreamer(tokenizer, [(p.sink, c) for p, c in rows], ends(engine, templated))
+        net = Stopping(engine.net, criterion)
+    records = generate(net, tokenizer, [prompts[i].text for i in order], settings,
                        batch_size=len(prompts), streamer=streamer, templated=templated)
+    reasons = streamer.reasons(settings.stop) if streamer else []
     found: list[dict[str, Any]] = [{} for _ in prompts]
-    for record, i in zip(records, order, strict=True):
-        found[i] = record
+    for k, (record, i) in enumerate(zip(records, order, strict=True)):
+        found[i] = {**record, "reasons": reasons[k * n:(k + 1) * n]} if reasons else record
+    for row, tokens in criterion.stopped.items():
+        if row % n == 0:
+            log.info("stopped generating for a request whose client left, after %d of %d "
+                     "tokens", tokens, settings.max_new_tokens)
     return found
 
 

@@ -226,12 +226,22 @@ def answers(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
             version_2: bool) -> dict[str, str]:
     """Example id -> answer text: the best valid span across all its windows; for SQuAD 2.0
     the empty answer when the best null score beats it by more than data.null_threshold."""
-    best: dict[str, tuple[float, str]] = {}
+    return {example: span["answer"] for example, span in
+            spans(gathered, features, data, version_2).items()}
+
+
+def spans(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
+          version_2: bool) -> dict[str, dict[str, Any]]:
+    """Example id -> the answer `answers` gives, its score (start + end logit; the empty answer's
+    is the null score) and its character offsets in the context (-1, -1 when empty)."""
+    best: dict[str, tuple[float, int, int]] = {}  # score, first and last character + 1
     null: dict[str, float] = {}
+    contexts: dict[str, str] = {}
     for w, (example, context, offsets) in enumerate(zip(
             features["example_id"], features["context"], features["offsets"], strict=True)):
         null[example] = min(null.get(example, float("inf")), float(gathered["null"][w]))
-        best.setdefault(example, (-float("inf"), ""))
+        best.setdefault(example, (-float("inf"), -1, -1))
+        contexts[example] = context
         for i in range(data.n_best):
             s, s_val = int(gathered["start_index"][w][i]), float(gathered["start_values"][w][i])
             for j in range(data.n_best):
@@ -240,9 +250,14 @@ def answers(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
                         or offsets[e][0] < 0 or e < s or e - s + 1 > data.max_answer_length):
                     continue
                 if s_val + e_val > best[example][0]:
-                    best[example] = (s_val + e_val, context[offsets[s][0]:offsets[e][1]])
-    return {example: "" if version_2 and null[example] - score > data.null_threshold else text
-            for example, (score, text) in best.items()}
+                    best[example] = (s_val + e_val, offsets[s][0], offsets[e][1])
+    found = {}
+    for example, (score, start, end) in best.items():
+        empty = start < 0 or version_2 and null[example] - score > data.null_threshold
+        found[example] = ({"answer": "", "score": null[example], "start": -1, "end": -1}
+                          if empty else {"answer": contexts[example][start:end],
+                                         "score": score, "start": start, "end": end})
+    return found
 
 
 def score(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
@@ -256,11 +271,14 @@ def score(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
 
 
 def present(gathered: dict[str, np.ndarray], features: Dataset, data: QAData,
-            config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+            config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, scored: bool = False
+            ) -> list[dict[str, Any]]:
+    """Each example's answer; with `scored`, its score and offsets too (`spans`)."""
     version_2 = data.version_2 if data.version_2 is not None else getattr(config, "squad_v2",
                                                                        False)
-    predicted = answers(gathered, features, data, bool(version_2))
-    return [{"id": example, "answer": text} for example, text in predicted.items()]
+    found = spans(gathered, features, data, bool(version_2))
+    return [{"id": example, **(span if scored else {"answer": span["answer"]})}
+            for example, span in found.items()]
 
 
 QA = Task(
