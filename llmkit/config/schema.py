@@ -80,9 +80,9 @@ class TrainConfig:
                                               "CPUs).")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward "
                                            "pass: less memory, more compute.")
-    group_by_length: bool = setting(True, "Batch rows of similar length: classify, translate "
-                                    "and summarize run each random batch as micro-batches "
-                                    "sorted by length; the other tasks group across batches.")
+    group_by_length: bool = setting(True, "Batch rows of similar length: translate and "
+                                    "summarize run each random batch as micro-batches sorted "
+                                    "by length; the other tasks group across batches.")
     eval_steps: int = setting(0, "Also evaluate and checkpoint every N steps; 0 = each epoch "
                               "only.", minimum=0)
     save_steps: int = setting(0, "Also checkpoint every N steps.", minimum=0)
