@@ -174,8 +174,9 @@ def cut(text: str, stop: tuple[str, ...]) -> str:
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], settings: GenerationSettings,
              batch_size: int = 16, streamer: Any = None, on_batch: Any = None,
-             templated: bool = False) -> list[dict[str, Any]]:
-    """Generate for every prompt; records come back in prompt order with token counts."""
+             templated: bool = False, stopping: Any = None) -> list[dict[str, Any]]:
+    """Generate for every prompt; records come back in prompt order with token counts.
+    `stopping`: a StoppingCriteriaList added to the model's own (serve's rows whose client left)."""
     import torch
     from transformers import set_seed
 
@@ -200,7 +201,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
             try:
                 out = model.generate(**batch, **room_left(kwargs, batch["input_ids"].shape[1],
                                                           context, model.config),
-                                     streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+                                     streamer=streamer, pad_token_id=tokenizer.pad_token_id,
+                                     stopping_criteria=stopping)
             except ValueError as err:  # settings that transformers finds contradictory
                 raise LlmkitError(f"generation settings: {str(err).splitlines()[0]}") from err
             new = out if model.config.is_encoder_decoder else out[:, batch["input_ids"].shape[1]:]

@@ -157,8 +157,10 @@ def complete(engine: Engine, key: tuple[GenerationSettings, bool], prompts: list
     prompt order, each with its choices' finish reasons (`reasons`) where the rows could be
     followed (not under beam search); streaming prompts hear their own tokens as they come,
     and the rows of prompts whose client left stop."""
+    from transformers import StoppingCriteriaList
+
     from llmkit.inference.generate import generate
-    from llmkit.serve.streaming import Abandoned, RowStreamer, Stopping
+    from llmkit.serve.streaming import Abandoned, RowStreamer
 
     settings, templated = key
     tokenizer = engine.tokenizer
@@ -169,12 +171,13 @@ def complete(engine: Engine, key: tuple[GenerationSettings, bool], prompts: list
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     n = settings.num_return_sequences
     rows = [(prompts[i], c) for i in order for c in range(n)]
-    net, streamer, criterion = engine.net, None, Abandoned([p.left for p, _ in rows])
+    streamer, stopping, criterion = None, None, Abandoned([p.left for p, _ in rows])
     if engine.streams:  # no beams: generate's rows are these, prompts x choices
         streamer = RowStreamer(tokenizer, [(p.sink, c) for p, c in rows], ends(engine, templated))
-        net = Stopping(engine.net, criterion)
-    records = generate(net, tokenizer, [prompts[i].text for i in order], settings,
-                       batch_size=len(prompts), streamer=streamer, templated=templated)
+        stopping = StoppingCriteriaList([criterion])
+    records = generate(engine.net, tokenizer, [prompts[i].text for i in order], settings,
+                       batch_size=len(prompts), streamer=streamer, templated=templated,
+                       stopping=stopping)
     reasons = streamer.reasons(settings.stop) if streamer else []
     found: list[dict[str, Any]] = [{} for _ in prompts]
     for k, (record, i) in enumerate(zip(records, order, strict=True)):

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 Sink = Callable[[int, str], None]
@@ -72,21 +72,6 @@ class Abandoned(StoppingCriteria):
         for row in (r for r, flag in enumerate(done) if flag):
             self.stopped.setdefault(row, self.steps)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class Stopping:
-    """The model as `llmkit.inference.generate.generate` uses it, its `generate` given one
-    more stopping criterion (that function takes none of its own)."""
-
-    def __init__(self, net: Any, criterion: StoppingCriteria):
-        self.net, self.criterion = net, criterion
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.net, name)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.net.generate(*args, stopping_criteria=StoppingCriteriaList([self.criterion]),
-                                 **kwargs)
 
 
 class Stream:
