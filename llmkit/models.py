@@ -38,6 +38,9 @@ def load_pretrained(auto_class: Any, name: str, option: str = "--model", **kwarg
     except OSError as err:
         if not hub.is_local(name) and hub.hub_offline():
             raise LlmkitError(hub.offline_hint(option.strip("-"), name, option)) from err
+        if (Path(name) / "export.json").is_file():  # inference.exported.DONE (a layer up)
+            raise LlmkitError(f"{name} is an llmkit export (ONNX): it holds no PyTorch weights "
+                              "to load here; give the run directory it was exported from") from err
         raise LlmkitError(f"could not load {name!r}: {err}".replace("\n", " ")) from err
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the file
         raise LlmkitError(f"--model {name}: its pickled weights (.bin) hold more than tensors "
@@ -198,8 +201,8 @@ def check_reshaped(mismatched: list[Any], run: RunConfig | None) -> None:
 
 def body(keys: list[Any]) -> list[str]:
     """The weight names (mismatched ones come as tuples) outside the heads, which start new."""
-    names = (k[0] if isinstance(k, tuple) else k for k in keys)
-    return sorted(k for k in names if not set(k.split(".")) & {*HEADS, "lm_head"})
+    return sorted(k for k in (k[0] if isinstance(k, tuple) else k for k in keys)
+                  if not set(k.split(".")) & {*HEADS, "lm_head"})
 
 
 def finish(model: Any, tokenizer: Any, task: Task, data: DataConfig, name: str, new: list[str],
@@ -291,8 +294,7 @@ def check_base(run: str | Path, name: str, model: Any, info: dict[str, Any]) -> 
 
 
 def unquantized(config: Any) -> Any:
-    """A config without the 4-bit loading settings a QLoRA base carried in training: the run's
-    adapter is applied to (and merged into) the base at full precision, on any machine."""
+    """A config without a QLoRA base's 4-bit settings: the adapter merges at full precision."""
     for key in ("quantization_config", "_pre_quantization_dtype"):
         config.__dict__.pop(key, None)
     return config

@@ -155,15 +155,100 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"train": folder / "train.txt", "validation": folder / "valid.txt"}
 
 
-def test_generate_export_generates_as_pytorch(tiny_gpt2: Path, corpus: dict[str, Path],
-                                              tmp_path: Path) -> None:
-    run = tiny_run("generate", tiny_gpt2, corpus, tmp_path / "run", **{"data.block_size": 16})
-    report = export(run, tmp_path / "onnx")
+@pytest.fixture(scope="module")
+def generate_export(tiny_gpt2: Path, corpus: dict[str, Path],
+                    tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A full (not adapter) generate run, exported."""
+    folder = tmp_path_factory.mktemp("generate-export")
+    run = tiny_run("generate", tiny_gpt2, corpus, folder / "run", **{"data.block_size": 16})
+    return run, folder / "onnx", export(run, folder / "onnx")
+
+
+def test_generate_export_generates_as_pytorch(generate_export: tuple[Path, Path, dict]) -> None:
+    _, out, report = generate_export
     assert report["check"]["largest_difference"] <= 1e-4
     assert report["check"]["metrics"]["perplexity"] == pytest.approx(
         report["check"]["onnx_metrics"]["perplexity"], rel=1e-5)
     generations = report["generations"]
     assert generations["prompts"] == len(CORPUS) and generations["differ"] == 0
     assert any("without its KV cache" in n for n in report["notes"])
-    assert "KV cache" in (tmp_path / "onnx" / "README.md").read_text()
-    assert (tmp_path / "onnx" / "generation_config.json").is_file()
+    assert "KV cache" in (out / "README.md").read_text()
+    assert (out / "generation_config.json").is_file()
+
+
+def llmkit(*args: object) -> object:
+    """The command line, in this process: its result (exit code, output, exception)."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def scores(*args: object) -> dict[str, float]:
+    done = llmkit("eval", *args, "--json")
+    assert done.exit_code == 0, done.output
+    return {s["metric"]: s["value"] for s in json.loads(done.stdout)["scores"]}
+
+
+def test_predict_and_eval_on_the_export_answer_as_the_run(
+        classify_export: tuple[Path, Path, dict], toy: dict[str, Path], tmp_path: Path) -> None:
+    from llmkit.inference.ort import OrtModel
+    from llmkit.inference.predict import prepare
+
+    run, out, report = classify_export
+    assert isinstance(prepare(str(out), None, None)[2], OrtModel)  # not the run's weights
+    for model, name in ((run, "run"), (out, "onnx"), (out / "model.int8.onnx", "int8")):
+        done = llmkit("predict", "--model", model, "--input", toy["validation"], "--output",
+                      tmp_path / f"{name}.jsonl")
+        assert done.exit_code == 0, done.output
+    ours, theirs = records(tmp_path / "run.jsonl"), records(tmp_path / "onnx.jsonl")
+    assert len(ours) == 30 and [r["text"] for r in theirs] == [r["text"] for r in ours]
+    assert [r["label"] for r in theirs] == [r["label"] for r in ours]
+    assert [r["score"] for r in theirs] == pytest.approx([r["score"] for r in ours], abs=1e-5)
+    assert len(records(tmp_path / "int8.jsonl")) == 30  # the int8 graph, named as the model
+    metrics = ("-m", "accuracy", "-m", "macro_f1", "-m", "eval_loss", "--data", toy["validation"])
+    expected, found = scores("--model", run, *metrics), scores("--model", out, *metrics)
+    assert found == pytest.approx(expected, abs=1e-5)
+    assert found["accuracy"] == report["check"]["onnx_metrics"]["accuracy"]
+    int8 = scores("--model", out / "model.int8.onnx", *metrics)
+    # activations are quantized per batch: eval's batches are not the check's
+    assert int8["accuracy"] == pytest.approx(report["quantized"]["metrics"]["accuracy"], abs=0.1)
+    refused = llmkit("generate", "--model", out, "--prompt", "the film")
+    assert refused.exit_code == 1 and "ONNX export of a classify run: it cannot generate text" \
+        in str(refused.exception)
+
+
+def test_generate_and_eval_on_the_export_answer_as_the_run(
+        generate_export: tuple[Path, Path, dict], corpus: dict[str, Path], tmp_path: Path) -> None:
+    from llmkit.inference.generate import load_prompts
+    from llmkit.inference.ort import OrtCausalLM
+
+    run, out, _ = generate_export
+    assert isinstance(load_prompts(str(out), [])[0], OrtCausalLM)  # not the run's weights
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(text.split(" ", 3)[-1] for text in CORPUS[:6]) + "\n")
+    runs = {"greedy": ("--max-new-tokens", 10), "beams": ("--num-beams", 3,
+                                                          "--num-return-sequences", 2,
+                                                          "--max-new-tokens", 6),
+            "sampled": ("--temperature", 0.9, "--top-k", 20, "--seed", 1, "--max-new-tokens", 6)}
+    for name, options in runs.items():
+        for model in (run, out):
+            done = llmkit("generate", "--model", model, "--input", prompts, "--output",
+                          tmp_path / f"{name}-{model.name}.jsonl", *options)
+            assert done.exit_code == 0, done.output
+        assert records(tmp_path / f"{name}-onnx.jsonl") == records(tmp_path / f"{name}-run.jsonl")
+    metrics = ("-m", "perplexity", "-m", "rolling_perplexity", "--data", corpus["validation"])
+    assert scores("--model", out, *metrics) == pytest.approx(
+        scores("--model", run, *metrics), rel=1e-5)
+    refused = llmkit("generate", "--model", out, "--prompt", "the", "--base-model", run)
+    assert refused.exit_code == 1 and "is an ONNX export of a whole model" in str(
+        refused.exception) and "drop --base-model" in str(refused.exception)
+    refused = llmkit("finetune", "generate", "--model", out, "--train", corpus["train"],
+                     "--output", tmp_path / "again")
+    assert refused.exit_code == 1 and "is an llmkit export (ONNX): it holds no PyTorch weights" \
+        in str(refused.exception)

@@ -42,7 +42,7 @@ def eval_files(
                           "reference per line, aligned; repeat for several references (squad: "
                           "the data file).")] = None,
     model: Annotated[str | None, typer.Option(help="Score a model instead: a run directory (or "
-                     "a checkpoint with --task) on --data.")] = None,
+                     "a checkpoint with --task, or an llmkit export folder) on --data.")] = None,
     data: Annotated[str | None, typer.Option(help="Labelled rows for --model: file or Hub id.")
                     ] = None,
     task: Annotated[str | None, typer.Option(help="Task of a --model that is not a run "

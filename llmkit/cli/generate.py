@@ -24,7 +24,7 @@ llmkit generate -m ./gpt2 --chat --chat-template chatml.jinja -p "Hi" --stream""
 @with_settings(GenerationSettings, "Decoding")
 def generate_text(
     model: Annotated[str, typer.Option("--model", "-m", help="Run directory, local checkpoint "
-                     "or Hub id (causal or seq2seq).")],
+                     "or Hub id (causal or seq2seq), or an llmkit export folder (ONNX).")],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One prompt.")] = None,
     input: Annotated[str | None, typer.Option("--input", "-i", help="Prompts: .txt (one per "
                      "line) or .jsonl (a 'prompt' field).")] = None,
@@ -43,12 +43,12 @@ def generate_text(
 ) -> None:
     """Generate text with a causal or seq2seq model: one prompt, or a file of prompts."""
     from llmkit.data.read import check_output_file
-    from llmkit.hub import check_model_source
+    from llmkit.inference.exported import check_source
     from llmkit.inference.generate import generate, load_prompts, read_prompts
 
     assert settings is not None
     check_request(prompt, input, stream, chat, system, settings, chat_template)
-    check_model_source(model)  # before torch and transformers load: a mistyped path is quick
+    check_source(model)  # before torch and transformers load: a mistyped path is quick
     if output is not None:
         check_output_file(output)
     given = [prompt] if prompt is not None else read_prompts(str(input), chat)

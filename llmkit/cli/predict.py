@@ -14,7 +14,8 @@ MERGE_EXAMPLES = "llmkit merge runs/sst2-lora --output runs/sst2-merged"
 
 
 def predict_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Run directory or checkpoint.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Run directory, checkpoint or "
+                     "llmkit export folder (ONNX).")],
     input: Annotated[str | None, typer.Option("--input", "-i", help="Rows to predict (file or "
                      "Hub id).")] = None,
     question: Annotated[str | None, typer.Option(help="qa: one question (with --context).")

@@ -11,61 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
 from llmkit.errors import LlmkitError
+from llmkit.inference.ort import OrtModel
 from llmkit.inference.predict import collect
 from llmkit.tasks.task import Task, loss_of
 
 log = logging.getLogger("llmkit")
-
-
-class OrtModel:
-    """An ONNX Runtime session that answers like the transformers model for a task's
-    `eval_step`: `model(**batch)` gives the graph's outputs as attributes (torch tensors);
-    batch entries the graph does not take (labels) are left out."""
-
-    def __init__(self, path: Path, config: Any) -> None:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # warnings about unused initializers are not the user's
-        try:
-            self.session = onnxruntime.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"])
-        except (RuntimeError, ValueError) as err:  # onnxruntime's Fail / InvalidGraph
-            raise LlmkitError(f"onnxruntime cannot load {path.name}: "
-                              f"{' '.join(str(err).split())[:300]}") from err
-        self.config = config
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.device = torch.device("cpu")
-
-    def __call__(self, **batch: Any) -> SimpleNamespace:
-        feed = {}
-        for name in self.inputs:
-            value = batch.get(name)
-            if value is None:
-                value = missing_input(name, batch)
-            feed[name] = value.cpu().numpy()
-        found = self.session.run(self.outputs, feed)
-        return SimpleNamespace(**{n: torch.from_numpy(v) for n, v in zip(self.outputs, found,
-                                                                          strict=True)})
-
-
-def missing_input(name: str, batch: dict[str, Any]) -> torch.Tensor:
-    """Inputs a batch may leave out: an all-ones mask, zero token types, positions after the
-    mask (as transformers' generate counts them)."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    if name == "attention_mask":
-        return mask
-    if name == "token_type_ids":
-        return torch.zeros_like(ids)
-    if name == "position_ids":
-        return (mask.long().cumsum(-1) - 1).clamp(min=0)
-    raise LlmkitError(f"the batch has no {name!r}, which the ONNX graph takes")
 
 
 class Twin:

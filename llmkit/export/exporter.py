@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LlmkitError
-from llmkit.export.check import Check, OrtModel, compare, fail
+from llmkit.export.check import Check, compare, fail
 from llmkit.export.folder import check_output, check_run, place, staging, write_folder
 from llmkit.export.onnx import DEFAULT_OPSET, check_opset, export_graph, require_runtime
 from llmkit.export.quantize import check_quantize, quantize, size_mb
+from llmkit.inference.exported import GRAPH
+from llmkit.inference.ort import OrtCausalLM
 
 log = logging.getLogger("llmkit")
 FORMATS = ("onnx",)
@@ -94,11 +96,11 @@ def build(task: Any, data: Any, net: Any, tokenizer: Any, folder: Path, features
           rows: Any, opset: int, tolerance: float, kind: str | None) -> dict[str, Any]:
     """The graph(s) in `folder`, checked; the report's figures."""
     causal = task.name == "generate"
-    graph = folder / "model.onnx"
+    graph = folder / GRAPH
     inputs = export_graph(net, tokenizer, graph, opset, causal)
     check = compare(task, net, graph, tokenizer, features, data, tolerance)
     fail(check, f"{check.rows} rows")
-    report: dict[str, Any] = {"task": task.name, "inputs": inputs, "files": ["model.onnx"],
+    report: dict[str, Any] = {"task": task.name, "inputs": inputs, "files": [GRAPH],
                               "size_mb": size_mb(graph), "check": {**asdict(check)},
                               "notes": [NO_CACHE] if causal else []}
     prompts = generation_prompts(task, data, rows, tokenizer) if causal else []
@@ -130,8 +132,8 @@ def generations_of(net: Any, graph: Path, tokenizer: Any, prompts: list[list[int
                    ) -> dict[str, Any]:
     from llmkit.export.generation import compare_generations
 
-    found = compare_generations(net, OrtModel(graph, net.config), tokenizer, prompts,
-                                NEW_TOKENS)
+    exported = OrtCausalLM(graph, net.config, net.generation_config)
+    found = compare_generations(net, exported, tokenizer, prompts, NEW_TOKENS)
     return asdict(found)
 
 
@@ -139,7 +141,7 @@ def quantized(task: Any, data: Any, net: Any, tokenizer: Any, folder: Path, feat
               fp32: Check, prompts: list[list[int]]) -> dict[str, Any]:
     """The int8 graph beside the fp32 one: size, metrics, how far its logits moved (no
     tolerance: quantization changes them by design)."""
-    source = folder / "model.onnx"
+    source = folder / GRAPH
     target = quantize(source, folder / "model.int8.onnx")
     int8 = compare(task, net, target, tokenizer, features, data, math.inf)
     found: dict[str, Any] = {

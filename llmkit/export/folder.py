@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LlmkitError
+from llmkit.inference.exported import DONE
 
-DONE = "export.json"  # written last: a folder holding it is a finished export
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
            "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 

@@ -1,5 +1,7 @@
-"""Greedy generation with an exported causal LM (no KV cache: the whole sequence goes through
-the graph at every step) beside the PyTorch model's own `generate`, for the export's check."""
+"""Greedy generations of an exported causal LM (no KV cache: the whole sequence goes through
+the graph at every step) beside the PyTorch model's, for the export's check: both decoded by
+transformers' `generate`, the export's as `llmkit generate --model DIR` runs it
+(inference.ort.OrtCausalLM)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llmkit.export.check import OrtModel
+from llmkit.inference.ort import OrtCausalLM
 
 PROMPT_TOKENS = 24  # prompts are cut to their first tokens: the check is of the decoder
 
@@ -51,8 +53,9 @@ def up_to_end(rows: torch.Tensor, eos: int | None) -> list[list[int]]:
     return found
 
 
-def greedy_torch(net: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int, eos: int | None,
-                 new_tokens: int) -> list[list[int]]:
+def greedy(net: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int, eos: int | None,
+           new_tokens: int) -> list[list[int]]:
+    """transformers' greedy search; finished rows continue with padding."""
     from transformers import GenerationConfig
 
     settings = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens,
@@ -62,34 +65,16 @@ def greedy_torch(net: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int, eos:
     return up_to_end(out[:, ids.shape[1]:], eos)
 
 
-def greedy_onnx(ort: OrtModel, ids: torch.Tensor, mask: torch.Tensor, pad: int, eos: int | None,
-                new_tokens: int) -> list[list[int]]:
-    """As transformers' greedy search: finished rows continue with padding; the mask grows by
-    one for every row; positions count the mask."""
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
-    start = ids.shape[1]
-    for _ in range(new_tokens):
-        logits = ort(input_ids=ids, attention_mask=mask).logits[:, -1]
-        following = logits.argmax(-1).masked_fill(done, pad)
-        ids = torch.cat([ids, following[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if eos is not None:
-            done |= following == eos
-        if bool(done.all()):
-            break
-    return up_to_end(ids[:, start:], eos)
-
-
-def compare_generations(net: Any, ort: OrtModel, tokenizer: Any, prompts: list[list[int]],
+def compare_generations(net: Any, exported: OrtCausalLM, tokenizer: Any, prompts: list[list[int]],
                         new_tokens: int) -> Generations:
     """Greedy generations of both models on `prompts`, and their speed."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
     ids, mask = left_padded(prompts, pad)
     start = time.perf_counter()
-    ours = greedy_torch(net, ids, mask, pad, eos, new_tokens)
+    ours = greedy(net, ids, mask, pad, eos, new_tokens)
     middle = time.perf_counter()
-    theirs = greedy_onnx(ort, ids, mask, pad, eos, new_tokens)
+    theirs = greedy(exported, ids, mask, pad, eos, new_tokens)
     end = time.perf_counter()
     made = sum(len(r) for r in ours)
     return Generations(prompts=len(prompts), differ=sum(a != b for a, b in zip(ours, theirs,

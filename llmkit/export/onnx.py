@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.inference.exported import INSTALL
 
 log = logging.getLogger("llmkit")
 LOWEST_OPSET = 14  # the oldest opset with the operators transformers' encoders need
 DEFAULT_OPSET = 18  # the dynamo exporter's own: no version conversion
 OPTIMIZE = True
-INSTALL = "pip install 'llmkit[export]' (onnx, onnxruntime, onnxscript)"
 
 
 def require_runtime() -> None:

@@ -59,11 +59,12 @@ def run_prefix(folder: str, config: Any) -> str:
 def load_prompts(model: str, given: list[Any], chat: bool = False, system: str | None = None,
                  base_model: str | None = None, chat_template: str | None = None
                  ) -> tuple[Any, Any, list[str]]:
-    """The generator (models.load_generator), its tokenizer and the prompts as the model reads
-    them: in the chat template (`given` are user turns or whole conversations; a
-    --chat-template file replaces the tokenizer's), or after the source prefix a translate or
-    summarize run was trained with ('summarize: ')."""
-    from llmkit.models import load_generator
+    """The generator (exported.load_generator: a run's model, or an export's through ONNX
+    Runtime), its tokenizer and the prompts as the model reads them: in the chat template
+    (`given` are user turns or whole conversations; a --chat-template file replaces the
+    tokenizer's), or after the source prefix a translate or summarize run was trained with
+    ('summarize: ')."""
+    from llmkit.inference.exported import load_generator
     from llmkit.tasks.chat import use_template
 
     net, tokenizer = load_generator(model, base_model)
@@ -134,7 +135,7 @@ def load_chat(model: str, base_model: str | None = None, chat_template: str | No
               ) -> tuple[Any, Any]:
     """A causal model for a conversation (`llmkit chat`) and its tokenizer, with a chat
     template: its own or the --chat-template file's."""
-    from llmkit.models import load_generator
+    from llmkit.inference.exported import load_generator
     from llmkit.tasks.chat import use_template
 
     net, tokenizer = load_generator(model, base_model)

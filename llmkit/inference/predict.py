@@ -14,7 +14,8 @@ from llmkit.config.schema import DataConfig, RunConfig
 from llmkit.data.features import by_length
 from llmkit.data.read import check_columns, load_split, reading
 from llmkit.errors import LlmkitError
-from llmkit.hub import ADAPTER_CONFIG, check_model_source, is_adapter_run, quiet_libraries
+from llmkit.hub import ADAPTER_CONFIG, is_adapter_run, quiet_libraries
+from llmkit.inference.exported import check_source, exported_graph, load_exported
 from llmkit.tasks import auto_class, get_task, load_config
 from llmkit.tasks.task import Task, loss_of
 
@@ -27,7 +28,8 @@ log = logging.getLogger("llmkit")
 def run_config(model: str) -> RunConfig | None:
     """The config a run directory was trained with, if `model` is one. Runs of llmkit 0.1
     saved every task's data keys: the ones this task does not have are left out."""
-    saved = Path(model) / "config.yaml"
+    graph = exported_graph(model)  # an export keeps the run's config.yaml beside its graphs
+    saved = (graph.parent if graph else Path(model)) / "config.yaml"
     if not saved.is_file():
         return None
     raw = read_recipe(str(saved))
@@ -40,8 +42,10 @@ def run_config(model: str) -> RunConfig | None:
 
 def prepare(model: str, task_name: str | None, columns: dict[str, Any] | None,
             base_model: str | None = None) -> tuple[Task, DataConfig, Any, Any]:
-    """Task, column settings (the run's, then the caller's), model and tokenizer."""
-    check_model_source(model)  # before torch and transformers load: a mistyped path is quick
+    """Task, column settings (the run's, then the caller's), model and tokenizer; an export's
+    model runs through ONNX Runtime (inference.exported)."""
+    check_source(model)  # before torch and transformers load: a mistyped path is quick
+    graph = exported_graph(model)
     from llmkit.models import load_model
 
     quiet_libraries()
@@ -58,7 +62,10 @@ def prepare(model: str, task_name: str | None, columns: dict[str, Any] | None,
         raise LlmkitError(f"--{foreign[0].replace('_', '-')} does not apply to a {task.name} "
                           "model")
     data = replace(data, **given)
-    net, tokenizer = load_model(task, model, data, trained=True, base_model=base_model)
+    if graph is not None:
+        net, tokenizer = load_exported(graph, base_model=base_model)
+    else:
+        net, tokenizer = load_model(task, model, data, trained=True, base_model=base_model)
     return task, data, net, tokenizer
 
 
@@ -90,9 +97,8 @@ def outputs(task: Task, net: Any, tokenizer: Any, features: Any, batch_size: int
     order = by_length(features)
     loader = DataLoader(features.select(order), batch_size=batch_size,
                         collate_fn=task.collator(tokenizer))
-    device = inference_device()
-    net.to(device).eval()
-    return collect(task, net, loader, device=device), order
+    net.to(inference_device()).eval()
+    return collect(task, net, loader, device=net.device), order  # an export's: the CPU
 
 
 def predict(model: str, input: str, output: str | None = None, task_name: str | None = None,

@@ -54,7 +54,7 @@ def rolling(model: Any, tokenizer: PreTrainedTokenizerBase, texts: list[str], le
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     rows = sorted((w for ids in encoded for w in windows([prefix, *ids], length, stride)),
                   key=lambda w: -len(w[0]))
-    device = next(model.parameters()).device
+    device = model.device  # a transformers model's, or an export's (the CPU)
     total = 0.0
 
     def logits(inputs: torch.Tensor, mask: torch.Tensor, rows: slice) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""An `llmkit export` folder put to use: which `--model` names one (the folder: its model.onnx,
+or one of its graphs: DIR/model.int8.onnx), and its model behind ONNX Runtime, loaded where a
+run's model would be for predict, eval, generate and chat."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import LlmkitError
+from llmkit.hub import check_model_source, quiet_libraries
+
+log = logging.getLogger("llmkit")
+DONE = "export.json"  # written last by llmkit export: a folder holding it is a finished export
+GRAPH = "model.onnx"  # the fp32 graph; quantized ones beside it (model.int8.onnx)
+INSTALL = "pip install 'llmkit[export]' (onnx, onnxruntime, onnxscript)"
+NO_CACHE = ("the export has no KV cache: every new token runs the whole sequence through the "
+            "graph (slower than the run's model as generations grow long)")
+
+
+def exported_graph(model: str | Path) -> Path | None:
+    """The ONNX graph `model` names, if it is an export: a finished export folder's model.onnx,
+    or a .onnx file inside one; None for anything else (a run, a checkpoint, a Hub id)."""
+    path = Path(model).expanduser()
+    if path.suffix == ".onnx" and path.is_file() and (path.parent / DONE).is_file():
+        return path
+    if not (path / DONE).is_file():
+        return None
+    if not (path / GRAPH).is_file():
+        raise LlmkitError(f"{model} is an ONNX export without its {GRAPH}: give one of the "
+                          f"graphs it holds ({', '.join(exported_files(path)) or 'none'}) or "
+                          "export the run again")
+    return path / GRAPH
+
+
+def check_source(model: str) -> None:
+    """hub.check_model_source (one line for a mistyped path, before torch loads), letting an
+    export's graph file (DIR/model.int8.onnx) through as a model."""
+    if exported_graph(model) is None:
+        check_model_source(model)
+
+
+def exported_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.onnx"))
+
+
+def exported_task(graph: Path) -> str:
+    """The task of the run an export was made from (its export.json)."""
+    try:
+        report = json.loads((graph.parent / DONE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LlmkitError(f"{graph.parent / DONE} is damaged ({err}): export the run again"
+                          ) from None
+    return str(report.get("task", "")) if isinstance(report, dict) else ""
+
+
+def load_exported(graph: Path, generator: bool = False, base_model: str | None = None
+                  ) -> tuple[Any, Any]:
+    """An export's model through ONNX Runtime (on the CPU) and its tokenizer, as the export
+    saved them: an `ort.OrtModel` for a task's eval_step (predict, eval); with `generator`, a
+    causal LM that transformers' generate decodes (left padding, as models.load_generator pads
+    decoder-only batches)."""
+    if base_model is not None:
+        raise LlmkitError(f"--base-model {base_model}: {graph.parent} is an ONNX export of "
+                          "a whole model (an adapter run's is merged into its base on export); "
+                          "drop --base-model")
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise LlmkitError(f"{graph.parent} is an ONNX export: running it needs onnxruntime: "
+                          f"{INSTALL}")
+    from llmkit.inference.ort import OrtCausalLM, OrtModel
+    from llmkit.models import load_pretrained, load_tokenizer, model_config
+
+    quiet_libraries()
+    folder = str(graph.parent)
+    config = model_config(folder)
+    tokenizer = load_tokenizer(folder, padding_side="left" if generator else None)
+    log.info("%s: the ONNX export's %s, run by ONNX Runtime on the CPU", folder, graph.name)
+    if not generator:
+        return OrtModel(graph, config), tokenizer
+    settings = None
+    if (graph.parent / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        settings = load_pretrained(GenerationConfig, folder)
+    log.info(NO_CACHE)
+    return OrtCausalLM(graph, config, settings), tokenizer
+
+
+def load_generator(model: str, base_model: str | None = None) -> tuple[Any, Any]:
+    """The model behind `llmkit generate` and `llmkit chat`, and its tokenizer: an exported
+    generate run through ONNX Runtime, else models.load_generator's."""
+    graph = exported_graph(model)
+    if graph is None:
+        from llmkit import models
+
+        return models.load_generator(model, base_model)
+    task = exported_task(graph)
+    if task != "generate":
+        raise LlmkitError(f"{model} is an ONNX export of a {task} run: it cannot generate "
+                          f"text; llmkit predict --model {model} runs it")
+    return load_exported(graph, True, base_model)
