@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,10 +32,10 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WORDS = ("the quick brown fox jumps over the lazy dog what is the capital of france paris is "
          "a gripping funny and moving film one of the best movies of the year").split()
-SERVER = """import json, sys
+SERVER = """import json, logging, sys
 from llmkit.serve import Limits, run_server
-run_server(sys.argv[1], port=int(sys.argv[2]), limits=Limits(**json.loads(sys.argv[3])),
-           task=sys.argv[4] or None)
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+run_server(sys.argv[1], port=0, limits=Limits(**json.loads(sys.argv[2])), task=sys.argv[3] or None)
 """
 
 
@@ -79,21 +79,19 @@ def prompts(count: int) -> list[str]:
 
 
 def start(model: Path, task: str = "", **limits: object) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(model), str(port),
-                                json.dumps(limits), task])
-    url = f"http://127.0.0.1:{port}"
+    """A server on a port the system chooses (--port 0), read from its log line."""
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([sys.executable, "-c", SERVER, str(model), json.dumps(limits),
+                                    task], stderr=sink)
     for _ in range(600):
+        found = re.search(r" at (http://127\.0\.0\.1:\d+)", log.read_text())
+        if found:
+            return process, found.group(1)
         if process.poll() is not None:
             break
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise SystemExit("the server did not start")
+        time.sleep(0.2)
+    raise SystemExit(f"the server did not start:\n{log.read_text()[-2000:]}")
 
 
 def stop(process: subprocess.Popen) -> None:

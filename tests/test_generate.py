@@ -560,3 +560,23 @@ def test_from_scratch_with_config_overrides_and_another_tokenizer(
         refused = runner.invoke(app, [*base, "--output", str(tmp_path / "x"),
                                       "--config-overrides", overrides])
         assert refused.exit_code == 1 and message in str(refused.exception), overrides
+
+
+def test_new_tokens_end_at_the_first_end_token_and_leave_padding_out() -> None:
+    """Token counts (usage, tokens/s): up to and including the first end of sequence or of turn;
+    a row stopped by a stop string is followed by padding that was not generated; a decoder's
+    start token (the pad of Marian and T5) is not new."""
+    from types import SimpleNamespace
+
+    from llmkit.inference.generate import new_token_count
+
+    own_pad = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    assert new_token_count([5, 6, 2, 0, 0], own_pad) == 3
+    assert new_token_count([5, 6, 7, 0, 0], own_pad) == 3  # a stop string, then padding
+    assert new_token_count([5, 6, 7], own_pad) == 3
+    assert new_token_count([0, 5, 6, 2, 0], own_pad) == 3  # after the decoder's start
+    assert new_token_count([5, 9, 0, 0], own_pad, [2, 9]) == 2  # 9: the end of a turn
+    assert new_token_count([5, 9, 0, 0], own_pad, 2) == 2
+    eos_pad = SimpleNamespace(pad_token_id=2, eos_token_id=2)
+    assert new_token_count([5, 6, 2, 2, 2], eos_pad) == 3
+    assert new_token_count([5, 9, 2, 2], eos_pad, [2, 9]) == 2

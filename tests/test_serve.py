@@ -574,6 +574,39 @@ def test_a_prompt_whose_client_left_stops_at_the_next_token(servers) -> None:
     assert other["reasons"] == ["length"]
 
 
+def test_a_whole_answer_whose_client_left_stops_at_the_next_token(servers) -> None:
+    """A request without streaming whose client has gone (Starlette's is_disconnected) stops
+    its generation at the next token instead of running to max_tokens."""
+    from llmkit.inference.generate import GenerationSettings
+    from llmkit.serve.batching import Batcher
+    from llmkit.serve.completions import respond
+    from llmkit.serve.engine import load_engine, work_of
+    from llmkit.serve.limits import Limits
+    from llmkit.serve.schemas import CompletionRequest
+
+    engine = load_engine(str(servers[1]["gpt"]))
+    body = CompletionRequest(model="gpt", prompt="the quick", max_tokens=100)
+
+    async def main(gone: bool) -> dict[str, Any]:
+        batcher = Batcher(work_of(engine), 4, 0.005)
+        running = asyncio.create_task(batcher.run())
+
+        async def disconnected() -> bool:
+            return gone
+
+        request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(
+            engine=engine, limits=Limits(), batcher=batcher)), is_disconnected=disconnected)
+        try:
+            return await respond(request, body, ["the quick"],  # type: ignore[arg-type]
+                                 GenerationSettings(max_new_tokens=100), False)
+        finally:
+            running.cancel()
+            batcher.close()
+
+    assert asyncio.run(main(False))["usage"]["completion_tokens"] == 100
+    assert asyncio.run(main(True))["usage"]["completion_tokens"] <= 2
+
+
 def test_a_stream_whose_client_leaves_leaves_no_task_behind() -> None:
     """The stream's side, deterministically: its client leaving (the response task cancelled,
     as Starlette cancels it) gives its prompt up and leaves no task waiting."""

@@ -210,7 +210,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], settings: Generatio
             for row, i in enumerate(chunk):
                 texts, counts = [], []
                 for seq in new[row * n:(row + 1) * n].tolist():
-                    counts.append(new_token_count(seq, tokenizer))
+                    counts.append(new_token_count(seq, tokenizer, kwargs.get(
+                        "eos_token_id", model.generation_config.eos_token_id)))
                     texts.append(cut(tokenizer.decode(seq, skip_special_tokens=True),
                                      settings.stop))
                 records[i] = {"prompt": prompts[i], "output": texts[0] if n == 1 else texts,
@@ -287,11 +288,13 @@ def room_left(kwargs: dict[str, Any], prompt: int, context: int | None, config: 
     return {**kwargs, "max_new_tokens": context - used}
 
 
-def new_token_count(seq: list[int], tokenizer: Any) -> int:
-    """Generated tokens up to and including the first end-of-sequence (padding excluded)."""
-    start = 1 if seq and seq[0] == getattr(tokenizer, "pad_token_id", None) and \
-        tokenizer.pad_token_id != tokenizer.eos_token_id else 0
-    for index in range(start, len(seq)):
-        if seq[index] == tokenizer.eos_token_id:
-            return index + 1 - start
-    return len(seq) - start
+def new_token_count(seq: list[int], tokenizer: Any, ends: Any = None) -> int:
+    """Generated tokens up to and including the first end (`ends`: the decoding's eos ids, with
+    a chat's end of turn; and the tokenizer's), without padding after a row stopped early."""
+    pad, ends = tokenizer.pad_token_id, {tokenizer.eos_token_id, *(
+        ends if isinstance(ends, list) else [ends])}
+    start = 1 if seq and seq[0] == pad and pad not in ends else 0  # a decoder's start token
+    end = next((i + 1 for i in range(start, len(seq)) if seq[i] in ends), len(seq))
+    while end == len(seq) and end > start and seq[end - 1] == pad:  # no end token: unpadded
+        end, seq = end - 1, seq[:-1]
+    return end - start

@@ -96,8 +96,22 @@ async def respond(request: Request, body: Sampling, texts: list[str],
         return StreamingResponse(stream(request, answer, texts, usage),
                                  media_type="text/event-stream")
     batcher = request.app.state.batcher
-    records = await asyncio.gather(*(batcher.submit(Prompt(t), (settings, chat)) for t in texts))
+    prompts = [Prompt(t) for t in texts]
+    watching = asyncio.ensure_future(given_up(request, prompts))
+    try:
+        records = await asyncio.gather(*(batcher.submit(p, (settings, chat)) for p in prompts))
+    finally:
+        watching.cancel()
     return answer.whole(records)
+
+
+async def given_up(request: Request, prompts: list[Prompt], every_s: float = 0.1) -> None:
+    """A client that leaves before its whole answer is ready: its prompts' rows stop at the next
+    token (a streaming request learns it from its response being cancelled)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    for prompt in prompts:
+        prompt.left.set()
 
 
 class Answer:
