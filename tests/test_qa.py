@@ -258,3 +258,41 @@ def test_tokenizers_that_drop_windows_are_refused(tiny_bert: Path, monkeypatch) 
     monkeypatch.setattr(tokenizers, "__version__", "0.23.2")
     with pytest.raises(LlmkitError, match=r"tokenizers 0\.23\.2 drops the windows"):
         featurize(squad_rows(), tokenizer, config, QAData(max_length=48, doc_stride=16))
+
+
+def test_spans_give_the_best_span_of_all_windows_its_score_and_offsets() -> None:
+    """On crafted logits: the best start + end over an example's windows wins (here in its
+    second window), with the context's characters as offsets; candidates on question tokens
+    (offset -1), ending before they start or longer than max_answer_length are skipped; SQuAD
+    2.0 answers empty (score: the lowest null score of its windows) when that beats the span
+    by more than null_threshold."""
+    from llmkit.tasks.qa import spans
+
+    context = "Paris is the capital of France."
+    # token offsets: 0 and 1 are the question's (-1), then words of the context
+    words = [(-1, -1), (-1, -1), (0, 5), (6, 8), (9, 12), (13, 20), (21, 23), (24, 30)]
+    features = Dataset.from_dict({"example_id": ["a", "a"], "context": [context] * 2,
+                                  "offsets": [words, words]})
+
+    def candidates(pairs: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([[i for i, _ in w] for w in pairs]),
+                np.array([[v for _, v in w] for w in pairs], dtype=np.float32))
+
+    starts = candidates([[(2, 3.0), (1, 9.0), (7, 1.0)], [(7, 4.0), (5, 2.5), (3, 0.5)]])
+    ends = candidates([[(2, 2.0), (0, 9.0), (4, 1.0)], [(7, 3.5), (2, 8.0), (5, 1.0)]])
+    gathered = {"start_index": starts[0], "start_values": starts[1], "end_index": ends[0],
+                "end_values": ends[1], "null": np.array([6.0, 5.0], dtype=np.float32)}
+    data = QAData(n_best=3)
+    found = spans(gathered, features, data, version_2=False)["a"]
+    # window 2: start 7 + end 7 = 7.5 beats window 1's 2 + 2 = 5.0; (1, 0) are the
+    # question's, (7, 2) ends before it starts
+    assert found == {"answer": "France", "score": 7.5, "start": 24, "end": 30}
+    assert context[found["start"]:found["end"]] == found["answer"]
+    short = spans(gathered, features, QAData(n_best=3, max_answer_length=1), False)["a"]
+    assert short["answer"] == "France"  # one token: still 7..7
+    assert spans(gathered, features, data, version_2=True)["a"]["answer"] == "France"
+    gathered["null"] = np.array([9.0, 8.0], dtype=np.float32)  # 8 - 7.5 > 0: empty
+    assert spans(gathered, features, data, version_2=True)["a"] == {
+        "answer": "", "score": 8.0, "start": -1, "end": -1}
+    assert spans(gathered, features, QAData(n_best=3, null_threshold=1.0), True)["a"][
+        "answer"] == "France"
