@@ -118,3 +118,106 @@ def test_a_trial_past_the_count_ends_unrun(tmp_path: Path) -> None:
     assert trial.number == 2 and study.trials[2].user_attrs["surplus"]
     assert tally(study) == (2, 0, 0)
     assert not list(tmp_path.glob("trial-*"))
+
+
+@pytest.mark.slow  # 20-50 s of worker start-up (torch imported twice); the default suite holds
+# the workers' plumbing (test_a_worker_that_fails_...) and the shared count (..._ends_unrun)
+def test_trials_in_parallel_share_one_study(tiny_bert: Path, toy: dict[str, Path],
+                                             tmp_path: Path, caplog, monkeypatch) -> None:
+    """Two worker processes (on the CPU: a share of the cores each) on the one study: the
+    count asked for, each trial run by one of them, every trial folder a finished run."""
+    import logging
+    import re
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the workers too
+    out = tmp_path / "par"
+    with caplog.at_level(logging.INFO, logger="llmkit"):
+        study = sweep("classify", out, ["learning_rate=log:1e-4:1e-2"], 2,
+                      overrides=fixed(tiny_bert, toy), trials_in_parallel=2)
+    trials = [t for t in study.get_trials() if not t.user_attrs.get("surplus")]
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert re.search(r"2 trials at once on the CPU \(no GPU here\), \d+ torch threads? each",
+                     caplog.text)
+    # what each process says it ran, from its own output
+    ran = [set(re.findall(r"(trial-\d+): complete", (out / f"worker-{i}.log").read_text()))
+           for i in (0, 1)]
+    assert ran[0].isdisjoint(ran[1]) and ran[0] | ran[1] == {t.user_attrs["dir"] for t in trials}
+    assert all(t.user_attrs["dir"] in ran[t.user_attrs["worker"]] for t in trials)
+    assert sorted(p.name for p in out.glob("trial-*")) == ["trial-000", "trial-001"]
+    for trial in trials:
+        run = out / trial.user_attrs["dir"]
+        assert trial.value == json.loads((run / "metrics.json").read_text())["final"]["accuracy"]
+        assert (run / "config.yaml").is_file() and (run / "README.md").is_file()
+    summary = summarize(load(out), out)
+    assert len(summary["trials"]) == 2 and {r["worker"] for r in summary["trials"]} <= {0, 1}
+
+
+def test_workers_are_one_per_gpu_and_never_more(tiny_bert: Path, toy: dict[str, Path],
+                                                tmp_path: Path, capsys, monkeypatch) -> None:
+    import torch
+
+    from llmkit.sweep.workers import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert devices(2) == ["3", "5"]  # the GPUs this process sees, one each
+    argv = ["sweep", "classify", "-m", str(tiny_bert), "--train", str(toy["train"]),
+            "-o", str(tmp_path / "s"), "-p", "learning_rate=log:1e-5:1e-3", "--trials", "4",
+            "--trials-in-parallel", "3"]
+    code, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and "--trials-in-parallel 3: this machine has 2 GPUs, one trial per GPU: " \
+        "give at most 2" in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_worker_that_fails_says_so_and_the_others_go_on(tmp_path: Path, caplog,
+                                                          monkeypatch) -> None:
+    import logging
+    import subprocess
+    import sys
+
+    from llmkit.errors import LlmkitError
+    from llmkit.sweep import workers
+
+    scripts = ["print('[llmkit] CRITICAL: the storage went away'); raise SystemExit(1)",
+               "import time; time.sleep(0.5); print('[llmkit] INFO: trial-000: complete 0.5')"]
+
+    def start(number: int, gpu: str | None, share: int, spec: dict) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", scripts[number]], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    monkeypatch.setattr(workers, "start", start)
+    with caplog.at_level(logging.INFO, logger="llmkit"):
+        workers.run_workers({}, None, 2, tmp_path)
+    assert "worker 0 stopped: the storage went away (its output: " in caplog.text
+    assert "worker 1: trial-000: complete 0.5" in caplog.text
+    scripts[1] = "raise SystemExit(3)"
+    with pytest.raises(LlmkitError, match="every worker stopped; worker 0: the storage went "
+                                          "away"):
+        workers.run_workers({}, None, 2, tmp_path)
+    assert "worker 1 stopped: exit code 3" in caplog.text
+
+
+def test_a_trial_s_tracker_run_is_filed_under_its_study(tiny_bert: Path, toy: dict[str, Path],
+                                                        tmp_path: Path, monkeypatch) -> None:
+    from accelerate import Accelerator
+
+    seen: list[dict] = []
+    original = Accelerator.init_trackers
+
+    def init_trackers(self, project_name: str, config=None, init_kwargs=None):
+        seen.append(init_kwargs)
+        return original(self, project_name, config, init_kwargs)
+
+    monkeypatch.setattr(Accelerator, "init_trackers", init_trackers)
+    out = tmp_path / "tracked"
+    sweep("classify", out, ["learning_rate=log:1e-4:1e-2"], 1,
+          overrides=[*fixed(tiny_bert, toy), "train.report_to=tensorboard"])
+    assert seen == [{"wandb": {"group": "tracked", "name": "tracked/trial-000"},
+                     "trackio": {"group": "tracked", "name": "tracked/trial-000"},
+                     "mlflow": {"run_name": "tracked/trial-000", "tags": {"group": "tracked"}}}]
+    assert list((out / "trial-000" / "tensorboard").rglob("events.*"))  # its own folder

@@ -13,6 +13,8 @@ EXAMPLES = """\
 llmkit sweep classify --recipe classify-sst2 --param learning_rate=log:1e-5:1e-3 \\
     --param batch_size=choice:16,32 --trials 12 --output sweeps/s1
 llmkit sweep classify -r sst2.yaml -p lr=log:1e-5:1e-3 --prune median -o sweeps/s2
+llmkit sweep classify -r sst2.yaml -p lr=log:1e-5:1e-3 -o sweeps/s4 \\
+    --trials-in-parallel 4  # one trial per GPU
 llmkit sweep classify -r sst2.yaml -p lr=log:1e-5:1e-3 -o sweeps/s3 \\
     --storage postgresql://db/sweeps  # several machines, one study
 llmkit sweep --show sweeps/s1"""
@@ -33,8 +35,7 @@ def sweep_command(
                       "trial-NNN run directories, study.db, best, sweep.png.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint, if not the "
                      "recipe's.")] = None,
-    train: Annotated[str | None, typer.Option(help="Training rows, if not the recipe's.")
-                     ] = None,
+    train: Annotated[str | None, typer.Option(help="Training rows, if not the recipe's.")] = None,
     validation: Annotated[str | None, typer.Option(help="Validation rows.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Fixed config "
                          "values for every trial: -s train.epochs=2 (repeatable).")] = None,
@@ -47,13 +48,14 @@ def sweep_command(
                        "OUTPUT/study.db).")] = None,
     study_name: Annotated[str | None, typer.Option(help="Study name in the storage (default: "
                           "the output folder's name).")] = None,
+    trials_in_parallel: Annotated[int, typer.Option(min=1, help="Trials at once, a worker "
+                                  "process each on a GPU of its own (no GPU: a CPU share).")] = 1,
     show: Annotated[Path | None, typer.Option(help="Print the summary of an earlier sweep's "
                     "OUTPUT again.")] = None,
 ) -> None:
     """Search hyper-parameters with Optuna; each trial is an ordinary run directory.
 
-    The study is stored: the same command continues it, several processes share it, and
-    --prune stops poor trials early."""
+    The study is stored (the same command continues it); --prune stops poor trials early."""
     from llmkit.sweep.summary import load, summarize
 
     if show is not None:
@@ -66,7 +68,7 @@ def sweep_command(
     given = {"model": model, "data.train": train, "data.validation": validation}
     fixed = [*(f"{k}={v}" for k, v in given.items() if v is not None), *(overrides or [])]
     study = sweep(task, output, params, trials, recipe, fixed, storage, study_name, metric,
-                  prune, watch=Terminal)
+                  prune, watch=Terminal, trials_in_parallel=trials_in_parallel)
     shown(summarize(study, Path(output)))
 
 
@@ -77,8 +79,10 @@ def shown(summary: dict[str, Any]) -> None:
     from llmkit.cli.terminal import console
 
     names = list(dict.fromkeys(k for row in summary["trials"] for k in row["params"]))
+    workers = any(row.get("worker") is not None for row in summary["trials"])
     table = Table("trial", "state", summary["metric"] or "value",
-                  *(n.rsplit(".", 1)[-1] for n in names), "seconds", "error",
+                  *(n.rsplit(".", 1)[-1] for n in names), "seconds",
+                  *(["worker"] if workers else []), "error",
                   title=f"study {summary['study']} ({summary['direction']})", title_justify="left")
     for row in summary["trials"]:
         value = "" if row["value"] is None else f"{row['value']:.4f}"
@@ -86,7 +90,8 @@ def shown(summary: dict[str, Any]) -> None:
                       *(f"{row['params'][n]:.4g}" if isinstance(row["params"].get(n), float)
                         else str(row["params"].get(n, "")) for n in names),
                       "" if row["seconds"] is None else f"{row['seconds']:.0f}",
-                      (row["error"] or "")[:80])
+                      *(["" if row.get("worker") is None else str(row["worker"])]
+                        if workers else []), (row["error"] or "")[:80])
     console.print(table)
     best = summary["best"]
     if best:

@@ -29,10 +29,12 @@ log = logging.getLogger("llmkit")
 
 
 def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = None,
-             overwrite: bool = False, reporter: Reporter | None = None) -> Path:
+             overwrite: bool = False, reporter: Reporter | None = None,
+             group: str | None = None) -> Path:
     """Fine-tune `cfg.model` on `cfg.task`; returns the run directory. `reporter` hears of the
     run's progress on the main process (the CLI's draws it on the terminal); without one, the
-    run says nothing but its log lines and its files."""
+    run says nothing but its log lines and its files. `group` files the run's tracker runs
+    under a name (a sweep's study)."""
     quiet_libraries()
     started = time.time()
     accelerator, start, wipe = start_run(cfg, resume, resume_from, overwrite)
@@ -42,7 +44,7 @@ def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     # columns found in the data: the run directory says which
     cfg = replace(cfg, data=parts.data)
     open_output(accelerator, cfg, start, wipe)
-    start_trackers(accelerator, cfg)
+    start_trackers(accelerator, cfg, group)
     state = ckpt.RunState()
     if start:
         state = ckpt.restore(accelerator, out, start, fallback=not resume_from)

@@ -256,12 +256,23 @@ def trackers(names: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(asked))
 
 
-def start_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
-    """Trackers get the resolved config as hyper-parameters (scalars: lists as text)."""
+def start_trackers(accelerator: Accelerator, cfg: RunConfig, group: str | None = None
+                   ) -> None:
+    """Trackers get the resolved config as hyper-parameters (scalars: lists as text); a run of
+    a `group` (a sweep's trial: its study) is filed under it (see `grouped`)."""
     if accelerator.log_with:
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                   for k, v in flatten(asdict(cfg)).items()}
-        accelerator.init_trackers("tensorboard", config=values)
+        accelerator.init_trackers("tensorboard", config=values, init_kwargs=grouped(
+            group, f"{group}/{Path(cfg.output).name}") if group else None)
+
+
+def grouped(group: str, name: str) -> dict[str, dict[str, Any]]:
+    """Each tracker's init arguments that file a run under its group: W&B's and Trackio's
+    group, MLflow's tag (its experiment is the project); the run named `name`. TensorBoard's
+    logs are in the run's own folder already."""
+    return {"wandb": {"group": group, "name": name}, "trackio": {"group": group, "name": name},
+            "mlflow": {"run_name": name, "tags": {"group": group}}}
 
 
 def sharded(accelerator: Accelerator) -> bool:

@@ -4,6 +4,7 @@ shared by several `llmkit sweep` processes; each trial an ordinary llmkit run di
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,12 +16,14 @@ from llmkit.run.checkpoint import checkpoints, remove_checkpoints
 from llmkit.run.loop import lower_is_better
 from llmkit.run.report import Relay, Reporter
 from llmkit.sweep.space import Param, read_space
+from llmkit.sweep.workers import WORKER, devices, run_workers
 from llmkit.tasks import get_task, load_config
 from llmkit.tasks.task import Task
 
 log = logging.getLogger("llmkit")
 HEARTBEAT = 10  # seconds between a running trial's signs of life in the storage
 GRACE = 30  # a running trial silent this long died with its process: failed, then run again
+POLL = 2  # seconds between looks at the last trials, which other processes run
 PRUNERS = ("none", "median", "hyperband")
 PRUNED_MARK = "PRUNED"  # in the folder of a trial the pruner stopped
 STUDY_FILE = "study.db"  # the default storage, in the sweep's folder
@@ -142,9 +145,12 @@ def objective(task: Task, raw: dict[str, Any], overrides: list[str], space: list
         values = {p.path: p.suggest(trial) for p in space}
         folder = out / f"trial-{trial.number if first is None else first:03d}"
         trial.set_user_attr("dir", folder.name)
+        if WORKER in os.environ:  # one of --trials-in-parallel's processes
+            trial.set_user_attr("worker", int(os.environ[WORKER]))
+            log.info("%s: started", folder.name)
         cfg = load_config(task.name, raw, {**values, "output": str(folder)}, overrides)
         try:
-            done = finetune(cfg, resume=bool(checkpoints(folder)),
+            done = finetune(cfg, resume=bool(checkpoints(folder)), group=trial.study.study_name,
                             reporter=TrialReporter(trial, metric, watch()))
         except optuna.TrialPruned as pruned:
             (folder / PRUNED_MARK).write_text(f"{pruned}\n", encoding="utf-8")
@@ -206,9 +212,10 @@ def sweep(task_name: str, output: str | Path, params: list[str] | None = None,
           trials: int | None = None, recipe: str | dict[str, Any] | None = None,
           overrides: list[str] | None = None, storage: str | None = None,
           study_name: str | None = None, metric: str | None = None, prune: str | None = None,
-          watch: Callable[[], Reporter] = Reporter) -> Any:
+          watch: Callable[[], Reporter] = Reporter, trials_in_parallel: int = 1) -> Any:
     """Search `params` over `trials` runs of `task_name` (a recipe's `sweep:` section supplies
-    what is not given); returns the Optuna study. `watch` makes each trial's reporter."""
+    what is not given); returns the Optuna study. `watch` makes each trial's reporter;
+    `trials_in_parallel` > 1 runs the trials in that many worker processes (one per GPU)."""
     quiet_optuna()
     task, out = get_task(task_name), Path(output)
     raw = read_recipe(recipe) if isinstance(recipe, str) else dict(recipe or {})
@@ -223,14 +230,20 @@ def sweep(task_name: str, output: str | Path, params: list[str] | None = None,
         raise LlmkitError(f"--metric {metric}: {task.name} reports "
                           f"{', '.join(('eval_loss', *task.metrics))}")
     trials = int(trials or plan.get("trials") or 20)
+    gpus = devices(trials_in_parallel) if trials_in_parallel > 1 else None
     out.mkdir(parents=True, exist_ok=True)
     definition = {"task": task.name, "params": sorted(params), "metric": metric,
                   "overrides": sorted(overrides)}
-    url = storage or f"sqlite:///{out / STUDY_FILE}"
-    study = open_study(url, study_name or out.name, metric, prune or plan.get("prune") or "none",
-                       definition, out)
-    run_trials(study, trials, objective(task, raw, overrides, space, out, metric, trials, watch),
-               heartbeat="://" in url)
+    url, prune = storage or f"sqlite:///{out / STUDY_FILE}", prune or plan.get("prune") or "none"
+    study = open_study(url, study_name or out.name, metric, prune, definition, out)
+    if trials_in_parallel > 1:  # each worker: this sweep on the study, one trial at a time
+        spec = {"task_name": task.name, "output": str(out), "params": params, "trials": trials,
+                "recipe": recipe, "overrides": overrides, "storage": url,
+                "study_name": study.study_name, "metric": metric, "prune": prune}
+        run_workers(spec, gpus, min(trials_in_parallel, trials), out)
+    else:
+        run_trials(study, trials, objective(task, raw, overrides, space, out, metric, trials,
+                                            watch), heartbeat="://" in url)
     return study
 
 
@@ -265,7 +278,7 @@ def run_trials(study: Any, trials: int, run: Callable[[Any], float], heartbeat: 
         if done + running >= trials and not waiting:  # others finish the last ones
             if not heartbeat:
                 return
-            time.sleep(HEARTBEAT)
+            time.sleep(POLL)
             continue
         study.optimize(run, n_trials=1, catch=(LlmkitError, RuntimeError),
                        callbacks=[lambda _, trial: say(trial)])

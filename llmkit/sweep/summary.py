@@ -11,7 +11,8 @@ from llmkit.errors import LlmkitError
 
 
 def rows(study: Any) -> list[dict[str, Any]]:
-    """One record per trial: number, folder, state, the metric, the settings, seconds, error."""
+    """One record per trial: number, folder, state, the metric, the settings, seconds, error,
+    and the worker that ran it (--trials-in-parallel; else None)."""
     found = []
     for trial in study.get_trials(deepcopy=False):
         if trial.user_attrs.get("surplus"):  # started after the count was reached: not run
@@ -21,7 +22,8 @@ def rows(study: Any) -> list[dict[str, Any]]:
         found.append({"trial": trial.number, "dir": trial.user_attrs.get("dir", ""),
                       "state": trial.state.name.lower(), "value": trial.value,
                       "params": dict(trial.params), "seconds": seconds,
-                      "error": trial.user_attrs.get("error")})
+                      "error": trial.user_attrs.get("error"),
+                      "worker": trial.user_attrs.get("worker")})
     return found
 
 
