@@ -252,3 +252,109 @@ def test_generate_and_eval_on_the_export_answer_as_the_run(
                      "--output", tmp_path / "again")
     assert refused.exit_code == 1 and "is an llmkit export (ONNX): it holds no PyTorch weights" \
         in str(refused.exception)
+
+
+@pytest.fixture(scope="module")
+def translate_export(tiny_seq2seq, toy_translation: dict[str, Path],
+                     tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A tiny Marian translate run, exported (encoder, decoder, decoder with past) with its
+    int8 graphs."""
+    folder = tmp_path_factory.mktemp("translate-export")
+    run = tiny_run("translate", tiny_seq2seq("marian"), toy_translation, folder / "run",
+                   **{"data.source_lang": "en", "data.target_lang": "es"})
+    return run, folder / "onnx", export(run, folder / "onnx", quantize="int8")
+
+
+@pytest.mark.slow  # the tiny Marian's three graphs take torch.onnx 30-70 s to trace
+def test_translate_export_answers_as_pytorch(translate_export: tuple[Path, Path, dict]) -> None:
+    _, out, report = translate_export
+    graphs = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+    assert report["files"][:3] == graphs and report["cache"] is True
+    assert {*graphs, "generation_config.json", "config.json", "tokenizer.json", "README.md",
+            "export.json"} <= {p.name for p in out.iterdir()}
+    check = report["check"]
+    assert check["largest_difference"] <= 1e-4 and check["rows"] == 12
+    assert check["predictions_differ"] == 0 and check["metrics"] == check["onnx_metrics"]
+    generations = report["generations"]
+    assert generations["prompts"] == 12 and generations["differ"] == 0
+    q = report["quantized"]  # BLEU of the int8 graphs beside the fp32 ones'
+    assert q["files"] == [g.replace(".onnx", ".int8.onnx") for g in graphs]
+    assert {"bleu", "chrf", "perplexity"} <= set(q["metrics"]) & set(q["fp32_metrics"])
+    assert q["size_mb"] < q["fp32_size_mb"] and "generations" in q
+    readme = (out / "README.md").read_text()
+    assert "decoder_with_past_model.onnx" in readme and "key/value cache" in readme
+
+
+@pytest.mark.slow  # the tiny Marian's three graphs take torch.onnx 30-70 s to trace
+def test_generate_predict_and_eval_on_a_translate_export_answer_as_the_run(
+        translate_export: tuple[Path, Path, dict], toy_translation: dict[str, Path],
+        tmp_path: Path) -> None:
+    from llmkit.inference.generate import load_prompts
+    from llmkit.inference.ort import OrtSeq2SeqLM
+
+    run, out, report = translate_export
+    assert isinstance(load_prompts(str(out), [])[0], OrtSeq2SeqLM)  # not the run's weights
+    prompts = tmp_path / "prompts.txt"
+    rows = records(toy_translation["validation"])
+    prompts.write_text("\n".join(r["translation"]["en"] for r in rows[:6]) + "\n")
+    for name, options in {"greedy": ("--max-new-tokens", 12),
+                          "beams": ("--num-beams", 3, "--num-return-sequences", 2,
+                                    "--max-new-tokens", 8)}.items():
+        for model in (run, out):
+            done = llmkit("generate", "--model", model, "--input", prompts, "--output",
+                          tmp_path / f"{name}-{model.name}.jsonl", *options)
+            assert done.exit_code == 0, done.output
+        assert records(tmp_path / f"{name}-onnx.jsonl") == records(tmp_path / f"{name}-run.jsonl")
+    for model in (run, out):
+        done = llmkit("predict", "--model", model, "--input", toy_translation["validation"],
+                      "--output", tmp_path / f"{model.name}.jsonl")
+        assert done.exit_code == 0, done.output
+    assert records(tmp_path / "onnx.jsonl") == records(tmp_path / "run.jsonl")
+    metrics = ("-m", "bleu", "-m", "perplexity", "--data", toy_translation["validation"])
+    found = scores("--model", out, *metrics)
+    assert found == pytest.approx(scores("--model", run, *metrics), rel=1e-5)
+    assert found["bleu"] == pytest.approx(report["check"]["onnx_metrics"]["bleu"], abs=1e-6)
+    done = llmkit("generate", "--model", out / "decoder_model.int8.onnx", "--prompt", "the cat")
+    assert done.exit_code == 0, done.output
+
+
+@pytest.mark.slow  # the tiny Marian's three graphs take torch.onnx 30-70 s to trace
+def test_a_translate_export_without_its_cache_still_answers(
+        translate_export: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """The export torch.onnx makes when it cannot trace the decoder with past: the whole
+    sequence runs at every step, with the same generations; a folder missing its decoder
+    is one line."""
+    run, out, _ = translate_export
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("decoder_with_past*"))
+    options = ("--prompt", "the cat eats", "--max-new-tokens", 10, "--num-beams", 2)
+    expected, found = llmkit("generate", "--model", run, *options), llmkit(
+        "generate", "--model", bare, *options)
+    assert found.exit_code == 0 and found.stdout == expected.stdout, found.output
+    (bare / "decoder_model.onnx").unlink()
+    broken = llmkit("generate", "--model", bare, *options)
+    assert broken.exit_code == 1 and "is a seq2seq export without its decoder_model.onnx" \
+        in str(broken.exception)
+
+
+def test_a_decoder_torch_onnx_cannot_cache_is_exported_without(
+        tiny_seq2seq, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When torch.onnx fails on the decoder with past key values, the export goes on with the
+    encoder and the whole-sequence decoder, and says so; the model gets its attention back."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from llmkit.export import seq2seq
+
+    def fake_export(module, model, args, kwargs, outputs, dynamic, path, opset, inputs=None):
+        if path.name == "decoder_with_past_model.onnx":
+            raise LlmkitError("torch.onnx cannot export MarianMTModel (marian) at opset 18: ...")
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(seq2seq, "export_module", fake_export)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_seq2seq("marian")).eval()
+    attention = model.config._attn_implementation
+    report = seq2seq.export_seq2seq(model, AutoTokenizer.from_pretrained(tiny_seq2seq("marian")),
+                                    tmp_path, 18)
+    assert report["files"] == ["encoder_model.onnx", "decoder_model.onnx"]
+    assert report["cache"] is False and "no key/value cache" in report["notes"][0]
+    assert model.config._attn_implementation == attention

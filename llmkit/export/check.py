@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from llmkit.errors import LlmkitError
+from llmkit.inference.exported import ort_generator
 from llmkit.inference.ort import OrtModel
 from llmkit.inference.predict import collect
 from llmkit.tasks.task import Task, loss_of
@@ -32,6 +33,38 @@ class Twin:
         for name in self.ort.outputs:
             gap = float((getattr(ours, name).float() - getattr(theirs, name).float()).abs().max())
             self.largest = max(self.largest, gap if math.isfinite(gap) else math.inf)  # NaN too
+        return theirs
+
+
+class Seq2SeqTwin:
+    """An exported encoder-decoder (ort.OrtSeq2SeqLM) beside the PyTorch model, for a seq2seq
+    eval_step: it answers with the export (encoder states, teacher-forced logits, generations)
+    and keeps the largest difference of the encoder's states and of the decoder's logits from
+    PyTorch's on the same inputs (the decoder's on the encoder graph's states)."""
+
+    def __init__(self, net: Any, path: Path) -> None:
+        self.net, self.largest = net, 0.0
+        self.ort = ort_generator(path, net.config, net.generation_config)
+        self.config, self.generation_config = self.ort.config, self.ort.generation_config
+        self.generate = self.ort.generate
+        self.prepare_decoder_input_ids_from_labels = \
+            self.ort.prepare_decoder_input_ids_from_labels
+
+    def keep(self, ours: Any, theirs: Any) -> None:
+        gap = float((ours.float() - theirs.float()).abs().max())
+        self.largest = max(self.largest, gap if math.isfinite(gap) else math.inf)  # NaN too
+
+    def encode(self, **inputs: Any) -> Any:
+        theirs = self.ort.get_encoder()(**inputs)
+        self.keep(self.net.get_encoder()(**inputs).last_hidden_state, theirs.last_hidden_state)
+        return theirs
+
+    def get_encoder(self) -> Any:
+        return self.encode
+
+    def __call__(self, **batch: Any) -> Any:
+        theirs = self.ort(**batch)
+        self.keep(self.net(**batch).logits, theirs.logits)
         return theirs
 
 
@@ -83,9 +116,10 @@ def predictions(task: Task, arrays: dict[str, Any], features: Any, data: Any, co
 
 def compare(task: Task, net: Any, path: Path, tokenizer: Any, features: Any, data: Any,
             tolerance: float, batch_size: int = 32) -> Check:
-    """`features` through the PyTorch model and through the export at `path`."""
-    ort = OrtModel(path, net.config)
-    twin = Twin(net, ort)
+    """`features` through the PyTorch model and through the export at `path` (an
+    encoder-decoder's: any of its graphs)."""
+    twin: Twin | Seq2SeqTwin = Seq2SeqTwin(net, path) if net.config.is_encoder_decoder \
+        else Twin(net, OrtModel(path, net.config))
     ours = collect(task, net, loader(task, tokenizer, features, batch_size))
     theirs = collect(task, twin, loader(task, tokenizer, features, batch_size))
     args = (features, data, net.config, tokenizer)

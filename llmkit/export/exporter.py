@@ -15,12 +15,11 @@ from llmkit.export.check import Check, compare, fail
 from llmkit.export.folder import check_output, check_run, place, staging, write_folder
 from llmkit.export.onnx import DEFAULT_OPSET, check_opset, export_graph, require_runtime
 from llmkit.export.quantize import check_quantize, quantize, size_mb
-from llmkit.inference.exported import GRAPH
-from llmkit.inference.ort import OrtCausalLM
+from llmkit.inference.exported import GENERATES, GRAPH, ort_generator
 
 log = logging.getLogger("llmkit")
 FORMATS = ("onnx",)
-TASKS = ("classify", "qa", "generate")
+TASKS = ("classify", "qa", "generate", "translate", "summarize")
 CHECK_ROWS = 256  # validation rows the check runs (the first ones)
 PROMPTS, NEW_TOKENS = 32, 16  # generate: greedy generations compared
 NO_CACHE = ("the decoder is exported without its KV cache (past key values are not inputs or "
@@ -51,8 +50,7 @@ def export(run: str | Path, output: str | Path, format: str = "onnx",
     saved = run_config(str(run))
     if saved is not None and saved.task not in TASKS:
         raise LlmkitError(f"{run} is a {saved.task} run: llmkit export handles "
-                          f"{', '.join(TASKS)} runs so far; for encoder-decoder models use "
-                          "`llmkit merge` and optimum-onnx's exporter")
+                          f"{', '.join(TASKS)} runs so far")
     task, data, net, tokenizer = prepare(str(run), None, None)
     net.to("cpu").eval()
     rows_, features = check_rows(task, data, net, tokenizer, check_data, rows)
@@ -95,15 +93,13 @@ def check_rows(task: Any, data: Any, net: Any, tokenizer: Any, check_data: str |
 def build(task: Any, data: Any, net: Any, tokenizer: Any, folder: Path, features: Any,
           rows: Any, opset: int, tolerance: float, kind: str | None) -> dict[str, Any]:
     """The graph(s) in `folder`, checked; the report's figures."""
-    causal = task.name == "generate"
-    graph = folder / GRAPH
-    inputs = export_graph(net, tokenizer, graph, opset, causal)
+    report = {"task": task.name, **graphs(task, net, tokenizer, folder, opset)}
+    graph = folder / report["files"][0]  # an encoder-decoder's: its encoder, naming them all
     check = compare(task, net, graph, tokenizer, features, data, tolerance)
     fail(check, f"{check.rows} rows")
-    report: dict[str, Any] = {"task": task.name, "inputs": inputs, "files": [GRAPH],
-                              "size_mb": size_mb(graph), "check": {**asdict(check)},
-                              "notes": [NO_CACHE] if causal else []}
-    prompts = generation_prompts(task, data, rows, tokenizer) if causal else []
+    report |= {"size_mb": round(sum(size_mb(folder / f) for f in report["files"]), 2),
+               "check": {**asdict(check)}}
+    prompts = generation_prompts(task, data, rows, features, tokenizer, net)
     if prompts:
         generations = generations_of(net, graph, tokenizer, prompts)
         report["generations"] = generations
@@ -113,16 +109,35 @@ def build(task: Any, data: Any, net: Any, tokenizer: Any, folder: Path, features
                               f"({check.line()}); nothing was written")
     if kind == "int8":
         report["quantized"] = quantized(task, data, net, tokenizer, folder, features, check,
-                                        prompts)
-        report["files"].append(report["quantized"]["file"])
+                                        prompts, report["files"])
+        report["files"] += report["quantized"]["files"]
     log.info("export checked: %s", check.line())
     return report
 
 
-def generation_prompts(task: Any, data: Any, rows: Any, tokenizer: Any) -> list[list[int]]:
-    """Prompts for the greedy check: the texts (or prompts) of the check rows."""
+def graphs(task: Any, net: Any, tokenizer: Any, folder: Path, opset: int) -> dict[str, Any]:
+    """The export's graphs in `folder`: an encoder-decoder's three (export.seq2seq), else one;
+    their files, inputs and notes."""
+    if net.config.is_encoder_decoder:
+        from llmkit.export.seq2seq import export_seq2seq
+
+        return export_seq2seq(net, tokenizer, folder, opset)
+    causal = task.name == "generate"
+    inputs = export_graph(net, tokenizer, folder / GRAPH, opset, causal)
+    return {"files": [GRAPH], "inputs": inputs, "notes": [NO_CACHE] if causal else []}
+
+
+def generation_prompts(task: Any, data: Any, rows: Any, features: Any, tokenizer: Any,
+                       net: Any) -> list[list[int]]:
+    """Prompts for the greedy check: the first token ids of the check rows' texts, or an
+    encoder-decoder's sources as the run reads them (prefixed, truncated); none for tasks
+    that do not generate."""
     from llmkit.export.generation import prompt_ids
 
+    if task.name not in GENERATES:
+        return []
+    if net.config.is_encoder_decoder:
+        return [list(ids) for ids in features["input_ids"][:PROMPTS]]
     column = task.columns(data, False)[0]
     texts = [t for t in rows[column] if isinstance(t, str)]
     return prompt_ids(texts, tokenizer, PROMPTS)
@@ -130,26 +145,30 @@ def generation_prompts(task: Any, data: Any, rows: Any, tokenizer: Any) -> list[
 
 def generations_of(net: Any, graph: Path, tokenizer: Any, prompts: list[list[int]]
                    ) -> dict[str, Any]:
+    """Greedy generations of the PyTorch model and of the export: NEW_TOKENS of a causal LM,
+    as many as the run evaluated with for an encoder-decoder."""
     from llmkit.export.generation import compare_generations
 
-    exported = OrtCausalLM(graph, net.config, net.generation_config)
-    found = compare_generations(net, exported, tokenizer, prompts, NEW_TOKENS)
+    exported = ort_generator(graph, net.config, net.generation_config)
+    length = net.generation_config.max_new_tokens if net.config.is_encoder_decoder else None
+    found = compare_generations(net, exported, tokenizer, prompts, length or NEW_TOKENS)
     return asdict(found)
 
 
 def quantized(task: Any, data: Any, net: Any, tokenizer: Any, folder: Path, features: Any,
-              fp32: Check, prompts: list[list[int]]) -> dict[str, Any]:
-    """The int8 graph beside the fp32 one: size, metrics, how far its logits moved (no
+              fp32: Check, prompts: list[list[int]], files: list[str]) -> dict[str, Any]:
+    """The int8 graph(s) beside the fp32 ones: size, metrics, how far their logits moved (no
     tolerance: quantization changes them by design)."""
-    source = folder / GRAPH
-    target = quantize(source, folder / "model.int8.onnx")
-    int8 = compare(task, net, target, tokenizer, features, data, math.inf)
+    sources = [folder / f for f in files]
+    targets = [quantize(s, folder / s.name.replace(".onnx", ".int8.onnx")) for s in sources]
+    int8 = compare(task, net, targets[0], tokenizer, features, data, math.inf)
+    size, fp32_size = sum(map(size_mb, targets)), sum(map(size_mb, sources))
     found: dict[str, Any] = {
-        "file": target.name, "size_mb": size_mb(target), "fp32_size_mb": size_mb(source),
-        "size_ratio": round(size_mb(target) / max(size_mb(source), 1e-9), 3),
+        "file": targets[0].name, "files": [t.name for t in targets], "size_mb": round(size, 2),
+        "fp32_size_mb": round(fp32_size, 2), "size_ratio": round(size / max(fp32_size, 1e-9), 3),
         "metrics": int8.onnx_metrics, "fp32_metrics": fp32.onnx_metrics,
         "largest_difference": int8.largest_difference,
         "predictions_differ": int8.predictions_differ}
     if prompts:
-        found["generations"] = generations_of(net, target, tokenizer, prompts)
+        found["generations"] = generations_of(net, targets[0], tokenizer, prompts)
     return found

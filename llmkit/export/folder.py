@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LlmkitError
-from llmkit.inference.exported import DONE
+from llmkit.inference.exported import DECODER, DONE, ENCODER, GENERATES, GRAPH
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
            "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -62,7 +62,7 @@ def write_folder(folder: Path, net: Any, tokenizer: Any, run: Path, report: dict
                  ) -> None:
     """Everything but the graphs, export.json last."""
     net.config.save_pretrained(folder)
-    if report["task"] == "generate" and getattr(net, "generation_config", None) is not None:
+    if report["task"] in GENERATES and getattr(net, "generation_config", None) is not None:
         net.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     shutil.copyfile(run / "config.yaml", folder / "config.yaml")
@@ -79,32 +79,52 @@ USAGE = {
     "generate": ('feed["position_ids"] = np.maximum(feed["attention_mask"].cumsum(-1) - 1, 0)\n'
                  'logits = session.run(["logits"], feed)[0]\n'
                  "next_token = logits[:, -1].argmax(-1)  # append it and run again (no cache)"),
+    "seq2seq": ('states = encoder.run(["last_hidden_state"], feed)[0]\n'
+                "ids = np.full((len(states), 1), config.decoder_start_token_id)\n"
+                'logits = decoder.run(["logits"], {"input_ids": ids, "encoder_hidden_states": '
+                'states,\n                                   "encoder_attention_mask": '
+                'feed["attention_mask"]})[0]\n'
+                "next_token = logits[:, -1].argmax(-1)  # append it and run again, or feed the "
+                "present.* outputs\n# to decoder_with_past_model.onnx as past_key_values.* "
+                "with the new token only"),
 }
 
 
 def readme(report: dict[str, Any]) -> str:
     """How to load the export with plain onnxruntime, and what its check found."""
     check = report["check"]
+    seq2seq = "graphs" in report
+    sessions = {"encoder": ENCODER, "decoder": DECODER} if seq2seq else {"session": GRAPH}
     lines = [f"# ONNX export of {report['run']} ({report['task']})", "",
              f"Exported by llmkit with torch.onnx (dynamo), opset {report['opset']}; batch and "
-             "sequence axes are dynamic. Inputs: " + ", ".join(report["inputs"]) + ".", "",
+             "sequence axes are dynamic. " + graph_inputs(report), "",
              "```python", "import onnxruntime, numpy as np",
              "from transformers import AutoConfig, AutoTokenizer", "",
-             'session = onnxruntime.InferenceSession("model.onnx", '
-             'providers=["CPUExecutionProvider"])',
+             *[f'{name} = onnxruntime.InferenceSession("{file}", '
+               'providers=["CPUExecutionProvider"])' for name, file in sessions.items()],
              'tokenizer = AutoTokenizer.from_pretrained(".")',
              'config = AutoConfig.from_pretrained(".")',
-             'names = {i.name for i in session.get_inputs()}',
+             f'names = {{i.name for i in {next(iter(sessions))}.get_inputs()}}',
              'feed = {k: v for k, v in tokenizer(["some text"], padding=True, '
              'return_tensors="np").items() if k in names}',
-             USAGE[report["task"]], "```", "",
+             USAGE["seq2seq" if seq2seq else report["task"]], "```", "",
              f"Checked against the PyTorch model on {check['rows']} rows: largest logit "
              f"difference {check['largest_difference']:.3g} (tolerance {check['tolerance']:g}), "
              f"{check['predictions_differ']} predictions differ."]
     if report.get("quantized"):
         q = report["quantized"]
-        lines += ["", f"`{q['file']}` holds int8 weights (onnxruntime dynamic quantization): "
+        files = ", ".join(f"`{f}`" for f in q.get("files", [q["file"]]))
+        lines += ["", f"{files} hold int8 weights (onnxruntime dynamic quantization): "
                   f"{q['size_mb']} MB against {q['fp32_size_mb']} MB; metrics "
                   f"{json.dumps(q['metrics'])} against {json.dumps(check['metrics'])}."]
     lines += ["", *[f"Note: {n}" for n in report["notes"]]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def graph_inputs(report: dict[str, Any]) -> str:
+    """The graphs' inputs, one sentence."""
+    if "graphs" not in report:
+        return "Inputs: " + ", ".join(report["inputs"]) + "."
+    return ("Graphs (file and input names as Optimum's ORTModelForSeq2SeqLM has them): " +
+            "; ".join(f"`{name}` ({', '.join(inputs)})" for name, inputs in
+                      report["graphs"].items()) + ".")

@@ -1,7 +1,7 @@
 """Greedy generations of an exported causal LM (no KV cache: the whole sequence goes through
-the graph at every step) beside the PyTorch model's, for the export's check: both decoded by
-transformers' `generate`, the export's as `llmkit generate --model DIR` runs it
-(inference.ort.OrtCausalLM)."""
+the graph at every step) or encoder-decoder (with its cache) beside the PyTorch model's, for the
+export's check: both decoded by transformers' `generate`, the export's as `llmkit generate
+--model DIR` runs it (inference.ort.OrtCausalLM, OrtSeq2SeqLM)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llmkit.inference.ort import OrtCausalLM
+from llmkit.inference.ort import OrtGenerator
 
 PROMPT_TOKENS = 24  # prompts are cut to their first tokens: the check is of the decoder
 
@@ -38,11 +38,15 @@ def prompt_ids(texts: list[str], tokenizer: Any, count: int) -> list[list[int]]:
     return found
 
 
-def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(prompts: list[list[int]], pad: int, left: bool
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts, padded on the left (a decoder's) or on the right (an encoder's)."""
     longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
+    ids = [[pad] * (longest - len(p)) + p if left else p + [pad] * (longest - len(p))
+           for p in prompts]
+    masks = [[0] * (longest - len(p)) + [1] * len(p) if left
+             else [1] * len(p) + [0] * (longest - len(p)) for p in prompts]
+    return torch.tensor(ids), torch.tensor(masks)
 
 
 def up_to_end(rows: torch.Tensor, eos: int | None) -> list[list[int]]:
@@ -55,22 +59,23 @@ def up_to_end(rows: torch.Tensor, eos: int | None) -> list[list[int]]:
 
 def greedy(net: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int, eos: int | None,
            new_tokens: int) -> list[list[int]]:
-    """transformers' greedy search; finished rows continue with padding."""
+    """transformers' greedy search; finished rows continue with padding. An encoder-decoder's
+    new tokens follow its decoder start."""
     from transformers import GenerationConfig
 
     settings = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens,
                                 pad_token_id=pad, eos_token_id=eos)
     with torch.inference_mode():
         out = net.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-    return up_to_end(out[:, ids.shape[1]:], eos)
+    return up_to_end(out[:, 1 if net.config.is_encoder_decoder else ids.shape[1]:], eos)
 
 
-def compare_generations(net: Any, exported: OrtCausalLM, tokenizer: Any, prompts: list[list[int]],
-                        new_tokens: int) -> Generations:
+def compare_generations(net: Any, exported: OrtGenerator, tokenizer: Any,
+                        prompts: list[list[int]], new_tokens: int) -> Generations:
     """Greedy generations of both models on `prompts`, and their speed."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
-    ids, mask = left_padded(prompts, pad)
+    ids, mask = padded(prompts, pad, left=not net.config.is_encoder_decoder)
     start = time.perf_counter()
     ours = greedy(net, ids, mask, pad, eos, new_tokens)
     middle = time.perf_counter()

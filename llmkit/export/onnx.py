@@ -92,22 +92,31 @@ def export_graph(model: Any, tokenizer: Any, path: Path, opset: int, causal: boo
     outputs = output_names(model, example, causal)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     module = CausalLogits(model).eval() if causal else model
+    export_module(module, model, (), example, outputs,
+                  {n: {0: batch, 1: sequence} for n in example}, path, opset)
+    return list(example)
+
+
+def export_module(module: Any, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  outputs: list[str], dynamic: Any, path: Path, opset: int,
+                  inputs: list[str] | None = None) -> None:
+    """torch.onnx's dynamo export of `module` (a part of `model`, or all of it) on the example
+    `args` and `kwargs`, saved at `path`; its failure is one line naming the model."""
     quiet = io.StringIO()  # the exporter prints its steps
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, (), kwargs=example, input_names=list(example), output_names=outputs,
-                dynamo=True, opset_version=opset, verbose=False, optimize=OPTIMIZE,
-                dynamic_shapes={n: {0: batch, 1: sequence} for n in example})
+                module, args, kwargs=kwargs or None, input_names=inputs or list(kwargs),
+                output_names=outputs, dynamo=True, opset_version=opset, verbose=False,
+                optimize=OPTIMIZE, dynamic_shapes=dynamic)
             assert program is not None
             program.save(str(path), external_data=size_of(model) > 1.5 * 2**30)
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
         reason = " ".join(str(err).split())[:300]
         raise LlmkitError(f"torch.onnx cannot export {type(model).__name__} "
                           f"({model.config.model_type}) at opset {opset}: {reason}") from err
-    log.info("exported %s to %s (opset %d)", type(model).__name__, path, opset)
-    return list(example)
+    log.info("exported %s to %s (opset %d)", type(module).__name__, path.name, opset)
 
 
 def size_of(model: Any) -> int:

@@ -15,6 +15,12 @@ from llmkit.hub import check_model_source, quiet_libraries
 log = logging.getLogger("llmkit")
 DONE = "export.json"  # written last by llmkit export: a folder holding it is a finished export
 GRAPH = "model.onnx"  # the fp32 graph; quantized ones beside it (model.int8.onnx)
+# an encoder-decoder's graphs, named as Optimum's ORTModelForSeq2SeqLM names them; int8 ones
+# beside them (encoder_model.int8.onnx, ...); the last is absent from an export without cache
+ENCODER, DECODER, WITH_PAST = "encoder_model.onnx", "decoder_model.onnx", \
+    "decoder_with_past_model.onnx"
+SEQ2SEQ = (ENCODER, DECODER, WITH_PAST)
+GENERATES = ("generate", "translate", "summarize")  # the tasks whose exports generate
 INSTALL = "pip install 'llmkit[export]' (onnx, onnxruntime, onnxscript)"
 NO_CACHE = ("the export has no KV cache: every new token runs the whole sequence through the "
             "graph (slower than the run's model as generations grow long)")
@@ -28,11 +34,29 @@ def exported_graph(model: str | Path) -> Path | None:
         return path
     if not (path / DONE).is_file():
         return None
-    if not (path / GRAPH).is_file():
-        raise LlmkitError(f"{model} is an ONNX export without its {GRAPH}: give one of the "
-                          f"graphs it holds ({', '.join(exported_files(path)) or 'none'}) or "
-                          "export the run again")
-    return path / GRAPH
+    for name in (GRAPH, ENCODER):
+        if (path / name).is_file():
+            return path / name
+    raise LlmkitError(f"{model} is an ONNX export without its {GRAPH} (or {ENCODER}): give "
+                      f"one of the graphs it holds ({', '.join(exported_files(path)) or 'none'}) "
+                      "or export the run again")
+
+
+def seq2seq_graphs(graph: Path) -> tuple[Path, Path, Path | None] | None:
+    """The encoder, decoder and cached decoder (None: exported without) of the seq2seq export
+    that `graph` is one of, in its precision (decoder_model.int8.onnx: the int8 ones); None
+    for a single-graph export."""
+    for name in SEQ2SEQ:
+        stem = name.removesuffix(".onnx") + "."
+        if graph.name.startswith(stem):
+            variant = graph.name[len(stem) - 1:]  # .onnx, .int8.onnx
+            paths = [graph.parent / (n.removesuffix(".onnx") + variant) for n in SEQ2SEQ]
+            missing = [p.name for p in paths[:2] if not p.is_file()]
+            if missing:
+                raise LlmkitError(f"{graph.parent} is a seq2seq export without its "
+                                  f"{', '.join(missing)}: export the run again")
+            return paths[0], paths[1], paths[2] if paths[2].is_file() else None
+    return None
 
 
 def check_source(model: str) -> None:
@@ -61,7 +85,7 @@ def load_exported(graph: Path, generator: bool = False, base_model: str | None =
     """An export's model through ONNX Runtime (on the CPU) and its tokenizer, as the export
     saved them: an `ort.OrtModel` for a task's eval_step (predict, eval); with `generator`, a
     causal LM that transformers' generate decodes (left padding, as models.load_generator pads
-    decoder-only batches)."""
+    decoder-only batches); an encoder-decoder's graphs as an `ort.OrtSeq2SeqLM` for both."""
     if base_model is not None:
         raise LlmkitError(f"--base-model {base_model}: {graph.parent} is an ONNX export of "
                           "a whole model (an adapter run's is merged into its base on export); "
@@ -71,23 +95,39 @@ def load_exported(graph: Path, generator: bool = False, base_model: str | None =
     if importlib.util.find_spec("onnxruntime") is None:
         raise LlmkitError(f"{graph.parent} is an ONNX export: running it needs onnxruntime: "
                           f"{INSTALL}")
-    from llmkit.inference.ort import OrtCausalLM, OrtModel
+    from llmkit.inference.ort import OrtModel
     from llmkit.models import load_pretrained, load_tokenizer, model_config
 
     quiet_libraries()
     folder = str(graph.parent)
     config = model_config(folder)
-    tokenizer = load_tokenizer(folder, padding_side="left" if generator else None)
+    graphs = seq2seq_graphs(graph)
+    left = generator and graphs is None
+    tokenizer = load_tokenizer(folder, padding_side="left" if left else None)
     log.info("%s: the ONNX export's %s, run by ONNX Runtime on the CPU", folder, graph.name)
-    if not generator:
+    if not (generator or graphs):
         return OrtModel(graph, config), tokenizer
     settings = None
-    if (graph.parent / "generation_config.json").is_file():
+    if (graph.parent / "generation_config.json").is_file():  # the run's
         from transformers import GenerationConfig
 
         settings = load_pretrained(GenerationConfig, folder)
-    log.info(NO_CACHE)
-    return OrtCausalLM(graph, config, settings), tokenizer
+    return ort_generator(graph, config, settings), tokenizer
+
+
+def ort_generator(graph: Path, config: Any, settings: Any = None) -> Any:
+    """The export at `graph` as a transformers model that `generate` decodes, with these
+    generation settings: an `ort.OrtSeq2SeqLM` for an encoder-decoder's graphs, else an
+    `ort.OrtCausalLM`."""
+    from llmkit.inference.ort import OrtCausalLM, OrtSeq2SeqLM
+
+    graphs = seq2seq_graphs(graph)
+    if graphs is None:
+        log.info(NO_CACHE)
+        return OrtCausalLM(graph, config, settings)
+    if graphs[2] is None:
+        log.info(NO_CACHE)
+    return OrtSeq2SeqLM(*graphs, config, settings)
 
 
 def load_generator(model: str, base_model: str | None = None) -> tuple[Any, Any]:
@@ -99,7 +139,7 @@ def load_generator(model: str, base_model: str | None = None) -> tuple[Any, Any]
 
         return models.load_generator(model, base_model)
     task = exported_task(graph)
-    if task != "generate":
+    if task not in GENERATES:
         raise LlmkitError(f"{model} is an ONNX export of a {task} run: it cannot generate "
                           f"text; llmkit predict --model {model} runs it")
     return load_exported(graph, True, base_model)
