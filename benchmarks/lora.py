@@ -95,7 +95,7 @@ def gpt2(args: argparse.Namespace) -> None:
                                                    indent=1))
 
 
-CHANGES = ("no-dropout", "no-grouping", "peft-dropout", "no-decay", "across")
+CHANGES = ("no-dropout", "no-grouping", "peft-dropout", "no-decay", "across", "inside")
 
 
 def banking77(rows: int) -> tuple[Path, Path]:
@@ -119,12 +119,12 @@ def run_llmkit(train: Path, dev: Path, args: argparse.Namespace, lora: bool) -> 
     out = OUT / f"lora-{'adapter' if lora else 'full'}-run"
     if args.change == "peft-dropout":
         adapters.lean_dropout = lambda model: None
-    if args.change == "across":  # classify as before 0.2.0: grouped across batches
+    if args.change in ("across", "inside"):  # classify grouped across / inside batches
         from dataclasses import replace
 
         from llmkit.tasks import classify
 
-        classify.CLASSIFY = replace(classify.CLASSIFY, group_inside=False)
+        classify.CLASSIFY = replace(classify.CLASSIFY, group_inside=args.change == "inside")
     cfg = load_config("classify", None, {
         "model": args.model, "output": str(out), "data.train": str(train),
         "data.validation": str(dev), "data.max_length": 128, "train.epochs": args.epochs,

@@ -156,19 +156,57 @@ def test_grouping_inside_batches_keeps_the_random_batches_in_sorted_micro_batche
         width = max(r["n"] for r in rows)
         return {"labels": torch.tensor([[1] * r["n"] + [-100] * (width - r["n"]) for r in rows])}
 
-    micro = [MicroBatches(collate, 4)([{"n": lengths[i]} for i in b]) for b in sorted_batches]
-    assert [len(m["micro_batches"]) for m in micro] == [4] * 63
-    assert [len(p["labels"]) for p in micro[-1]["micro_batches"]] == [2] * 4
+    def row(n: int) -> dict:
+        return {"n": n, "input_ids": [0] * n}
+
+    micro = [MicroBatches(collate, 4, 500)([row(lengths[i]) for i in b])
+             for b in sorted_batches]
+    assert all(1 < len(m["micro_batches"]) <= 4 for m in micro)
+    assert sum(len(p["labels"]) for p in micro[-1]["micro_batches"]) == 8
     first = micro[0]
     tokens = [int((p["labels"] != -100).sum()) for p in first["micro_batches"]]
     assert [float(s) for s in first["shares"]] == pytest.approx([t / sum(tokens) for t in tokens])
     padded = sum(p["labels"].numel() for m in micro for p in m["micro_batches"])
     assert padded < 0.7 * sum(len(b) * max(lengths[i] for i in b) for b in plain)
-    assert MicroBatches(collate, 1)([{"n": 3}])["labels"].shape == (1, 3)  # split 1: as is
+    assert MicroBatches(collate, 1)([row(3)])["labels"].shape == (1, 3)  # split 1: as is
+    assert MicroBatches(collate, 4, 500)([row(3)] * 16)["labels"].shape == (16, 3)  # at once
     for size, split in ((32, 4), (64, 4), (16, 2), (12, 1), (8, 1)):
         assert micro_batches(TrainConfig(batch_size=size), True) == split
     assert micro_batches(TrainConfig(batch_size=32), False) == 1
     assert micro_batches(TrainConfig(batch_size=32, group_by_length=False), True) == 1
+
+
+def test_micro_batches_are_cut_where_they_run_the_fewest_tokens() -> None:
+    """`cuts` finds the cheapest cuts of a sorted batch (each part's rows times its longest
+    row, plus the overhead of one more part) among those of at most `most` parts, none over
+    `1/most` of the batch at the data's longest row: against every possible cut of small
+    batches; short rows of equal length run at once, a long row alone."""
+    import itertools
+    import random
+
+    from llmkit.data.batches import cuts
+
+    def cost(parts: list[tuple[int, int]], lengths: list[int], overhead: int) -> int:
+        return sum(overhead + (end - start) * lengths[start] for start, end in parts)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, most, overhead = rng.randint(1, 9), rng.randint(1, 4), rng.choice([0, 8, 32, 200])
+        lengths = sorted((rng.randint(1, 60) for _ in range(n)), reverse=True)
+        longest = max(lengths) + rng.choice([0, 0, 40])
+        cap = -(-n // most) * longest
+        found = cuts(lengths, most, overhead, longest)
+        assert found[0][0] == 0 and found[-1][1] == n and len(found) <= most
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(found))
+        assert all((end - start) * lengths[start] <= cap for start, end in found)
+        best = min(cost(list(itertools.pairwise((0, *inner, n))), lengths, overhead)
+                   for k in range(most) for inner in itertools.combinations(range(1, n), k)
+                   if all((e - s) * lengths[s] <= cap
+                          for s, e in itertools.pairwise((0, *inner, n))))
+        assert cost(found, lengths, overhead) == best
+    assert cuts([10] * 32, 4, 32, 128) == [(0, 32)]
+    assert cuts([120] + [10] * 31, 4, 32, 128) == [(0, 1), (1, 32)]
+    assert cuts([], 4, 32) == []
 
 
 def test_json_files_read_whatever_their_layout(tmp_path: Path) -> None:

@@ -438,7 +438,8 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(tiny_seq2seq):
 def test_grouped_batches_of_16_run_in_two_micro_batches_and_resume_exactly(
         tiny_seq2seq, toy_translation, tmp_path, monkeypatch):
     """translate groups inside each batch: 64 rows in batches of 16 are 4 optimizer steps an
-    epoch of 2 sorted micro-batches each; a run cut mid-epoch resumes to the same weights."""
+    epoch of at most 2 sorted micro-batches each (none over half the batch at the data's longest
+    row); a run cut mid-epoch resumes to the same weights."""
     import functools
 
     import torch
@@ -468,7 +469,8 @@ def test_grouped_batches_of_16_run_in_two_micro_batches_and_resume_exactly(
     monkeypatch.setattr(MarianMTModel, "forward", counted)
     steady = finetune(config(tmp_path / "steady"))
     monkeypatch.setattr(MarianMTModel, "forward", forward)
-    assert rows == [8] * 16  # 2 epochs x 4 steps x 2 micro-batches of 8 rows
+    # 2 epochs x 4 steps x 16 rows, some batches in 2 micro-batches
+    assert sum(rows) == 128 and 8 < len(rows) <= 16, rows
     history = json.loads((steady / "metrics.json").read_text())["history"]
     assert [r["step"] for r in history] == [4, 8]
     cut = config(tmp_path / "cut")

@@ -13,7 +13,7 @@ from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from llmkit.config.schema import DataConfig, RunConfig, TrainConfig
-from llmkit.data.batches import LengthGroupedBatches, MicroBatches, micro_batches
+from llmkit.data.batches import LengthGroupedBatches, MicroBatches, longest, micro_batches
 from llmkit.data.features import by_length, lengths
 from llmkit.data.read import check_columns, load_split, load_splits, reading
 from llmkit.errors import LlmkitError
@@ -72,7 +72,8 @@ def build(cfg: RunConfig, accelerator: Accelerator) -> Parts:
     # so a resumed run replays the same random numbers as an uninterrupted one.
     pin = torch.cuda.is_available()  # page-locked batches copy to the GPU without a sync
     train_loader = DataLoader(train_set, batch_sampler=batches,
-                              collate_fn=MicroBatches(collate, batches.split),
+                              collate_fn=MicroBatches(collate, batches.split,
+                                                      longest(batches.lengths)),
                               generator=torch.Generator(), pin_memory=pin)
     eval_features = eval_set.select(by_length(eval_set))
     eval_loader = DataLoader(eval_features, collate_fn=collate, pin_memory=pin,

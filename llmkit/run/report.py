@@ -231,7 +231,7 @@ def header(parts: Any, cfg: Any, total_steps: int) -> list[str]:
             f"steps: {parts.steps_per_epoch:,} per epoch, {total_steps:,} in all; batch "
             f"{cfg.train.batch_size} x {acc.num_processes} process(es) x "
             f"{cfg.train.gradient_accumulation_steps} accumulation"
-            + (f", each batch in {parts.batches.split} micro-batches sorted by length"
+            + (f", each batch in up to {parts.batches.split} micro-batches sorted by length"
                if parts.batches.split > 1 else ""),
             f"parameters: {counts['total_parameters']:,} ({counts['trainable_parameters']:,} "
             f"trainable); device {acc.device} x {acc.num_processes}; precision "

@@ -272,6 +272,9 @@ CLASSIFY = Task(
     examples=EXAMPLES,
     auto_model="AutoModelForSequenceClassification",
     metrics=("accuracy", "macro_f1", "binary_f1"),
+    # random batches, each run as micro-batches sorted by length: batches of one length band
+    # cost a LoRA run on banking77 (77 intents) 5 points (benchmarks/RESULTS.md, lora.py)
+    group_inside=True,
     columns=columns,
     model_kwargs=model_kwargs,
     featurize=featurize,
