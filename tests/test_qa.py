@@ -166,6 +166,7 @@ def test_smoke_run_on_official_squad_json(tiny_bert: Path, tmp_path: Path) -> No
     assert records[0]["answer"] in CONTEXT and records[1]["answer"] in "short context"
 
 
+@pytest.mark.slow  # ~30 s of two gloo processes; CPU time the default tier keeps
 def test_two_process_qa_run_matches_one_process(tmp_path: Path) -> None:
     """Windows gathered from two ranks come back in order: the same answers and scores."""
     from tests.conftest import save_tiny_bert, two_ranks_and_one

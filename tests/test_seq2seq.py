@@ -363,6 +363,7 @@ def test_the_loop_trains_as_seq2seq_trainer_on_the_same_batches(toy_translation,
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # ~30 s of two gloo processes; CPU time the default tier keeps
 def test_two_processes_match_one_with_accumulation(toy_translation, tmp_path):
     """Batches of 16 each run in 2 sorted micro-batches (synced after the second) on each of
     2 ranks, as 1 process accumulating 2 batches."""
