@@ -17,6 +17,7 @@ from llmkit.export import export
 from llmkit.run.finetune import finetune
 from llmkit.tasks import load_config
 from tests.conftest import CORPUS
+from tests.test_chat import CHATML
 
 pytest.importorskip("onnxruntime")
 
@@ -176,13 +177,13 @@ def test_generate_export_generates_as_pytorch(generate_export: tuple[Path, Path,
     assert (out / "generation_config.json").is_file()
 
 
-def llmkit(*args: object) -> object:
+def llmkit(*args: object, input: str | None = None) -> object:
     """The command line, in this process: its result (exit code, output, exception)."""
     from typer.testing import CliRunner
 
     from llmkit.cli import app
 
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
 def records(path: Path) -> list[dict]:
@@ -242,6 +243,12 @@ def test_generate_and_eval_on_the_export_answer_as_the_run(
                           tmp_path / f"{name}-{model.name}.jsonl", *options)
             assert done.exit_code == 0, done.output
         assert records(tmp_path / f"{name}-onnx.jsonl") == records(tmp_path / f"{name}-run.jsonl")
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    talks = [llmkit("chat", model, "--chat-template", template, "--max-new-tokens", 6,
+                    input="the cat\nthe dog\n") for model in (run, out, out / "model.onnx")]
+    assert all(t.exit_code == 0 for t in talks), [t.output for t in talks]
+    assert talks[1].stdout == talks[0].stdout == talks[2].stdout
     metrics = ("-m", "perplexity", "-m", "rolling_perplexity", "--data", corpus["validation"])
     assert scores("--model", out, *metrics) == pytest.approx(
         scores("--model", run, *metrics), rel=1e-5)

@@ -71,6 +71,8 @@ def test_a_pruned_trial_stops_at_its_first_evaluation(tiny_bert: Path, toy: dict
     (["-p", "learning_rate=log:1e-5:1e-3", "--storage", "sqlite:////no/such/folder/s.db"],
      "--storage sqlite:////no/such/folder/s.db cannot be opened"),
     (["-p", "learning_rate=log:1e-5:1e-3", "--prune", "sometimes"], "--prune sometimes: choose"),
+    (["-p", "learning_rate=log:1e-5:1e-3", "--validation", "nope.tsv"],
+     "--validation nope.tsv: no such file"),
 ])
 def test_bad_sweeps_are_one_line_before_any_trial(args: list[str], expected: str,
                                                   tiny_bert: Path, toy: dict[str, Path],
@@ -211,6 +213,7 @@ def test_a_trial_s_tracker_run_is_filed_under_its_study(tiny_bert: Path, toy: di
 
     def init_trackers(self, project_name: str, config=None, init_kwargs=None):
         seen.append(init_kwargs)
+        assert project_name == "llmkit"  # W&B's project, MLflow's experiment
         return original(self, project_name, config, init_kwargs)
 
     monkeypatch.setattr(Accelerator, "init_trackers", init_trackers)

@@ -44,12 +44,12 @@ def chat_command(
 
     Type /help for the commands. With stdin not a terminal, each line is a user turn and stdout
     holds the replies, one after another."""
-    from llmkit.hub import check_model_source
+    from llmkit.inference.exported import check_source
     from llmkit.inference.generate import load_chat
     from llmkit.tasks.chat import check_template_file
 
     decoding = GenerationSettings(**asdict(settings), num_beams=1)
-    check_model_source(run)  # before torch and transformers load: a mistyped path is quick
+    check_source(run)  # before torch and transformers load: a mistyped path is quick
     check_template_file(chat_template)
     net, tokenizer = load_chat(run, base_model, chat_template)
     Conversation(net, tokenizer, decoding, system).talk(interactive=sys.stdin.isatty())

@@ -21,7 +21,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, parse_flag_from_env
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    parse_flag_from_env,
+)
 
 from llmkit.config.recipes import dump_config, flatten
 from llmkit.config.schema import RunConfig
@@ -115,14 +120,22 @@ def start_accelerator(cfg: RunConfig) -> Accelerator:
         # Accelerate runs several CPU processes (over gloo) only when told it is on CPU.
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                   log_with=trackers(cfg.train.report_to) or None,
-                                  project_dir=cfg.output,
+                                  project_config=ProjectConfiguration(
+                                      project_dir=cfg.output,
+                                      logging_dir=str(Path(cfg.output) / "tensorboard")),
                                   gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
                                   cpu=launched > 1 and not torch.accelerator.is_available(),
                                   dataloader_config=DataLoaderConfiguration(non_blocking=True),
                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(
                                       seconds=cfg.train.collective_timeout))])
     except ValueError as err:
-        raise LlmkitError(f"train.mixed_precision {cfg.train.mixed_precision}: {err}") from err
+        if "precision" in str(err):
+            raise LlmkitError(f"train.mixed_precision {cfg.train.mixed_precision}: {err}"
+                              ) from err
+        empty = sorted(k for k in ("OMP_NUM_THREADS", "LOCAL_RANK", "RANK", "WORLD_SIZE")
+                       if os.environ.get(k) == "")
+        raise LlmkitError(f"Accelerate could not start: {err}" + (
+            f" (set or unset {', '.join(empty)}: it is empty)" if empty else "")) from err
     if accelerator.num_processes != launched:
         raise LlmkitError(f"the launcher started {launched} processes but Accelerate joined "
                           f"{accelerator.num_processes}; each would train alone and they would "
@@ -234,6 +247,9 @@ def fsdp_units(accelerator: Accelerator, model: Any) -> None:
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+# W&B's and Trackio's project, MLflow's experiment (unless MLFLOW_EXPERIMENT_NAME says
+# another); TensorBoard's events go to the run's tensorboard/llmkit/.
+PROJECT = "llmkit"
 
 
 def trackers(names: tuple[str, ...]) -> list[str]:
@@ -263,7 +279,7 @@ def start_trackers(accelerator: Accelerator, cfg: RunConfig, group: str | None =
     if accelerator.log_with:
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                   for k, v in flatten(asdict(cfg)).items()}
-        accelerator.init_trackers("tensorboard", config=values, init_kwargs=grouped(
+        accelerator.init_trackers(PROJECT, config=values, init_kwargs=grouped(
             group, f"{group}/{Path(cfg.output).name}") if group else None)
 
 

@@ -39,11 +39,25 @@ def check_start(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite
     """What can be refused before torch is even imported, every problem in one line: the
     model's source, the data files, the resume point and the output folder. Returns the
     checkpoint to continue from and whether the folder must be emptied."""
-    from llmkit.hub import check_model_source, looks_like_path
-
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not resume_from \
             and checkpoints(Path(cfg.output)):
         resume, overwrite = True, False  # started again by torchrun --max-restarts: continue
+    problems = missing_sources(cfg)
+    try:
+        start = resume_point(Path(cfg.output), resume, resume_from, overwrite)
+        wipe = check_output(Path(cfg.output), start is not None, overwrite)
+    except LlmkitError as err:
+        problems.append(str(err))
+    if problems:
+        raise LlmkitError("; ".join(problems))
+    return start, wipe
+
+
+def missing_sources(cfg: RunConfig) -> list[str]:
+    """The model's source and the data files that are not there, a line each (no import of
+    torch: a sweep checks them before its first trial)."""
+    from llmkit.hub import check_model_source, looks_like_path
+
     problems = [f"{option} {given}: no such file" for option, given in (
         ("--train", cfg.data.train), ("--validation", cfg.data.validation),
         ("--test", cfg.data.test))  # --test found now, not after training
@@ -53,14 +67,7 @@ def check_start(cfg: RunConfig, resume: bool, resume_from: str | None, overwrite
         check_model_source(cfg.model)
     except LlmkitError as err:
         problems.insert(0, str(err))
-    try:
-        start = resume_point(Path(cfg.output), resume, resume_from, overwrite)
-        wipe = check_output(Path(cfg.output), start is not None, overwrite)
-    except LlmkitError as err:
-        problems.append(str(err))
-    if problems:
-        raise LlmkitError("; ".join(problems))
-    return start, wipe
+    return problems
 
 
 def check_output(out: Path, resuming: bool, overwrite: bool) -> bool:

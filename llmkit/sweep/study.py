@@ -15,6 +15,7 @@ from llmkit.errors import LlmkitError
 from llmkit.run.checkpoint import checkpoints, remove_checkpoints
 from llmkit.run.loop import lower_is_better
 from llmkit.run.report import Relay, Reporter
+from llmkit.run.start import missing_sources
 from llmkit.sweep.space import Param, read_space
 from llmkit.sweep.workers import WORKER, devices, run_workers
 from llmkit.tasks import get_task, load_config
@@ -259,7 +260,11 @@ def check_trials(task: Task, raw: dict[str, Any], overrides: list[str], space: l
         for value in param.extremes():
             load_config(task.name, raw, {param.path: value, "output": str(out / "trial")},
                         overrides)
-    return load_config(task.name, raw, {"output": str(out / "trial")}, overrides)
+    base = load_config(task.name, raw, {"output": str(out / "trial")}, overrides)
+    missing = missing_sources(base)
+    if missing:  # not a study whose every trial fails
+        raise LlmkitError("; ".join(missing))
+    return base
 
 
 def run_trials(study: Any, trials: int, run: Callable[[Any], float], heartbeat: bool) -> None:
