@@ -103,6 +103,9 @@ def export_module(module: Any, model: Any, args: tuple[Any, ...], kwargs: dict[s
     """torch.onnx's dynamo export of `module` (a part of `model`, or all of it) on the example
     `args` and `kwargs`, saved at `path`; its failure is one line naming the model."""
     quiet = io.StringIO()  # the exporter prints its steps
+    exporter = logging.getLogger("torch.onnx")  # "torchvision is not installed" lines
+    level = exporter.level
+    exporter.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
@@ -116,6 +119,8 @@ def export_module(module: Any, model: Any, args: tuple[Any, ...], kwargs: dict[s
         reason = " ".join(str(err).split())[:300]
         raise LlmkitError(f"torch.onnx cannot export {type(model).__name__} "
                           f"({model.config.model_type}) at opset {opset}: {reason}") from err
+    finally:
+        exporter.setLevel(level)
     log.info("exported %s to %s (opset %d)", type(module).__name__, path.name, opset)
 
 
