@@ -365,3 +365,24 @@ def test_a_decoder_torch_onnx_cannot_cache_is_exported_without(
     assert report["files"] == ["encoder_model.onnx", "decoder_model.onnx"]
     assert report["cache"] is False and "no key/value cache" in report["notes"][0]
     assert model.config._attn_implementation == attention
+
+
+def test_a_chat_run_s_export_is_checked_on_its_conversations_prompts() -> None:
+    """A generate run on conversations: the greedy check's prompts are the turns before the
+    first assistant turn in the chat template, ending with the generation prompt."""
+    from llmkit.export.generation import PROMPT_TOKENS, conversation_prompts
+    from tests.conftest import bpe_tokenizer
+
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    talks = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"},
+              {"role": "assistant", "content": "sat on the mat"}],
+             [{"role": "assistant", "content": "no user turn"}],
+             [{"role": "user", "content": " ".join(["the dog"] * 40)}]]
+    assert conversation_prompts(talks, tokenizer, 8) == []  # no template: nothing to render
+    tokenizer.chat_template = CHATML
+    first, long = conversation_prompts(talks, tokenizer, 8)
+    assert tokenizer.decode(first).endswith(
+        "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n")  # no reply in it
+    assert len(long) == PROMPT_TOKENS and tokenizer.decode(long).endswith("assistant\n")
+    assert conversation_prompts(talks, tokenizer, 1) == [first]

@@ -129,18 +129,19 @@ def graphs(task: Any, net: Any, tokenizer: Any, folder: Path, opset: int) -> dic
 
 def generation_prompts(task: Any, data: Any, rows: Any, features: Any, tokenizer: Any,
                        net: Any) -> list[list[int]]:
-    """Prompts for the greedy check: the first token ids of the check rows' texts, or an
-    encoder-decoder's sources as the run reads them (prefixed, truncated); none for tasks
-    that do not generate."""
-    from llmkit.export.generation import prompt_ids
+    """Prompts for the greedy check: the first token ids of the check rows' texts, the chat
+    template's prompt of their conversations, or an encoder-decoder's sources as the run reads
+    them (prefixed, truncated); none for tasks that do not generate."""
+    from llmkit.export.generation import conversation_prompts, prompt_ids
 
     if task.name not in GENERATES:
         return []
     if net.config.is_encoder_decoder:
         return [list(ids) for ids in features["input_ids"][:PROMPTS]]
-    column = task.columns(data, False)[0]
-    texts = [t for t in rows[column] if isinstance(t, str)]
-    return prompt_ids(texts, tokenizer, PROMPTS)
+    values = rows[task.columns(data, False)[0]]
+    if any(isinstance(v, list) for v in values[:PROMPTS]):  # conversations
+        return conversation_prompts(values, tokenizer, PROMPTS)
+    return prompt_ids([t for t in values if isinstance(t, str)], tokenizer, PROMPTS)
 
 
 def generations_of(net: Any, graph: Path, tokenizer: Any, prompts: list[list[int]]

@@ -5,6 +5,7 @@ export's check: both decoded by transformers' `generate`, the export's as `llmki
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,27 @@ def prompt_ids(texts: list[str], tokenizer: Any, count: int) -> list[list[int]]:
         ids = tokenizer(text)["input_ids"][:PROMPT_TOKENS] if text and text.strip() else []
         if ids:
             found.append(ids)
+        if len(found) == count:
+            break
+    return found
+
+
+def conversation_prompts(conversations: list[Any], tokenizer: Any, count: int
+                         ) -> list[list[int]]:
+    """Token ids of the first `count` conversations' turns before their first assistant turn,
+    in the chat template with the generation prompt after them, cut to their last
+    PROMPT_TOKENS (the generation prompt kept)."""
+    from llmkit.tasks.chat import render
+
+    found: list[list[int]] = []
+    if not getattr(tokenizer, "chat_template", None):
+        return found
+    for messages in conversations:
+        turns = list(itertools.takewhile(lambda m: m.get("role") != "assistant",
+                                         messages or []))
+        if turns:
+            text = render(tokenizer, turns, prompt=True)
+            found.append(tokenizer(text, add_special_tokens=False)["input_ids"][-PROMPT_TOKENS:])
         if len(found) == count:
             break
     return found
