@@ -1,8 +1,9 @@
 """llmkit export on a real classifier: all-MiniLM-L6-v2 fine-tuned on SST-2, then PyTorch eager
 vs ONNX Runtime fp32 and int8 on the CPU, batch 1 and batch 32.
 
-    python benchmarks/export.py [--rows 2000] [--epochs 1] [--run runs/sst2] [--threads 2]
+    python benchmarks/export.py [--rows 2000] [--epochs 3] [--run runs/sst2] [--threads 2]
         [--timed-rows 256]
+    python benchmarks/export.py --gpt2-run DIR --marian-run DIR [--prompts 32] [--new-tokens 64]
 
 Fine-tunes the model on the first N rows of ../shared/data/sst2/train.tsv with llmkit (unless
 --run names a finished classify run), exports it with `--quantize int8` (the export's own check
@@ -93,16 +94,74 @@ def measure(kind: str, folder: Path, run: Path, texts: list[str], labels: list[i
     return found
 
 
+def generation_prompts(kind: str, count: int) -> list[str]:
+    """`count` prompts: user turns from debian-qa's dev questions for the chat GPT-2, the last
+    English verses of the Old Testament for the Marian."""
+    shared = ROOT.parent / "shared" / "data"
+    if kind == "gpt2":
+        articles = json.loads((shared / "debian-qa" / "dev.json").read_text())["data"]
+        return [q["question"] for a in articles for p in a["paragraphs"] for q in p["qas"]
+                ][:count]
+    lines = (shared / "bible-en-es" / "old-testament.jsonl").read_text().splitlines()
+    return [json.loads(line)["translation"]["en"] for line in lines[-count:]]
+
+
+def generation(kind: str, run: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Export a generation run (its own check: greedy generations against PyTorch), then
+    `llmkit generate`'s code on --prompts prompts, greedy, with the run's weights and with the
+    export: new tokens/s at batch 1 and 16, and how many outputs differ."""
+    from llmkit.export import export
+    from llmkit.inference.generate import GenerationSettings, generate, load_prompts
+
+    folder = OUT / f"export-{kind}"
+    report = export(run, folder, overwrite=True)
+    given = generation_prompts(kind, args.prompts)
+    settings = GenerationSettings(max_new_tokens=args.new_tokens, num_beams=1)
+    found: dict[str, Any] = {"export_check": report.get("generations"),
+                             "notes": report.get("notes")}
+    outputs = {}
+    for name, model in (("pytorch", run), ("onnx", folder)):
+        net, tokenizer, prompts = load_prompts(str(model), given, chat=kind == "gpt2")
+        for size in (1, 16):
+            generate(net, tokenizer, prompts[:size], settings, size, templated=kind == "gpt2")
+            start = time.perf_counter()
+            records = generate(net, tokenizer, prompts, settings, size,
+                               templated=kind == "gpt2")
+            seconds = time.perf_counter() - start
+            found[f"{name} tokens_per_second_b{size}"] = round(
+                sum(r["new_tokens"] for r in records) / seconds, 1)
+        outputs[name] = [r["output"] for r in records]
+    found["prompts"] = len(given)
+    found["outputs_differ"] = sum(a != b for a, b in zip(outputs["pytorch"], outputs["onnx"],
+                                                         strict=True))
+    for size in (1, 16):
+        found[f"speedup_b{size}"] = round(found[f"onnx tokens_per_second_b{size}"] /
+                                          found[f"pytorch tokens_per_second_b{size}"], 2)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--run", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timed-rows", type=int, default=256)
+    parser.add_argument("--gpt2-run", default=None, help="a chat generate run (preference.py's "
+                        "SFT model: benchmarks/out/preference/sft): its export's speed")
+    parser.add_argument("--marian-run", default=None, help="a translate run (seq2seq.py "
+                        "translate: benchmarks/out/translate-llmkit): its export's speed")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
+    runs = {"gpt2": args.gpt2_run, "marian": args.marian_run}
+    if any(runs.values()):
+        found = {k: generation(k, Path(v), args) for k, v in runs.items() if v}
+        (OUT / "export-generation.json").write_text(json.dumps(found, indent=1))
+        print(json.dumps(found, indent=1))
+        return
     from llmkit.export import export
 
     run = trained_run(args)
