@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,13 +114,21 @@ def two_processes(args: argparse.Namespace, train: Path, dev: Path) -> None:
     out = args.out / "shared"
     command = sweep_args(out, args.trials, train, dev)
     out.mkdir(parents=True, exist_ok=True)
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(5)  # the first one creates the study
-    second = subprocess.run(command, capture_output=True, text=True)
-    first.wait()
+    logs = [args.out / "first.log", args.out / "second.log"]
+    with logs[0].open("w") as log:
+        first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log,
+                                 env={**os.environ, "COLUMNS": "200"})
+        time.sleep(5)  # the first one creates the study
+        with logs[1].open("w") as log2:
+            second = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log2,
+                                    env={**os.environ, "COLUMNS": "200"})
+        first.wait()
     found = trials_of(out)
-    print(f"{len(found)} trials, {len({d for _, d, _ in found})} folders, second exit "
-          f"{second.returncode}: {found}")
+    print(f"{len(found)} trials, {len({d for _, d, _ in found})} folders, exits "
+          f"{first.returncode} {second.returncode}: {found}")
+    for name, path in zip(("first", "second"), logs, strict=True):  # each one's finished trials
+        ran = sorted(set(re.findall(r"(trial-\d{3}): complete", path.read_text())))
+        print(f"{name} process finished: {ran}")
 
 
 def main() -> None:
