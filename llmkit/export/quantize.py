@@ -24,7 +24,7 @@ def quantize(source: Path, target: Path) -> Path:
     """`source` with 8-bit weights (MatMul and Gather: the linear layers and embeddings),
     unsigned as the activations are: ONNX Runtime's u8s8 kernels saturate on CPUs without VNNI
     (AVX2), which cost a MiniLM SST-2 classifier 1.2 points of accuracy, u8u8 none (0.3 above
-    fp32), at 2.5x PyTorch's rows at batch 1 (benchmarks/export.py)."""
+    fp32), at 2.3x PyTorch's rows/s at batch 1 on one thread (benchmarks/export.py)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
