@@ -223,3 +223,25 @@ def test_the_slurm_example_runs_llmkit_launch_with_what_slurm_gives(
     code, out, err = llmkit([*args[:at], "--show", *args[at:]], capsys, monkeypatch)
     assert code == 0 and "--rdzv-endpoint 127.0.0.1:29500" in out, err
     assert "finetune generate --recipe generate-gpt2 --output runs/slurm-77" in out
+
+
+def test_an_accelerate_start_up_error_names_an_empty_variable(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Accelerate's ValueError for an empty OMP_NUM_THREADS (torchrun over gloo) is not blamed
+    on train.mixed_precision; the empty variable is named."""
+    import llmkit.run.launch as launch
+    from llmkit.errors import LlmkitError
+    from llmkit.tasks import load_config
+
+    def refuse(**_: object) -> None:
+        raise ValueError("invalid literal for int() with base 10: ''")
+
+    monkeypatch.setattr(launch, "Accelerator", refuse)
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    cfg = load_config("classify", None, {"model": "m", "output": str(tmp_path / "o"),
+                                         "data.train": "t.tsv"})
+    with pytest.raises(LlmkitError) as found:
+        launch.start_accelerator(cfg)
+    assert "mixed_precision" not in str(found.value)
+    assert str(found.value) == ("Accelerate could not start: invalid literal for int() with "
+                                "base 10: '' (set or unset OMP_NUM_THREADS: it is empty)")
