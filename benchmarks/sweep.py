@@ -2,8 +2,9 @@
 rate and batch size searched over --trials trials, with and without --prune median, beside one
 run at llmkit's defaults; each in its own process, wall time and accuracy of the best trial.
 
-    python benchmarks/sweep.py [--trials 12] [--rows 1000] [--dev-rows 500] [--out /tmp/sweep-bench]
-        [--pruner median|hyperband] [--runs defaults,unpruned,pruned]
+    python benchmarks/sweep.py [--trials 12] [--rows 1280] [--dev-rows 250] [--epochs 3]
+        [--eval-steps 20] [--out /tmp/sweep-bench] [--pruner median|hyperband]
+        [--runs defaults,unpruned,pruned]
     python benchmarks/sweep.py --resume-check   # kill the sweep in trial 5, run it again
     python benchmarks/sweep.py --two-processes  # two sweeps on one storage: disjoint trials
 """
@@ -42,9 +43,11 @@ def split(rows: int, out: Path, dev_rows: int = 500) -> tuple[Path, Path]:
     return train, dev
 
 
+SCHEDULE = ["-s", "train.epochs=3", "-s", "train.eval_steps=20"]  # --epochs/--eval-steps
+
+
 def common(train: Path, dev: Path) -> list[str]:
-    return ["-m", minilm(), "--train", str(train), "--validation", str(dev), "-s",
-            "train.epochs=2", "-s", "train.eval_steps=16"]
+    return ["-m", minilm(), "--train", str(train), "--validation", str(dev), *SCHEDULE]
 
 
 def sweep_args(out: Path, trials: int, train: Path, dev: Path, *extra: str) -> list[str]:
@@ -134,8 +137,10 @@ def two_processes(args: argparse.Namespace, train: Path, dev: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--rows", type=int, default=1000)
-    parser.add_argument("--dev-rows", type=int, default=500)
+    parser.add_argument("--rows", type=int, default=1280)
+    parser.add_argument("--dev-rows", type=int, default=250)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("/tmp/sweep-bench"))
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband"])
     parser.add_argument("--runs", default="defaults,unpruned,pruned",
@@ -143,6 +148,7 @@ def main() -> None:
     parser.add_argument("--resume-check", action="store_true")
     parser.add_argument("--two-processes", action="store_true")
     args = parser.parse_args()
+    SCHEDULE[:] = ["-s", f"train.epochs={args.epochs}", "-s", f"train.eval_steps={args.eval_steps}"]
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: this benchmark reads rt-polarity from it")
     train, dev = split(args.rows, args.out / "data", args.dev_rows)

@@ -90,6 +90,27 @@ def test_show_needs_a_sweep(tmp_path: Path, capsys, monkeypatch) -> None:
     assert code == 1 and "holds no sweep (no study.db)" in err, err
 
 
+def summary_of(*errors: str | None) -> dict:
+    trials = [{"trial": i, "dir": f"trial-{i:03d}", "state": "fail" if e else "complete",
+               "value": None if e else 0.5, "params": {"train.learning_rate": 1e-4},
+               "seconds": 3.0, "error": e, "worker": None} for i, e in enumerate(errors)]
+    return {"study": "s", "direction": "maximize", "metric": "accuracy", "trials": trials,
+            "best": None, "importances": {}, "pictures": []}
+
+
+def test_the_table_has_an_error_column_only_where_a_trial_failed(capsys, monkeypatch) -> None:
+    from llmkit.cli.sweep import shown
+    from llmkit.cli.terminal import console
+
+    monkeypatch.setattr(console, "width", 80)  # the table is drawn on stderr
+    shown(summary_of(None, None))
+    header = capsys.readouterr().err.splitlines()[2]
+    assert "learning_rate" in header and "error" not in header, header
+    shown(summary_of(None, "LlmkitError: out of memory"))
+    err = capsys.readouterr().err
+    assert "error" in err.splitlines()[2] and "LlmkitError: out" in err, err
+
+
 def test_a_recipe_s_sweep_section_supplies_the_search(tiny_bert: Path, toy: dict[str, Path],
                                                       tmp_path: Path) -> None:
     recipe = {"model": str(tiny_bert), "data": {"train": str(toy["train"]),
@@ -225,3 +246,23 @@ def test_a_trial_s_tracker_run_is_filed_under_its_study(tiny_bert: Path, toy: di
                      "trackio": {"group": "tracked", "name": "tracked/trial-000"},
                      "mlflow": {"run_name": "tracked/trial-000", "tags": {"group": "tracked"}}}]
     assert list((out / "trial-000" / "tensorboard").rglob("events.*"))  # its own folder
+
+
+def test_new_studies_draw_alike_and_a_second_process_draws_its_own(monkeypatch) -> None:
+    from optuna.distributions import FloatDistribution
+
+    from llmkit.sweep.strategy import sampler_of
+    from llmkit.sweep.workers import WORKER
+
+    def draws(seed: int, before: int) -> list[float]:
+        study = optuna.create_study(sampler=sampler_of(seed, before))
+        return [study.ask({"lr": FloatDistribution(1e-5, 1e-3, log=True)}).params["lr"]
+                for _ in range(3)]
+
+    assert draws(42, 0) == draws(42, 0)  # a pruned and an unpruned study: like for like
+    assert draws(42, 0) != draws(43, 0)  # -s train.seed=43: other settings
+    assert draws(42, 0) != draws(42, 2)  # joining a study that has trials, or a restart
+    monkeypatch.setenv(WORKER, "1")  # --trials-in-parallel's second worker
+    first = draws(42, 0)
+    monkeypatch.setenv(WORKER, "0")
+    assert first != draws(42, 0)

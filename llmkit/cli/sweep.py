@@ -80,9 +80,10 @@ def shown(summary: dict[str, Any]) -> None:
 
     names = list(dict.fromkeys(k for row in summary["trials"] for k in row["params"]))
     workers = any(row.get("worker") is not None for row in summary["trials"])
+    errors = any(row["error"] for row in summary["trials"])  # the column only where one failed
     table = Table("trial", "state", summary["metric"] or "value",
                   *(n.rsplit(".", 1)[-1] for n in names), "seconds",
-                  *(["worker"] if workers else []), "error",
+                  *(["worker"] if workers else []), *(["error"] if errors else []),
                   title=f"study {summary['study']} ({summary['direction']})", title_justify="left")
     for row in summary["trials"]:
         value = "" if row["value"] is None else f"{row['value']:.4f}"
@@ -91,7 +92,7 @@ def shown(summary: dict[str, Any]) -> None:
                         else str(row["params"].get(n, "")) for n in names),
                       "" if row["seconds"] is None else f"{row['seconds']:.0f}",
                       *(["" if row.get("worker") is None else str(row["worker"])]
-                        if workers else []), (row["error"] or "")[:80])
+                        if workers else []), *([(row["error"] or "")[:80]] if errors else []))
     console.print(table)
     best = summary["best"]
     if best:

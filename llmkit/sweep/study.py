@@ -14,9 +14,10 @@ from llmkit.config.recipes import read_recipe
 from llmkit.errors import LlmkitError
 from llmkit.run.checkpoint import checkpoints, remove_checkpoints
 from llmkit.run.loop import lower_is_better
-from llmkit.run.report import Relay, Reporter
+from llmkit.run.report import Reporter
 from llmkit.run.start import missing_sources
 from llmkit.sweep.space import Param, read_space
+from llmkit.sweep.strategy import TrialReporter, pruner_of, sampler_of
 from llmkit.sweep.workers import WORKER, devices, run_workers
 from llmkit.tasks import get_task, load_config
 from llmkit.tasks.task import Task
@@ -25,28 +26,8 @@ log = logging.getLogger("llmkit")
 HEARTBEAT = 10  # seconds between a running trial's signs of life in the storage
 GRACE = 30  # a running trial silent this long died with its process: failed, then run again
 POLL = 2  # seconds between looks at the last trials, which other processes run
-PRUNERS = ("none", "median", "hyperband")
 PRUNED_MARK = "PRUNED"  # in the folder of a trial the pruner stopped
 STUDY_FILE = "study.db"  # the default storage, in the sweep's folder
-
-
-class TrialReporter(Relay):
-    """A trial's run: each evaluation goes to Optuna, which may prune the trial there."""
-
-    def __init__(self, trial: Any, metric: str, shown: Reporter, batch_size: int):
-        super().__init__(shown)
-        self.trial, self.metric, self.batch_size = trial, metric, batch_size
-
-    def evaluation(self, record: dict[str, Any]) -> None:
-        """Reported at the samples trained on, not the step: trials of another batch size are
-        compared at the same amount of training."""
-        import optuna
-
-        self.shown.evaluation(record)
-        seen = record["step"] * self.batch_size
-        self.trial.report(float(record[self.metric]), seen)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {record['step']} ({seen} samples)")
 
 
 def storage_of(url: str) -> Any:
@@ -85,16 +66,14 @@ class Surplus(LlmkitError):
 
 
 def open_study(storage: str, name: str, metric: str, prune: str, definition: dict[str, Any],
-               out: Path) -> Any:
+               out: Path, seed: int = 42) -> Any:
     """The study, created or loaded; one made with other settings is refused, not mixed, and a
-    new one is refused an output folder that holds another study's trials."""
+    new one is refused an output folder that holds another study's trials. Its sampler is
+    seeded (see `sampler_of`)."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    if prune not in PRUNERS:
-        raise LlmkitError(f"--prune {prune}: choose one of {', '.join(PRUNERS)}")
-    pruner = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
-              "hyperband": optuna.pruners.HyperbandPruner}[prune]()
+    pruner = pruner_of(prune)
     for attempt in (1, 2):  # processes starting together race to create the tables
         try:
             study = optuna.create_study(
@@ -109,6 +88,7 @@ def open_study(storage: str, name: str, metric: str, prune: str, definition: dic
     if saved is None and any(out.glob("trial-*")):
         raise LlmkitError(f"{out} holds the trial folders of another study; choose another "
                           "--output")
+    study.sampler = sampler_of(seed, len(study.trials))
     if saved is None:
         study.set_user_attr("definition", definition)
     elif saved != definition:
@@ -240,7 +220,8 @@ def sweep(task_name: str, output: str | Path, params: list[str] | None = None,
     definition = {"task": task.name, "params": sorted(params), "metric": metric,
                   "overrides": sorted(overrides)}
     url, prune = storage or f"sqlite:///{out / STUDY_FILE}", prune or plan.get("prune") or "none"
-    study = open_study(url, study_name or out.name, metric, prune, definition, out)
+    study = open_study(url, study_name or out.name, metric, prune, definition, out,
+                       base.train.seed)
     if trials_in_parallel > 1:  # each worker: this sweep on the study, one trial at a time
         spec = {"task_name": task.name, "output": str(out), "params": params, "trials": trials,
                 "recipe": recipe, "overrides": overrides, "storage": url,
