@@ -93,7 +93,7 @@ def test_a_broken_export_fails_with_the_figures(classify_export: tuple[Path, Pat
 
     run, out, _ = classify_export
 
-    def copy_graph(model, tokenizer, path, opset, causal):  # the good graph, without the wait
+    def copy_graph(model, tokenizer, path, opset):  # the good graph, without the wait
         shutil.copyfile(out / "model.onnx", path)
         return ["input_ids", "attention_mask"]
 
@@ -172,8 +172,8 @@ def test_generate_export_generates_as_pytorch(generate_export: tuple[Path, Path,
         report["check"]["onnx_metrics"]["perplexity"], rel=1e-5)
     generations = report["generations"]
     assert generations["prompts"] == len(CORPUS) and generations["differ"] == 0
-    assert any("without its KV cache" in n for n in report["notes"])
-    assert "KV cache" in (out / "README.md").read_text()
+    assert report["cache"] and report["files"] == ["model.onnx", "model_with_past.onnx"]
+    assert "model_with_past.onnx" in (out / "README.md").read_text()
     assert (out / "generation_config.json").is_file()
 
 
@@ -230,7 +230,8 @@ def test_generate_and_eval_on_the_export_answer_as_the_run(
     from llmkit.inference.ort import OrtCausalLM
 
     run, out, _ = generate_export
-    assert isinstance(load_prompts(str(out), [])[0], OrtCausalLM)  # not the run's weights
+    exported = load_prompts(str(out), [])[0]
+    assert isinstance(exported, OrtCausalLM) and exported.with_past is not None  # its cache
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(text.split(" ", 3)[-1] for text in CORPUS[:6]) + "\n")
     runs = {"greedy": ("--max-new-tokens", 10), "beams": ("--num-beams", 3,
@@ -259,6 +260,41 @@ def test_generate_and_eval_on_the_export_answer_as_the_run(
                      "--output", tmp_path / "again")
     assert refused.exit_code == 1 and "is an llmkit export (ONNX): it holds no PyTorch weights" \
         in str(refused.exception)
+
+
+def test_a_generate_export_without_its_cache_still_answers(
+        generate_export: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """An export without model_with_past.onnx (torch.onnx could not trace it): every step runs
+    the whole sequence, with the same generations."""
+    run, out, _ = generate_export
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("model_with_past*"))
+    options = ("--prompt", "the cat", "--max-new-tokens", 8, "--num-beams", 2)
+    expected, found = llmkit("generate", "--model", run, *options), llmkit(
+        "generate", "--model", bare / "model.onnx", *options)
+    assert found.exit_code == 0 and found.stdout == expected.stdout, found.output
+    with_past = llmkit("generate", "--model", out / "model_with_past.onnx", *options)
+    assert with_past.exit_code == 0 and with_past.stdout == expected.stdout, with_past.output
+
+
+def test_a_causal_lm_torch_onnx_cannot_cache_is_exported_without(
+        tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.export import causal
+
+    def fake_export(module, model, args, kwargs, outputs, dynamic, path, opset, inputs=None):
+        if path.name == "model_with_past.onnx":
+            raise LlmkitError("torch.onnx cannot export GPT2LMHeadModel (gpt2) at opset 18: ...")
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(causal, "export_module", fake_export)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    attention = model.config._attn_implementation
+    report = causal.export_causal(model, AutoTokenizer.from_pretrained(tiny_gpt2), tmp_path, 18)
+    assert report["files"] == ["model.onnx"] and report["cache"] is False
+    assert "no KV cache" in report["notes"][0]
+    assert model.config._attn_implementation == attention
 
 
 @pytest.fixture(scope="module")

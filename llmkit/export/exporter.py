@@ -22,8 +22,6 @@ FORMATS = ("onnx",)
 TASKS = ("classify", "qa", "generate", "translate", "summarize")
 CHECK_ROWS = 256  # validation rows the check runs (the first ones)
 PROMPTS, NEW_TOKENS = 32, 16  # generate: greedy generations compared
-NO_CACHE = ("the decoder is exported without its KV cache (past key values are not inputs or "
-            "outputs of the graph): every generated token runs the whole sequence again")
 
 
 def check_arguments(format: str, opset: int, kind: str | None, tolerance: float) -> None:
@@ -116,15 +114,18 @@ def build(task: Any, data: Any, net: Any, tokenizer: Any, folder: Path, features
 
 
 def graphs(task: Any, net: Any, tokenizer: Any, folder: Path, opset: int) -> dict[str, Any]:
-    """The export's graphs in `folder`: an encoder-decoder's three (export.seq2seq), else one;
-    their files, inputs and notes."""
+    """The export's graphs in `folder`: an encoder-decoder's three (export.seq2seq), a causal
+    LM's two (export.causal), else one; their files, inputs and notes."""
     if net.config.is_encoder_decoder:
         from llmkit.export.seq2seq import export_seq2seq
 
         return export_seq2seq(net, tokenizer, folder, opset)
-    causal = task.name == "generate"
-    inputs = export_graph(net, tokenizer, folder / GRAPH, opset, causal)
-    return {"files": [GRAPH], "inputs": inputs, "notes": [NO_CACHE] if causal else []}
+    if task.name == "generate":
+        from llmkit.export.causal import export_causal
+
+        return export_causal(net, tokenizer, folder, opset)
+    return {"files": [GRAPH], "inputs": export_graph(net, tokenizer, folder / GRAPH, opset),
+            "notes": []}
 
 
 def generation_prompts(task: Any, data: Any, rows: Any, features: Any, tokenizer: Any,

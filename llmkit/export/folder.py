@@ -77,8 +77,10 @@ USAGE = {
            "# best span: start <= end within the context tokens (the offsets of a fast "
            "tokenizer)"),
     "generate": ('feed["position_ids"] = np.maximum(feed["attention_mask"].cumsum(-1) - 1, 0)\n'
-                 'logits = session.run(["logits"], feed)[0]\n'
-                 "next_token = logits[:, -1].argmax(-1)  # append it and run again (no cache)"),
+                 'logits, *present = session.run(None, feed)\n'
+                 "next_token = logits[:, -1].argmax(-1)  # append it and run again, or feed the "
+                 "present.* outputs\n# to model_with_past.onnx as past_key_values.* with the "
+                 "new token, its position and the whole mask"),
     "seq2seq": ('states = encoder.run(["last_hidden_state"], feed)[0]\n'
                 "ids = np.full((len(states), 1), config.decoder_start_token_id)\n"
                 'logits = decoder.run(["logits"], {"input_ids": ids, "encoder_hidden_states": '
@@ -93,7 +95,7 @@ USAGE = {
 def readme(report: dict[str, Any]) -> str:
     """How to load the export with plain onnxruntime, and what its check found."""
     check = report["check"]
-    seq2seq = "graphs" in report
+    seq2seq = ENCODER in report["files"]
     sessions = {"encoder": ENCODER, "decoder": DECODER} if seq2seq else {"session": GRAPH}
     lines = [f"# ONNX export of {report['run']} ({report['task']})", "",
              f"Exported by llmkit with torch.onnx (dynamo), opset {report['opset']}; batch and "
@@ -125,6 +127,7 @@ def graph_inputs(report: dict[str, Any]) -> str:
     """The graphs' inputs, one sentence."""
     if "graphs" not in report:
         return "Inputs: " + ", ".join(report["inputs"]) + "."
-    return ("Graphs (file and input names as Optimum's ORTModelForSeq2SeqLM has them): " +
+    optimum = "ORTModelForSeq2SeqLM" if ENCODER in report["files"] else "ORTModelForCausalLM"
+    return (f"Graphs (input and output names as Optimum's {optimum} has them): " +
             "; ".join(f"`{name}` ({', '.join(inputs)})" for name, inputs in
                       report["graphs"].items()) + ".")

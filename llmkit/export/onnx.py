@@ -47,19 +47,6 @@ def check_opset(opset: int) -> None:
                           f"(default {DEFAULT_OPSET})")
 
 
-class CausalLogits(torch.nn.Module):
-    """A causal LM as one function of (input_ids, attention_mask, position_ids) -> logits,
-    without the KV cache (not exported yet: each step runs the whole sequence)."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, use_cache=False).logits
-
-
 def example_inputs(model: Any, tokenizer: Any, causal: bool) -> dict[str, Any]:
     """A small batch (2 rows of 8 tokens, the first padded) to trace the graph with; the
     tokenizer's own input names, as far as the model's forward takes them."""
@@ -77,22 +64,20 @@ def example_inputs(model: Any, tokenizer: Any, causal: bool) -> dict[str, Any]:
     return {n: values[n] for n in names if n in values}
 
 
-def output_names(model: Any, example: dict[str, Any], causal: bool) -> list[str]:
+def output_names(model: Any, example: dict[str, Any]) -> list[str]:
     """The model's output fields on `example` (logits; start_logits and end_logits)."""
-    if causal:
-        return ["logits"]
     with torch.inference_mode():
         found = model(**example)
     return [k for k in found.keys() if k not in ("loss", "hidden_states", "attentions")]
 
 
-def export_graph(model: Any, tokenizer: Any, path: Path, opset: int, causal: bool) -> list[str]:
-    """Write `model` (in eval mode, on the CPU) to `path` as ONNX; returns its input names."""
-    example = example_inputs(model, tokenizer, causal)
-    outputs = output_names(model, example, causal)
+def export_graph(model: Any, tokenizer: Any, path: Path, opset: int) -> list[str]:
+    """Write an encoder `model` (in eval mode, on the CPU) to `path` as ONNX; returns its input
+    names (a causal LM's graphs: export.causal, an encoder-decoder's: export.seq2seq)."""
+    example = example_inputs(model, tokenizer, False)
+    outputs = output_names(model, example)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    module = CausalLogits(model).eval() if causal else model
-    export_module(module, model, (), example, outputs,
+    export_module(model, model, (), example, outputs,
                   {n: {0: batch, 1: sequence} for n in example}, path, opset)
     return list(example)
 

@@ -20,6 +20,10 @@ GRAPH = "model.onnx"  # the fp32 graph; quantized ones beside it (model.int8.onn
 ENCODER, DECODER, WITH_PAST = "encoder_model.onnx", "decoder_model.onnx", \
     "decoder_with_past_model.onnx"
 SEQ2SEQ = (ENCODER, DECODER, WITH_PAST)
+# a causal LM's: the whole sequence, and the new tokens after past key values (absent from an
+# export without cache, and from the exports of earlier llmkit versions)
+CAUSAL_WITH_PAST = "model_with_past.onnx"
+CAUSAL = (GRAPH, CAUSAL_WITH_PAST)
 GENERATES = ("generate", "translate", "summarize")  # the tasks whose exports generate
 INSTALL = "pip install 'llmkit[export]' (onnx, onnxruntime, onnxscript)"
 NO_CACHE = ("the export has no KV cache: every new token runs the whole sequence through the "
@@ -42,21 +46,41 @@ def exported_graph(model: str | Path) -> Path | None:
                       "or export the run again")
 
 
+def family(graph: Path, names: tuple[str, ...]) -> list[Path] | None:
+    """The graphs `names` in the precision of `graph` (model.int8.onnx: the int8 ones) if it is
+    one of them; None if it is not."""
+    for name in names:
+        stem = name.removesuffix(".onnx") + "."
+        if graph.name.startswith(stem):
+            variant = graph.name[len(stem) - 1:]  # .onnx, .int8.onnx
+            return [graph.parent / (n.removesuffix(".onnx") + variant) for n in names]
+    return None
+
+
 def seq2seq_graphs(graph: Path) -> tuple[Path, Path, Path | None] | None:
     """The encoder, decoder and cached decoder (None: exported without) of the seq2seq export
     that `graph` is one of, in its precision (decoder_model.int8.onnx: the int8 ones); None
     for a single-graph export."""
-    for name in SEQ2SEQ:
-        stem = name.removesuffix(".onnx") + "."
-        if graph.name.startswith(stem):
-            variant = graph.name[len(stem) - 1:]  # .onnx, .int8.onnx
-            paths = [graph.parent / (n.removesuffix(".onnx") + variant) for n in SEQ2SEQ]
-            missing = [p.name for p in paths[:2] if not p.is_file()]
-            if missing:
-                raise LlmkitError(f"{graph.parent} is a seq2seq export without its "
-                                  f"{', '.join(missing)}: export the run again")
-            return paths[0], paths[1], paths[2] if paths[2].is_file() else None
-    return None
+    paths = family(graph, SEQ2SEQ)
+    if paths is None:
+        return None
+    missing = [p.name for p in paths[:2] if not p.is_file()]
+    if missing:
+        raise LlmkitError(f"{graph.parent} is a seq2seq export without its "
+                          f"{', '.join(missing)}: export the run again")
+    return paths[0], paths[1], paths[2] if paths[2].is_file() else None
+
+
+def causal_graphs(graph: Path) -> tuple[Path, Path | None]:
+    """A single-graph export's graph (a causal LM's model_with_past.onnx named: its model.onnx)
+    and, for a causal LM, its graph with past key values (None: exported without)."""
+    paths = family(graph, CAUSAL)
+    if paths is None:  # a graph renamed by hand: run as it is
+        return graph, None
+    if not paths[0].is_file():
+        raise LlmkitError(f"{graph.parent} is an export without its {paths[0].name}: export "
+                          "the run again")
+    return paths[0], paths[1] if paths[1].is_file() else None
 
 
 def check_source(model: str) -> None:
@@ -102,6 +126,7 @@ def load_exported(graph: Path, generator: bool = False, base_model: str | None =
     folder = str(graph.parent)
     config = model_config(folder)
     graphs = seq2seq_graphs(graph)
+    graph = graph if graphs else causal_graphs(graph)[0]
     left = generator and graphs is None
     tokenizer = load_tokenizer(folder, padding_side="left" if left else None)
     log.info("%s: the ONNX export's %s, run by ONNX Runtime on the CPU", folder, graph.name)
@@ -123,8 +148,10 @@ def ort_generator(graph: Path, config: Any, settings: Any = None) -> Any:
 
     graphs = seq2seq_graphs(graph)
     if graphs is None:
-        log.info(NO_CACHE)
-        return OrtCausalLM(graph, config, settings)
+        whole, past = causal_graphs(graph)
+        if past is None:
+            log.info(NO_CACHE)
+        return OrtCausalLM(whole, config, settings, past)
     if graphs[2] is None:
         log.info(NO_CACHE)
     return OrtSeq2SeqLM(*graphs, config, settings)

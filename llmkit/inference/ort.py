@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, Seq2SeqLMOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput
 
 from llmkit.errors import LlmkitError
 
@@ -109,20 +109,50 @@ class OrtGenerator(PreTrainedModel, GenerationMixin):
 
 
 class OrtCausalLM(OrtGenerator):
-    """An exported causal LM (logits of the whole sequence, no KV cache) as a transformers
-    model: transformers' `generate` decodes with it, every step running the whole sequence
-    through the graph, so its generations are the PyTorch model's (same logits to ~1e-6)."""
+    """An exported causal LM (export.causal) as a transformers model that `generate` decodes:
+    the keys and values live in generate's own DynamicCache (beams reorder it); the first step
+    runs model.onnx over the prompt, which returns them, later steps model_with_past.onnx over
+    the new token. Without that graph (or without present.* outputs: an older export) every
+    step runs the whole sequence. Its generations are the PyTorch model's (logits to ~1e-6)."""
+
+    def __init__(self, path: Path, config: Any, generation_config: Any = None,
+                 with_past: Path | None = None) -> None:
+        super().__init__(path, config, generation_config)
+        self.layers = sum(n.startswith("present.") and n.endswith(".key")
+                          for n in self.ort.outputs)
+        self.with_past = None if with_past is None or not self.layers \
+            else OrtModel(with_past, self.config)
+        self.generation_config.cache_implementation = None  # generate's dynamic cache only
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **unused: Any) -> CausalLMOutput:
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "position_ids": position_ids}
-        return CausalLMOutput(logits=self.ort(**batch).logits)
+                position_ids: torch.Tensor | None = None, cache: Any = None,
+                past_key_values: Any = None, **unused: Any) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        mask = torch.ones(input_ids.shape[0], input_ids.shape[1] + (
+            0 if cache is None else cache.get_seq_length()), dtype=torch.long) \
+            if attention_mask is None else attention_mask
+        if position_ids is None:  # after the mask, as generate counts them
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
+        if self.with_past is None or cache is None:
+            return CausalLMOutputWithPast(logits=self.ort.run(batch)["logits"])
+        past = {f"past_key_values.{i}.{kv}": getattr(cache.layers[i], kv + "s")
+                for i in range(self.layers) for kv in ("key", "value")} \
+            if cache.get_seq_length() else {}
+        found = self.with_past.run(batch | past) if past else self.ort.run(batch)
+        new = input_ids.shape[1]
+        for i in range(self.layers):
+            cache.update(found[f"present.{i}.key"][:, :, -new:],
+                         found[f"present.{i}.value"][:, :, -new:], i)
+        return CausalLMOutputWithPast(logits=found["logits"], **{CACHE: cache})
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' generate without a cache: the graph has no past key values."""
+        """transformers' generate with its dynamic cache (without one when the export has no
+        graph with past key values)."""
         kwargs.pop("cache_implementation", None)
-        return super().generate(*args, **{**kwargs, "use_cache": False})
+        if self.with_past is None:
+            kwargs["use_cache"] = False
+        return super().generate(*args, **kwargs)
 
 
 class OrtEncoder:
