@@ -3,7 +3,7 @@ rate and batch size searched over --trials trials, with and without --prune medi
 run at llmkit's defaults; each in its own process, wall time and accuracy of the best trial.
 
     python benchmarks/sweep.py [--trials 12] [--rows 1280] [--dev-rows 250] [--epochs 3]
-        [--eval-steps 20] [--out /tmp/sweep-bench] [--pruner median|hyperband]
+        [--eval-steps 20] [--out /tmp/sweep-bench] [--pruner median|hyperband|successive-halving]
         [--runs defaults,unpruned,pruned]
     python benchmarks/sweep.py --resume-check   # kill the sweep in trial 5, run it again
     python benchmarks/sweep.py --two-processes  # two sweeps on one storage: disjoint trials
@@ -142,7 +142,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("/tmp/sweep-bench"))
-    parser.add_argument("--pruner", default="median", choices=["median", "hyperband"])
+    parser.add_argument("--pruner", default="median",
+                        choices=["median", "hyperband", "successive-halving"])
     parser.add_argument("--runs", default="defaults,unpruned,pruned",
                         help="which of defaults, unpruned, pruned to run")
     parser.add_argument("--resume-check", action="store_true")

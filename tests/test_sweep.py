@@ -46,7 +46,7 @@ def test_a_pruned_trial_stops_at_its_first_evaluation(tiny_bert: Path, toy: dict
                                                        tmp_path: Path, monkeypatch) -> None:
     # accuracy never reaches 2: the threshold pruner stops every trial it is asked about
     monkeypatch.setattr(optuna.pruners, "MedianPruner",
-                        lambda: optuna.pruners.ThresholdPruner(lower=2.0))
+                        lambda **_: optuna.pruners.ThresholdPruner(lower=2.0))
     out = tmp_path / "s2"
     study = sweep("classify", out, ["learning_rate=float:1e-4:1e-3"], 1, prune="median",
                   overrides=[*fixed(tiny_bert, toy), "train.max_steps=4", "train.eval_steps=2"])
@@ -246,6 +246,14 @@ def test_a_trial_s_tracker_run_is_filed_under_its_study(tiny_bert: Path, toy: di
                      "trackio": {"group": "tracked", "name": "tracked/trial-000"},
                      "mlflow": {"run_name": "tracked/trial-000", "tags": {"group": "tracked"}}}]
     assert list((out / "trial-000" / "tensorboard").rglob("events.*"))  # its own folder
+
+
+def test_the_median_pruner_s_unpruned_trials_are_a_fifth_of_the_study() -> None:
+    from llmkit.sweep.strategy import pruner_of
+
+    assert [pruner_of("median", n)._n_startup_trials for n in (3, 12, 20, 100)] == [2, 2, 4, 5]
+    assert isinstance(pruner_of("successive-halving", 12),
+                      optuna.pruners.SuccessiveHalvingPruner)
 
 
 def test_new_studies_draw_alike_and_a_second_process_draws_its_own(monkeypatch) -> None:

@@ -10,7 +10,7 @@ from llmkit.errors import LlmkitError
 from llmkit.run.report import Relay, Reporter
 from llmkit.sweep.workers import WORKER
 
-PRUNERS = ("none", "median", "hyperband")
+PRUNERS = ("none", "median", "hyperband", "successive-halving")
 
 
 class TrialReporter(Relay):
@@ -32,14 +32,20 @@ class TrialReporter(Relay):
             raise optuna.TrialPruned(f"pruned at step {record['step']} ({seen} samples)")
 
 
-def pruner_of(name: str) -> Any:
-    """Optuna's pruner named by --prune."""
+def pruner_of(name: str, trials: int) -> Any:
+    """Optuna's pruner named by --prune, for a study of `trials` trials. The median pruner's
+    unpruned first trials are a fifth of the study (2 to Optuna's 5): Optuna's 5 suit studies
+    of 50 or more, and in one of 12 they are 42% of the budget run to the end. Hyperband and
+    successive halving (Hyperband's one bracket, the stronger of the two in a study of tens
+    of trials) are Optuna's defaults."""
     import optuna
 
     if name not in PRUNERS:
         raise LlmkitError(f"--prune {name}: choose one of {', '.join(PRUNERS)}")
-    return {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
-            "hyperband": optuna.pruners.HyperbandPruner}[name]()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 5)))
+    return {"none": optuna.pruners.NopPruner, "hyperband": optuna.pruners.HyperbandPruner,
+            "successive-halving": optuna.pruners.SuccessiveHalvingPruner}[name]()
 
 
 def sampler_of(seed: int, trials_before: int) -> Any:

@@ -66,14 +66,14 @@ class Surplus(LlmkitError):
 
 
 def open_study(storage: str, name: str, metric: str, prune: str, definition: dict[str, Any],
-               out: Path, seed: int = 42) -> Any:
+               out: Path, seed: int = 42, trials: int = 20) -> Any:
     """The study, created or loaded; one made with other settings is refused, not mixed, and a
     new one is refused an output folder that holds another study's trials. Its sampler is
     seeded (see `sampler_of`)."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    pruner = pruner_of(prune)
+    pruner = pruner_of(prune, trials)
     for attempt in (1, 2):  # processes starting together race to create the tables
         try:
             study = optuna.create_study(
@@ -221,7 +221,7 @@ def sweep(task_name: str, output: str | Path, params: list[str] | None = None,
                   "overrides": sorted(overrides)}
     url, prune = storage or f"sqlite:///{out / STUDY_FILE}", prune or plan.get("prune") or "none"
     study = open_study(url, study_name or out.name, metric, prune, definition, out,
-                       base.train.seed)
+                       base.train.seed, trials)
     if trials_in_parallel > 1:  # each worker: this sweep on the study, one trial at a time
         spec = {"task_name": task.name, "output": str(out), "params": params, "trials": trials,
                 "recipe": recipe, "overrides": overrides, "storage": url,
