@@ -7,6 +7,7 @@ run at llmkit's defaults; each in its own process, wall time and accuracy of the
         [--runs defaults,unpruned,pruned]
     python benchmarks/sweep.py --resume-check   # kill the sweep in trial 5, run it again
     python benchmarks/sweep.py --two-processes  # two sweeps on one storage: disjoint trials
+    python benchmarks/sweep.py --replay /tmp/sweep-bench/unpruned  # each pruner on its curves
 """
 
 from __future__ import annotations
@@ -134,6 +135,55 @@ def two_processes(args: argparse.Namespace, train: Path, dev: Path) -> None:
         print(f"{name} process finished: {ran}")
 
 
+def replay(folder: Path, orders: int = 60) -> None:
+    """Each pruner replayed on the full curves of an unpruned sweep (the trials in their order,
+    then `orders` shuffles): the share of the trials' seconds it would have spent (a pruned
+    trial costs its share of the samples) and the points it would have lost on the best."""
+    import random
+    import statistics
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    from llmkit.sweep.strategy import PRUNERS, pruner_of
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    trials = optuna.load_study(study_name=folder.name,
+                               storage=f"sqlite:///{folder / 'study.db'}").trials
+    curves = [(t.intermediate_values, t.value,
+               (t.datetime_complete - t.datetime_start).total_seconds())
+              for t in trials if t.state == TrialState.COMPLETE]
+    top, total = max(c[1] for c in curves), sum(c[2] for c in curves)
+
+    def run(name: str, order: list[int]) -> tuple[float, float]:
+        study = optuna.create_study(direction="maximize", pruner=pruner_of(name, len(order)))
+        spent, best = 0.0, 0.0
+        for i in order:
+            values, final, seconds = curves[i]
+            trial = study.ask({"x": FloatDistribution(0, 1)})
+            for samples, value in sorted(values.items()):
+                trial.report(value, samples)
+                if trial.should_prune():
+                    spent += seconds * samples / max(values)
+                    study.tell(trial, state=TrialState.PRUNED)
+                    break
+            else:
+                spent, best = spent + seconds, max(best, final)
+                study.tell(trial, final)
+        return spent / total, 100 * (top - best)
+
+    shuffles = [random.Random(i).sample(range(len(curves)), len(curves)) for i in range(orders)]
+    for name in PRUNERS[1:]:
+        first = run(name, list(range(len(curves))))
+        found = [run(name, order) for order in shuffles]
+        print(f"{name}: in order {first[0]:.2f} of the time, {first[1]:.1f} points lost; "
+              f"{orders} shuffles: {statistics.mean(f[0] for f in found):.2f} of the time, "
+              f"{statistics.mean(f[1] for f in found):.1f} points lost (at most "
+              f"{max(f[1] for f in found):.1f}), both targets met in "
+              f"{sum(f[0] <= 0.5 and f[1] <= 1 for f in found)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=12)
@@ -148,7 +198,11 @@ def main() -> None:
                         help="which of defaults, unpruned, pruned to run")
     parser.add_argument("--resume-check", action="store_true")
     parser.add_argument("--two-processes", action="store_true")
+    parser.add_argument("--replay", type=Path, default=None,
+                        help="an unpruned sweep's folder: replay each pruner on its curves")
     args = parser.parse_args()
+    if args.replay:
+        return replay(args.replay)
     SCHEDULE[:] = ["-s", f"train.epochs={args.epochs}", "-s", f"train.eval_steps={args.eval_steps}"]
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: this benchmark reads rt-polarity from it")
