@@ -41,9 +41,8 @@ def sweep_command(
                          "values for every trial: -s train.epochs=2 (repeatable).")] = None,
     metric: Annotated[str | None, typer.Option(help="Metric to optimize (default: the task's "
                       "metric_for_best).")] = None,
-    prune: Annotated[str | None, typer.Option(help="Stop poor trials early: median, "
-                     "hyperband or successive-halving (Optuna's pruners); default none.")
-                     ] = None,
+    prune: Annotated[str | None, typer.Option(help="Stop poor trials early (Optuna's pruners): "
+                     "median, hyperband or successive-halving; default none.")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage: sqlite:///PATH, "
                        "postgresql://..., mysql://..., or a journal FILE.log (default: "
                        "OUTPUT/study.db).")] = None,
