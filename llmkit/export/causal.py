@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.export.onnx import example_inputs, export_module
+from llmkit.export.onnx import eager_attention, example_inputs, export_module
 from llmkit.export.seq2seq import cache_argument, layers
 from llmkit.inference.exported import CAUSAL_WITH_PAST, GRAPH
 
@@ -60,12 +60,8 @@ class FirstStep(torch.nn.Module):
 
 def export_causal(model: Any, tokenizer: Any, folder: Path, opset: int) -> dict[str, Any]:
     """The graphs in `folder`; the report's files, inputs, graphs and notes."""
-    attention = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with eager_attention(model):
         return export_graphs(model, tokenizer, folder, opset)
-    finally:
-        model.set_attn_implementation(attention)
 
 
 def export_graphs(model: Any, tokenizer: Any, folder: Path, opset: int) -> dict[str, Any]:
@@ -79,7 +75,7 @@ def export_graphs(model: Any, tokenizer: Any, folder: Path, opset: int) -> dict[
     with torch.no_grad():
         past = [t.detach() for t in step(*args)[1:]]
     mask = torch.cat([example["attention_mask"], torch.ones_like(example["attention_mask"])], 1)
-    new = (example["input_ids"], mask, example["position_ids"] + 8)
+    new = (example["input_ids"], mask, example["position_ids"] + mask.shape[1] // 2)
     axes = tuple({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO} for _ in past)
     try:
         export_module(step, model, (*new, *past), {}, ["logits", *present_names(count)],

@@ -47,6 +47,18 @@ def check_opset(opset: int) -> None:
                           f"(default {DEFAULT_OPSET})")
 
 
+@contextlib.contextmanager
+def eager_attention(model: Any) -> Any:
+    """The model with "eager" attention while its cache graphs are traced (SDPA's causal flag
+    is a symbol under torch.export, which SDPA refuses), its own attention back afterwards."""
+    attention = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(attention)
+
+
 def example_inputs(model: Any, tokenizer: Any, causal: bool) -> dict[str, Any]:
     """A small batch (2 rows of 8 tokens, the first padded) to trace the graph with; the
     tokenizer's own input names, as far as the model's forward takes them."""

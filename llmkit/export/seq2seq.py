@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.export.onnx import export_module
+from llmkit.export.onnx import eager_attention, export_module
 from llmkit.inference.exported import DECODER, ENCODER, WITH_PAST
 
 log = logging.getLogger("llmkit")
@@ -128,12 +128,8 @@ def examples(model: Any, tokenizer: Any) -> dict[str, Any]:
 
 def export_seq2seq(model: Any, tokenizer: Any, folder: Path, opset: int) -> dict[str, Any]:
     """The graphs in `folder`; the report's files, inputs and notes."""
-    attention = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with eager_attention(model):
         return export_graphs(model, tokenizer, folder, opset)
-    finally:
-        model.set_attn_implementation(attention)
 
 
 def export_graphs(model: Any, tokenizer: Any, folder: Path, opset: int) -> dict[str, Any]:

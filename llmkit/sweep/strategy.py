@@ -1,5 +1,6 @@
 """How the study draws a trial's settings and stops a poor one: Optuna's TPE sampler, seeded,
-and its median or Hyperband pruner, fed each evaluation at the samples trained on."""
+and its median, Hyperband or successive-halving pruner, fed each evaluation at the samples
+trained on."""
 
 from __future__ import annotations
 
